@@ -1,0 +1,102 @@
+"""LinFusion's self-attention layer as a diffusers ``Attention`` so it sits where ``attn1`` sat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from distlin.ops.linear_attention import DEFAULT_CHUNK, LinearAttentionState, apply_state, partial_state
+
+StateReducer = Callable[[LinearAttentionState], LinearAttentionState]
+
+
+def _projection(dim: int, mid_dim: int | None) -> nn.Module:
+    """P = Linear(C->m) -> LayerNorm(m) -> LeakyReLU(0.01) -> Linear(m->C); ``-1`` is the identity map."""
+    if mid_dim == -1:
+        return nn.Identity()
+    m = dim if mid_dim is None else mid_dim
+    return nn.Sequential(nn.Linear(dim, m), nn.LayerNorm(m), nn.LeakyReLU(0.01), nn.Linear(m, dim))
+
+
+class LinFusionAttnProcessor:
+    """Runs a :class:`LinFusionAttention` in two phases: local partial sums, then apply the state.
+
+    ``reduce_state`` turns the local state into the global one (an all-reduce in the parallel
+    engine, the identity on one device). ``chunk_size`` bounds the extra memory per token chunk.
+    """
+
+    def __init__(self, chunk_size: int | None = DEFAULT_CHUNK, reduce_state: StateReducer | None = None):
+        self.chunk_size = chunk_size
+        self.reduce_state = reduce_state
+
+    def __call__(
+        self,
+        attn: LinFusionAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("LinFusion attention is self-attention only: no encoder states, no mask")
+        shape = hidden_states.shape
+        x = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states
+        b, n, _ = x.shape
+        h = attn.heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, h, -1).transpose(1, 2)
+
+        q = heads(attn.to_q(x + attn.to_q_(x)))
+        k = heads(attn.to_k(x + attn.to_k_(x)))
+        v = heads(attn.to_v(x))
+        state = partial_state(k, v, self.chunk_size)
+        if self.reduce_state is not None:
+            state = self.reduce_state(state)
+        out = apply_state(q, state, self.chunk_size).transpose(1, 2).reshape(b, n, -1)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if len(shape) == 4:
+            out = out.transpose(1, 2).reshape(shape)
+        return out
+
+
+class LinFusionAttention(Attention):
+    """Normalised non-causal linear attention with residual MLPs before Q and K (LinFusion).
+
+    Parameter names match the released checkpoints: ``to_q``, ``to_k``, ``to_v`` (no bias),
+    ``to_out.0`` and the projections ``to_q_`` / ``to_k_``.
+    """
+
+    def __init__(self, dim: int, heads: int, projection_mid_dim: int | None = None):
+        if dim % heads:
+            raise ValueError(f"LinFusion layer dim {dim} is not divisible by heads {heads}")
+        super().__init__(query_dim=dim, heads=heads, dim_head=dim // heads, bias=False, out_bias=True)
+        self.projection_mid_dim = projection_mid_dim
+        self.to_q_ = _projection(dim, projection_mid_dim)
+        self.to_k_ = _projection(dim, projection_mid_dim)
+        self.set_processor(LinFusionAttnProcessor())
+
+    @property
+    def dim(self) -> int:
+        return self.query_dim
+
+    def zero_projections(self) -> None:
+        """Zero the last Linear of P_q and P_k so q_in = k_in = x (distillation starts from the teacher)."""
+        for proj in (self.to_q_, self.to_k_):
+            if isinstance(proj, nn.Sequential):
+                nn.init.zeros_(proj[-1].weight)
+                nn.init.zeros_(proj[-1].bias)
+
+    def copy_projections_from(self, teacher: Attention) -> None:
+        """Start from the teacher's own Q/K/V/out projections."""
+        with torch.no_grad():
+            for name in ("to_q", "to_k", "to_v"):
+                getattr(self, name).weight.copy_(getattr(teacher, name).weight)
+            self.to_out[0].weight.copy_(teacher.to_out[0].weight)
+            if teacher.to_out[0].bias is not None:
+                self.to_out[0].bias.copy_(teacher.to_out[0].bias)
+            else:
+                self.to_out[0].bias.zero_()

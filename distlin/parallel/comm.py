@@ -1,0 +1,152 @@
+"""Every collective the engine issues goes through a :class:`Communicator`, which counts it.
+
+The counts (bytes received per rank and calls, by kind) are what ``--report-comm`` and the benchmarks
+report. :class:`DryRunCommunicator` issues nothing and only counts, so the same accounting runs for
+sizes that cannot run here (meta tensors).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+KINDS = ("attention", "halo", "groupnorm", "gather")
+
+
+@dataclass
+class CommStats:
+    """Bytes received by this rank and number of calls, per kind of exchange, over ``steps`` UNet calls."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    steps: int = 0
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes[kind] += int(nbytes)
+        self.calls[kind] += 1
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+        self.steps = 0
+
+    def summary(self) -> dict[str, object]:
+        """Per-step bytes and calls by kind, plus totals (what ``--report-comm`` prints)."""
+        steps = max(self.steps, 1)
+        per_step = {k: self.bytes.get(k, 0) / steps for k in KINDS}
+        per_step["total"] = sum(per_step.values())
+        calls = {k: self.calls.get(k, 0) / steps for k in KINDS}
+        calls["total"] = sum(calls.values())
+        return {"steps": self.steps, "bytes_per_step": per_step, "calls_per_step": calls}
+
+
+class Work:
+    """A pending exchange: ``wait()`` returns its result (passed through ``finish``) once it has arrived."""
+
+    def __init__(self, handles: Sequence[object], result: Any, finish: Callable[[Any], Any] | None = None):
+        self._handles = list(handles)
+        self._result = result
+        self._finish = finish
+
+    def wait(self) -> Any:
+        for h in self._handles:
+            h.wait()
+        self._handles.clear()
+        if self._finish is not None:
+            self._result, self._finish = self._finish(self._result), None
+        return self._result
+
+    def then(self, fn: Callable[[Any], Any]) -> Work:
+        """A Work whose result is ``fn`` of this one's, computed when waited for."""
+        return Work([self], None, lambda _: fn(self.wait()))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Communicator:
+    """Collectives among the ranks of one group (``ranks``: their global ranks, in band order)."""
+
+    def __init__(self, ranks: Sequence[int], index: int, stats: CommStats, group: object = None):
+        self.ranks = list(ranks)
+        self.index = index
+        self.size = len(self.ranks)
+        self.stats = stats
+        self.group = group
+
+    # transport, overridden by DryRunCommunicator
+    def _all_reduce(self, t: torch.Tensor, async_op: bool) -> list[object]:
+        h = dist.all_reduce(t, group=self.group, async_op=async_op)
+        return [h] if async_op else []
+
+    def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor, async_op: bool) -> list[object]:
+        h = dist.all_gather(out, t, group=self.group, async_op=async_op)
+        return [h] if async_op else []
+
+    def _p2p(self, ops: list[dist.P2POp]) -> list[object]:
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    # counted API
+    def all_reduce(self, t: torch.Tensor, kind: str, async_op: bool = False) -> Work:
+        """Sum ``t`` in place over the group."""
+        if self.size == 1:
+            return Work([], t)
+        self.stats.add(kind, _nbytes(t))
+        return Work(self._all_reduce(t, async_op), t)
+
+    def all_gather_rows(
+        self, t: torch.Tensor, sizes: Sequence[int], dim: int, kind: str, async_op: bool = False
+    ) -> Work:
+        """Gather bands of different lengths along ``dim``; the result is the list of every rank's band."""
+        if self.size == 1:
+            return Work([], [t])
+        longest = max(sizes)
+        pad = list(t.shape)
+        pad[dim] = longest - t.shape[dim]
+        padded = torch.cat([t, t.new_zeros(pad)], dim=dim) if pad[dim] else t.contiguous()
+        out = [torch.empty_like(padded) for _ in range(self.size)]
+        self.stats.add(kind, _nbytes(padded) * (self.size - 1))
+        handles = self._all_gather(out, padded, async_op)
+        return Work(handles, out, lambda bands: [b.narrow(dim, 0, n) for b, n in zip(bands, sizes, strict=True)])
+
+    def exchange_neighbours(
+        self,
+        to_prev: torch.Tensor | None,
+        to_next: torch.Tensor | None,
+        from_prev: torch.Tensor | None,
+        from_next: torch.Tensor | None,
+        kind: str,
+    ) -> Work:
+        """Point-to-point with the band above (prev) and below (next) only; receives into the given buffers."""
+        ops: list[dist.P2POp] = []
+        for buf, peer, send in (
+            (to_prev, self.index - 1, True),
+            (to_next, self.index + 1, True),
+            (from_prev, self.index - 1, False),
+            (from_next, self.index + 1, False),
+        ):
+            if buf is None or buf.numel() == 0:
+                continue
+            if not send:
+                self.stats.add(kind, _nbytes(buf))
+            ops.append(dist.P2POp(dist.isend if send else dist.irecv, buf.contiguous(), self.ranks[peer]))
+        return Work(self._p2p(ops), (from_prev, from_next))
+
+
+class DryRunCommunicator(Communicator):
+    """Counts what a group of ``len(ranks)`` would exchange without exchanging (e.g. on meta tensors)."""
+
+    def _all_reduce(self, t: torch.Tensor, async_op: bool) -> list[object]:
+        return []
+
+    def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor, async_op: bool) -> list[object]:
+        return []
+
+    def _p2p(self, ops: list[dist.P2POp]) -> list[object]:
+        return []

@@ -1,0 +1,70 @@
+"""GroupNorm over a row band with statistics of the whole image."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distlin.parallel.context import ParallelContext
+
+
+def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per (batch, group): ``[count, sum, sum of squares]`` in float64, computed stably from var_mean."""
+    xg = x.reshape(x.shape[0], groups, -1)
+    var, mean = torch.var_mean(xg.float(), dim=-1, unbiased=False)
+    n = xg.shape[-1]
+    mean, var = mean.double(), var.double()
+    return torch.stack([torch.full_like(mean, n), mean * n, (var + mean * mean) * n], dim=-1)
+
+
+def normalize_with(x: torch.Tensor, moments: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """Apply GroupNorm with given (global) moments: one fused multiply-add in the input dtype."""
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    mean = moments[..., 1] / moments[..., 0]
+    var = (moments[..., 2] / moments[..., 0] - mean * mean).clamp_min(0.0)
+    rstd = torch.rsqrt(var + norm.eps)
+    scale = rstd.repeat_interleave(c // g, dim=1).float()
+    shift = (-mean * rstd).repeat_interleave(c // g, dim=1).float()
+    if norm.affine:
+        shift = shift * norm.weight.float() + norm.bias.float()
+        scale = scale * norm.weight.float()
+    view = (b, c) + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+
+
+class PatchGroupNorm(nn.GroupNorm):
+    """An ``nn.GroupNorm`` (same parameters) whose statistics cover every band.
+
+    Exact: one all-reduce of per-group ``[count, sum, sum of squares]`` (float64). Displaced: last
+    step's global moments with this rank's stale share replaced by its fresh one (DistriFusion's
+    corrected asynchronous GroupNorm), the fresh moments travelling meanwhile. Naive: local moments.
+    """
+
+    ctx: ParallelContext
+
+    @classmethod
+    def from_norm(cls, norm: nn.GroupNorm, ctx: ParallelContext) -> PatchGroupNorm:
+        patched = cls.__new__(cls)
+        patched.__dict__.update(norm.__dict__)
+        patched._parameters = dict(norm._parameters)
+        patched._buffers = dict(norm._buffers)
+        patched._modules = dict(norm._modules)
+        patched.ctx = ctx
+        patched.moments_slot = ctx.new_slot()
+        return patched
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        if ctx.patch.size == 1 or ctx.naive or ctx.layout is None:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        local = group_moments(x, self.num_groups)
+
+        def launch(async_op: bool):
+            total = local.clone()
+            return ctx.patch.all_reduce(total, "groupnorm", async_op).then(lambda t: (local, t))
+
+        stale_local, stale_total = ctx.exchange(self.moments_slot, local, launch)
+        moments = stale_total if stale_local is local else stale_total - stale_local + local
+        return normalize_with(x, moments, self)

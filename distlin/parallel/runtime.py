@@ -1,0 +1,94 @@
+"""Process-group setup: torchrun (or any env:// launcher) when present, a single process otherwise."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from distlin.errors import UsageError
+
+BACKENDS = ("nccl", "gloo")
+
+
+@dataclass
+class Runtime:
+    """Who this process is. ``world_size == 1`` without a process group is the single-device fallback."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        """Destroy the process group (idempotent)."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+        self.backend = None
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``None``/``auto`` picks this rank's GPU when CUDA is available, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    elif dev.type not in ("cpu", "mps"):
+        raise UsageError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_runtime(backend: str | None = None, timeout_s: float = 300.0, device: str | None = None) -> Runtime:
+    """Join the process group started by torchrun, or return a one-process runtime.
+
+    ``backend`` defaults to NCCL on CUDA and gloo on CPU. ``timeout_s`` bounds every collective, so
+    a rank that dies makes the others fail instead of hanging.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; use nccl or gloo")
+    if timeout_s <= 0:
+        raise UsageError(f"timeout must be positive seconds, got {timeout_s}")
+    if not launched_by_torchrun():
+        return Runtime(device=resolve_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = resolve_device(device, local_rank)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if backend == "nccl" and dev.type != "cuda":
+        raise UsageError("backend nccl needs CUDA devices; use --backend gloo on CPU")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if backend == "nccl" else None,
+        )
+    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)

@@ -1,0 +1,147 @@
+"""Patch parallelism applied to an unmodified diffusers UNet, in one place.
+
+``parallelize_unet`` swaps every spatial convolution and GroupNorm for its band-aware twin (same
+parameters), gives every ``attn1`` a band-aware processor and wraps the UNet's forward with two hooks:
+before, split the CFG batch and cut this rank's rows out of the latent (and of ControlNet residuals);
+after, gather the bands so every rank returns the full prediction and schedulers run unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+from distlin.linfusion.model import self_attention_layers
+from distlin.parallel.attention import parallel_processor
+from distlin.parallel.config import PatchParallelConfig
+from distlin.parallel.context import ParallelContext
+from distlin.parallel.conv import PatchConv2d
+from distlin.parallel.groupnorm import PatchGroupNorm
+from distlin.parallel.layout import RowLayout
+from distlin.parallel.runtime import Runtime
+
+RESIDUAL_KWARGS = (
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
+
+
+def row_unit(unet: nn.Module) -> int:
+    """Band boundaries must be multiples of 2**L latent rows for a UNet with L downsamplings."""
+    return 2 ** int(getattr(unet, "num_upsamplers", 0))
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+class ParallelUNet:
+    """Handle of a parallelized UNet: the context it runs with, and ``undo()`` to restore it."""
+
+    def __init__(self, unet: nn.Module, ctx: ParallelContext):
+        self.unet, self.ctx = unet, ctx
+        self.unit = row_unit(unet)
+        self._signature = inspect.signature(unet.forward)
+        self._swapped: dict[str, nn.Module] = {}
+        self._processors: dict[str, Any] = {}
+        self._hooks: list[Any] = []
+        self._split_cfg = False
+        self._return_dict = True
+
+    def apply(self) -> ParallelUNet:
+        for name, module in list(self.unet.named_modules()):
+            if type(module) is nn.Conv2d and (module.kernel_size[0] > 1 or module.stride[0] > 1):
+                self._swap(name, PatchConv2d.from_conv(module, self.ctx))
+            elif type(module) is nn.GroupNorm:
+                self._swap(name, PatchGroupNorm.from_norm(module, self.ctx))
+        for name, attn in self_attention_layers(self.unet):
+            self._processors[name] = attn.processor
+            attn.set_processor(parallel_processor(attn, self.ctx, self.ctx.config.attention_chunk))
+        self._hooks = [
+            self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.unet.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        return self
+
+    def _swap(self, name: str, module: nn.Module) -> None:
+        self._swapped[name] = self.unet.get_submodule(name)
+        _set_submodule(self.unet, name, module)
+
+    def undo(self) -> None:
+        """Restore the original modules, processors and forward."""
+        for hook in self._hooks:
+            hook.remove()
+        for name, module in self._swapped.items():
+            _set_submodule(self.unet, name, module)
+        for name, processor in self._processors.items():
+            self.unet.get_submodule(name).set_processor(processor)
+        self._hooks, self._swapped, self._processors = [], {}, {}
+        self.ctx.reset()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ctx = self.ctx
+        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
+        sample = arguments["sample"]
+        batch = sample.shape[0]
+        self._return_dict = arguments.get("return_dict", True)
+        self._split_cfg = ctx.cfg is not None and batch % 2 == 0
+        if self._split_cfg:
+            half, side = batch // 2, ctx.cfg.index
+
+            def take_half(t: torch.Tensor) -> torch.Tensor:
+                return t[side * half : (side + 1) * half] if t.ndim > 0 and t.shape[0] == batch else t
+
+            arguments = {k: _map_tensors(v, take_half) for k, v in arguments.items()}
+        layout = RowLayout(sample.shape[2], sample.shape[3], self.unit, ctx.patch.size)
+        ctx.begin_step(arguments["timestep"], layout)
+        me = ctx.patch.index
+
+        def band(t: torch.Tensor) -> torch.Tensor:
+            start, stop = layout.band(me, t.shape[-1])
+            return t[..., start:stop, :]
+
+        arguments["sample"] = band(arguments["sample"])
+        for key in RESIDUAL_KWARGS:
+            if arguments.get(key) is not None:
+                arguments[key] = _map_tensors(arguments[key], band)
+        arguments["return_dict"] = False
+        return (), arguments
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        ctx = self.ctx
+        out = output[0]
+        bands = ctx.patch.all_gather_rows(out, ctx.layout.sizes(), 2, "gather").wait()
+        full = torch.cat(bands, dim=2) if len(bands) > 1 else bands[0]
+        if self._split_cfg:
+            halves = ctx.cfg.all_gather_rows(full, [full.shape[0]] * 2, 0, "gather").wait()
+            full = torch.cat(halves, dim=0)
+        ctx.end_step()
+        return UNet2DConditionOutput(sample=full) if self._return_dict else (full,)
+
+
+def parallelize_unet(
+    unet: nn.Module, config: PatchParallelConfig | None = None, runtime: Runtime | None = None
+) -> ParallelUNet:
+    """Make ``unet`` patch-parallel over the ranks of ``runtime`` (one rank: the same code, no exchange).
+
+    Mount LinFusion before calling this: the attention processors are chosen here.
+    """
+    ctx = ParallelContext(runtime or Runtime(), config or PatchParallelConfig())
+    return ParallelUNet(unet, ctx).apply()
