@@ -48,9 +48,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def checkpoint_for(pipeline: Any) -> str:
     """The released LinFusion checkpoint for a pipeline's base model, or a clear error."""
-    name = getattr(getattr(pipeline, "config", None), "_name_or_path", None) or getattr(
-        pipeline, "name_or_path", None
-    )
+    name = getattr(getattr(pipeline, "config", None), "_name_or_path", None) or getattr(pipeline, "name_or_path", None)
     if name in CHECKPOINT_FOR_BASE:
         return CHECKPOINT_FOR_BASE[name]
     raise UsageError(
@@ -68,9 +66,7 @@ class LinFusion(ModelMixin, ConfigMixin):
     def __init__(self, modules_list: list[dict[str, Any]]):
         super().__init__()
         for i, spec in enumerate(modules_list):
-            self.add_module(
-                str(i), LinFusionAttention(spec["dim_n"], spec["heads"], spec.get("projection_mid_dim"))
-            )
+            self.add_module(str(i), LinFusionAttention(spec["dim_n"], spec["heads"], spec.get("projection_mid_dim")))
         # Plain containers, so the UNet and its original layers never become submodules (or checkpoint keys).
         self._mounted_on: list[nn.Module] = []
         self._originals: dict[str, nn.Module] = {}
@@ -83,7 +79,12 @@ class LinFusion(ModelMixin, ConfigMixin):
     def specs_for(cls, unet: nn.Module, projection_mid_dim: int | None = None) -> list[dict[str, Any]]:
         """``modules_list`` describing fresh LinFusion layers for every ``attn1`` of ``unet``."""
         return [
-            {"module_name": name, "dim_n": attn.query_dim, "heads": attn.heads, "projection_mid_dim": projection_mid_dim}
+            {
+                "module_name": name,
+                "dim_n": attn.query_dim,
+                "heads": attn.heads,
+                "projection_mid_dim": projection_mid_dim,
+            }
             for name, attn in self_attention_layers(unet)
         ]
 

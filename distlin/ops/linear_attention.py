@@ -64,9 +64,7 @@ def partial_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEF
     return LinearAttentionState(kv, ks, float(n))
 
 
-def apply_state(
-    q: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = DEFAULT_CHUNK
-) -> torch.Tensor:
+def apply_state(q: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
     """``o_i = phi(q_i) S / (phi(q_i) . kbar + eps)`` with ``S = kv/N`` and ``kbar = k/N``; returns q's dtype."""
     if state.count <= 0:
         raise ValueError("linear attention state holds no tokens")

@@ -30,9 +30,7 @@ class StateAllReduce:
         flat = torch.cat([state.kv.flatten(), state.k.flatten(), state.kv.new_tensor([state.count])])
 
         def unpack(t: torch.Tensor) -> LinearAttentionState:
-            return LinearAttentionState(
-                t[:kv_n].view_as(state.kv), t[kv_n : kv_n + k_n].view_as(state.k), float(t[-1])
-            )
+            return LinearAttentionState(t[:kv_n].view_as(state.kv), t[kv_n : kv_n + k_n].view_as(state.k), float(t[-1]))
 
         def launch(async_op: bool):
             total = flat.clone()
