@@ -1,0 +1,193 @@
+"""Offline model builders: diffusers pipelines with seeded random weights and real or toy architectures.
+
+Tests and benchmarks need SD-shaped models without downloading gigabytes of weights: the ``tiny-*`` presets
+run a whole pipeline in seconds on one CPU core, and the ``full-*`` presets reproduce the published SD-1.5,
+SD-2.1 and SDXL architectures exactly (for memory and speed measurements), all with weights from a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    ModelMixin,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedModel,
+)
+
+from distlin.models.architectures import (
+    FULL_NAMES,
+    NAME_PREFIX,
+    TINY_NAMES,
+    VOCAB_DIR,
+    canonical_name,
+    is_builtin,
+    load_architecture,
+)
+
+__all__ = [
+    "FULL_NAMES",
+    "TINY_NAMES",
+    "build_controlnet",
+    "build_pipeline",
+    "build_unet",
+    "is_builtin",
+    "load_architecture",
+    "load_tokenizer",
+]
+
+# Explicit allow-lists: a config's class name selects from these, never an arbitrary attribute lookup.
+_DIFFUSERS_MODELS: dict[str, type[ModelMixin]] = {
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "AutoencoderKL": AutoencoderKL,
+}
+_TEXT_MODELS: dict[str, type[PreTrainedModel]] = {
+    "CLIPTextModel": CLIPTextModel,
+    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+}
+_SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
+
+# Each component draws from its own seed stream: a seed's UNet is the same built alone or in a pipeline.
+_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+
+# Conditioning-image encoder widths: four levels give the latent factor 8 of the SD VAEs. The full-size
+# widths are those of the released SD ControlNets.
+_TINY_CONTROLNET_COND_CHANNELS = (8, 8, 16, 16)
+_FULL_CONTROLNET_COND_CHANNELS = (16, 32, 96, 256)
+
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    """The small byte-level CLIP tokenizer shipped with the package; needs no network or HF cache.
+
+    Being byte-level, it encodes any text (punctuation, accents, emoji) into ids below ``len(tokenizer)``.
+    """
+    return CLIPTokenizer.from_pretrained(VOCAB_DIR, model_max_length=77, local_files_only=True)
+
+
+def build_unet(
+    name: str,
+    seed: int = 0,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> UNet2DConditionModel:
+    """The UNet of a built-in model, with the same weights as ``build_pipeline(name, seed).unet``.
+
+    With ``device="meta"`` nothing is allocated, which lets tests inspect the full-size architectures cheaply.
+    """
+    return _build_model(load_architecture(name)["unet"], seed, "unet", torch_dtype, device)
+
+
+def build_pipeline(name: str, seed: int = 0, torch_dtype: torch.dtype = torch.float32) -> Pipeline:
+    """A ready-to-call pipeline with random weights; ``pipe.name_or_path`` is ``"distlin/<name>"``.
+
+    The same ``(name, seed)`` always yields bit-identical weights (for a given torch version), whatever
+    ``torch_dtype`` is: weights are drawn in float32 and then cast.
+    """
+    short = canonical_name(name)
+    architecture = load_architecture(short)
+    scheduler_config = architecture.pop("scheduler")
+    scheduler = _SCHEDULERS[scheduler_config["_class_name"]].from_config(scheduler_config)
+    parts = {key: _build_model(config, seed, key, torch_dtype, "cpu") for key, config in architecture.items()}
+    pipe: Pipeline
+    if "text_encoder_2" in parts:
+        pipe = StableDiffusionXLPipeline(
+            **parts,
+            tokenizer=load_tokenizer(),
+            tokenizer_2=load_tokenizer(),
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts,
+            tokenizer=load_tokenizer(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.register_to_config(_name_or_path=NAME_PREFIX + short)
+    return pipe
+
+
+def build_controlnet(
+    name: str = "tiny-sd15", seed: int = 0, torch_dtype: torch.dtype = torch.float32
+) -> ControlNetModel:
+    """A ControlNet for a built-in model's UNet, with its encoder copied from ``build_unet(name, seed)``.
+
+    A freshly initialised ControlNet has zero output convolutions, so its residuals would be identically zero
+    and could not reveal a wrongly wired control path; those convolutions get random weights here instead.
+    """
+    short = canonical_name(name)
+    unet = build_unet(short, seed)
+    widths = _TINY_CONTROLNET_COND_CHANNELS if short in TINY_NAMES else _FULL_CONTROLNET_COND_CHANNELS
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+    zero_convs = [
+        controlnet.controlnet_cond_embedding.conv_out,
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+    ]
+    with _seeded(seed, "controlnet"):
+        for conv in zero_convs:
+            conv.reset_parameters()
+    return _cast(controlnet, "cpu", torch_dtype)
+
+
+@contextmanager
+def _seeded(seed: int, component: str) -> Iterator[None]:
+    """Run with the global torch RNG seeded for one component, restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * len(_COMPONENTS) + _COMPONENTS.index(component))
+        yield
+
+
+def _build_model(
+    config: dict[str, Any],
+    seed: int,
+    component: str,
+    torch_dtype: torch.dtype,
+    device: str | torch.device,
+) -> torch.nn.Module:
+    """Instantiate one component: on meta without allocating, otherwise seeded on CPU and then moved.
+
+    Weights are always drawn on CPU because CPU and CUDA generators give different numbers for the same seed.
+    """
+    on_meta = torch.device(device).type == "meta"
+    with torch.device("meta") if on_meta else _seeded(seed, component):
+        model = _instantiate(config)
+    return _cast(model, device, torch_dtype)
+
+
+def _cast(model: ModuleT, device: str | torch.device, torch_dtype: torch.dtype) -> ModuleT:
+    """Move to the target device and dtype, in inference mode like a model from ``from_pretrained``.
+
+    Calls ``nn.Module.to`` rather than ``ModelMixin.to``, which warns about fp32-pinned modules even when a
+    model has none.
+    """
+    return torch.nn.Module.to(model, device=device, dtype=torch_dtype).eval()
+
+
+def _instantiate(config: dict[str, Any]) -> torch.nn.Module:
+    """Diffusers configs name their class in ``_class_name``, transformers configs in ``architectures``."""
+    if "_class_name" in config:
+        return _DIFFUSERS_MODELS[config["_class_name"]].from_config(config)
+    return _TEXT_MODELS[config["architectures"][0]](CLIPTextConfig.from_dict(config))
