@@ -79,6 +79,16 @@ class LinFusionAttention(Attention):
         self.to_k_ = _projection(dim, projection_mid_dim)
         self.set_processor(LinFusionAttnProcessor())
 
+    def set_processor(self, processor: object) -> None:
+        """Only LinFusion processors: a softmax processor would silently ignore P_q/P_k and normalisation."""
+        # Attention.__init__ installs a default processor before our layers exist; that one is replaced below.
+        if "to_q_" in self._modules and not isinstance(processor, LinFusionAttnProcessor):
+            raise TypeError(
+                f"LinFusionAttention runs only LinFusionAttnProcessor, not {type(processor).__name__}; "
+                "unmount LinFusion to use another attention processor"
+            )
+        super().set_processor(processor)
+
     @property
     def dim(self) -> int:
         return self.query_dim

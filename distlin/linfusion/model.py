@@ -105,18 +105,24 @@ class LinFusion(ModelMixin, ConfigMixin):
         """Raise one clear error naming the first layer where this checkpoint and the UNet disagree."""
         targets = self_attention_layers(unet)
         specs = self.config.modules_list
-        if len(specs) != len(targets):
-            raise UsageError(
-                f"LinFusion checkpoint has {len(specs)} layers but the UNet has {len(targets)} self-attention "
-                "layers; use the checkpoint made for this base model"
-            )
-        for i, (spec, (name, attn)) in enumerate(zip(specs, targets, strict=True)):
+        for i, (spec, (name, attn)) in enumerate(zip(specs, targets, strict=False)):
             if spec["dim_n"] != attn.query_dim or spec["heads"] != attn.heads:
                 raise UsageError(
                     f"LinFusion checkpoint layer {i} has dim {spec['dim_n']} and {spec['heads']} heads but UNet "
                     f"layer {name} has dim {attn.query_dim} and {attn.heads} heads; use the checkpoint made "
                     "for this base model"
                 )
+        if len(specs) != len(targets):
+            i = min(len(specs), len(targets))
+            missing = (
+                f"UNet layer {targets[i][0]} has no checkpoint layer"
+                if len(specs) < len(targets)
+                else f"checkpoint layer {i} ({specs[i].get('module_name')}) has no UNet self-attention layer"
+            )
+            raise UsageError(
+                f"LinFusion checkpoint has {len(specs)} layers but the UNet has {len(targets)} self-attention "
+                f"layers; first mismatch at layer {i}: {missing}; use the checkpoint made for this base model"
+            )
 
     def mount(self, unet: nn.Module) -> LinFusion:
         """Put the LinFusion layers where the UNet's ``attn1`` modules are; keep the originals for unmount."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 EPS = 1e-4
 DEFAULT_CHUNK = 16384
@@ -43,8 +42,11 @@ class LinearAttentionState:
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(u) = elu(u) + 1: positive, so the normaliser never changes sign."""
-    return F.elu(x) + 1.0
+    """phi(u) = elu(u) + 1: positive, so the normaliser never changes sign.
+
+    Written as ``u + 1`` / ``exp(u)`` so that small values keep full precision (``(exp(u) - 1) + 1`` does not).
+    """
+    return torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
 
 
 def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:

@@ -1,0 +1,1 @@
+"""Command-line entry points; ``launch/*.py`` are thin wrappers around them."""

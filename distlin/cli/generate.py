@@ -1,0 +1,232 @@
+"""``launch/generate.py``: one image from a preset, on one device or patch-parallel under ``torchrun``.
+
+Every cheap check runs before the process group starts or any weight loads, identically on every rank, so a
+typo costs a second, not a model load. Bad input ends with one ``error: ...`` line on stderr and exit code 2;
+Ctrl-C ends with exit code 130 and leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import diffusers
+import torch
+
+import distlin
+from distlin.errors import USAGE_EXIT_CODE, UsageError
+from distlin.io import atomic_write, check_output_path, save_latents, save_png
+from distlin.loading import (
+    check_linfusion_source,
+    check_model_source,
+    decode_latents,
+    load_pipeline,
+    mount_linfusion,
+    parse_dtype,
+)
+from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize
+from distlin.parallel.config import MODES
+from distlin.parallel.runtime import BACKENDS, resolve_device
+from distlin.presets import PRESET_SCHEMA, list_presets, load_preset
+
+DEFAULT_PRESET = "tiny-sd15"
+INTERRUPTED_EXIT_CODE = 130
+# Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
+WEIGHTS_SEED = 0
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated command line: the preset's values with the flags applied, plus where outputs go."""
+
+    preset: str
+    values: dict[str, Any]  # exactly the keys of PRESET_SCHEMA
+    engine: PatchParallelConfig
+    output: Path
+    save_latents: Path | None
+    report_comm: bool
+    comm_json: Path | None
+    backend: str | None
+    timeout_s: float
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="generate.py",
+        description="Generate one image with LinFusion linear attention, patch-parallel under torchrun. "
+        "The preset gives every default; flags override it.",
+    )
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"one of: {', '.join(list_presets())} (default {DEFAULT_PRESET})")
+    gen = p.add_argument_group("generation (default: the preset's)")
+    gen.add_argument("--model", help="built-in (tiny-sd15, tiny-sdxl, full-*), diffusers folder or Hub id")
+    gen.add_argument("--linfusion", help="Hub id or folder of a LinFusion checkpoint, 'fresh' (new layers) "
+                     "or 'none' (keep softmax attention)")
+    gen.add_argument("--prompt")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--height", type=int, help="pixels, a positive multiple of 8")
+    gen.add_argument("--width", type=int, help="pixels, a positive multiple of 8")
+    gen.add_argument("--steps", type=int, help="denoising steps, at least 1")
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, >= 0")
+    gen.add_argument("--seed", type=int, help="seed of the initial noise (the same on every rank)")
+    gen.add_argument("--dtype", help="float32, float16 or bfloat16 (fp32, fp16, bf16)")
+    gen.add_argument("--device", help="auto, cpu, cuda or cuda:N (under torchrun cuda is cuda:LOCAL_RANK)")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--output", metavar="PATH.png", help="PNG path; its folder must exist (default: ./<preset>.png)")
+    out.add_argument("--save-latents", metavar="PATH.safetensors",
+                     help="also write the final latents (key 'latents')")
+    out.add_argument("--report-comm", nargs="?", const="", metavar="PATH.json",
+                     help="print rank 0's per-step communication counters by kind; also to JSON if given")
+    eng = p.add_argument_group("engine (default: the preset's)")
+    eng.add_argument("--mode", choices=MODES, help="exact: equals one device; displaced: DistriFusion-style "
+                     "stale exchanges after the warm-up; naive: no exchange (comparison only)")
+    eng.add_argument("--warmup-steps", type=int, help="synchronous steps before displaced mode starts")
+    eng.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction,
+                     help="split the guidance batch over two rank groups when the world size is even")
+    eng.add_argument("--backend", choices=BACKENDS,
+                     help="process-group backend (default: nccl on CUDA, else gloo)")
+    eng.add_argument("--timeout-s", type=float, default=300.0,
+                     help="bound on every collective, so a dead rank fails the others (default 300)")
+    return p
+
+
+def _check_values(values: dict[str, Any]) -> None:
+    """Range checks on the merged values, so a bad preset file is caught as surely as a bad flag."""
+    for key in ("height", "width"):
+        size = values[key]
+        if size <= 0 or size % 8:
+            raise UsageError(f"{key} {size} is not a positive multiple of 8; pass e.g. --{key} "
+                             f"{max(8, round(size / 8) * 8)}")
+    if values["steps"] < 1:
+        raise UsageError(f"steps {values['steps']} must be at least 1; pass --steps 1 or more")
+    guidance = values["guidance_scale"]
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise UsageError(f"guidance scale {guidance} must be a number >= 0; pass e.g. --guidance-scale 7.5")
+    if not 0 <= values["seed"] <= MAX_SEED:
+        raise UsageError(f"seed {values['seed']} must be between 0 and 2**64-1; pass e.g. --seed 0")
+    parse_dtype(values["dtype"])
+    resolve_device(values["device"])
+    check_model_source(values["model"])
+    check_linfusion_source(values["linfusion"])
+
+
+def _optional_output(path: str | None, suffix: str) -> Path | None:
+    return None if path is None else check_output_path(path, suffix)
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Parse and validate everything that can be checked without loading weights or starting ranks."""
+    args = build_parser().parse_args(argv)
+    values = load_preset(args.preset)
+    values.update({key: getattr(args, key) for key in PRESET_SCHEMA if getattr(args, key) is not None})
+    _check_values(values)
+    engine = PatchParallelConfig(
+        mode=values["mode"], warmup_steps=values["warmup_steps"], cfg_parallel=values["cfg_parallel"]
+    )
+    if not args.timeout_s > 0:
+        raise UsageError(f"timeout {args.timeout_s} s must be positive; pass e.g. --timeout-s 300")
+    return Settings(
+        preset=args.preset,
+        values=values,
+        engine=engine,
+        output=check_output_path(args.output or f"{args.preset}.png", ".png"),
+        save_latents=_optional_output(args.save_latents, ".safetensors"),
+        report_comm=args.report_comm is not None,
+        comm_json=_optional_output(args.report_comm or None, ".json"),
+        backend=args.backend,
+        timeout_s=args.timeout_s,
+    )
+
+
+def _metadata(settings: Settings, runtime: Runtime) -> dict[str, Any]:
+    """What the PNG records: every generation setting, where it ran, and the versions that made it."""
+    return {
+        "preset": settings.preset,
+        **settings.values,
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "distlin_version": distlin.__version__,
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+    }
+
+
+def _silence_progress() -> None:
+    """Download and loading progress bars from every rank would interleave; only rank 0 shows them."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    diffusers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def generate(settings: Settings) -> None:
+    """Start the ranks, load and parallelize the pipeline, sample, and write the outputs on rank 0."""
+    values = settings.values
+    runtime = init_runtime(settings.backend, settings.timeout_s, values["device"])
+    try:
+        if not runtime.is_main:
+            _silence_progress()
+        pipe = load_pipeline(values["model"], parse_dtype(values["dtype"]), runtime.device, WEIGHTS_SEED)
+        mount_linfusion(pipe, values["linfusion"], WEIGHTS_SEED)
+        engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
+        engine.ctx.reset()
+        latents = pipe(
+            prompt=values["prompt"],
+            negative_prompt=values["negative_prompt"] or None,  # None lets SDXL use its zero embedding
+            height=values["height"],
+            width=values["width"],
+            num_inference_steps=values["steps"],
+            guidance_scale=values["guidance_scale"],
+            generator=torch.Generator(device="cpu").manual_seed(values["seed"]),
+            output_type="latent",
+        ).images
+        if runtime.is_main:
+            _write_outputs(settings, runtime, pipe, latents, engine.ctx.stats.summary())
+    finally:
+        runtime.shutdown()
+
+
+def _write_outputs(
+    settings: Settings, runtime: Runtime, pipe: Any, latents: torch.Tensor, comm: dict[str, Any]
+) -> None:
+    image = decode_latents(pipe, latents)
+    save_png(settings.output, image, _metadata(settings, runtime))
+    print(f"wrote {settings.output} ({image.width}x{image.height})")
+    if settings.save_latents:
+        save_latents(settings.save_latents, latents)
+        print(f"wrote {settings.save_latents} (latents {tuple(latents.shape)})")
+    if settings.report_comm:
+        report = json.dumps(comm, indent=2)
+        print(f"communication of rank 0 (world size {runtime.world_size}):\n{report}")
+        if settings.comm_json:
+            atomic_write(settings.comm_json, lambda tmp: tmp.write_text(report + "\n"))
+            print(f"wrote {settings.comm_json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, 2 for bad input, 130 when interrupted)."""
+    try:
+        generate(parse_settings(argv))
+    except UsageError as err:
+        # Every rank reports: torchrun stops the others as soon as one exits, possibly before rank 0 could.
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"error: {f'rank {rank}: ' if rank else ''}{err}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    return 0

@@ -1,0 +1,100 @@
+"""The patch-parallel engine: N gloo ranks give what one process gives (exact mode), for every pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multirank import run_ranks
+from parallel_jobs import LAYER_CASES, generate, generate_many, layer_outputs
+
+from distlin.errors import UsageError
+from distlin.parallel import PatchParallelConfig, Runtime
+from distlin.parallel.layout import RowLayout
+
+EXACT = PatchParallelConfig(mode="exact")
+EXACT_NO_CFG = PatchParallelConfig(mode="exact", cfg_parallel=False)
+TOL = 1e-5  # relative to the latents' largest magnitude: fp32 round-off (the tiny random UNets reach ~12)
+
+CASES = {
+    2: {
+        "sd15-linear": ("tiny-sd15", True, EXACT_NO_CFG),
+        "sd15-linear-cfg": ("tiny-sd15", True, EXACT),
+        "sdxl-linear": ("tiny-sdxl", True, EXACT_NO_CFG),
+        "sd15-softmax": ("tiny-sd15", False, EXACT_NO_CFG),
+        "img2img": ("tiny-sd15", True, EXACT_NO_CFG, "img2img"),
+        "sdxl-img2img": ("tiny-sdxl", True, EXACT_NO_CFG, "img2img"),
+        "controlnet": ("tiny-sd15", True, EXACT_NO_CFG, "controlnet"),
+        "displaced-all-warmup": (
+            "tiny-sd15",
+            True,
+            PatchParallelConfig("displaced", warmup_steps=3, cfg_parallel=False),
+        ),
+        "displaced": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
+        "naive": ("tiny-sd15", True, PatchParallelConfig("naive", cfg_parallel=False)),
+    },
+    3: {
+        "sd15-linear": ("tiny-sd15", True, EXACT_NO_CFG),
+        "sdxl-linear": ("tiny-sdxl", True, EXACT_NO_CFG),
+        "sd15-softmax": ("tiny-sd15", False, EXACT_NO_CFG),
+    },
+    4: {
+        "sd15-linear": ("tiny-sd15", True, EXACT_NO_CFG),
+        "sd15-linear-cfg": ("tiny-sd15", True, EXACT),
+        "sdxl-linear-cfg": ("tiny-sdxl", True, EXACT),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, torch.Tensor]:
+    """One process, no process group: the reference every world size must reproduce."""
+    cases = {name: case for per_world in CASES.values() for name, case in per_world.items()}
+    return {name: generate(Runtime(), *case) for name, case in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def multi() -> dict[int, dict[str, torch.Tensor]]:
+    out = {}
+    for world, cases in CASES.items():
+        results = run_ranks(world, generate_many, list(cases.values()))
+        for other in results[1:]:  # every rank ends with the same latents
+            for a, b in zip(results[0], other, strict=True):
+                assert torch.equal(a, b)
+        out[world] = dict(zip(cases, results[0], strict=True))
+    return out
+
+
+@pytest.mark.parametrize(
+    "world,name",
+    [(w, n) for w, cases in CASES.items() for n in cases if not n.startswith(("displaced", "naive"))],
+)
+def test_exact_mode_equals_one_process(single, multi, world: int, name: str) -> None:
+    ref = single[name]
+    diff = (multi[world][name] - ref).abs().max().item()
+    assert diff <= TOL * max(1.0, ref.abs().max().item()), f"{name} on {world} ranks differs from one process by {diff}"
+
+
+def test_displaced_equals_exact_while_warming_up(single, multi) -> None:
+    ref = single["sd15-linear"]
+    assert (multi[2]["displaced-all-warmup"] - ref).abs().max().item() <= TOL * ref.abs().max().item()
+
+
+def test_displaced_differs_from_exact_by_a_bounded_amount(single, multi) -> None:
+    out, ref = multi[2]["displaced"], single["sd15-linear"]
+    assert torch.isfinite(out).all()
+    diff = (out - ref).abs().max().item()
+    naive = (multi[2]["naive"] - ref).abs().max().item()
+    assert 0 < diff < 0.5 * ref.abs().max().item(), diff
+    assert torch.isfinite(multi[2]["naive"]).all() and naive > 0
+
+
+def test_each_wrapped_layer_equals_the_plain_layer() -> None:
+    results = run_ranks(3, layer_outputs)[0]
+    for (kind, k, s, d, _), (band, full) in zip(LAYER_CASES, results, strict=True):
+        assert band.shape == full.shape, (kind, k, s, d)
+        assert torch.allclose(band, full, atol=1e-5), (kind, k, s, d, (band - full).abs().max())
+
+
+def test_too_many_ranks_names_the_largest_that_works() -> None:
+    with pytest.raises(UsageError, match="at most 5 ranks"):
+        RowLayout(40, 24, 8, 6)
