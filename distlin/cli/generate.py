@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 
 import diffusers
 import torch
+import torch.distributed as dist
 
 import distlin
 from distlin.errors import USAGE_EXIT_CODE, UsageError
@@ -33,10 +35,13 @@ from distlin.loading import (
 from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize
 from distlin.parallel.config import MODES
 from distlin.parallel.runtime import BACKENDS, resolve_device
+from distlin.parallel.unet import NonFiniteError
 from distlin.presets import PRESET_SCHEMA, list_presets, load_preset
 
 DEFAULT_PRESET = "tiny-sd15"
 INTERRUPTED_EXIT_CODE = 130
+NON_FINITE_EXIT_CODE = 3
+LOST_RANK_EXIT_CODE = 4
 # Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
 WEIGHTS_SEED = 0
 MAX_SEED = 2**64 - 1
@@ -70,12 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate one image with LinFusion linear attention, patch-parallel under torchrun. "
         "The preset gives every default; flags override it.",
     )
-    p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help=f"one of: {', '.join(list_presets())} (default {DEFAULT_PRESET})")
+    p.add_argument(
+        "--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(list_presets())} (default {DEFAULT_PRESET})"
+    )
     gen = p.add_argument_group("generation (default: the preset's)")
     gen.add_argument("--model", help="built-in (tiny-sd15, tiny-sdxl, full-*), diffusers folder or Hub id")
-    gen.add_argument("--linfusion", help="Hub id or folder of a LinFusion checkpoint, 'fresh' (new layers) "
-                     "or 'none' (keep softmax attention)")
+    gen.add_argument(
+        "--linfusion",
+        help="Hub id or folder of a LinFusion checkpoint, 'fresh' (new layers) or 'none' (keep softmax attention)",
+    )
     gen.add_argument("--prompt")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--height", type=int, help="pixels, a positive multiple of 8")
@@ -87,20 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="auto, cpu, cuda or cuda:N (under torchrun cuda is cuda:LOCAL_RANK)")
     out = p.add_argument_group("outputs")
     out.add_argument("--output", metavar="PATH.png", help="PNG path; its folder must exist (default: ./<preset>.png)")
-    out.add_argument("--save-latents", metavar="PATH.safetensors",
-                     help="also write the final latents (key 'latents')")
-    out.add_argument("--report-comm", nargs="?", const="", metavar="PATH.json",
-                     help="print rank 0's per-step communication counters by kind; also to JSON if given")
+    out.add_argument("--save-latents", metavar="PATH.safetensors", help="also write the final latents (key 'latents')")
+    out.add_argument(
+        "--report-comm",
+        nargs="?",
+        const="",
+        metavar="PATH.json",
+        help="print rank 0's per-step communication counters by kind; also to JSON if given",
+    )
     eng = p.add_argument_group("engine (default: the preset's)")
-    eng.add_argument("--mode", choices=MODES, help="exact: equals one device; displaced: DistriFusion-style "
-                     "stale exchanges after the warm-up; naive: no exchange (comparison only)")
+    eng.add_argument(
+        "--mode",
+        choices=MODES,
+        help="exact: equals one device; displaced: DistriFusion-style "
+        "stale exchanges after the warm-up; naive: no exchange (comparison only)",
+    )
     eng.add_argument("--warmup-steps", type=int, help="synchronous steps before displaced mode starts")
-    eng.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction,
-                     help="split the guidance batch over two rank groups when the world size is even")
-    eng.add_argument("--backend", choices=BACKENDS,
-                     help="process-group backend (default: nccl on CUDA, else gloo)")
-    eng.add_argument("--timeout-s", type=float, default=300.0,
-                     help="bound on every collective, so a dead rank fails the others (default 300)")
+    eng.add_argument(
+        "--cfg-parallel",
+        action=argparse.BooleanOptionalAction,
+        help="split the guidance batch over two rank groups when the world size is even",
+    )
+    eng.add_argument("--backend", choices=BACKENDS, help="process-group backend (default: nccl on CUDA, else gloo)")
+    eng.add_argument(
+        "--timeout-s",
+        type=float,
+        default=300.0,
+        help="bound on every collective, so a dead rank fails the others (default 300)",
+    )
     return p
 
 
@@ -109,8 +131,9 @@ def _check_values(values: dict[str, Any]) -> None:
     for key in ("height", "width"):
         size = values[key]
         if size <= 0 or size % 8:
-            raise UsageError(f"{key} {size} is not a positive multiple of 8; pass e.g. --{key} "
-                             f"{max(8, round(size / 8) * 8)}")
+            raise UsageError(
+                f"{key} {size} is not a positive multiple of 8; pass e.g. --{key} {max(8, round(size / 8) * 8)}"
+            )
     if values["steps"] < 1:
         raise UsageError(f"steps {values['steps']} must be at least 1; pass --steps 1 or more")
     guidance = values["guidance_scale"]
@@ -159,6 +182,9 @@ def _metadata(settings: Settings, runtime: Runtime) -> dict[str, Any]:
         **settings.values,
         "device": str(runtime.device),
         "world_size": runtime.world_size,
+        "mode": settings.engine.mode,
+        "warmup_steps": settings.engine.warmup_steps,
+        "cfg_parallel": settings.engine.cfg_parallel,
         "distlin_version": distlin.__version__,
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
@@ -183,6 +209,7 @@ def generate(settings: Settings) -> None:
         pipe = load_pipeline(values["model"], parse_dtype(values["dtype"]), runtime.device, WEIGHTS_SEED)
         mount_linfusion(pipe, values["linfusion"], WEIGHTS_SEED)
         engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
+        engine.check_size(values["height"], values["width"])  # before any collective: every rank fails alike
         engine.ctx.reset()
         latents = pipe(
             prompt=values["prompt"],
@@ -219,8 +246,20 @@ def _write_outputs(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for bad input, 130 when interrupted)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         generate(parse_settings(argv))
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return NON_FINITE_EXIT_CODE
+    except dist.DistBackendError as err:
+        print(f"error: {_lost_rank_message(err)}", file=sys.stderr)
+        return LOST_RANK_EXIT_CODE
+    except RuntimeError as err:
+        if not _is_comm_failure(err):
+            raise
+        print(f"error: {_lost_rank_message(err)}", file=sys.stderr)
+        return LOST_RANK_EXIT_CODE
     except UsageError as err:
         # Every rank reports: torchrun stops the others as soon as one exits, possibly before rank 0 could.
         rank = int(os.environ.get("RANK", "0"))
@@ -229,4 +268,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    """SIGTERM (torchrun stopping the other ranks, a scheduler cancelling the job) unwinds like Ctrl-C:
+    temp files are removed and the process group is destroyed."""
+    raise KeyboardInterrupt
+
+
+def _is_comm_failure(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection closed", "timed out", "peer"))
+
+
+def _lost_rank_message(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"lost contact with another rank (it died, or exceeded --timeout-s): {first}; "
+        "torchrun's summary names the rank that failed first"
+    )

@@ -19,7 +19,8 @@ class PatchParallelConfig:
     synchronous steps, conv halos and GroupNorm statistics come from the previous step while fresh ones
     travel asynchronously (DistriFusion); ``stale_attention`` makes the attention state stale too.
     ``naive``: no exchange at all (independent bands, for comparison only). ``cfg_parallel`` splits the
-    classifier-free-guidance batch over two rank groups when the world size is even.
+    classifier-free-guidance batch over two rank groups when the world size is even. ``check_finite``
+    stops at the first step whose prediction holds NaN/Inf.
     """
 
     mode: Mode = "exact"
@@ -27,6 +28,7 @@ class PatchParallelConfig:
     cfg_parallel: bool = True
     stale_attention: bool = False
     attention_chunk: int | None = 16384
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -32,6 +32,10 @@ RESIDUAL_KWARGS = (
 )
 
 
+class NonFiniteError(RuntimeError):
+    """The denoiser produced NaN or Inf; raised on every rank at the same step."""
+
+
 def row_unit(unet: nn.Module) -> int:
     """Band boundaries must be multiples of 2**L latent rows for a UNet with L downsamplings."""
     return 2 ** int(getattr(unet, "num_upsamplers", 0))
@@ -79,6 +83,10 @@ class ParallelUNet:
             self.unet.register_forward_hook(self._after, with_kwargs=True),
         ]
         return self
+
+    def check_size(self, height: int, width: int, vae_scale: int = 8) -> RowLayout:
+        """Validate an image size against the ranks before any exchange (raises UsageError naming the fix)."""
+        return RowLayout(height // vae_scale, width // vae_scale, self.unit, self.ctx.patch.size)
 
     def _swap(self, name: str, module: nn.Module) -> None:
         self._swapped[name] = self.unet.get_submodule(name)
@@ -132,6 +140,13 @@ class ParallelUNet:
         if self._split_cfg:
             halves = ctx.cfg.all_gather_rows(full, [full.shape[0]] * 2, 0, "gather").wait()
             full = torch.cat(halves, dim=0)
+        # Every rank holds the same gathered prediction, so every rank stops at the same step: no extra collective.
+        if ctx.config.check_finite and not bool(torch.isfinite(full).all()):
+            dtype = str(full.dtype).replace("torch.", "")
+            raise NonFiniteError(
+                f"non-finite values in the UNet output at step {ctx.step} (dtype {dtype}); "
+                "run in bfloat16 or float32 (LinFusion-2-1 is known to overflow in float16)"
+            )
         ctx.end_step()
         return UNet2DConditionOutput(sample=full) if self._return_dict else (full,)
 

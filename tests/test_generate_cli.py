@@ -1,0 +1,199 @@
+"""launch/generate.py end to end on the offline tiny presets, and every bad input rejected in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from distlin.cli import generate as cli
+from distlin.io import atomic_write
+from distlin.presets import list_presets, load_preset
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATE = REPO / "launch" / "generate.py"
+TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
+METADATA_KEYS = {
+    "prompt", "negative_prompt", "seed", "height", "width", "steps", "guidance_scale", "preset", "model",
+    "linfusion", "dtype", "mode", "world_size", "distlin_version", "torch_version", "diffusers_version",
+}
+
+
+# Launcher runs by name. All start when this module's tests do and are checked last: each spends most of its
+# time importing torch and diffusers on one core, so they overlap each other and the in-process tests.
+LAUNCHES: dict[str, list[str]] = {
+    **{
+        preset: ["--preset", preset, "--output", "img.png", "--save-latents", "img.safetensors", "--report-comm"]
+        for preset in TINY_PRESETS
+    },
+    "unknown-preset": ["--preset", "tiny-sd99"],
+    "model-not-cached": ["--model", "distlin-test/no-such-model"],
+}
+
+
+@dataclass
+class Launch:
+    """One launcher process and the empty folder it runs in."""
+
+    cwd: Path
+    process: subprocess.Popen[str]
+
+    def finish(self) -> tuple[int, str, str]:
+        stdout, stderr = self.process.communicate(timeout=300)
+        return self.process.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module", autouse=True)
+def launches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Launch]]:
+    """``launch/generate.py`` in fresh single processes: offline, one thread each, an empty HF cache, no
+    torchrun variables, each in an empty current folder (so "no output file" means it stays empty)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path_factory.mktemp("hf-home")))
+    runs = {}
+    for name, args in LAUNCHES.items():
+        cwd = tmp_path_factory.mktemp(name)
+        command = [sys.executable, str(GENERATE), *args]
+        runs[name] = Launch(cwd, subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.PIPE))
+    yield runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            run.process.kill()
+        run.process.communicate()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty current folder, so "no output file" means the folder stays empty."""
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+def test_presets_are_complete() -> None:
+    assert {"sd15", "sd21", "sdxl", *TINY_PRESETS} <= set(list_presets())
+    for name in list_presets():
+        load_preset(name)  # raises on a missing, unknown or mistyped key
+    assert load_preset("sd21")["dtype"] == "bfloat16"
+
+
+def test_softmax_attention_and_default_output(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--linfusion none`` keeps the UNet's own attention; the PNG defaults to ./<preset>.png."""
+    monkeypatch.chdir(workdir)
+    assert cli.main(["--linfusion", "none", "--steps", "1"]) == 0
+    with Image.open(workdir / "tiny-sd15.png") as image:
+        assert image.text["linfusion"] == "none"
+
+
+BAD_INPUTS = [
+    (["--preset", "nope"], "'nope'"),
+    (["--height", "100"], "height 100"),
+    (["--width", "0"], "width 0"),
+    (["--steps", "0"], "steps 0"),
+    (["--guidance-scale", "-1"], "-1"),
+    (["--seed", "-5"], "seed -5"),
+    (["--dtype", "float7"], "'float7'"),
+    (["--device", "tpu"], "'tpu'"),
+    (["--linfusion", "/nonexistent/dir"], "'/nonexistent/dir'"),
+    (["--output", "missing/out.png"], "'missing'"),
+    (["--output", "out.jpg"], "'out.jpg'"),
+    (["--save-latents", "out.pt"], "'out.pt'"),
+    (["--mode", "fast"], "'fast'"),
+]
+
+
+def assert_one_error_line(stderr: str, value: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and value in lines[0], stderr
+
+
+@pytest.mark.parametrize(("args", "value"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_in_process(
+    args: list[str],
+    value: str,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(workdir)
+    assert cli.main(args) == 2
+    assert_one_error_line(capsys.readouterr().err, value)
+    assert list(workdir.iterdir()) == []
+
+
+def test_read_only_output_folder(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = workdir / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        try:
+            (folder / "probe").touch()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("chmod does not keep this user (root?) from writing")
+        assert cli.main(["--output", str(folder / "out.png")]) == 2
+        assert_one_error_line(capsys.readouterr().err, str(folder))
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_interrupt_leaves_no_file(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = workdir / "out.bin"
+
+    def interrupted(tmp: Path) -> None:
+        tmp.write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted)
+    assert list(workdir.iterdir()) == []
+
+    def stop(settings: cli.Settings) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(cli, "generate", stop)
+    assert cli.main([]) == 130
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("unknown-preset", "'tiny-sd99'"), ("model-not-cached", "'distlin-test/no-such-model'")]
+)
+def test_bad_input_subprocess(name: str, value: str, launches: dict[str, Launch]) -> None:
+    """The real launcher: an unknown preset, and a Hub id that is not in the (empty) cache while offline."""
+    run = launches[name]
+    code, _, stderr = run.finish()
+    assert code == 2
+    assert_one_error_line(stderr, value)
+    assert list(run.cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_end_to_end(preset: str, launches: dict[str, Launch]) -> None:
+    run = launches[preset]
+    code, stdout, stderr = run.finish()
+    assert code == 0, stderr
+    assert "bytes_per_step" in stdout
+    values = load_preset(preset)
+    with Image.open(run.cwd / "img.png") as image:
+        assert image.size == (values["width"], values["height"])
+        text = dict(image.text)
+    assert METADATA_KEYS <= text.keys()
+    assert (text["preset"], text["model"], text["prompt"]) == (preset, values["model"], values["prompt"])
+    assert (text["seed"], text["steps"], text["world_size"]) == ("0", str(values["steps"]), "1")
+    with safe_open(str(run.cwd / "img.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["latents"]
+        assert f.get_tensor("latents").shape == (1, 4, values["height"] // 8, values["width"] // 8)
+    assert sorted(p.name for p in run.cwd.iterdir()) == ["img.png", "img.safetensors"]  # no temp files left
