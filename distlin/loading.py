@@ -20,7 +20,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from distlin.errors import UsageError
 from distlin.linfusion import LinFusion
-from distlin.models.architectures import is_builtin
+from distlin.models.architectures import is_builtin, load_architecture
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -84,6 +84,21 @@ def check_model_source(model: str) -> None:
         _check_source(model, "model", "--model", "model_index.json")
 
 
+def unet_downsamplings(model: str) -> int | None:
+    """The UNet's number of downsamplings from its config alone (no weights), or None if it cannot be read
+    cheaply (then the engine checks the size itself once the model is loaded)."""
+    if is_builtin(model):
+        config = load_architecture(model)["unet"]
+    else:
+        try:
+            from diffusers import UNet2DConditionModel
+
+            config = UNet2DConditionModel.load_config(model, subfolder="unet")
+        except Exception:  # noqa: BLE001 - any failure here just defers the check to the loaded model
+            return None
+    return len(config.get("block_out_channels", ())) - 1 if "block_out_channels" in config else None
+
+
 def check_linfusion_source(linfusion: str) -> None:
     """Reject a LinFusion source that is not ``none``/``fresh``, a checkpoint folder or a Hub id."""
     if linfusion not in (NO_LINFUSION, FRESH_LINFUSION):
@@ -130,9 +145,7 @@ def _held_diagnostics() -> Iterator[None]:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def load_pipeline(
-    model: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
-) -> DiffusionPipeline:
+def load_pipeline(model: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> DiffusionPipeline:
     """A built-in pipeline (weights drawn from ``seed``), or ``DiffusionPipeline.from_pretrained(model)``.
 
     ``from_pretrained`` honours the user's HF cache, ``HF_HOME`` and ``HF_HUB_OFFLINE``.

@@ -32,6 +32,7 @@ def generate(
     height: int = HEIGHT,
     width: int = WIDTH,
     steps: int = 3,
+    guidance: float = 5.0,
 ) -> torch.Tensor:
     """Final latents of one pipeline run, parallelized over ``runtime``'s ranks."""
     pipe = build_pipeline(name, seed=0)
@@ -53,7 +54,7 @@ def generate(
     out = pipe(
         PROMPT,
         num_inference_steps=steps,
-        guidance_scale=5.0,
+        guidance_scale=guidance,
         output_type="latent",
         generator=torch.Generator().manual_seed(2),
         **kwargs,

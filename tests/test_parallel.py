@@ -39,6 +39,10 @@ CASES = {
     },
     4: {
         "sd15-linear": ("tiny-sd15", True, EXACT_NO_CFG),
+        # DistriFusion's failures, reproduced: SD at a small size on 4 ranks with stale GroupNorm (black images
+        # there) and guidance off with CFG parallelism on (an assertion there).
+        "sd15-displaced-4": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1)),
+        "no-guidance-cfg": ("tiny-sd15", True, EXACT, "txt2img", 128, 192, 3, 1.0),
         "sd15-linear-cfg": ("tiny-sd15", True, EXACT),
         "sdxl-linear-cfg": ("tiny-sdxl", True, EXACT),
     },
@@ -66,7 +70,7 @@ def multi() -> dict[int, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(
     "world,name",
-    [(w, n) for w, cases in CASES.items() for n in cases if not n.startswith(("displaced", "naive"))],
+    [(w, n) for w, cases in CASES.items() for n in cases if "displaced" not in n and n != "naive"],
 )
 def test_exact_mode_equals_one_process(single, multi, world: int, name: str) -> None:
     ref = single[name]
@@ -98,3 +102,10 @@ def test_each_wrapped_layer_equals_the_plain_layer() -> None:
 def test_too_many_ranks_names_the_largest_that_works() -> None:
     with pytest.raises(UsageError, match="at most 5 ranks"):
         RowLayout(40, 24, 8, 6)
+
+
+def test_displaced_on_four_ranks_stays_finite_and_close(single, multi) -> None:
+    """DistriFusion reports black images for SD at 512-768 px on 4+ GPUs with stale GroupNorm; here it is finite."""
+    out, ref = multi[4]["sd15-displaced-4"], single["sd15-linear"]
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max().item() < 0.5 * ref.abs().max().item()

@@ -31,9 +31,11 @@ from distlin.loading import (
     load_pipeline,
     mount_linfusion,
     parse_dtype,
+    unet_downsamplings,
 )
 from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize
 from distlin.parallel.config import MODES
+from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import BACKENDS, resolve_device
 from distlin.parallel.unet import NonFiniteError
 from distlin.presets import PRESET_SCHEMA, list_presets, load_preset
@@ -147,6 +149,15 @@ def _check_values(values: dict[str, Any]) -> None:
     check_linfusion_source(values["linfusion"])
 
 
+def _check_split(values: dict[str, Any], engine: PatchParallelConfig) -> None:
+    """Refuse a size the ranks cannot split, from the UNet config alone, before any rank loads weights."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    patch_ranks = world // 2 if engine.cfg_parallel and world > 1 and world % 2 == 0 else world
+    downsamplings = unet_downsamplings(values["model"])
+    if downsamplings is not None:
+        RowLayout(values["height"] // 8, values["width"] // 8, 2**downsamplings, patch_ranks)
+
+
 def _optional_output(path: str | None, suffix: str) -> Path | None:
     return None if path is None else check_output_path(path, suffix)
 
@@ -160,6 +171,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     engine = PatchParallelConfig(
         mode=values["mode"], warmup_steps=values["warmup_steps"], cfg_parallel=values["cfg_parallel"]
     )
+    _check_split(values, engine)
     if not args.timeout_s > 0:
         raise UsageError(f"timeout {args.timeout_s} s must be positive; pass e.g. --timeout-s 300")
     return Settings(
