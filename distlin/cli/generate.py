@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="split the guidance batch over two rank groups when the world size is even",
     )
+    eng.add_argument(
+        "--stale-attention",
+        action="store_true",
+        help="in displaced mode, also reuse last step's attention state (it is tiny, so it is exchanged "
+        "synchronously unless this is set)",
+    )
     eng.add_argument("--backend", choices=BACKENDS, help="process-group backend (default: nccl on CUDA, else gloo)")
     eng.add_argument(
         "--timeout-s",
@@ -169,7 +175,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     values.update({key: getattr(args, key) for key in PRESET_SCHEMA if getattr(args, key) is not None})
     _check_values(values)
     engine = PatchParallelConfig(
-        mode=values["mode"], warmup_steps=values["warmup_steps"], cfg_parallel=values["cfg_parallel"]
+        mode=values["mode"],
+        warmup_steps=values["warmup_steps"],
+        cfg_parallel=values["cfg_parallel"],
+        stale_attention=args.stale_attention,
     )
     _check_split(values, engine)
     if not args.timeout_s > 0:

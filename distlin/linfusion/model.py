@@ -18,6 +18,7 @@ from torch import nn
 
 from distlin.errors import UsageError
 from distlin.linfusion.attention import LinFusionAttention
+from distlin.surgery import set_submodule
 
 # Base models whose released LinFusion checkpoint is known, by the pipeline's ``_name_or_path``.
 CHECKPOINT_FOR_BASE: dict[str, str] = {
@@ -39,11 +40,6 @@ def self_attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
         for name, module in unet.named_modules()
         if name.split(".")[-1] == "attn1" and isinstance(module, Attention)
     ]
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def checkpoint_for(pipeline: Any) -> str:
@@ -133,7 +129,7 @@ class LinFusion(ModelMixin, ConfigMixin):
         nn.Module.to(self, device=param.device, dtype=param.dtype)  # ModelMixin.to warns needlessly here
         for layer, (name, original) in zip(self.layers, self_attention_layers(unet), strict=True):
             self._originals[name] = original
-            _set_submodule(unet, name, layer)
+            set_submodule(unet, name, layer)
         self._mounted_on.append(unet)
         return self
 
@@ -143,7 +139,7 @@ class LinFusion(ModelMixin, ConfigMixin):
             return
         unet = self._mounted_on.pop()
         for name, original in self._originals.items():
-            _set_submodule(unet, name, original)
+            set_submodule(unet, name, original)
         self._originals.clear()
 
     @classmethod

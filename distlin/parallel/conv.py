@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlin.parallel.context import ParallelContext
+from distlin.surgery import twin
 
 
 def conv_out_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
@@ -44,11 +45,7 @@ class PatchConv2d(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, ctx: ParallelContext) -> PatchConv2d:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"patch-parallel conv needs numeric zero padding, got {conv.padding!r}")
-        patched = cls.__new__(cls)
-        patched.__dict__.update(conv.__dict__)
-        patched._parameters = dict(conv._parameters)
-        patched._buffers = dict(conv._buffers)
-        patched._modules = dict(conv._modules)
+        patched = twin(conv, cls)
         patched.ctx = ctx
         patched.pad_top = conv.padding[0]
         patched.halo_slot = ctx.new_slot()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlin.parallel.context import ParallelContext
+from distlin.surgery import twin
 
 
 def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -46,11 +47,7 @@ class PatchGroupNorm(nn.GroupNorm):
 
     @classmethod
     def from_norm(cls, norm: nn.GroupNorm, ctx: ParallelContext) -> PatchGroupNorm:
-        patched = cls.__new__(cls)
-        patched.__dict__.update(norm.__dict__)
-        patched._parameters = dict(norm._parameters)
-        patched._buffers = dict(norm._buffers)
-        patched._modules = dict(norm._modules)
+        patched = twin(norm, cls)
         patched.ctx = ctx
         patched.moments_slot = ctx.new_slot()
         return patched

@@ -24,6 +24,7 @@ from distlin.parallel.conv import PatchConv2d
 from distlin.parallel.groupnorm import PatchGroupNorm
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
+from distlin.surgery import set_submodule
 
 RESIDUAL_KWARGS = (
     "down_block_additional_residuals",
@@ -49,11 +50,6 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_map_tensors(v, fn) for v in value)
     return value
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 class ParallelUNet:
@@ -90,14 +86,14 @@ class ParallelUNet:
 
     def _swap(self, name: str, module: nn.Module) -> None:
         self._swapped[name] = self.unet.get_submodule(name)
-        _set_submodule(self.unet, name, module)
+        set_submodule(self.unet, name, module)
 
     def undo(self) -> None:
         """Restore the original modules, processors and forward."""
         for hook in self._hooks:
             hook.remove()
         for name, module in self._swapped.items():
-            _set_submodule(self.unet, name, module)
+            set_submodule(self.unet, name, module)
         for name, processor in self._processors.items():
             self.unet.get_submodule(name).set_processor(processor)
         self._hooks, self._swapped, self._processors = [], {}, {}
