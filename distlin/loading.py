@@ -90,10 +90,11 @@ def unet_downsamplings(model: str) -> int | None:
     if is_builtin(model):
         config = load_architecture(model)["unet"]
     else:
-        try:
-            from diffusers import UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
-            config = UNet2DConditionModel.load_config(model, subfolder="unet")
+        try:
+            with _held_diagnostics():
+                config = UNet2DConditionModel.load_config(model, subfolder="unet")
         except Exception:  # noqa: BLE001 - any failure here just defers the check to the loaded model
             return None
     return len(config.get("block_out_channels", ())) - 1 if "block_out_channels" in config else None

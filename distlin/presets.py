@@ -33,6 +33,9 @@ PRESET_SCHEMA: dict[str, type] = {
     "cfg_parallel": bool,
 }
 
+# Keys a preset may give: ``cascade`` lists the stages of a high-resolution cascade ({height, width, strength}).
+OPTIONAL_SCHEMA: dict[str, type] = {"cascade": list}
+
 
 def list_presets() -> list[str]:
     """Names of the presets in ``configs/``, sorted."""
@@ -40,7 +43,8 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """The preset's settings, checked to hold exactly the keys of :data:`PRESET_SCHEMA`, rightly typed."""
+    """The preset's settings: every key of :data:`PRESET_SCHEMA`, optionally those of :data:`OPTIONAL_SCHEMA`,
+    rightly typed."""
     path = CONFIG_DIR / f"{name}.yaml"
     if Path(name).name != name or not path.is_file():
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
@@ -51,10 +55,12 @@ def load_preset(name: str) -> dict[str, Any]:
     if not isinstance(preset, dict):
         raise UsageError(f"preset file {path} is not a mapping of settings; fix or restore it")
     missing = [key for key in PRESET_SCHEMA if key not in preset]
-    unknown = [key for key in preset if key not in PRESET_SCHEMA]
+    unknown = [key for key in preset if key not in PRESET_SCHEMA and key not in OPTIONAL_SCHEMA]
     if missing or unknown:
         raise UsageError(f"preset file {path}: missing keys {missing}, unknown keys {unknown}; fix the file")
-    for key, kind in PRESET_SCHEMA.items():
+    for key, kind in {**PRESET_SCHEMA, **OPTIONAL_SCHEMA}.items():
+        if key not in preset:
+            continue
         value = preset[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             preset[key] = float(value)
