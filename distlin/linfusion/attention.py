@@ -8,7 +8,13 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from distlin.ops.linear_attention import DEFAULT_CHUNK, LinearAttentionState, apply_state, partial_state
+from distlin.ops.linear_attention import (
+    DEFAULT_CHUNK,
+    LinearAttentionState,
+    apply_state,
+    partial_state,
+    token_chunks,
+)
 
 StateReducer = Callable[[LinearAttentionState], LinearAttentionState]
 
@@ -44,20 +50,25 @@ class LinFusionAttnProcessor:
             raise ValueError("LinFusion attention is self-attention only: no encoder states, no mask")
         shape = hidden_states.shape
         x = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states
-        b, n, _ = x.shape
-        h = attn.heads
+        b, h = x.shape[0], attn.heads
+        # Projections run chunk by chunk too, so no full-size Q, K, V or MLP activation ever exists.
+        chunks = token_chunks(x.shape[1], self.chunk_size)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, h, -1).transpose(1, 2)
+            return t.view(b, t.shape[1], h, -1).transpose(1, 2)
 
-        q = heads(attn.to_q(x + attn.to_q_(x)))
-        k = heads(attn.to_k(x + attn.to_k_(x)))
-        v = heads(attn.to_v(x))
-        state = partial_state(k, v, self.chunk_size)
+        state = None
+        for start, stop in chunks:
+            xc = x[:, start:stop]
+            part = partial_state(heads(attn.to_k(xc + attn.to_k_(xc))), heads(attn.to_v(xc)), None)
+            state = part if state is None else state + part
         if self.reduce_state is not None:
             state = self.reduce_state(state)
-        out = apply_state(q, state, self.chunk_size).transpose(1, 2).reshape(b, n, -1)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = x.new_empty(b, x.shape[1], attn.to_out[0].out_features)
+        for start, stop in chunks:
+            xc = x[:, start:stop]
+            o = apply_state(heads(attn.to_q(xc + attn.to_q_(xc))), state, None)
+            out[:, start:stop] = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
         if len(shape) == 4:
             out = out.transpose(1, 2).reshape(shape)
         return out

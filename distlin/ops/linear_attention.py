@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 EPS = 1e-4
-DEFAULT_CHUNK = 16384
+DEFAULT_CHUNK = 65536
 
 
 @dataclass
@@ -49,7 +49,8 @@ def feature_map(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
 
 
-def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+def token_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``n`` tokens, ``chunk_size`` at a time (all at once if None/0)."""
     step = n if not chunk_size or chunk_size <= 0 else chunk_size
     return [(s, min(s + step, n)) for s in range(0, n, max(step, 1))] or [(0, 0)]
 
@@ -59,7 +60,7 @@ def partial_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEF
     b, h, n, d = k.shape
     kv = torch.zeros(b, h, d, v.shape[-1], dtype=torch.float32, device=k.device)
     ks = torch.zeros(b, h, d, dtype=torch.float32, device=k.device)
-    for s, e in _chunks(n, chunk_size):
+    for s, e in token_chunks(n, chunk_size):
         fk = feature_map(k[:, :, s:e].float())
         kv += fk.transpose(-1, -2) @ v[:, :, s:e].float()
         ks += fk.sum(dim=2)
@@ -73,7 +74,7 @@ def apply_state(q: torch.Tensor, state: LinearAttentionState, chunk_size: int | 
     s_mat = state.kv / state.count
     k_mean = (state.k / state.count).unsqueeze(-1)
     out = torch.empty(*q.shape[:-1], s_mat.shape[-1], dtype=q.dtype, device=q.device)
-    for s, e in _chunks(q.shape[2], chunk_size):
+    for s, e in token_chunks(q.shape[2], chunk_size):
         fq = feature_map(q[:, :, s:e].float())
         out[:, :, s:e] = ((fq @ s_mat) / (fq @ k_mean + EPS)).to(q.dtype)
     return out

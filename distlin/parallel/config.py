@@ -27,7 +27,7 @@ class PatchParallelConfig:
     warmup_steps: int = 4
     cfg_parallel: bool = True
     stale_attention: bool = False
-    attention_chunk: int | None = 16384
+    attention_chunk: int | None = 65536
     check_finite: bool = True
 
     def __post_init__(self) -> None:

@@ -10,11 +10,17 @@ from distlin.parallel.context import ParallelContext
 from distlin.surgery import twin
 
 
-def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per (batch, group): ``[count, sum, sum of squares]`` in float64, computed stably from var_mean."""
+def group_moments(x: torch.Tensor, groups: int, chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """Per (batch, group): ``[count, sum, sum of squares]`` in float64, computed stably from var_mean.
+
+    Groups are visited a few at a time so the float32 copy of a half-precision input stays below
+    ``chunk_elements`` whatever the resolution.
+    """
     xg = x.reshape(x.shape[0], groups, -1)
-    var, mean = torch.var_mean(xg.float(), dim=-1, unbiased=False)
     n = xg.shape[-1]
+    step = max(1, chunk_elements // max(1, n * x.shape[0]))
+    parts = [torch.var_mean(xg[:, g : g + step].float(), dim=-1, unbiased=False) for g in range(0, groups, step)]
+    var, mean = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
     mean, var = mean.double(), var.double()
     return torch.stack([torch.full_like(mean, n), mean * n, (var + mean * mean) * n], dim=-1)
 
