@@ -1,0 +1,53 @@
+"""Measured peak memory of a UNet forward without allocating: meta tensors plus torch's ``MemTracker``.
+
+This is the reference the planner's predictions are validated against (``tests/test_memory.py``). Meta
+tensors carry shapes and dtypes only, so a full-size SD-1.5 UNet at 1024 px "runs" on a laptop in seconds;
+``MemTracker`` follows every storage's lifetime and reports the peak of live activation bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from distlin.highres.chunking import enable_ff_chunking
+from distlin.linfusion import LinFusion
+from distlin.models.tiny import build_unet, load_architecture
+
+
+def measured_unet_activation_peak(
+    name: str,
+    latent_height: int,
+    latent_width: int,
+    batch: int = 2,
+    dtype: torch.dtype = torch.float16,
+    linfusion: bool = True,
+    ff_chunk: int | None = None,
+) -> int:
+    """Peak bytes of activations (parameters excluded) of one no-grad UNet call on a ``latent_height`` x
+    ``latent_width`` latent, with LinFusion self-attention when ``linfusion``; ``ff_chunk`` enables
+    the token-chunked feed-forward of :mod:`distlin.highres.chunking`."""
+    architecture = load_architecture(name)["unet"]
+    unet = build_unet(name, torch_dtype=dtype, device="meta")
+    if linfusion:
+        LinFusion.construct_for(unet=unet, load_pretrained=False, init="random")
+    if ff_chunk is not None:
+        enable_ff_chunking(unet, ff_chunk)
+    meta: dict[str, Any] = {"dtype": dtype, "device": "meta"}
+    sample = torch.empty(batch, architecture["in_channels"], latent_height, latent_width, **meta)
+    context = torch.empty(batch, 77, architecture["cross_attention_dim"], **meta)
+    kwargs: dict[str, Any] = {}
+    if architecture.get("addition_embed_type") == "text_time":
+        pooled = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(batch, pooled, **meta),
+            "time_ids": torch.empty(batch, 6, **meta),
+        }
+    tracker = MemTracker()
+    tracker.track_external(unet)
+    with tracker, torch.no_grad():
+        unet(sample, torch.tensor(10.0, device="meta"), context, **kwargs)
+    peak = tracker.get_tracker_snapshot("peak")
+    return int(sum(value for stats in peak.values() for kind, value in stats.items() if str(kind).endswith("ACT")))

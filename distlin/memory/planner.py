@@ -1,0 +1,162 @@
+"""Predicted peak memory per rank of a patch-parallel generation, from the architecture config alone.
+
+The model (validated against meta-tensor measurements in ``tests/test_memory.py``): peak = weights +
+max(UNet activation peak, VAE-decode peak) + the full latent and image every rank holds. No-grad
+activations peak in a feed-forward of a transformer level of the UNet's up path. There, per token of
+that level (C channels, ``m`` the FF multiplier, ``L`` layers per block), are alive: the block's
+``L+1`` skip tensors (diffusers keeps the whole tuple referenced), the caller's input (the deeper
+level's C' channels), five C-wide tensors of the transformer (residual, hidden, attention output,
+norm output, proj_in output) and the GEGLU's ``2mC`` projection, ``mC`` GELU and ``mC`` product; the
+skips of every shallower level are alive too. Token-chunked FF (``ff_chunk``) leaves one C-wide output
+instead of the ``4mC``. The VAE decoder peaks at its last upsampling: three tensors of the second level's
+width at full image resolution (upsampled input, conv output, next resnet's norm), per band pixel.
+Softmax attention is assumed to run in a fused kernel (no N x N scores), as on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from distlin.errors import UsageError
+from distlin.models.tiny import _build_model, load_architecture
+
+DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
+LATENT_FACTOR = 8
+TEXT_TOKENS = 77
+
+
+def _param_count(config: dict[str, Any]) -> int:
+    """Parameters of one component, counted on the meta device (nothing allocated)."""
+    return _param_count_of(json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=32)
+def _param_count_of(config_json: str) -> int:
+    model = _build_model(json.loads(config_json), 0, "unet", torch.float32, "meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+def _band_rows(rows: int, unit: int, ranks: int) -> int:
+    """Rows of the tallest band (the last band also takes the rows that do not fill a unit)."""
+    units = rows // unit
+    if ranks > max(units, 1):
+        raise UsageError(f"{ranks} ranks cannot split {rows} latent rows into {unit}-row bands")
+    return unit * math.ceil(units / ranks) + (rows - units * unit)
+
+
+def unet_activation_elements(unet: dict[str, Any], tokens: int, batch: int, ff_chunk: int | None = None) -> int:
+    """Peak live activation elements of one UNet call on ``tokens`` level-0 tokens (see the module doc)."""
+    widths = list(unet["block_out_channels"])
+    layers = unet["layers_per_block"]
+    layers = layers if isinstance(layers, list) else [layers] * len(widths)
+    attention = ["CrossAttn" in kind for kind in unet["down_block_types"]]
+    ff_mult = 4
+    peak, shallower = 0.0, 0.0
+    for level, (width, depth) in enumerate(zip(widths, layers, strict=True)):
+        level_tokens = tokens / 4**level
+        deeper = widths[min(level + 1, len(widths) - 1)]
+        held = level_tokens * ((depth + 1) * width + deeper) + shallower
+        if attention[level]:
+            ff = 4 * ff_mult * width * level_tokens if ff_chunk is None else width * level_tokens
+            peak = max(peak, held + 5 * width * level_tokens + ff)
+        else:  # resnet: concatenated input, its norm and activation, conv output
+            peak = max(peak, held + level_tokens * (3 * (deeper + width) + width))
+        shallower += level_tokens * (depth + 1) * width
+    return int(batch * peak)
+
+
+def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) -> int:
+    """Peak live elements of decoding a band of ``pixels`` pixels, plus the mid-block's gathered K and V."""
+    widths = vae["block_out_channels"]
+    second = widths[-2] if len(widths) > 1 else widths[-1]
+    return int(3 * second * pixels + 2 * widths[-1] * latent_tokens)
+
+
+def plan(
+    preset_or_arch: str | dict[str, Any],
+    height: int,
+    width: int,
+    ranks: int = 1,
+    dtype: str = "float16",
+    cfg: bool = True,
+    cfg_parallel: bool = True,
+    ff_chunk: int | None = None,
+) -> dict[str, Any]:
+    """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
+
+    ``preset_or_arch``: a built-in model name (``full-sd15``, ``tiny-sd15``, ...) or an architecture dict
+    as :func:`load_architecture` returns. ``cfg`` doubles the UNet batch; with ``cfg_parallel`` and an
+    even number of ranks the two halves run on separate rank groups (batch 1 over ``ranks/2`` bands).
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if height % LATENT_FACTOR or width % LATENT_FACTOR:
+        raise UsageError(f"{height}x{width} px: both sides must be multiples of {LATENT_FACTOR}")
+    arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
+    size = DTYPES[dtype]
+    rows, cols = height // LATENT_FACTOR, width // LATENT_FACTOR
+    unet = arch["unet"]
+    split_cfg = cfg and cfg_parallel and ranks % 2 == 0
+    patch_ranks = ranks // 2 if split_cfg else ranks
+    batch = 2 if cfg and not split_cfg else 1
+    unit = 2 ** (len(unet["block_out_channels"]) - 1)
+    unet_tokens = _band_rows(rows, unit, patch_ranks) * cols
+    vae_rows = _band_rows(rows, 1, ranks)
+    weights = {name: _param_count(config) for name, config in arch.items() if name != "scheduler"}
+    breakdown = {
+        **{f"weights_{name}": count * size for name, count in weights.items()},
+        "unet_activations": unet_activation_elements(unet, unet_tokens, batch, ff_chunk) * size,
+        "vae_decode_activations": vae_decode_elements(arch["vae"], vae_rows * cols * 64, rows * cols) * size,
+        "full_latents": 4 * unet["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (float32)
+        "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
+    }
+    weights_total = sum(v for k, v in breakdown.items() if k.startswith("weights_"))
+    peak = (
+        weights_total
+        + max(breakdown["unet_activations"], breakdown["vae_decode_activations"])
+        + breakdown["full_latents"]
+        + breakdown["full_image"]
+    )
+    return {
+        "peak_bytes_per_rank": int(peak),
+        "ranks": ranks,
+        "height": height,
+        "width": width,
+        "dtype": dtype,
+        "cfg": cfg,
+        "cfg_parallel": split_cfg,
+        "ff_chunk": ff_chunk,
+        "unet_band_tokens": unet_tokens,
+        "breakdown": breakdown,
+    }
+
+
+def ranks_needed(capacity_bytes: int, preset_or_arch: str | dict[str, Any], height: int, width: int, **kw: Any) -> int:
+    """The fewest ranks whose predicted peak fits ``capacity_bytes`` each; raises when none does."""
+    arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
+    most = height // LATENT_FACTOR
+    for ranks in range(1, most + 1):
+        try:
+            if plan(arch, height, width, ranks, **kw)["peak_bytes_per_rank"] <= capacity_bytes:
+                return ranks
+        except UsageError:
+            break
+    raise UsageError(f"{height}x{width} px does not fit {capacity_bytes / 2**30:.1f} GiB per rank with any rank count")
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """Human-readable plan for ``--plan``: the peak per rank and what makes it up, in GiB."""
+    gib = 2**30
+    head = (
+        f"predicted peak per rank: {result['peak_bytes_per_rank'] / gib:.2f} GiB "
+        f"({result['height']}x{result['width']} px, {result['ranks']} rank(s), {result['dtype']}, "
+        f"cfg={'parallel' if result['cfg_parallel'] else result['cfg']}, ff_chunk={result['ff_chunk']})"
+    )
+    lines = [f"  {key:<24} {value / gib:9.3f} GiB" for key, value in result["breakdown"].items()]
+    note = "  (UNet and VAE activations do not coexist: the peak counts the larger)"
+    return "\n".join([head, *lines, note])

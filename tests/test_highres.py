@@ -1,0 +1,113 @@
+"""Band-parallel VAE, chunked execution and the SDEdit cascade equal their plain single-device versions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multirank import run_ranks
+
+from distlin import LinFusion
+from distlin.highres import enable_ff_chunking, parallelize_vae, row_chunked_conv2d
+from distlin.highres.cascade import Stage, load_stages, run_cascade
+from distlin.highres.chunking import disable_ff_chunking, enable_conv_chunking
+from distlin.models.tiny import build_pipeline, build_unet
+from distlin.parallel import PatchParallelConfig, Runtime, parallelize
+
+LATENT_H, LATENT_W = 7, 6  # 3 ranks get uneven 1-row-unit bands (3, 2, 2)
+STAGES = [Stage(128, 64), Stage(192, 96, 0.5), Stage(256, 128, 0.3)]  # 16 latent rows: 2 bands of 8
+
+
+def _vae_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    z = torch.randn(1, 4, LATENT_H, LATENT_W, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(1, 3, 8 * LATENT_H, 8 * LATENT_W, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return z, image
+
+
+def vae_errors(runtime: Runtime) -> tuple[float, float]:
+    """Max abs difference of band-parallel decode and encode (mean) from the plain tiny-sd15 VAE."""
+    vae = build_pipeline("tiny-sd15").vae
+    z, image = _vae_inputs()
+    with torch.no_grad():
+        decoded, encoded = vae.decode(z).sample, vae.encode(image).latent_dist.mean
+    banded = parallelize_vae(vae, runtime, query_chunk=5)  # several query chunks, one straddling bands
+    return (banded.decode(z) - decoded).abs().max().item(), (banded.encode(image).mean - encoded).abs().max().item()
+
+
+def cascade(runtime: Runtime) -> torch.Tensor:
+    pipe = build_pipeline("tiny-sd15", seed=0)
+    torch.manual_seed(1)
+    LinFusion.construct_for(pipe, load_pretrained=False, init="random")
+    handle = parallelize(pipe, PatchParallelConfig(cfg_parallel=False), runtime)
+    vae = parallelize_vae(pipe.vae, runtime)
+    return run_cascade(pipe, "a castle", STAGES, steps=4, seed=3, vae=vae, handle=handle)
+
+
+def two_rank_job(runtime: Runtime) -> tuple[tuple[float, float], torch.Tensor]:
+    torch.set_num_threads(1)
+    return vae_errors(runtime), cascade(runtime)
+
+
+@pytest.fixture(scope="module")
+def single() -> tuple[tuple[float, float], torch.Tensor]:
+    return two_rank_job(Runtime())
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> tuple[tuple[float, float], torch.Tensor]:
+    return run_ranks(2, two_rank_job)[0]
+
+
+def test_vae_one_rank_is_plain(single) -> None:
+    assert max(single[0]) <= 1e-4
+
+
+def test_vae_bands_equal_plain_on_two_and_three_ranks(two_ranks) -> None:
+    assert max(two_ranks[0]) <= 1e-4
+    assert max(run_ranks(3, vae_errors)[0]) <= 1e-4
+
+
+def test_diffusers_tiling_differs_where_bands_do_not(single) -> None:
+    vae = build_pipeline("tiny-sd15").vae
+    z, _ = _vae_inputs()
+    with torch.no_grad():
+        plain = vae.decode(z).sample
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = 32, 4, 0.25
+        tiled = vae.decode(z).sample
+    assert (tiled - plain).abs().max().item() > 100 * max(single[0][0], 1e-6)
+
+
+def test_cascade_reaches_final_size_and_two_ranks_equal_one(single, two_ranks) -> None:
+    image = single[1]
+    assert image.shape == (1, 3, 256, 128) and torch.isfinite(image).all()
+    torch.testing.assert_close(two_ranks[1], image, atol=1e-3, rtol=0)  # three stages of fp32 sums
+
+
+def test_presets_give_cascade_stages() -> None:
+    stages = load_stages("sd15-16k")
+    assert [(s.height, s.width) for s in stages][-1] == (16384, 8192)
+    assert [s.strength for s in stages[1:]] == [0.4, 0.3, 0.2, 0.1]
+    assert load_stages("sd15-16k-square")[-1] == Stage(16384, 16384, 0.1)
+
+
+def test_chunked_feed_forward_and_convs_equal_unchunked() -> None:
+    unet = build_unet("tiny-sd15")
+    sample, context = torch.randn(1, 4, 16, 12), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        plain = unet(sample, 10, context).sample
+        assert enable_ff_chunking(unet, 37) > 0  # 37 divides no level's token count
+        assert enable_conv_chunking(unet, rows=5, threshold=1000) > 0
+        chunked = unet(sample, 10, context).sample
+        disable_ff_chunking(unet)
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation"), [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (1, 1, 0, 1)]
+)
+def test_row_chunked_conv_equals_conv(kernel: int, stride: int, padding: int, dilation: int) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 6, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 5, 23, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(row_chunked_conv2d(conv, x, 4), conv(x), atol=1e-5, rtol=1e-5)
