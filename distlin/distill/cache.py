@@ -10,7 +10,6 @@ cannot be precomputed once.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from distlin.distill.data import UNREADABLE, ImageSource, prepare_image
+from distlin.distill.data import UNREADABLE, ImageSource, prepare_image, warn_unreadable
 from distlin.distill.encode import Conditioning, Encoders
 from distlin.distill.sampling import SampleOrder
 from distlin.errors import UsageError
@@ -46,8 +45,7 @@ class _CacheImages(torch.utils.data.Dataset):
         try:
             image = self.source.open(index)
         except UNREADABLE as err:
-            print(f"warning: skipping unreadable image {self.source.keys[index]!r} ({type(err).__name__}: {err})",
-                  file=sys.stderr, flush=True)
+            warn_unreadable(self.source.keys[index], err)
             return None
         pixels, time_ids = prepare_image(image, self.size, "center")
         return {"index": index, "pixels": pixels, "caption": self.source.caption(index), "time_ids": time_ids}
@@ -106,8 +104,9 @@ def write_cache(
 ) -> dict[str, Any]:
     """Encode every readable image of ``source`` into ``out``; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
-    loader = torch.utils.data.DataLoader(_CacheImages(source, resolution), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate_readable)
+    loader = torch.utils.data.DataLoader(
+        _CacheImages(source, resolution), batch_size=batch_size, num_workers=workers, collate_fn=_collate_readable
+    )
     writer = _ShardWriter(out, shard_size)
     skipped = 0
     for batch, lost in tqdm(loader, desc="cache", unit="batch"):
@@ -117,8 +116,15 @@ def write_cache(
     items = writer.close()
     if not items:
         raise UsageError(f"no image in --data {str(source.root)!r} could be read; nothing was cached")
-    manifest = {"format": CACHE_FORMAT, "model": model, "resolution": resolution, "data": str(source.root),
-                "sdxl": encoders.sdxl, "skipped": skipped, "items": items}
+    manifest = {
+        "format": CACHE_FORMAT,
+        "model": model,
+        "resolution": resolution,
+        "data": str(source.root),
+        "sdxl": encoders.sdxl,
+        "skipped": skipped,
+        "items": items,
+    }
     atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
     return manifest
 
@@ -129,11 +135,15 @@ def read_manifest(cache: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"--cache {str(cache)!r} has no readable {MANIFEST} ({type(err).__name__}); build it "
-                         "with `launch/distill.py cache --data DIR --out CACHE`") from None
+        raise UsageError(
+            f"--cache {str(cache)!r} has no readable {MANIFEST} ({type(err).__name__}); build it "
+            "with `launch/distill.py cache --data DIR --out CACHE`"
+        ) from None
     if manifest.get("format") != CACHE_FORMAT:
-        raise UsageError(f"--cache {str(cache)!r} has format {manifest.get('format')}, not {CACHE_FORMAT}; "
-                         "rebuild it with `launch/distill.py cache`")
+        raise UsageError(
+            f"--cache {str(cache)!r} has format {manifest.get('format')}, not {CACHE_FORMAT}; "
+            "rebuild it with `launch/distill.py cache`"
+        )
     return manifest
 
 
@@ -141,8 +151,10 @@ def check_cache_fits(manifest: dict[str, Any], cache: str | Path, model: str, re
     """A cache is only valid for the model and resolution it was encoded with, and a center crop."""
     for what, have, want in (("model", manifest["model"], model), ("resolution", manifest["resolution"], resolution)):
         if have != want:
-            raise UsageError(f"--cache {str(cache)!r} was built for {what} {have!r}, not {want!r}; rebuild it or "
-                             f"train with --{what} {have}")
+            raise UsageError(
+                f"--cache {str(cache)!r} was built for {what} {have!r}, not {want!r}; rebuild it or "
+                f"train with --{what} {have}"
+            )
     if crop != "center":
         raise UsageError("--crop random cannot use --cache (cached latents are center crops); use --crop center")
 

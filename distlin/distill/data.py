@@ -33,6 +33,10 @@ HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 CROPS = ("center", "random")
 
 
+def warn_unreadable(key: str, err: BaseException) -> None:
+    print(f"warning: skipping unreadable image {key!r} ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+
+
 class ImageSource(Protocol):
     """Captioned images addressed by index; ``keys`` name them (relative paths, or row numbers)."""
 
@@ -129,13 +133,17 @@ def _metadata_captions(metadata: Path, images: set[str]) -> dict[str, str]:
             raise UsageError(f"{metadata} row {line} lacks file_name or text; every row needs both")
         name = Path(str(row["file_name"])).as_posix()
         if name not in images:
-            raise UsageError(f"{metadata} row {line} names {name!r}, which is not an image in the folder; "
-                             "fix the row or add the image")
+            raise UsageError(
+                f"{metadata} row {line} names {name!r}, which is not an image in the folder; "
+                "fix the row or add the image"
+            )
         captions[name] = str(row["text"])
     missing = sorted(images - captions.keys())
     if missing:
-        raise UsageError(f"image {missing[0]!r} has no row in {metadata} ({len(missing)} images lack one); "
-                         "add a row with its file_name and text")
+        raise UsageError(
+            f"image {missing[0]!r} has no row in {metadata} ({len(missing)} images lack one); "
+            "add a row with its file_name and text"
+        )
     return captions
 
 
@@ -210,12 +218,16 @@ class ImageSamples(torch.utils.data.Dataset):
                 continue
             rng = generator(self.seed, "crop", position) if self.crop == "random" else None
             pixels, time_ids = prepare_image(image, self.size, self.crop, rng)
-            return {"position": position, "pixels": pixels, "caption": self.source.caption(index),
-                    "time_ids": time_ids, "skipped": attempt}
+            return {
+                "position": position,
+                "pixels": pixels,
+                "caption": self.source.caption(index),
+                "time_ids": time_ids,
+                "skipped": attempt,
+            }
         raise UsageError(f"no image in --data {str(self.source.root)!r} could be read; check the files")
 
     def _report(self, index: int, err: BaseException) -> None:
         if index not in self._reported:
             self._reported.add(index)
-            print(f"warning: skipping unreadable image {self.source.keys[index]!r} ({type(err).__name__}: {err})",
-                  file=sys.stderr, flush=True)
+            warn_unreadable(self.source.keys[index], err)

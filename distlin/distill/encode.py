@@ -13,6 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from distlin.loading import load_pipeline
+
+# Built-in models draw their weights from this seed (as launch/generate.py does), so checkpoints fit them.
+WEIGHTS_SEED = 0
+
+
+def load_frozen_pipeline(model: str, device: torch.device) -> Any:
+    """The pipeline whose VAE, text encoders and UNet stay frozen, in float32 (autocast handles mixed precision;
+    float32 weights keep the mounted LinFusion layers, which take the UNet's dtype, in float32 for AdamW)."""
+    return load_pipeline(model, torch.float32, device, WEIGHTS_SEED)
+
 
 @dataclass
 class Conditioning:
@@ -28,10 +39,6 @@ class Conditioning:
             return None
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
-    def to(self, device: torch.device) -> Conditioning:
-        return Conditioning(*(None if t is None else t.to(device) for t in
-                              (self.latents, self.prompt_embeds, self.pooled, self.time_ids)))
-
 
 def needs_added_conditioning(unet: nn.Module) -> bool:
     """SDXL-style UNets take pooled text embeddings and time ids besides the hidden states."""
@@ -40,12 +47,17 @@ def needs_added_conditioning(unet: nn.Module) -> bool:
 
 def predict(unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """The UNet's prediction (epsilon, v or sample, as the model was trained) for a noised batch."""
-    return unet(noisy, timesteps, encoder_hidden_states=cond.prompt_embeds,
-                added_cond_kwargs=cond.added_cond_kwargs(), return_dict=False)[0]
+    return unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=cond.prompt_embeds,
+        added_cond_kwargs=cond.added_cond_kwargs(),
+        return_dict=False,
+    )[0]
 
 
 class Encoders:
-    """The pipeline's frozen VAE and text encoders, run in float32 outside autocast.
+    """The pipeline's frozen VAE and text encoders, in float32 and called outside autocast.
 
     float32 because the SDXL VAE overflows in float16; the encoders cost little next to two UNet passes, and
     ``launch/distill.py cache`` removes them from training altogether.
@@ -64,8 +76,7 @@ class Encoders:
         the SD VAEs' posterior standard deviation is tiny next to the latents' spread.
         """
         vae = self.pipe.vae
-        with torch.autocast(self.device.type, enabled=False):
-            mean = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean.float()
+        mean = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean
         config = vae.config
         if config.get("latents_mean") is not None and config.get("latents_std") is not None:
             shift = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(mean)
@@ -76,10 +87,10 @@ class Encoders:
     @torch.no_grad()
     def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states for cross-attention, and SDXL's pooled embedding (None for SD-1.x/2.x)."""
-        with torch.autocast(self.device.type, enabled=False):
-            out = self.pipe.encode_prompt(prompt=list(captions), device=self.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
-        return out[0].float(), (out[2].float() if self.sdxl else None)
+        out = self.pipe.encode_prompt(
+            prompt=list(captions), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return out[0], (out[2] if self.sdxl else None)
 
     def encode(self, batch: dict[str, Any]) -> Conditioning:
         """A data batch of pixels, captions and time ids as UNet inputs on the device."""

@@ -1,6 +1,7 @@
 """The distillation objective as functions of tensors: no modules, no I/O.
 
-``L = L_noise + lambda_kd * L_kd + lambda_feat * L_feat``, every term a mean squared error computed in float32
+``L = lambda_noise * L_noise + lambda_kd * L_kd + lambda_feat * L_feat`` (``lambda_noise`` is 1 unless the
+teacher is no denoiser, as with the random-weight test models), every term a mean squared error computed in float32
 (autocast may hand over half-precision outputs):
 
 * ``L_noise``: student prediction vs the scheduler's target (epsilon, or v for v-prediction models);
@@ -19,6 +20,15 @@ import torch.nn.functional as F
 from distlin.errors import UsageError
 
 TERMS = ("loss", "loss_noise", "loss_kd", "loss_feat")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The lambdas of the objective."""
+
+    noise: float = 1.0
+    kd: float = 0.5
+    feat: float = 0.5
 
 
 @dataclass
@@ -58,15 +68,14 @@ def distillation_loss(
     target: torch.Tensor,
     student_features: Sequence[torch.Tensor],
     teacher_features: Sequence[torch.Tensor],
-    lambda_kd: float,
-    lambda_feat: float,
+    weights: LossWeights,
 ) -> LossTerms:
     if len(student_features) != len(teacher_features) or not student_features:
         raise ValueError(f"got {len(student_features)} student and {len(teacher_features)} teacher features")
     noise = mse(student, target)
     kd = mse(student, teacher)
     feat = torch.stack([mse(s, t) for s, t in zip(student_features, teacher_features, strict=True)]).mean()
-    return LossTerms(noise + lambda_kd * kd + lambda_feat * feat, noise, kd, feat)
+    return LossTerms(weights.noise * noise + weights.kd * kd + weights.feat * feat, noise, kd, feat)
 
 
 def squared_error_sums(prediction: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

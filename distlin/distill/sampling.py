@@ -81,9 +81,7 @@ class BatchLayout:
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.grad_accum < 1:
-            raise UsageError(
-                f"--batch-size {self.global_batch} and --grad-accum {self.grad_accum} must be at least 1"
-            )
+            raise UsageError(f"--batch-size {self.global_batch} and --grad-accum {self.grad_accum} must be at least 1")
         parts = self.world_size * self.grad_accum
         if self.global_batch % parts:
             fit = max(parts, round(self.global_batch / parts) * parts)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from distlin.distill.encode import Conditioning, predict
-from distlin.distill.losses import LossTerms, diffusion_target, distillation_loss
+from distlin.distill.losses import LossTerms, LossWeights, diffusion_target, distillation_loss
 from distlin.errors import UsageError
 from distlin.linfusion import LinFusion, self_attention_layers
 from distlin.linfusion.model import Init
@@ -38,8 +38,10 @@ def initial_linfusion(unet: nn.Module, init: str, seed: int) -> LinFusion:
     try:
         linfusion = LinFusion.from_pretrained(init)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load --init {init!r} ({type(err).__name__}); pass teacher, random, or a "
-                         "LinFusion checkpoint folder or Hub id") from None
+        raise UsageError(
+            f"cannot load --init {init!r} ({type(err).__name__}); pass teacher, random, or a "
+            "LinFusion checkpoint folder or Hub id"
+        ) from None
     linfusion.check_fits(unet)
     return linfusion
 
@@ -87,15 +89,13 @@ class Distiller(nn.Module):
     the frozen UNet is held outside the module tree. Call under autocast for mixed precision.
     """
 
-    def __init__(self, unet: nn.Module, linfusion: LinFusion, noise_scheduler: object,
-                 lambda_kd: float, lambda_feat: float):
+    def __init__(self, unet: nn.Module, linfusion: LinFusion, noise_scheduler: object, weights: LossWeights):
         super().__init__()
         self.linfusion = linfusion
         self._frozen = {"unet": unet}  # a plain dict: not a submodule
         self.noise_scheduler = noise_scheduler
         self.prediction_type = noise_scheduler.config.prediction_type
-        self.lambda_kd = lambda_kd
-        self.lambda_feat = lambda_feat
+        self.weights = weights
         linfusion.mount(unet)
 
     @property
@@ -111,5 +111,4 @@ class Distiller(nn.Module):
                 teacher = predict(self.unet, noisy, timesteps, cond)
         with captured_outputs(self.linfusion.layers) as student_features:
             student = predict(self.unet, noisy, timesteps, cond)
-        return distillation_loss(student, teacher, target, student_features, teacher_features,
-                                 self.lambda_kd, self.lambda_feat)
+        return distillation_loss(student, teacher, target, student_features, teacher_features, self.weights)
