@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +98,25 @@ def unet_downsamplings(model: str) -> int | None:
         except Exception:  # noqa: BLE001 - any failure here just defers the check to the loaded model
             return None
     return len(config.get("block_out_channels", ())) - 1 if "block_out_channels" in config else None
+
+
+# Hub ids of base models whose architecture ships in configs/architectures (for offline memory plans).
+ARCHITECTURE_FOR_MODEL: dict[str, str] = {
+    "runwayml/stable-diffusion-v1-5": "full-sd15",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "full-sd15",
+    "Lykon/dreamshaper-8": "full-sd15",
+    "SG161222/Realistic_Vision_V4.0_noVAE": "full-sd15",
+    "stabilityai/stable-diffusion-2-1": "full-sd21",
+    "stabilityai/stable-diffusion-xl-base-1.0": "full-sdxl",
+}
+
+
+def architecture_of(model: str) -> dict[str, Any] | None:
+    """The architecture configs of a built-in or well-known model, without touching the network."""
+    if is_builtin(model):
+        return load_architecture(model)
+    name = ARCHITECTURE_FOR_MODEL.get(model)
+    return load_architecture(name) if name else None
 
 
 def check_linfusion_source(linfusion: str) -> None:
@@ -189,11 +208,14 @@ def mount_linfusion(pipe: Any, linfusion: str, seed: int = 0) -> LinFusion | Non
 
 
 @torch.no_grad()
-def decode_latents(pipe: Any, latents: torch.Tensor) -> Image.Image:
+def decode_latents(
+    pipe: Any, latents: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Image.Image:
     """Decode the first latent of a batch into a PIL image with the pipeline's VAE, as diffusers would.
 
     Undoes the VAE's scaling (and shift, or SDXL-style per-channel mean/std), decodes in float32 where the VAE
     asks for it (``force_upcast``: the SDXL VAE overflows in float16) and applies the pipeline's watermark.
+    ``decode`` replaces ``vae.decode`` (e.g. the band-parallel VAE's; then every rank must call this).
     """
     vae = pipe.vae
     config = vae.config
@@ -209,10 +231,15 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> Image.Image:
     if upcast:
         vae.to(dtype=torch.float32)
     try:
-        image = vae.decode(latents, return_dict=False)[0]
+        image = decode(latents) if decode is not None else vae.decode(latents, return_dict=False)[0]
     finally:
         if upcast:
             vae.to(dtype=torch.float16)
+    return image_to_pil(pipe, image)
+
+
+def image_to_pil(pipe: Any, image: torch.Tensor) -> Image.Image:
+    """The first image of a ``[-1, 1]`` batch as PIL, with the pipeline's watermark if it has one."""
     watermark = getattr(pipe, "watermark", None)
     if watermark is not None:
         image = watermark.apply_watermark(image)

@@ -78,14 +78,14 @@ def test_diffusers_tiling_differs_where_bands_do_not(single) -> None:
 
 
 def test_cascade_reaches_final_size_and_two_ranks_equal_one(single, two_ranks) -> None:
-    image = single[1]
-    assert image.shape == (1, 3, 256, 128) and torch.isfinite(image).all()
-    torch.testing.assert_close(two_ranks[1], image, atol=1e-3, rtol=0)  # three stages of fp32 sums
+    latents = single[1]
+    assert latents.shape == (1, 4, 256 // 8, 128 // 8) and torch.isfinite(latents).all()
+    torch.testing.assert_close(two_ranks[1], latents, atol=1e-3, rtol=0)  # three stages of fp32 sums
 
 
 def test_presets_give_cascade_stages() -> None:
     stages = load_stages("sd15-16k")
-    assert [(s.height, s.width) for s in stages][-1] == (16384, 8192)
+    assert [(s.height, s.width) for s in stages][-1] == (8192, 16384)
     assert [s.strength for s in stages[1:]] == [0.4, 0.3, 0.2, 0.1]
     assert load_stages("sd15-16k-square")[-1] == Stage(16384, 16384, 0.1)
 

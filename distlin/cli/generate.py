@@ -20,11 +20,15 @@ from typing import Any, NoReturn
 import diffusers
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 import distlin
 from distlin.errors import USAGE_EXIT_CODE, UsageError
+from distlin.highres.cascade import Stage, run_cascade
+from distlin.highres.vae import parallelize_vae
 from distlin.io import atomic_write, check_output_path, save_latents, save_png
 from distlin.loading import (
+    architecture_of,
     check_linfusion_source,
     check_model_source,
     decode_latents,
@@ -33,6 +37,7 @@ from distlin.loading import (
     parse_dtype,
     unet_downsamplings,
 )
+from distlin.memory.planner import format_plan, plan, ranks_needed
 from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize
 from distlin.parallel.config import MODES
 from distlin.parallel.layout import RowLayout
@@ -62,6 +67,10 @@ class Settings:
     comm_json: Path | None
     backend: str | None
     timeout_s: float
+    stages: tuple[Stage, ...] = ()  # a cascade's resolutions, ending at (height, width); empty: one pass
+    plan: bool = False
+    plan_ranks: int | None = None
+    plan_json: Path | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="split the guidance batch over two rank groups when the world size is even",
     )
+    mem = p.add_argument_group("memory plan")
+    mem.add_argument("--plan", action="store_true", help="print the predicted peak memory per rank and exit")
+    mem.add_argument("--plan-ranks", type=int, metavar="N", help="ranks to plan for (default: WORLD_SIZE or 1)")
+    mem.add_argument("--plan-json", metavar="FILE.json", help="also write the plan as JSON")
     eng.add_argument(
         "--stale-attention",
         action="store_true",
@@ -155,13 +168,40 @@ def _check_values(values: dict[str, Any]) -> None:
     check_linfusion_source(values["linfusion"])
 
 
-def _check_split(values: dict[str, Any], engine: PatchParallelConfig) -> None:
+def _check_split(values: dict[str, Any], engine: PatchParallelConfig, stages: tuple[Stage, ...]) -> None:
     """Refuse a size the ranks cannot split, from the UNet config alone, before any rank loads weights."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     patch_ranks = world // 2 if engine.cfg_parallel and world > 1 and world % 2 == 0 else world
     downsamplings = unet_downsamplings(values["model"])
     if downsamplings is not None:
-        RowLayout(values["height"] // 8, values["width"] // 8, 2**downsamplings, patch_ranks)
+        for height, width in [(s.height, s.width) for s in stages] or [(values["height"], values["width"])]:
+            RowLayout(height // 8, width // 8, 2**downsamplings, patch_ranks)
+
+
+def _cascade_stages(values: dict[str, Any]) -> tuple[Stage, ...]:
+    """The preset's cascade, rescaled so its last stage is the requested size (each stage half the next)."""
+    section = values.get("cascade") or []
+    stages = []
+    for k, entry in enumerate(section):
+        if not isinstance(entry, dict) or not {"height", "width"} <= entry.keys():
+            raise UsageError(f"cascade stage {k} must give height and width (and strength); fix the preset")
+        halvings = 2 ** (len(section) - 1 - k)
+        height, width = values["height"] // halvings, values["width"] // halvings
+        strength = float(entry.get("strength", 1.0))
+        if height % 8 or width % 8 or height < 8 or width < 8:
+            raise UsageError(
+                f"cascade stage {k} would be {width}x{height} px (not a multiple of 8): make --height/--width "
+                f"multiples of {8 * 2 ** (len(section) - 1)} for a {len(section)}-stage cascade"
+            )
+        if k and not 0.0 < strength <= 1.0:
+            raise UsageError(f"cascade stage {k} strength {strength} must be in (0, 1]; fix the preset")
+        if k and int(values["steps"] * strength) < 1:
+            raise UsageError(
+                f"cascade stage {k} would run {values['steps']} x {strength} < 1 denoising steps; "
+                f"pass --steps {math.ceil(1 / strength)} or more"
+            )
+        stages.append(Stage(height, width, strength))
+    return tuple(stages)
 
 
 def _optional_output(path: str | None, suffix: str) -> Path | None:
@@ -180,7 +220,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         cfg_parallel=values["cfg_parallel"],
         stale_attention=args.stale_attention,
     )
-    _check_split(values, engine)
+    stages = _cascade_stages(values)
+    _check_split(values, engine, stages)
+    if args.plan_ranks is not None and args.plan_ranks < 1:
+        raise UsageError(f"--plan-ranks {args.plan_ranks} must be at least 1")
     if not args.timeout_s > 0:
         raise UsageError(f"timeout {args.timeout_s} s must be positive; pass e.g. --timeout-s 300")
     return Settings(
@@ -193,6 +236,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         comm_json=_optional_output(args.report_comm or None, ".json"),
         backend=args.backend,
         timeout_s=args.timeout_s,
+        stages=stages,
+        plan=args.plan,
+        plan_ranks=args.plan_ranks,
+        plan_json=_optional_output(args.plan_json, ".json"),
     )
 
 
@@ -220,38 +267,104 @@ def _silence_progress() -> None:
     disable_progress_bars()
 
 
+def memory_plan(settings: Settings, ranks: int) -> dict[str, Any] | None:
+    """The planner's prediction for this run, or None for a model whose architecture is not known offline."""
+    values = settings.values
+    arch = architecture_of(values["model"])
+    if arch is None:
+        return None
+    dtype = str(parse_dtype(values["dtype"])).removeprefix("torch.")
+    cfg = values["guidance_scale"] > 1.0
+    return plan(arch, values["height"], values["width"], ranks, dtype, cfg, settings.engine.cfg_parallel)
+
+
+def print_plan(settings: Settings) -> None:
+    """``--plan``: the prediction only, offline, nothing loaded."""
+    ranks = settings.plan_ranks or int(os.environ.get("WORLD_SIZE", "1"))
+    result = memory_plan(settings, ranks)
+    if result is None:
+        raise UsageError(
+            f"no offline architecture for model {settings.values['model']!r}; plan with a preset's model "
+            "(sd15, sd21, sdxl, full-*, tiny-*)"
+        )
+    print(format_plan(result))
+    if settings.plan_json:
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(settings.plan_json, lambda tmp: tmp.write_text(text))
+        print(f"wrote {settings.plan_json}")
+
+
+def _check_fits_device(settings: Settings, runtime: Runtime) -> None:
+    """On a GPU, refuse (on every rank alike) a run the planner says this device cannot hold."""
+    if runtime.device.type != "cuda":
+        return
+    result = memory_plan(settings, runtime.world_size)
+    capacity = torch.cuda.get_device_properties(runtime.device).total_memory
+    if result is None or result["peak_bytes_per_rank"] <= capacity:
+        return
+    values = settings.values
+    kwargs = {"dtype": result["dtype"], "cfg": result["cfg"], "cfg_parallel": settings.engine.cfg_parallel}
+    try:
+        arch = architecture_of(values["model"])
+        needed = f"at least {ranks_needed(capacity, arch, values['height'], values['width'], **kwargs)} ranks"
+    except UsageError:
+        needed = "a smaller size"
+    raise UsageError(
+        f"predicted peak {result['peak_bytes_per_rank'] / 2**30:.1f} GiB per rank does not fit "
+        f"{runtime.device} ({capacity / 2**30:.1f} GiB); use {needed} (see --plan)"
+    )
+
+
 def generate(settings: Settings) -> None:
     """Start the ranks, load and parallelize the pipeline, sample, and write the outputs on rank 0."""
     values = settings.values
     runtime = init_runtime(settings.backend, settings.timeout_s, values["device"])
     try:
+        _check_fits_device(settings, runtime)
         if not runtime.is_main:
             _silence_progress()
         pipe = load_pipeline(values["model"], parse_dtype(values["dtype"]), runtime.device, WEIGHTS_SEED)
         mount_linfusion(pipe, values["linfusion"], WEIGHTS_SEED)
         engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
-        engine.check_size(values["height"], values["width"])  # before any collective: every rank fails alike
+        for height, width in [(s.height, s.width) for s in settings.stages] or [(values["height"], values["width"])]:
+            engine.check_size(height, width)  # before any collective: every rank fails alike
+        # Several ranks decode band-parallel (exact, seam-free); one rank runs the plain VAE.
+        vae = parallelize_vae(pipe.vae, runtime) if runtime.world_size > 1 else None
         engine.ctx.reset()
-        latents = pipe(
-            prompt=values["prompt"],
-            negative_prompt=values["negative_prompt"] or None,  # None lets SDXL use its zero embedding
-            height=values["height"],
-            width=values["width"],
-            num_inference_steps=values["steps"],
-            guidance_scale=values["guidance_scale"],
-            generator=torch.Generator(device="cpu").manual_seed(values["seed"]),
-            output_type="latent",
-        ).images
+        common = {
+            "prompt": values["prompt"],
+            "negative_prompt": values["negative_prompt"] or None,  # None lets SDXL use its zero embedding
+            "guidance_scale": values["guidance_scale"],
+        }
+        if settings.stages:
+            latents = run_cascade(
+                pipe,
+                stages=settings.stages,
+                steps=values["steps"],
+                seed=values["seed"],
+                vae=vae,
+                handle=engine,
+                **common,
+            )
+        else:
+            latents = pipe(
+                height=values["height"],
+                width=values["width"],
+                num_inference_steps=values["steps"],
+                generator=torch.Generator(device="cpu").manual_seed(values["seed"]),
+                output_type="latent",
+                **common,
+            ).images
+        image = decode_latents(pipe, latents, vae.decode if vae is not None else None)
         if runtime.is_main:
-            _write_outputs(settings, runtime, pipe, latents, engine.ctx.stats.summary())
+            _write_outputs(settings, runtime, image, latents, engine.ctx.stats.summary())
     finally:
         runtime.shutdown()
 
 
 def _write_outputs(
-    settings: Settings, runtime: Runtime, pipe: Any, latents: torch.Tensor, comm: dict[str, Any]
+    settings: Settings, runtime: Runtime, image: Image.Image, latents: torch.Tensor, comm: dict[str, Any]
 ) -> None:
-    image = decode_latents(pipe, latents)
     save_png(settings.output, image, _metadata(settings, runtime))
     print(f"wrote {settings.output} ({image.width}x{image.height})")
     if settings.save_latents:
@@ -269,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for bad input, 130 when interrupted)."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        generate(parse_settings(argv))
+        settings = parse_settings(argv)
+        if settings.plan:
+            print_plan(settings)
+        else:
+            generate(settings)
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return NON_FINITE_EXIT_CODE

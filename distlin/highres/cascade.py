@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionImg2ImgPipeline
 
 from distlin.errors import UsageError
 from distlin.highres.vae import ParallelVAE
@@ -33,12 +32,12 @@ class Stage:
     strength: float = 1.0
 
 
-SD15_STAGES: tuple[Stage, ...] = (
-    Stage(1024, 512),
-    Stage(2048, 1024, 0.4),
-    Stage(4096, 2048, 0.3),
-    Stage(8192, 4096, 0.2),
-    Stage(16384, 8192, 0.1),
+SD15_STAGES: tuple[Stage, ...] = (  # (height, width): LinFusion's 16K recipe, 16384 px wide
+    Stage(512, 1024),
+    Stage(1024, 2048, 0.4),
+    Stage(2048, 4096, 0.3),
+    Stage(4096, 8192, 0.2),
+    Stage(8192, 16384, 0.1),
 )
 
 
@@ -76,7 +75,7 @@ def run_cascade(
     vae: ParallelVAE | None = None,
     handle: ParallelUNet | None = None,
 ) -> torch.Tensor:
-    """The final image, ``(1, 3, H, W)`` in [-1, 1], on every rank.
+    """The final latents (scaled, as the pipeline returns them) on every rank; decode them as any pipeline's.
 
     Stage ``k`` runs ``round(steps * strength_k)`` denoising steps with the generator seeded ``seed + k``;
     the encoded latents use the posterior mean, so the cascade is deterministic given the seed.
@@ -98,8 +97,10 @@ def run_cascade(
         generator=torch.Generator().manual_seed(seed),
         **common,
     ).images
-    refine = StableDiffusionImg2ImgPipeline(**pipe.components)
-    refine.set_progress_bar_config(disable=True)
+    from diffusers import StableDiffusionImg2ImgPipeline  # here: importing pipelines prints warnings
+
+    refine = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    refine.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # rank 0 only, as the pipeline
     for index, stage in enumerate(stages[1:], start=1):
         image = coder.decode(latents / scale)
         image = F.interpolate(image.float(), size=(stage.height, stage.width), mode="bicubic", align_corners=False)
@@ -114,4 +115,4 @@ def run_cascade(
             generator=torch.Generator().manual_seed(seed + index),
             **common,
         ).images
-    return coder.decode(latents / scale)
+    return latents

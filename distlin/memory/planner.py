@@ -20,10 +20,8 @@ import math
 from functools import lru_cache
 from typing import Any
 
-import torch
-
 from distlin.errors import UsageError
-from distlin.models.tiny import _build_model, load_architecture
+from distlin.models.architectures import load_architecture
 
 DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
 LATENT_FACTOR = 8
@@ -37,7 +35,9 @@ def _param_count(config: dict[str, Any]) -> int:
 
 @lru_cache(maxsize=32)
 def _param_count_of(config_json: str) -> int:
-    model = _build_model(json.loads(config_json), 0, "unet", torch.float32, "meta")
+    from distlin.models.tiny import build_component  # here: it imports diffusers' pipelines, which print warnings
+
+    model = build_component(json.loads(config_json), "meta")
     return sum(p.numel() for p in model.parameters())
 
 

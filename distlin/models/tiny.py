@@ -44,6 +44,7 @@ from distlin.models.architectures import (
 __all__ = [
     "FULL_NAMES",
     "TINY_NAMES",
+    "build_component",
     "build_controlnet",
     "build_pipeline",
     "build_unet",
@@ -158,6 +159,11 @@ def _seeded(seed: int, component: str) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * len(_COMPONENTS) + _COMPONENTS.index(component))
         yield
+
+
+def build_component(config: dict[str, Any], device: str | torch.device = "meta") -> torch.nn.Module:
+    """One model from its config (``_class_name`` or ``architectures``), on ``device`` (meta: nothing allocated)."""
+    return _build_model(config, 0, "component", torch.float32, device)
 
 
 def _build_model(

@@ -1,0 +1,262 @@
+"""DemoFusion-style cascade for SDXL, as LinFusion runs it for its ultra-high-resolution SDXL images.
+
+Stage 0 is plain text-to-image at the native size. Every later stage decodes, upscales bicubically in pixel
+space and re-encodes the previous result into a reference latent ``z0``, noises it to the stage's starting
+timestep and denoises with two DemoFusion devices at every step ``t``:
+
+* skip residual: ``z_t <- c1 * add_noise(z0, noise, t) + (1 - c1) * z_t`` keeps the early (noisy) steps on
+  the upscaled composition;
+* dilated sampling: a second UNet evaluation with every spatial conv dilated by the stage's ratio to the
+  native size (so its receptive field covers the image as it did at native size), on a Gaussian-blurred
+  latent; the noise predictions mix as ``(1 - c2) * eps_local + c2 * eps_dilated``.
+
+``cos_f = 0.5 * (1 + cos(pi * (T - t) / T))`` (``T`` train timesteps), ``c1 = cos_f**3``, ``c2 = cos_f``, blur
+sigma ``0.8 * (0.99 * cos_f + 0.01)``: both devices fade out as ``t`` reaches 0, leaving local detail.
+
+Strength: like LinFusion's ``StableDiffusionXLHighResPipeline`` (not DemoFusion, which runs every stage over
+the full schedule), a stage of strength ``s`` runs the last ``int(steps * s)`` timesteps of a ``steps``-step
+schedule, starting from ``z0`` noised to the first of them; LinFusion's strengths are
+``linspace(0.32, 0, upscales + 1)`` without the final 0 (:func:`upscale_strengths`). As there, each stage's
+latents are renormalised per channel to the native stage's mean and std.
+
+With a parallelized UNet both evaluations are patch-parallel: :class:`~distlin.parallel.conv.PatchConv2d`
+takes its halo widths from the mutated ``dilation``/``padding``/``pad_top``. Two evaluations at the same
+timestep restart the engine's step counter, so ``displaced`` mode runs synchronous exchanges in later stages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from distlin.errors import UsageError
+from distlin.highres.cascade import Stage, _PlainVAE
+from distlin.highres.vae import ParallelVAE
+from distlin.parallel.unet import ParallelUNet
+
+UPSCALE_STRENGTH = 0.32  # LinFusion's SDXL ``upscale_strength``: the first upscaling stage's strength
+SKIP_POWER, DILATED_POWER = 3.0, 1.0  # DemoFusion's cosine_scale_1 and cosine_scale_2
+BLUR_SIGMA = 0.8  # DemoFusion's sigma of the dilated branch's Gaussian blur
+
+
+class Weights(NamedTuple):
+    """DemoFusion's schedule at one timestep: skip-residual weight ``c1``, dilated weight ``c2``, blur sigma."""
+
+    cos_f: float
+    c1: float
+    c2: float
+    sigma: float
+
+
+def demofusion_weights(t: float, train_timesteps: int = 1000) -> Weights:
+    """The weights at timestep ``t``: 1 at ``t = T`` (pure structure), 0 at ``t = 0`` (pure local detail)."""
+    cos_f = 0.5 * (1 + math.cos(math.pi * (train_timesteps - t) / train_timesteps))
+    return Weights(cos_f, cos_f**SKIP_POWER, cos_f**DILATED_POWER, BLUR_SIGMA * (0.99 * cos_f + 0.01))
+
+
+def upscale_strengths(upscales: int, start: float = UPSCALE_STRENGTH) -> list[float]:
+    """LinFusion's per-stage strengths: ``linspace(start, 0, upscales + 1)`` without the final 0.
+
+    Rounded to 6 decimals so ``int(steps * s)`` does not lose a step to float noise (0.32 * 50 = 16).
+    """
+    return [round(start * (1 - k / upscales), 6) for k in range(upscales)]
+
+
+@contextmanager
+def dilated_convs(unet: nn.Module, ratio: int) -> Iterator[None]:
+    """Every conv of ``unet`` with a kernel larger than 1 gets ``dilation`` and ``padding`` (and a
+    :class:`PatchConv2d`'s ``pad_top``) times ``ratio``; restored exactly on exit, even on error.
+
+    Padding grows with dilation, so every feature map keeps its size and the UNet runs unchanged.
+    """
+    convs = [m for m in unet.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+    for conv in convs:
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"dilating a conv needs numeric zero padding, got {conv.padding!r} ({conv.padding_mode})")
+    saved = [(conv, conv.dilation, conv.padding, getattr(conv, "pad_top", None)) for conv in convs]
+    try:
+        for conv, dilation, padding, pad_top in saved:
+            conv.dilation = tuple(d * ratio for d in dilation)
+            conv.padding = tuple(p * ratio for p in padding)
+            if pad_top is not None:
+                conv.pad_top = pad_top * ratio
+        yield
+    finally:
+        for conv, dilation, padding, pad_top in saved:
+            conv.dilation, conv.padding = dilation, padding
+            if pad_top is not None:
+                conv.pad_top = pad_top
+
+
+def blurred(latents: torch.Tensor, ratio: int, sigma: float) -> torch.Tensor:
+    """DemoFusion's input to the dilated branch: a ``(2 * ratio - 1)``-wide zero-padded Gaussian blur (it
+    suppresses the aliasing of a dilated kernel), renormalised to the latent's per-channel mean and std."""
+    size = 2 * ratio - 1
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(latents)
+    channels, out = latents.shape[1], latents
+    for shape, padding in (((size, 1), (size // 2, 0)), ((1, size), (0, size // 2))):  # separable: rows, then columns
+        out = F.conv2d(out, kernel.view(1, 1, *shape).expand(channels, -1, -1, -1), padding=padding, groups=channels)
+    return _renormalised(out, latents.mean(dim=(2, 3), keepdim=True), latents.std(dim=(2, 3), keepdim=True))
+
+
+def _renormalised(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (latents - latents.mean(dim=(2, 3), keepdim=True)) / latents.std(dim=(2, 3), keepdim=True) * std + mean
+
+
+@dataclass(frozen=True)
+class _Conditioning:
+    """Text conditioning of every UNet call, CFG halves (negative first) already concatenated."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    projection_dim: int
+    cfg: bool
+    guidance_scale: float
+
+
+def _predict(
+    pipe: Any, cond: _Conditioning, latents: torch.Tensor, t: torch.Tensor, time_ids: torch.Tensor
+) -> torch.Tensor:
+    """The guided noise prediction for ``latents`` at ``t``."""
+    model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cond.cfg else latents, t)
+    added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+    eps = pipe.unet(model_input, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
+    if not cond.cfg:
+        return eps
+    uncond, text = eps.chunk(2)
+    return uncond + cond.guidance_scale * (text - uncond)
+
+
+@contextmanager
+def _vae_in_float32_if_needed(vae: nn.Module) -> Iterator[torch.dtype]:
+    """SDXL's VAE overflows in float16 (``force_upcast``): run it in float32 between stages."""
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield vae.dtype
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+
+
+def _reference(pipe: Any, coder: ParallelVAE | _PlainVAE, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
+    """The previous stage's result at ``stage``'s size: decode, bicubic upscale in pixel space, encode (mean)."""
+    scale = pipe.vae.config.scaling_factor
+    with _vae_in_float32_if_needed(pipe.vae) as dtype:
+        image = coder.decode(latents.to(dtype) / scale)
+        image = F.interpolate(image.float(), size=(stage.height, stage.width), mode="bicubic", align_corners=False)
+        z0 = coder.encode(image.clamp(-1, 1).to(dtype)).mean * scale
+    return z0.to(latents.dtype)
+
+
+def _ratio(native: Stage, stage: Stage) -> int:
+    ratio, rest = divmod(stage.height, native.height)
+    if rest or stage.width != ratio * native.width or ratio < 1:
+        raise UsageError(
+            f"stage {stage.height}x{stage.width} must be an integer multiple, with the same factor on both sides, "
+            f"of the native {native.height}x{native.width}"
+        )
+    return ratio
+
+
+def _denoise_stage(
+    pipe: Any, cond: _Conditioning, z0: torch.Tensor, stage: Stage, ratio: int, steps: int, seed: int
+) -> torch.Tensor:
+    """One upscaling stage: the last ``int(steps * strength)`` timesteps with skip residual and dilated sampling."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps, device=z0.device)
+    count = min(int(steps * stage.strength), steps)
+    if count == 0:
+        raise UsageError(f"stage {stage.height}x{stage.width}: strength {stage.strength} x {steps} steps is no step")
+    # Without a begin index the scheduler finds every timestep's sigma by value, as add_noise needs below.
+    timesteps = scheduler.timesteps[(steps - count) * scheduler.order :]
+    noise = randn_tensor(z0.shape, generator=torch.Generator().manual_seed(seed), device=z0.device, dtype=z0.dtype)
+    time_ids = pipe._get_add_time_ids(
+        (stage.height, stage.width), (0, 0), (stage.height, stage.width), cond.embeds.dtype, cond.projection_dim
+    ).to(z0.device)
+    time_ids = time_ids.repeat(2, 1) if cond.cfg else time_ids
+    train_timesteps = scheduler.config.num_train_timesteps
+    latents = scheduler.add_noise(z0, noise, timesteps[:1])
+    for t in timesteps:
+        w = demofusion_weights(float(t), train_timesteps)
+        latents = w.c1 * scheduler.add_noise(z0, noise, t.reshape(1)) + (1 - w.c1) * latents
+        local = _predict(pipe, cond, latents, t, time_ids)
+        with dilated_convs(pipe.unet, ratio):
+            dilated = _predict(pipe, cond, blurred(latents, ratio, w.sigma), t, time_ids)
+        latents = scheduler.step((1 - w.c2) * local + w.c2 * dilated, t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.no_grad()
+def run_demofusion(
+    pipe: Any,
+    prompt: str,
+    stages: Sequence[Stage],
+    steps: int = 50,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
+    vae: ParallelVAE | None = None,
+    handle: ParallelUNet | None = None,
+) -> torch.Tensor:
+    """The last stage's latents (scaled, as the UNet sees them), the same on every rank.
+
+    ``pipe`` is a ``StableDiffusionXLPipeline``; stage 0 runs it (generator ``seed``), stage ``k`` draws its
+    noise from ``seed + k``. ``vae`` (band-parallel) replaces the plain VAE between stages; ``handle`` (the
+    parallelized UNet) is checked against every stage's size up front. Decode the result with
+    :func:`distlin.loading.decode_latents`.
+    """
+    if not stages:
+        raise UsageError("a cascade needs at least one stage")
+    native = stages[0]
+    ratios = [_ratio(native, stage) for stage in stages[1:]]
+    for stage in stages[1:]:
+        if not 0.0 < stage.strength <= 1.0:
+            raise UsageError(f"stage {stage.height}x{stage.width}: strength must be in (0, 1], got {stage.strength}")
+    if handle is not None:
+        for stage in stages:
+            handle.check_size(stage.height, stage.width, pipe.vae_scale_factor)
+    cfg = guidance_scale > 1.0
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt, device=pipe._execution_device, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
+    )
+    latents = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+        height=native.height,
+        width=native.width,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+    ).images
+    anchor_mean, anchor_std = latents.mean(dim=(2, 3), keepdim=True), latents.std(dim=(2, 3), keepdim=True)
+    encoder_2 = pipe.text_encoder_2
+    cond = _Conditioning(
+        embeds=torch.cat([negative, embeds]) if cfg else embeds,
+        pooled=torch.cat([negative_pooled, pooled]) if cfg else pooled,
+        projection_dim=encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1]),
+        cfg=cfg,
+        guidance_scale=guidance_scale,
+    )
+    coder = vae or _PlainVAE(pipe.vae)
+    for index, (stage, ratio) in enumerate(zip(stages[1:], ratios, strict=True), start=1):
+        z0 = _reference(pipe, coder, latents, stage)
+        if handle is not None:
+            handle.ctx.reset()
+        latents = _denoise_stage(pipe, cond, z0, stage, ratio, steps, seed + index)
+        latents = _renormalised(latents, anchor_mean, anchor_std)
+    return latents

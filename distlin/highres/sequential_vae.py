@@ -1,0 +1,349 @@
+"""Exact SD VAE decode on one device, one row band at a time: device memory bounded whatever the image size.
+
+A 16384x8192 decode holds 256-channel full-resolution activations (68 GB each in fp16): no GPU fits the
+plain ``vae.decode``, and diffusers' ``enable_tiling()`` normalises every tile with its own GroupNorm
+statistics, which shows as tone seams. Here the decoder is interpreted layer by layer instead: the current
+activation is a list of row bands on a ``store`` device (host RAM by default) and each primitive streams
+the bands through the ``compute`` device:
+
+* a convolution takes each band plus the halo rows of its neighbours (``halo_rows``), zero rows only at
+  the image border; the pointwise ops before it (GroupNorm + activation, ``post_quant_conv``, the nearest
+  x2 upsampling) run on the fetched rows, so their outputs are never stored;
+* a GroupNorm is two passes: float64 moments of every band summed (``group_moments``), then each band
+  normalised with the global moments (``normalize_with``). The first pass is fused into whichever
+  primitive produced the activation (moments of each band as it leaves ``compute``), which saves one
+  store-to-compute transfer of the activation per GroupNorm;
+* the mid-block attention is exact global softmax attention: it runs at latent resolution, so the keys and
+  values of all bands sit on ``compute`` (2·(H/8)·(W/8)·512 values: 4 GiB fp16 at 16384x8192) while the
+  queries go band by band, ``query_chunk`` at a time.
+
+The result equals ``vae.decode(latents).sample`` up to float round-off. Peak ``compute`` memory is a few
+bands plus the attention's K/V; the store holds about two full activations (see ``docs/HIGHRES.md``).
+Anything this interpreter does not know (SpatialNorm decoders, attention up-blocks, transposed-conv
+upsamplers, mixed-dtype weights, ...) raises :class:`UnsupportedDecoderError` before any work is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.autoencoders.vae import Decoder
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, UpDecoderBlock2D
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+from distlin.errors import UsageError
+from distlin.parallel.conv import halo_rows
+from distlin.parallel.groupnorm import group_moments, normalize_with
+
+POINTWISE_ACTIVATIONS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)
+Pre = Callable[[torch.Tensor], torch.Tensor]
+
+
+class UnsupportedDecoderError(UsageError):
+    """The decoder contains a module the band interpreter does not model; running it would be silently wrong."""
+
+
+class Bands:
+    """One activation as row bands on the store: band ``r`` holds rows ``bounds[r]:bounds[r + 1]``.
+
+    Bands are released (set to ``None``) as soon as no later band needs them, so the store holds roughly
+    the input and the output of the current layer rather than every activation. ``moments`` maps a group
+    count to the float64 GroupNorm moments of the whole activation, summed by its producer.
+    """
+
+    def __init__(
+        self, parts: list[torch.Tensor | None], bounds: list[int], moments: dict[int, torch.Tensor] | None = None
+    ):
+        self.parts, self.bounds, self.moments = parts, bounds, moments or {}
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows ``lo:hi`` (inside the image) across band borders, on the store."""
+        pieces = [
+            part[:, :, max(lo, a) - a : min(hi, b) - a]
+            for part, (a, b) in zip(self.parts, pairwise(self.bounds), strict=True)
+            if a < hi and b > lo
+        ]
+        return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+
+    def take(self, r: int) -> torch.Tensor:
+        """Band ``r``, released from the store (its last reader is the caller)."""
+        part, self.parts[r] = self.parts[r], None
+        return part
+
+    def release_before(self, row: int) -> None:
+        """Release the bands ending at or before row ``row``: no later reader reaches them."""
+        for r, end in enumerate(self.bounds[1:]):
+            if end <= row:
+                self.parts[r] = None
+
+
+class _Streamer:
+    """Moves bands between the store and the compute device and runs the decoder primitives on them."""
+
+    def __init__(
+        self,
+        compute: torch.device,
+        dtype: torch.dtype,
+        store: torch.device,
+        store_dtype: torch.dtype,
+        groups: frozenset[int],
+        query_chunk: int,
+    ):
+        self.compute, self.dtype, self.store, self.store_dtype = compute, dtype, store, store_dtype
+        self.groups, self.query_chunk = groups, query_chunk
+
+    def load(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.compute, self.dtype)
+
+    def save(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.store, self.store_dtype)
+
+    def keep(self, out: torch.Tensor, moments: dict[int, torch.Tensor]) -> torch.Tensor:
+        """A finished band to the store, its GroupNorm moments (of the stored values) added to ``moments``."""
+        out = out.to(self.store_dtype)
+        for g in self.groups:
+            if out.shape[1] % g == 0:
+                band = group_moments(out, g)
+                moments[g] = moments[g] + band if g in moments else band
+        return self.save(out)
+
+    @staticmethod
+    def norm_act(x: Bands, norm: nn.GroupNorm, act: nn.Module) -> Pre:
+        """GroupNorm (global statistics) fused with the activation, for the next conv to apply on its rows."""
+        moments = x.moments[norm.num_groups]
+        return lambda t: act(normalize_with(t, moments, norm))
+
+    def conv(
+        self,
+        x: Bands,
+        conv: nn.Conv2d,
+        pre: Pre | None = None,
+        upsample: bool = False,
+        post: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        consume: bool = False,
+    ) -> Bands:
+        """A stride-1 same-size convolution of ``upsample?(pre(x))``, band by band with exact halos.
+
+        ``pre`` (pointwise) and the nearest x2 ``upsample`` run on the fetched rows before the zero padding,
+        which exists only at the image border; ``post(r, out)`` finishes band ``r`` on compute (the residual
+        add). With ``consume`` the input bands are released once the following bands' halos no longer reach
+        them.
+        """
+        f = 2 if upsample else 1
+        bounds = [f * b for b in x.bounds]
+        height = bounds[-1]
+        needs = halo_rows(tuple(bounds), tuple(bounds), conv.kernel_size[0], 1, conv.padding[0], conv.dilation[0])
+        parts: list[torch.Tensor | None] = []
+        moments: dict[int, torch.Tensor] = {}
+        for r, (top, bottom) in enumerate(needs):
+            lo, hi = bounds[r] - top, bounds[r + 1] + bottom
+            lo_in, hi_in = max(lo, 0), min(hi, height)
+            src_lo = lo_in // f
+            t = self.load(x.rows(src_lo, (hi_in - 1) // f + 1))
+            if pre is not None:
+                t = pre(t)
+            if upsample:
+                t = F.interpolate(t, scale_factor=2.0, mode="nearest")[:, :, lo_in - f * src_lo : hi_in - f * src_lo]
+            t = F.pad(t, (0, 0, lo_in - lo, hi - hi_in))
+            out = F.conv2d(t, conv.weight, conv.bias, 1, (0, conv.padding[1]), conv.dilation, conv.groups)
+            parts.append(self.keep(post(r, out) if post is not None else out, moments))
+            if consume and r + 1 < len(needs):
+                x.release_before(max(bounds[r + 1] - needs[r + 1][0], 0) // f)
+        return Bands(parts, bounds, moments)
+
+    def resnet(self, x: Bands, block: ResnetBlock2D) -> Bands:
+        """norm1 → act → conv1 → norm2 → act → conv2, plus the (1x1) shortcut, over ``output_scale_factor``."""
+        h = self.conv(x, block.conv1, self.norm_act(x, block.norm1, block.nonlinearity))
+        shortcut = block.conv_shortcut if block.conv_shortcut is not None else nn.Identity()
+
+        def residual(r: int, out: torch.Tensor) -> torch.Tensor:
+            return (shortcut(self.load(x.take(r))) + out) / block.output_scale_factor
+
+        return self.conv(h, block.conv2, self.norm_act(h, block.norm2, block.nonlinearity), post=residual, consume=True)
+
+    def attention(self, x: Bands, attn: Attention) -> Bands:
+        """Exact softmax self-attention over the whole map: K and V of every band, queries band by band."""
+        norm = attn.group_norm
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            if norm is not None:
+                t = normalize_with(t, x.moments[norm.num_groups], norm)
+            return t.flatten(2).transpose(1, 2)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        batch, width = x.parts[0].shape[0], x.parts[0].shape[-1]
+        k, v = (
+            torch.empty(batch, x.bounds[-1] * width, proj.out_features, device=self.compute, dtype=self.dtype)
+            for proj in (attn.to_k, attn.to_v)
+        )
+        for part, (a, b) in zip(x.parts, pairwise(x.bounds), strict=True):
+            t = tokens(self.load(part))
+            k[:, a * width : b * width], v[:, a * width : b * width] = attn.to_k(t), attn.to_v(t)
+        k, v = heads(k), heads(v)
+        parts: list[torch.Tensor | None] = []
+        moments: dict[int, torch.Tensor] = {}
+        for r in range(len(x.parts)):
+            residual = self.load(x.take(r))
+            q = heads(attn.to_q(tokens(residual)))
+            out = torch.cat(
+                [F.scaled_dot_product_attention(qc, k, v, scale=attn.scale) for qc in q.split(self.query_chunk, 2)], 2
+            )
+            out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+            out = out.transpose(1, 2).reshape(residual.shape)
+            if attn.residual_connection:
+                out = out + residual
+            parts.append(self.keep(out / attn.rescale_output_factor, moments))
+        return Bands(parts, x.bounds, moments)
+
+
+def _check(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise UnsupportedDecoderError(
+            f"decode_sequential does not support {where}: {what}; use vae.decode or parallelize_vae for this VAE"
+        )
+
+
+def _check_conv(conv: nn.Module | None, where: str, kernel: int | None = None) -> None:
+    """A zero-padded, stride-1 conv whose output has the input's size (every VAE decoder conv)."""
+    _check(isinstance(conv, nn.Conv2d), where, f"expected an nn.Conv2d, got {conv!r}")
+    k, p, d = conv.kernel_size, conv.padding, conv.dilation
+    _check(
+        conv.padding_mode == "zeros"
+        and not isinstance(p, str)
+        and conv.stride == (1, 1)
+        and all(2 * p[i] == d[i] * (k[i] - 1) for i in range(2))
+        and (kernel is None or k == (kernel, kernel)),
+        where,
+        f"needs a stride-1, zero-padded, same-size{'' if kernel is None else f' {kernel}x{kernel}'} conv, got {conv!r}",
+    )
+
+
+def _check_norm_act(norm: nn.Module, act: nn.Module, where: str) -> None:
+    _check(isinstance(norm, nn.GroupNorm), f"{where} norm", f"only GroupNorm is modelled, got {type(norm).__name__}")
+    _check(isinstance(act, POINTWISE_ACTIVATIONS), f"{where} activation", f"not a known pointwise one: {act!r}")
+
+
+def _check_resnet(block: nn.Module, where: str) -> None:
+    _check(type(block) is ResnetBlock2D, where, f"expected a ResnetBlock2D, got {type(block).__name__}")
+    _check(
+        block.time_emb_proj is None and block.time_embedding_norm in ("default", "group"),
+        where,
+        "time-embedding conditioning",
+    )
+    _check(block.upsample is None and block.downsample is None, where, "resampling inside the resnet")
+    _check(not block.training or block.dropout.p == 0, where, "active dropout (call vae.eval())")
+    _check_norm_act(block.norm1, block.nonlinearity, where)
+    _check_norm_act(block.norm2, block.nonlinearity, where)
+    _check_conv(block.conv1, f"{where}.conv1")
+    _check_conv(block.conv2, f"{where}.conv2")
+    if block.conv_shortcut is not None:
+        _check_conv(block.conv_shortcut, f"{where}.conv_shortcut", kernel=1)
+
+
+def _check_attention(attn: nn.Module, where: str) -> None:
+    _check(type(attn) is Attention, where, f"expected an Attention, got {type(attn).__name__}")
+    _check(
+        attn.spatial_norm is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and attn.norm_cross is None
+        and attn.added_kv_proj_dim is None
+        and not attn.is_cross_attention,
+        where,
+        "spatial norm, q/k norm or cross-attention",
+    )
+    _check(attn.group_norm is None or isinstance(attn.group_norm, nn.GroupNorm), where, "a non-GroupNorm group_norm")
+    _check(not attn.training or attn.to_out[1].p == 0, where, "active dropout (call vae.eval())")
+
+
+def check_supported(vae: nn.Module) -> None:
+    """Raise :class:`UnsupportedDecoderError` unless every module of ``vae``'s decode path is modelled."""
+    decoder = vae.decoder
+    _check(type(decoder) is Decoder, "vae.decoder", f"expected diffusers' Decoder, got {type(decoder).__name__}")
+    dtypes = {p.dtype for p in decoder.parameters()}
+    _check(len(dtypes) == 1, "vae.decoder", f"weights in mixed dtypes {sorted(map(str, dtypes))} (upcast variant)")
+    if vae.post_quant_conv is not None:
+        _check_conv(vae.post_quant_conv, "vae.post_quant_conv", kernel=1)
+    _check_conv(decoder.conv_in, "decoder.conv_in")
+    mid = decoder.mid_block
+    _check(type(mid) is UNetMidBlock2D, "decoder.mid_block", f"expected UNetMidBlock2D, got {type(mid).__name__}")
+    for j, block in enumerate(mid.resnets):
+        _check_resnet(block, f"decoder.mid_block.resnets[{j}]")
+    for j, attn in enumerate(mid.attentions):
+        if attn is not None:
+            _check_attention(attn, f"decoder.mid_block.attentions[{j}]")
+    for i, up in enumerate(decoder.up_blocks):
+        where = f"decoder.up_blocks[{i}]"
+        _check(type(up) is UpDecoderBlock2D, where, f"expected UpDecoderBlock2D, got {type(up).__name__}")
+        for j, block in enumerate(up.resnets):
+            _check_resnet(block, f"{where}.resnets[{j}]")
+        for j, sampler in enumerate(up.upsamplers or []):
+            _check(
+                type(sampler) is Upsample2D
+                and sampler.use_conv
+                and not sampler.use_conv_transpose
+                and sampler.interpolate
+                and sampler.norm is None,
+                f"{where}.upsamplers[{j}]",
+                "only nearest x2 interpolation followed by a conv is modelled",
+            )
+            _check_conv(sampler.conv, f"{where}.upsamplers[{j}].conv")
+    _check_norm_act(decoder.conv_norm_out, decoder.conv_act, "decoder.conv_norm_out")
+    _check_conv(decoder.conv_out, "decoder.conv_out")
+
+
+@torch.no_grad()
+def decode_sequential(
+    vae: nn.Module,
+    latents: torch.Tensor,
+    band_rows: int,
+    store: torch.device | str = "cpu",
+    compute: torch.device | str | None = None,
+    store_dtype: torch.dtype | None = None,
+    query_chunk: int = 4096,
+) -> torch.Tensor:
+    """``vae.decode(latents).sample`` computed ``band_rows`` latent rows at a time on ``compute``.
+
+    ``latents`` are unscaled, as for ``vae.decode`` (the pipeline divides by ``scaling_factor`` first).
+    Activations live on ``store`` in ``store_dtype`` (default: the decoder's dtype; float16 halves host
+    RAM at a small precision cost); ``compute`` defaults to, and must equal, the device of the VAE's
+    weights. The image comes back on ``store`` in the decoder's dtype. ``vae.enable_tiling()`` is ignored:
+    this is its exact replacement.
+    """
+    if band_rows < 1 or query_chunk < 1:
+        raise UsageError(f"band_rows={band_rows}, query_chunk={query_chunk}: both must be at least 1")
+    check_supported(vae)
+    weight = vae.decoder.conv_in.weight
+    compute = torch.device(compute) if compute is not None else weight.device
+    if compute != weight.device:
+        raise UsageError(f"compute={compute} but the VAE's weights are on {weight.device}: move the VAE to {compute}")
+    decoder = vae.decoder
+    groups = frozenset(m.num_groups for m in decoder.modules() if isinstance(m, nn.GroupNorm))
+    run = _Streamer(compute, weight.dtype, torch.device(store), store_dtype or weight.dtype, groups, query_chunk)
+    height = latents.shape[-2]
+    bounds = [*range(0, height, band_rows), height]
+    x = Bands([run.save(latents[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
+
+    x = run.conv(x, decoder.conv_in, pre=vae.post_quant_conv)
+    mid = decoder.mid_block
+    x = run.resnet(x, mid.resnets[0])
+    for attn, block in zip(mid.attentions, mid.resnets[1:], strict=True):
+        if attn is not None:
+            x = run.attention(x, attn)
+        x = run.resnet(x, block)
+    for up in decoder.up_blocks:
+        for block in up.resnets:
+            x = run.resnet(x, block)
+        for sampler in up.upsamplers or []:
+            x = run.conv(x, sampler.conv, upsample=True, consume=True)
+    pre = run.norm_act(x, decoder.conv_norm_out, decoder.conv_act)
+    x = run.conv(x, decoder.conv_out, pre=pre, consume=True)
+    return torch.cat(x.parts, dim=2).to(run.dtype)

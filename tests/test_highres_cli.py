@@ -1,0 +1,55 @@
+"""The high-resolution paths of generate.py: cascade presets end to end and the offline memory plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from distlin.cli.generate import main
+from distlin.errors import USAGE_EXIT_CODE
+
+PLAN_FIELDS = {"peak_bytes_per_rank", "ranks", "height", "width", "dtype", "breakdown"}
+
+
+def test_cascade_preset_reaches_its_final_size(tmp_path: Path) -> None:
+    out = tmp_path / "c.png"
+    assert main(["--preset", "tiny-sd15-cascade", "--steps", "3", "--output", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (384, 256)
+    assert image.text["preset"] == "tiny-sd15-cascade"
+
+
+def test_plan_is_offline_and_writes_the_documented_fields(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "plan.json"
+    args = ["--preset", "sd15", "--height", "16384", "--width", "16384", "--plan", "--plan-ranks", "8"]
+    assert main([*args, "--plan-json", str(path)]) == 0
+    plan = json.loads(path.read_text())
+    assert PLAN_FIELDS <= plan.keys()
+    assert (plan["ranks"], plan["height"], plan["width"], plan["dtype"]) == (8, 16384, 16384, "float16")
+    assert plan["peak_bytes_per_rank"] == max(
+        plan["breakdown"]["unet_activations"], plan["breakdown"]["vae_decode_activations"]
+    ) + sum(v for k, v in plan["breakdown"].items() if k not in ("unet_activations", "vae_decode_activations"))
+    assert "predicted peak per rank" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--preset", "tiny-sd15-cascade", "--height", "200"], "multiple of 8"),
+        (["--preset", "tiny-sd15-cascade", "--height", "264"], "multiples of 32 for a 3-stage cascade"),
+        (["--preset", "tiny-sd15-cascade", "--steps", "2"], "pass --steps 3 or more"),
+        (["--preset", "tiny-sd15", "--plan", "--plan-ranks", "0"], "--plan-ranks 0"),
+        (["--preset", "tiny-sd15", "--model", "stabilityai/some-unknown-model", "--plan"], "no offline architecture"),
+    ],
+)
+def test_bad_high_resolution_input_is_one_line_and_exit_2(
+    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "x.png"
+    assert main([*args, "--output", str(out)]) == USAGE_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
