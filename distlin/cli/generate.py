@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +26,9 @@ from PIL import Image
 import distlin
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.highres.cascade import Stage, run_cascade
+from distlin.highres.chunking import enable_ff_chunking
+from distlin.highres.demofusion import run_demofusion
+from distlin.highres.sequential_vae import decode_sequential
 from distlin.highres.vae import parallelize_vae
 from distlin.io import atomic_write, check_output_path, save_latents, save_png
 from distlin.loading import (
@@ -37,7 +41,7 @@ from distlin.loading import (
     parse_dtype,
     unet_downsamplings,
 )
-from distlin.memory.planner import format_plan, plan, ranks_needed
+from distlin.memory.planner import SEQUENTIAL_BAND_ROWS, format_plan, plan, ranks_needed, sequential_vae
 from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize
 from distlin.parallel.config import MODES
 from distlin.parallel.layout import RowLayout
@@ -52,6 +56,8 @@ LOST_RANK_EXIT_CODE = 4
 # Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
 WEIGHTS_SEED = 0
 MAX_SEED = 2**64 - 1
+# Tokens per feed-forward chunk: the GEGLU's 8x-wide hidden activation never exceeds this many tokens.
+FF_CHUNK = 16384
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,7 @@ def memory_plan(settings: Settings, ranks: int) -> dict[str, Any] | None:
         return None
     dtype = str(parse_dtype(values["dtype"])).removeprefix("torch.")
     cfg = values["guidance_scale"] > 1.0
-    return plan(arch, values["height"], values["width"], ranks, dtype, cfg, settings.engine.cfg_parallel)
+    return plan(arch, values["height"], values["width"], ranks, dtype, cfg, settings.engine.cfg_parallel, FF_CHUNK)
 
 
 def print_plan(settings: Settings) -> None:
@@ -325,11 +331,17 @@ def generate(settings: Settings) -> None:
             _silence_progress()
         pipe = load_pipeline(values["model"], parse_dtype(values["dtype"]), runtime.device, WEIGHTS_SEED)
         mount_linfusion(pipe, values["linfusion"], WEIGHTS_SEED)
+        enable_ff_chunking(pipe.unet, FF_CHUNK)  # bounds the GEGLU activation; a no-op below FF_CHUNK tokens
         engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
         for height, width in [(s.height, s.width) for s in settings.stages] or [(values["height"], values["width"])]:
             engine.check_size(height, width)  # before any collective: every rank fails alike
-        # Several ranks decode band-parallel (exact, seam-free); one rank runs the plain VAE.
+        # Several ranks decode band-parallel (exact, seam-free); one rank runs the plain VAE. Bands too large for
+        # the device are decoded by rank 0 alone, band by band, with the activations in host RAM (same image).
         vae = parallelize_vae(pipe.vae, runtime) if runtime.world_size > 1 else None
+        sequential = sequential_vae(values["height"], values["width"], runtime.world_size)
+        decode = vae.decode if vae is not None else None
+        if sequential:
+            decode = partial(decode_sequential, pipe.vae, band_rows=SEQUENTIAL_BAND_ROWS, store="cpu")
         engine.ctx.reset()
         common = {
             "prompt": values["prompt"],
@@ -337,7 +349,8 @@ def generate(settings: Settings) -> None:
             "guidance_scale": values["guidance_scale"],
         }
         if settings.stages:
-            latents = run_cascade(
+            run = run_demofusion if hasattr(pipe, "text_encoder_2") else run_cascade  # SDXL: DemoFusion-style
+            latents = run(
                 pipe,
                 stages=settings.stages,
                 steps=values["steps"],
@@ -355,7 +368,8 @@ def generate(settings: Settings) -> None:
                 output_type="latent",
                 **common,
             ).images
-        image = decode_latents(pipe, latents, vae.decode if vae is not None else None)
+        if runtime.is_main or not sequential:  # the band-parallel decode needs every rank
+            image = decode_latents(pipe, latents, decode)
         if runtime.is_main:
             _write_outputs(settings, runtime, image, latents, engine.ctx.stats.summary())
     finally:

@@ -77,6 +77,18 @@ def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) ->
     return int(3 * second * pixels + 2 * widths[-1] * latent_tokens)
 
 
+# Above this many pixels per rank, rank 0 decodes band by band with the activations in host RAM
+# (distlin.highres.sequential_vae), SEQUENTIAL_BAND_ROWS latent rows at a time, instead of every rank
+# decoding its whole band on the device.
+SEQUENTIAL_VAE_PIXELS = 2048 * 4096
+SEQUENTIAL_BAND_ROWS = 16
+
+
+def sequential_vae(height: int, width: int, ranks: int) -> bool:
+    """Whether a run decodes with the sequential (host-RAM) VAE on rank 0: a band too large for the device."""
+    return height * width > SEQUENTIAL_VAE_PIXELS * ranks
+
+
 def plan(
     preset_or_arch: str | dict[str, Any],
     height: int,
@@ -106,7 +118,8 @@ def plan(
     batch = 2 if cfg and not split_cfg else 1
     unit = 2 ** (len(unet["block_out_channels"]) - 1)
     unet_tokens = _band_rows(rows, unit, patch_ranks) * cols
-    vae_rows = _band_rows(rows, 1, ranks)
+    sequential = sequential_vae(height, width, ranks)
+    vae_rows = min(rows, SEQUENTIAL_BAND_ROWS) if sequential else _band_rows(rows, 1, ranks)
     weights = {name: _param_count(config) for name, config in arch.items() if name != "scheduler"}
     breakdown = {
         **{f"weights_{name}": count * size for name, count in weights.items()},
@@ -115,6 +128,10 @@ def plan(
         "full_latents": 4 * unet["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (float32)
         "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
     }
+    if sequential:  # the decoder's full activations live in host RAM (float16 store), not on the device:
+        widths = arch["vae"]["block_out_channels"]  # at worst the last block's input and its hidden map
+        breakdown["vae_host_ram_not_on_device"] = (widths[0] + widths[min(1, len(widths) - 1)]) * height * width * 2
+        breakdown["full_image"] = 0  # assembled in host RAM too
     weights_total = sum(v for k, v in breakdown.items() if k.startswith("weights_"))
     peak = (
         weights_total
@@ -132,6 +149,7 @@ def plan(
         "cfg_parallel": split_cfg,
         "ff_chunk": ff_chunk,
         "unet_band_tokens": unet_tokens,
+        "vae": "sequential" if sequential else ("banded" if ranks > 1 else "plain"),
         "breakdown": breakdown,
     }
 
