@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,17 @@ from typing import Any
 import diffusers
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
 
 import distlin
 from distlin.io import atomic_write
 
 Record = dict[str, Any]
+
+
+def progress(suite: str, message: str) -> None:
+    """One line on stderr per measured point, so long runs show where they are."""
+    print(f"[{suite}] {message}", file=sys.stderr, flush=True)
 
 
 def cpu_name() -> str:
@@ -39,8 +46,9 @@ def describe_device(device: torch.device) -> str:
     return f"cpu: {cpu_name()}, {os.cpu_count()} cores"
 
 
-def environment(device: torch.device, dtype: torch.dtype, threads: int, command: str) -> Record:
-    """The fields every file carries: device, dtype, versions, thread count, date and the exact command."""
+def environment(device: torch.device, dtype: torch.dtype, threads: int, command: str, load: float) -> Record:
+    """The fields every file carries: device, dtype, versions, thread count, date and the exact command, plus
+    the 1-minute load average before the run (other processes on a shared machine skew CPU timings)."""
     return {
         "device": describe_device(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -50,24 +58,27 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int, command:
         "threads": threads,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
+        "load_avg_before": round(load, 2),
     }
 
 
 @dataclass
 class SuiteResult:
-    """What a suite measured: records (one dict each), Markdown (tables and notes) and a figure."""
+    """What a suite measured: records (one dict each), Markdown (tables and notes), a figure, and a label that
+    heads every file when the numbers are not plain measurements (projections)."""
 
     records: list[Record]
     markdown: str
     figure: Figure
+    label: str = ""
 
 
 def fmt(value: Any, digits: int = 3) -> str:
     """Floats to ``digits`` significant digits (exponent form only when huge or tiny); ``n/a`` for None."""
     if value is None:
         return "n/a"
-    if not isinstance(value, float) or value == 0:
-        return str(value)
+    if not isinstance(value, float) or value.is_integer() and abs(value) < 1e6:
+        return str(int(value)) if isinstance(value, float) else str(value)
     if abs(value) >= 1e6 or abs(value) < 1e-3:
         return f"{value:.{digits - 1}e}"
     return f"{value:.{max(digits - 1 - math.floor(math.log10(abs(value))), 0)}f}"
@@ -90,14 +101,34 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def new_figure(panels: int) -> tuple[Figure, list[Any]]:
-    """A row of ``panels`` axes; pyplot-free, so no display backend or global state is involved."""
-    fig = Figure(figsize=(6.5 * panels, 5.0), layout="constrained")
-    return fig, list(fig.subplots(1, panels, squeeze=False)[0])
+    """``panels`` axes, two per row; pyplot-free, so no display backend or global state is involved."""
+    cols = min(panels, 2)
+    rows = -(-panels // cols)
+    fig = Figure(figsize=(6.5 * cols, 4.8 * rows + 0.6), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for extra in axes[panels:]:
+        extra.set_visible(False)
+    return fig, axes[:panels]
+
+
+def ranks_axis(ax: Any) -> None:
+    """Rank counts on a log-2 axis with plain integer labels."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+
+
+def finish_axes(*axes: Any) -> None:
+    """Grid, and a legend where something is labelled."""
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
 
 
 def _env_lines(env: Record) -> list[str]:
     return [
-        f"device: {env['device']}; dtype {env['dtype']}; threads {env['threads']}",
+        f"device: {env['device']}; dtype {env['dtype']}; threads {env['threads']}; load average before "
+        f"{env['load_avg_before']}",
         f"torch {env['torch']}, diffusers {env['diffusers']}, distlin {env['distlin']}; {env['date']}",
         f"command: {env['command']}",
     ]
@@ -108,7 +139,10 @@ def write_suite(out_dir: Path, name: str, result: SuiteResult, env: Record) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [{**record, "env": env} for record in result.records]
     header = "\n".join(f"- {line}" for line in _env_lines(env))
-    markdown = f"# Benchmark `{name}`\n\n{header}\n\n{result.markdown.strip()}\n"
+    label = f"**{result.label}**\n\n" if result.label else ""
+    markdown = f"# Benchmark `{name}`\n\n{label}{header}\n\n{result.markdown.strip()}\n"
+    if result.label:
+        result.figure.suptitle(result.label, color="darkred", fontweight="bold")
     result.figure.get_layout_engine().set(rect=(0, 0.09, 1, 0.91))
     result.figure.text(0.01, 0.01, "\n".join(_env_lines(env)), fontsize=7, family="monospace", va="bottom")
     writers: dict[str, Callable[[Path], object]] = {

@@ -24,9 +24,12 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class Timing:
-    """Milliseconds of each timed repeat; records report the median and the spread (min, max, quartiles)."""
+    """Wall-clock and process CPU milliseconds of each timed repeat. Records report the wall-clock median and
+    spread (min, max, quartiles) and the median CPU time: on a shared CPU, CPU time well below wall time
+    shows that other processes took the cores."""
 
     samples_ms: list[float]
+    cpu_samples_ms: list[float]
 
     def fields(self) -> dict[str, float | int]:
         s = sorted(self.samples_ms)
@@ -37,20 +40,22 @@ class Timing:
             "ms_max": s[-1],
             "ms_q1": q1,
             "ms_q3": q3,
+            "cpu_ms": statistics.median(self.cpu_samples_ms),
             "repeats": len(s),
         }
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> Timing:
     """Time ``repeats`` calls of ``fn`` (warm-up is the caller's: it usually doubles as the memory probe)."""
-    samples = []
+    wall, cpu = [], []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return Timing(samples)
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return Timing(wall, cpu)
 
 
 def _rss_mb(field: str) -> float:

@@ -1,0 +1,224 @@
+"""Suite ``cascade``: end-to-end time per stage of the SDEdit cascade (:func:`distlin.highres.cascade.run_cascade`).
+
+Stages, steps, prompt and guidance come from a preset's ``cascade:`` section (default ``sd15-16k``, LinFusion's
+16K recipe; ``--quick``: ``tiny-sd15-cascade``) or ``--stages``; the weights are the built-in random ones of
+``--model`` with fresh LinFusion layers (timings do not depend on weight values). One device, plain VAE.
+Each stage's wall time is split into UNet calls (forward hooks), VAE decode and encode (a timing wrapper passed
+as the cascade's coder; a stage after the first starts with the decode of the previous stage's latents), and
+the rest (text encoding, scheduler, bicubic upscale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from distlin.bench import options
+from distlin.bench.models import model_name, mount_linfusion
+from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
+from distlin.bench.timing import synchronize
+from distlin.errors import UsageError
+from distlin.highres.cascade import Stage, load_stages, run_cascade
+from distlin.models.tiny import build_pipeline
+from distlin.presets import load_preset
+
+PARTS = ("unet_ms", "decode_ms", "encode_ms")
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """``HxW[:strength],...`` (height x width in pixels), e.g. ``256x512,512x1024:0.4``."""
+    stages = []
+    for item in text.split(","):
+        size, _, strength = item.strip().partition(":")
+        try:
+            height, width = (int(v) for v in size.split("x"))
+            stages.append(Stage(height, width, float(strength) if strength else 1.0))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected HxW[:strength],... e.g. 256x512,512x1024:0.4; got {text!r}"
+            ) from None
+    return stages
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add(parser, "--preset", "sd15-16k", "tiny-sd15-cascade", "preset with a cascade: section")
+    parser.add_argument("--stages", type=parse_stages, default=None, help="HxW[:strength],... instead of the preset's")
+    parser.add_argument(
+        "--model",
+        type=model_name,
+        default=None,
+        help="built-in model (default: the preset's if built-in, else full-sd15)",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="steps of a full-strength stage (default: preset's)")
+    options.add(parser, "--repeats", 1, 1, "timed cascades", type=int)
+
+
+class StageClock:
+    """Times one cascade run stage by stage: UNet calls by hooks, VAE calls as the cascade's coder."""
+
+    def __init__(self, pipe: Any, device: torch.device):
+        self.vae, self.device = pipe.vae, device
+        self.stages: list[dict[str, float]] = []
+        self._hooks = [
+            pipe.unet.register_forward_pre_hook(lambda *_: self._start("unet")),
+            pipe.unet.register_forward_hook(lambda *_: self._stop("unet_ms", "unet")),
+        ]
+        self._began: dict[str, float] = {}
+        self._new_stage()
+
+    def _now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def _new_stage(self) -> None:
+        now = self._now()
+        if self.stages:
+            self.stages[-1]["ms"] = (now - self._stage_start) * 1e3
+        self._stage_start = now
+        self.stages.append({"unet_calls": 0, **dict.fromkeys(PARTS, 0.0)})
+
+    def _start(self, key: str) -> None:
+        self._began[key] = self._now()
+
+    def _stop(self, part: str, key: str) -> None:
+        self.stages[-1][part] += (self._now() - self._began.pop(key)) * 1e3
+        if part == "unet_ms":
+            self.stages[-1]["unet_calls"] += 1
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._new_stage()
+        self._start("decode")
+        image = self.vae.decode(latents).sample
+        self._stop("decode_ms", "decode")
+        return image
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> Any:
+        self._start("encode")
+        posterior = self.vae.encode(image).latent_dist
+        self._stop("encode_ms", "encode")
+        return posterior
+
+    def finish(self) -> list[dict[str, float]]:
+        """Close the last stage, remove the hooks; per stage: ms, unet_ms, decode_ms, encode_ms, unet_calls."""
+        self.stages[-1]["ms"] = (self._now() - self._stage_start) * 1e3
+        for hook in self._hooks:
+            hook.remove()
+        return self.stages
+
+
+def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[Record], str]:
+    preset = load_preset(args.preset)
+    stages = args.stages or load_stages(args.preset)
+    model = args.model or (preset["model"] if preset["model"].startswith(("tiny-", "full-")) else "full-sd15")
+    steps = args.steps or preset["steps"]
+    pipe = build_pipeline(model_name(model), torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    mount_linfusion(pipe.unet)
+    runs = []
+    for run in range(args.warmup + args.repeats):
+        clock = StageClock(pipe, device)
+        try:
+            run_cascade(
+                pipe,
+                preset["prompt"],
+                stages,
+                steps=steps,
+                seed=preset["seed"],
+                guidance_scale=preset["guidance_scale"],
+                vae=clock,
+            )
+        finally:
+            timed = clock.finish()
+        progress("cascade", f"run {run}: " + ", ".join(f"{s['ms'] / 1e3:.1f} s" for s in timed))
+        if run >= args.warmup:
+            runs.append(timed)
+    records = []
+    for index, stage in enumerate(stages):
+        per_run = [r[index] for r in runs]
+        total = [r["ms"] for r in per_run]
+        record = {
+            "model": model,
+            "attention": "linear",
+            "stage": index,
+            "height": stage.height,
+            "width": stage.width,
+            "strength": stage.strength,
+            "unet_calls": per_run[0]["unet_calls"],
+            "ms": statistics.median(total),
+            "ms_min": min(total),
+            "ms_max": max(total),
+            "repeats": len(total),
+            **{part: statistics.median(r[part] for r in per_run) for part in PARTS},
+        }
+        record["other_ms"] = record["ms"] - sum(record[p] for p in PARTS)
+        records.append(record)
+    return records, f"preset {args.preset}, {steps} steps at full strength, prompt {preset['prompt']!r}"
+
+
+def markdown(records: list[Record], args: argparse.Namespace, setting: str) -> str:
+    rows = [
+        [
+            r["stage"],
+            f"{r['height']}x{r['width']}",
+            fmt(r["strength"]),
+            r["unet_calls"],
+            f"{fmt(r['ms'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
+            *(fmt(r[p]) for p in (*PARTS, "other_ms")),
+        ]
+        for r in records
+    ]
+    rows.append(
+        [
+            "all",
+            "",
+            "",
+            sum(r["unet_calls"] for r in records),
+            fmt(sum(r["ms"] for r in records)),
+            *(fmt(sum(r[p] for r in records)) for p in (*PARTS, "other_ms")),
+        ]
+    )
+    headers = [
+        "stage",
+        "image",
+        "strength",
+        "UNet calls",
+        "ms [min–max]",
+        "UNet ms",
+        "VAE decode ms",
+        "VAE encode ms",
+        "other ms",
+    ]
+    return "\n\n".join(
+        [
+            f"SDEdit cascade of {records[0]['model']} with LinFusion ({setting}); one device, plain VAE; median of "
+            f"{args.repeats} run(s) after {args.warmup} warm-up run(s). A stage after the first starts with the VAE "
+            "decode of the previous stage's latents; UNet calls include CFG (batch 2).",
+            markdown_table(headers, rows),
+        ]
+    )
+
+
+def plot(records: list[Record]) -> Any:
+    fig, (ax,) = new_figure(1)
+    labels = [f"{r['height']}x{r['width']}" for r in records]
+    bottom = [0.0] * len(records)
+    for part in (*PARTS, "other_ms"):
+        values = [r[part] / 1e3 for r in records]
+        ax.bar(labels, values, bottom=bottom, label=part.removesuffix("_ms"))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set(xlabel="stage (image size)", ylabel="seconds", title="SDEdit cascade: time per stage")
+    finish_axes(ax)
+    return fig
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
+    if args.repeats < 1:
+        raise UsageError("--repeats must be at least 1")
+    records, setting = measure(args, device, dtype)
+    return SuiteResult(records, markdown(records, args, setting), plot(records))

@@ -1,0 +1,358 @@
+"""Suite ``project``: a PROJECTION of time per UNet step on N GPUs. Nothing here is measured on a cluster.
+
+Inputs, per model, size and N (CFG batch 2, CFG parallelism off: all N ranks split the image):
+
+* bytes and calls per step by kind: the engine's own counters from a dry run on the meta device
+  (:func:`distlin.bench.accounting.dry_run`, the middle rank of N), in ``--dtype`` (default bfloat16);
+* compute: the counted FLOPs of that rank's band (halo rows included) / (GPU peak x ``--mfu``);
+* every collective in an alpha-beta model, t = alpha + bytes / beta, on one ``--link`` preset:
+  all-reduce (attention state, GroupNorm moments) ``2 ceil(log2 N) alpha + 2 (N-1)/N bytes / beta``;
+  all-gather (output bands) ``(N-1) alpha + received bytes / beta``; halo point-to-point ``alpha`` per
+  received buffer ``+ bytes / beta``.
+
+``exact`` adds every exchange to the compute; ``displaced`` hides the halo and GroupNorm exchanges behind the
+compute (they overlap the step, as the engine launches them asynchronously) but not the attention all-reduce
+or the output gather. Efficiency = T(1) / (N T(N)), with T(1) the compute of the whole image on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distlin.bench import options
+from distlin.bench.accounting import TOTAL_KINDS, DryRun, distrifusion_bytes, dry_run, layer_shapes
+from distlin.bench.models import build, model_name
+from distlin.bench.report import (
+    Record,
+    SuiteResult,
+    finish_axes,
+    fmt,
+    fmt_bytes,
+    markdown_table,
+    new_figure,
+    progress,
+    ranks_axis,
+)
+from distlin.errors import UsageError
+
+DEFAULT_DTYPE = torch.bfloat16
+PROJECTED_MODES = ("exact", "displaced")
+ASYNC_KINDS = ("halo", "groupnorm")  # what displaced mode exchanges behind the compute
+
+
+@dataclass(frozen=True)
+class Link:
+    """Assumed per-GPU link: latency per message ``alpha_s`` and achievable bandwidth ``beta`` (bytes/s)."""
+
+    description: str
+    alpha_s: float
+    beta: float
+
+
+LINKS = {
+    "nvlink": Link("NVLink 4 within one H100/H200 SXM node: alpha 10 us, 350 GB/s", 10e-6, 350e9),
+    "pcie": Link("PCIe Gen4 x16 between GPUs: alpha 15 us, 22 GB/s", 15e-6, 22e9),
+    "ib": Link(
+        "InfiniBand NDR 400 Gb/s, one NIC per GPU, every exchange across nodes: alpha 25 us, 45 GB/s", 25e-6, 45e9
+    ),
+}
+GPUS = {"h100": ("H100 SXM", 989e12), "h200": ("H200 SXM", 989e12), "a100": ("A100 SXM", 312e12)}
+TARGET = {
+    "model": "full-sd15",
+    "height": 16384,
+    "ranks": 8,
+    "bytes": 1 / 100,
+    "attention": 1 / 1000,
+    "link": "nvlink",
+    "efficiency": 0.9,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add(
+        parser,
+        "--model",
+        ["sd15", "sdxl"],
+        ["sd15"],
+        "models (sd15, sdxl, sd21 or built-in names)",
+        type=options.str_list(),
+    )
+    options.add(parser, "--height", [4096, 8192, 16384], [1024, 2048], "image heights in pixels", type=options.int_list)
+    parser.add_argument("--width", type=options.int_list, default=None, help="image widths (default: the heights)")
+    options.add(parser, "--ranks", [1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8], "numbers of GPUs", type=options.int_list)
+    parser.add_argument(
+        "--link",
+        type=options.str_list(tuple(LINKS)),
+        default=list(LINKS),
+        help="interconnect presets (default nvlink,pcie,ib): "
+        + "; ".join(f"{k}: {v.description}" for k, v in LINKS.items()),
+    )
+    parser.add_argument(
+        "--gpu",
+        choices=tuple(GPUS),
+        default="h100",
+        help="GPU whose dense bf16 peak sets the compute (default h100: 989 TFLOP/s)",
+    )
+    parser.add_argument(
+        "--mfu", type=float, default=0.5, help="assumed fraction of the peak the UNet achieves (default 0.5)"
+    )
+    parser.add_argument("--batch", type=int, default=2, help="batch per UNet call; 2 is one CFG step (default 2)")
+
+
+def comm_seconds(dry: DryRun, ranks: int, link: Link) -> dict[str, float]:
+    """Alpha-beta time of each kind of exchange in one step, from the engine's calls and bytes."""
+    if ranks == 1:
+        return dict.fromkeys(TOTAL_KINDS, 0.0)
+    calls, nbytes = dry.calls_per_step, dry.bytes_per_step
+    all_reduce_alpha, all_reduce_beta = 2 * math.ceil(math.log2(ranks)), 2 * (ranks - 1) / ranks
+    seconds = {
+        kind: calls[kind] * all_reduce_alpha * link.alpha_s + nbytes[kind] * all_reduce_beta / link.beta
+        for kind in ("attention", "groupnorm")
+    }
+    seconds["gather"] = calls["gather"] * (ranks - 1) * link.alpha_s + nbytes["gather"] / link.beta
+    seconds["halo"] = calls["halo"] * link.alpha_s + nbytes["halo"] / link.beta
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def projected_seconds(compute_s: float, comm: dict[str, float], mode: str) -> float:
+    if mode == "exact":
+        return compute_s + comm["total"]
+    hidden = sum(comm[k] for k in ASYNC_KINDS)
+    return max(compute_s, hidden) + comm["total"] - hidden
+
+
+def project(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
+    gpu_name, peak = GPUS[args.gpu]
+    rate = peak * args.mfu
+    element_size = torch.empty((), dtype=dtype).element_size()
+    records: list[Record] = []
+    for model in map(model_name, args.model):
+        unet = build(model, "linear", "meta", dtype)
+        for height, width in options.sizes(args):
+            shapes = layer_shapes(unet, height, width, args.batch)
+            single_s = dry_run(unet, height, width, 1, args.batch).flops / rate
+            for n in args.ranks:
+                base = {
+                    "model": model,
+                    "height": height,
+                    "width": width,
+                    "ranks": n,
+                    "batch": args.batch,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "gpu": gpu_name,
+                    "mfu": args.mfu,
+                    "projection": True,
+                }
+                try:
+                    dry = dry_run(unet, height, width, n, args.batch)
+                except UsageError as err:  # more ranks than the latent has row units
+                    records.append({**base, "skipped": str(err)})
+                    continue
+                compute_s = dry.flops / rate
+                progress("project", f"{model} {height}x{width} on {n}: {dry.bytes_per_step['total'] / 1e6:.1f} MB/step")
+                for link_name in args.link:
+                    comm = comm_seconds(dry, n, LINKS[link_name])
+                    for mode in PROJECTED_MODES:
+                        total_s = projected_seconds(compute_s, comm, mode)
+                        records.append(
+                            {
+                                **base,
+                                "mode": mode,
+                                "link": link_name,
+                                "skipped": None,
+                                "bytes_per_step": dry.bytes_per_step,
+                                "calls_per_step": dry.calls_per_step,
+                                "distrifusion_bytes_per_step": distrifusion_bytes(shapes, n, element_size),
+                                "tflop_per_rank": dry.flops / 1e12,
+                                "compute_ms_per_step": compute_s * 1e3,
+                                "comm_ms_per_step": {k: v * 1e3 for k, v in comm.items()},
+                                "projected_ms_per_step": total_s * 1e3,
+                                "efficiency": single_s / (n * total_s),
+                            }
+                        )
+    return records
+
+
+def _ratio(ours: float, theirs: float) -> str:
+    return "n/a" if not ours or not theirs else f"1/{theirs / ours:,.0f}"
+
+
+def markdown(records: list[Record], args: argparse.Namespace) -> str:
+    done = [r for r in records if not r["skipped"]]
+    first_link = args.link[0]
+    comm_rows = [
+        [
+            r["model"],
+            f"{r['height']}x{r['width']}",
+            r["ranks"],
+            fmt_bytes(r["bytes_per_step"]["total"]),
+            fmt_bytes(r["distrifusion_bytes_per_step"]["total"]),
+            _ratio(r["bytes_per_step"]["total"], r["distrifusion_bytes_per_step"]["total"]),
+            fmt_bytes(r["bytes_per_step"]["attention"]),
+            fmt_bytes(r["distrifusion_bytes_per_step"]["attention"]),
+            _ratio(r["bytes_per_step"]["attention"], r["distrifusion_bytes_per_step"]["attention"]),
+            fmt_bytes(r["bytes_per_step"]["halo"]),
+            fmt_bytes(r["distrifusion_bytes_per_step"]["halo"]),
+        ]
+        for r in done
+        if r["link"] == first_link and r["mode"] == "exact" and r["ranks"] > 1
+    ]
+    time_rows = []
+    for r in done:
+        if r["link"] != first_link or r["mode"] != "exact":
+            continue
+        cells = []
+        for link in args.link:
+            for mode in PROJECTED_MODES:
+                p = next(x for x in done if _same_point(x, r) and x["link"] == link and x["mode"] == mode)
+                cells.append(f"{fmt(p['projected_ms_per_step'])} ({100 * p['efficiency']:.0f}%)")
+        time_rows.append(
+            [
+                r["model"],
+                f"{r['height']}x{r['width']}",
+                r["ranks"],
+                fmt(r["tflop_per_rank"]),
+                fmt(r["compute_ms_per_step"]),
+                *cells,
+            ]
+        )
+    time_headers = [
+        "model",
+        "image",
+        "GPUs",
+        "TFLOP/rank",
+        "compute ms",
+        *(f"{link} {mode} ms (eff.)" for link in args.link for mode in PROJECTED_MODES),
+    ]
+    gpu_name, peak = GPUS[args.gpu]
+    parts = [
+        "**PROJECTION, not a measurement.** Bytes and calls are the engine's own counters from a dry run on the "
+        f"meta device (middle rank; batch {args.batch}, CFG parallelism off, {records[0]['dtype']} "
+        f"activations); compute = counted FLOPs of the rank's band / ({gpu_name} {peak / 1e12:.0f} TFLOP/s × "
+        f"assumed MFU {args.mfu:g}); communication from an alpha-beta model of each collective. Links: "
+        + "; ".join(f"`{k}` = {LINKS[k].description}" for k in args.link)
+        + ".",
+        "Communication per UNet step, received by one rank (distlin: engine counters; DistriFusion: its "
+        "scheme for the same model, size, batch and ranks):",
+        markdown_table(
+            [
+                "model",
+                "image",
+                "GPUs",
+                "distlin total",
+                "DistriFusion total",
+                "ratio",
+                "distlin attention state",
+                "DistriFusion K/V",
+                "ratio",
+                "distlin halo",
+                "DistriFusion halo",
+            ],
+            comm_rows,
+        ),
+        "Projected ms per UNet step (efficiency vs one GPU):",
+        markdown_table(time_headers, time_rows),
+    ]
+    skipped = sorted(
+        {f"- {r['model']} {r['height']}x{r['width']} on {r['ranks']}: {r['skipped']}" for r in records if r["skipped"]}
+    )
+    if skipped:
+        parts.append("Skipped:\n" + "\n".join(skipped))
+    parts += _targets(done)
+    return "\n\n".join(parts)
+
+
+def _same_point(a: Record, b: Record) -> bool:
+    return all(a[k] == b[k] for k in ("model", "height", "width", "ranks"))
+
+
+def _targets(done: list[Record]) -> list[str]:
+    points = [
+        r
+        for r in done
+        if (r["model"], r["height"], r["width"], r["ranks"])
+        == (TARGET["model"], TARGET["height"], TARGET["height"], TARGET["ranks"])
+    ]
+    if not points:
+        return []
+    r = points[0]
+    ours, theirs = r["bytes_per_step"], r["distrifusion_bytes_per_step"]
+    total, attention = ours["total"] / theirs["total"], ours["attention"] / theirs["attention"]
+    lines = [
+        f"- total bytes {_ratio(ours['total'], theirs['total'])} of DistriFusion's (target ≤ 1/100: "
+        f"{'met' if total <= TARGET['bytes'] else 'NOT met'})",
+        f"- attention-state bytes {_ratio(ours['attention'], theirs['attention'])} of its K/V all-gather (target ≤ "
+        f"1/1000: {'met' if attention <= TARGET['attention'] else 'NOT met'})",
+    ]
+    for p in points:
+        if p["link"] == TARGET["link"]:
+            ok = p["efficiency"] >= TARGET["efficiency"]
+            lines.append(
+                f"- projected efficiency, {p['mode']}, {p['link']}: {100 * p['efficiency']:.1f}% "
+                f"(target ≥ 90%: {'met' if ok else 'NOT met'}; a PROJECTION)"
+            )
+    return [f"Targets (SD-1.5 at {TARGET['height']}², {TARGET['ranks']} GPUs):\n" + "\n".join(lines)]
+
+
+def plot(records: list[Record], args: argparse.Namespace) -> Any:
+    fig, axes = new_figure(len(args.link) + 1)
+    done = [r for r in records if not r["skipped"]]
+    series = list(dict.fromkeys((r["model"], r["height"], r["width"]) for r in done))
+    for ax, link in zip(axes, args.link, strict=False):
+        for model, height, width in series:
+            color = None
+            for mode, style in zip(PROJECTED_MODES, ("-o", ":^"), strict=True):
+                rs = [
+                    r
+                    for r in done
+                    if (r["model"], r["height"], r["width"], r["link"], r["mode"]) == (model, height, width, link, mode)
+                ]
+                line = ax.plot(
+                    [r["ranks"] for r in rs],
+                    [100 * r["efficiency"] for r in rs],
+                    style,
+                    color=color,
+                    label=f"{model} {height}x{width} {mode}",
+                )
+                color = line[0].get_color()
+        ax.set(xlabel="GPUs", ylabel="projected efficiency (%)", title=f"PROJECTION: {link}")
+        ranks_axis(ax)
+    volume = axes[-1]
+    for model, height, width in series:
+        rs = [
+            r
+            for r in done
+            if (r["model"], r["height"], r["width"]) == (model, height, width)
+            and r["link"] == args.link[0]
+            and r["mode"] == "exact"
+            and r["ranks"] > 1
+        ]
+        ranks = [r["ranks"] for r in rs]
+        line = volume.plot(ranks, [r["bytes_per_step"]["total"] for r in rs], "-o", label=f"distlin {model} {height}")
+        volume.plot(
+            ranks,
+            [r["distrifusion_bytes_per_step"]["total"] for r in rs],
+            "--",
+            color=line[0].get_color(),
+            label=f"DistriFusion {model} {height}",
+        )
+    volume.set(yscale="log", xlabel="GPUs", ylabel="bytes received per step", title="communication")
+    ranks_axis(volume)
+    finish_axes(*axes)
+    return fig
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
+    records = project(args, dtype)
+    return SuiteResult(
+        records,
+        markdown(records, args),
+        plot(records, args),
+        label="PROJECTION from dry-run counters and an alpha-beta model; not measured on a cluster",
+    )

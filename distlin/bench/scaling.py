@@ -1,0 +1,302 @@
+"""Suite ``scaling``: time per UNet step on N ranks at a fixed resolution, for each engine mode, vs one rank.
+
+For each N the suite spawns ``python -m torch.distributed.run --standalone --nproc_per_node N -m
+distlin.bench.worker`` (gloo on CPU, ``--threads`` torch threads per rank, OMP_NUM_THREADS to match). CFG
+parallelism is off unless ``--cfg-parallel``: every rank splits the image and runs the whole CFG batch, so
+the measurement is pure patch parallelism. Records carry the engine's own counters of the middle rank
+(index N//2, the rank the dry run simulates) beside what DistriFusion's scheme would send for the same model,
+size, batch and N (see :mod:`distlin.bench.accounting`). Worker results stay in ``OUT/scaling-workers``;
+``--collect DIR`` assembles results from DIR (e.g. written by ``launch/slurm/bench.sbatch``) without spawning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distlin.bench import options
+from distlin.bench.accounting import TOTAL_KINDS, distrifusion_bytes, layer_shapes
+from distlin.bench.models import ATTENTIONS, build, model_name
+from distlin.bench.report import (
+    Record,
+    SuiteResult,
+    finish_axes,
+    fmt,
+    fmt_bytes,
+    markdown_table,
+    new_figure,
+    ranks_axis,
+)
+from distlin.errors import UsageError
+from distlin.parallel.config import MODES
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TARGET = {"model": "full-sd15", "height": 1024, "width": 1024, "ranks": 2, "speedup": 1.8}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add(parser, "--model", "full-sd15", "tiny-sd15", "built-in model", type=model_name)
+    options.add(parser, "--height", 1024, 128, "image height in pixels", type=int)
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the height)")
+    parser.add_argument("--ranks", type=options.int_list, default=[1, 2], help="numbers of ranks (default 1,2)")
+    parser.add_argument(
+        "--modes",
+        type=options.str_list(MODES),
+        default=list(MODES),
+        help="engine modes (default exact,displaced,naive)",
+    )
+    options.add(parser, "--steps", 3, 2, "timed UNet steps per mode", type=int)
+    parser.add_argument("--attention", choices=ATTENTIONS, default="linear", help="self-attention (default linear)")
+    parser.add_argument("--batch", type=int, default=2, help="batch per UNet call; 2 is one CFG step (default 2)")
+    parser.add_argument("--cfg-parallel", action="store_true", help="split the CFG batch over two rank groups")
+    parser.add_argument("--backend", default=None, help="default gloo on CPU, nccl on CUDA")
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per torchrun launch (default 3600)")
+    parser.add_argument(
+        "--collect",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="assemble the worker results (*.json) in DIR instead of spawning workers",
+    )
+
+
+def spawn(ranks: int, result: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """One torchrun launch of ``ranks`` workers; raises with the exit code when it fails."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "distlin.bench.worker",
+        "--model",
+        args.model,
+        "--height",
+        str(args.height),
+        "--width",
+        str(args.width or args.height),
+        "--modes",
+        ",".join(args.modes),
+        "--attention",
+        args.attention,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--device",
+        device.type,
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+        "--timeout-s",
+        str(args.timeout_s),
+        "--result",
+        str(result),
+        *(["--cfg-parallel"] if args.cfg_parallel else []),
+        *(["--backend", args.backend] if args.backend else []),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"[scaling] {ranks} rank(s): {' '.join(command)}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, timeout=args.timeout_s, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"scaling run on {ranks} ranks failed with exit code {done.returncode}")
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    """Worker results in ``folder``, checked to describe one configuration."""
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    results = [r for r in results if "modes" in r]
+    if not results:
+        raise UsageError(f"no worker results (*.json with 'modes') in {str(folder)!r}")
+    keys = ("model", "height", "width", "attention", "batch", "cfg_parallel", "dtype")
+    configs = {tuple(r[k] for k in keys) for r in results}
+    if len(configs) > 1:
+        raise UsageError(f"worker results in {str(folder)!r} mix configurations: {sorted(configs)}")
+    return sorted(results, key=lambda r: r["ranks"])
+
+
+def assemble(results: list[dict[str, Any]]) -> list[Record]:
+    """One record per (ranks, mode): median step time, speed-up and efficiency vs one rank, counters."""
+    first = results[0]
+    dtype = getattr(torch, first["dtype"])
+    shapes = layer_shapes(
+        build(first["model"], first["attention"], "meta", dtype), first["height"], first["width"], first["batch"]
+    )
+    element_size = torch.empty((), dtype=dtype).element_size()
+    single = next((r for r in results if r["ranks"] == 1), None)
+    base_ms = statistics.median(single["modes"]["exact"]["step_ms"]) if single else None
+    records = []
+    for result in results:
+        n = result["ranks"]
+        for mode, run in result["modes"].items():
+            ms = statistics.median(run["step_ms"])
+            counters = run["counters_by_rank"][n // 2]
+            speedup = base_ms / ms if base_ms else None
+            records.append(
+                {
+                    **{
+                        k: result[k]
+                        for k in (
+                            "model",
+                            "height",
+                            "width",
+                            "ranks",
+                            "attention",
+                            "batch",
+                            "cfg_parallel",
+                            "dtype",
+                            "device",
+                            "backend",
+                            "threads_per_rank",
+                            "warmup",
+                        )
+                    },
+                    "mode": mode,
+                    "ms_per_step": ms,
+                    "ms_min": min(run["step_ms"]),
+                    "ms_max": max(run["step_ms"]),
+                    "steps": len(run["step_ms"]),
+                    "cpu_ms_per_step": statistics.median(run["cpu_ms"]),
+                    "speedup": speedup,
+                    "efficiency": speedup and speedup / n,
+                    "counters_rank": n // 2,
+                    "bytes_per_step": counters["bytes_per_step"],
+                    "calls_per_step": counters["calls_per_step"],
+                    "distrifusion_bytes_per_step": distrifusion_bytes(shapes, n, element_size),
+                }
+            )
+    return records
+
+
+def markdown(records: list[Record]) -> str:
+    r0 = records[0]
+    rows = []
+    for r in records:
+        ours, theirs = r["bytes_per_step"], r["distrifusion_bytes_per_step"]
+        rows.append(
+            [
+                r["ranks"],
+                r["mode"] if r["ranks"] > 1 else "(one rank)",
+                f"{fmt(r['ms_per_step'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
+                fmt(r["cpu_ms_per_step"]),
+                "n/a" if r["speedup"] is None else f"{r['speedup']:.2f}×",
+                "n/a" if r["efficiency"] is None else f"{100 * r['efficiency']:.0f}%",
+                fmt_bytes(ours["total"]),
+                fmt_bytes(ours["attention"]),
+                fmt_bytes(theirs["total"]),
+                fmt_bytes(theirs["attention"]),
+            ]
+        )
+    headers = [
+        "ranks",
+        "mode",
+        "ms per step [min–max]",
+        "CPU ms per step",
+        "speed-up",
+        "efficiency",
+        "bytes/step",
+        "of which attention",
+        "DistriFusion bytes/step",
+        "DistriFusion K/V",
+    ]
+    cfg = "on (two rank groups)" if r0["cfg_parallel"] else "off (every rank splits the image, whole CFG batch)"
+    parts = [
+        f"{r0['model']} with {r0['attention']} self-attention at {r0['height']}x{r0['width']}, batch {r0['batch']}, "
+        f"{r0['dtype']}, backend {r0['backend']}, {r0['threads_per_rank']} thread(s) per rank, CFG parallelism "
+        f"{cfg}. One UNet call per step; median over {r0['steps']} steps after {r0['warmup']} warm-up step(s); "
+        "a step's time is the slowest rank's wall-clock time; CPU ms is the busiest rank's "
+        "process CPU time (well below the wall time on one rank means other processes competed for the cores). "
+        "Bytes received per UNet step by the middle rank (engine counters); "
+        "DistriFusion's computed for the same model, size, batch and ranks.",
+        markdown_table(headers, rows),
+    ]
+    calls = [
+        [
+            r["ranks"],
+            r["mode"],
+            *(fmt(r["calls_per_step"][k]) for k in TOTAL_KINDS),
+            *(fmt_bytes(r["bytes_per_step"][k]) for k in TOTAL_KINDS),
+        ]
+        for r in records
+        if r["ranks"] > 1
+    ]
+    if calls:
+        parts += [
+            "Engine counters per UNet step by kind (calls, then bytes received):",
+            markdown_table(
+                ["ranks", "mode", *(f"calls {k}" for k in TOTAL_KINDS), *(f"bytes {k}" for k in TOTAL_KINDS)], calls
+            ),
+        ]
+    parts += _targets(records)
+    return "\n\n".join(parts)
+
+
+def _targets(records: list[Record]) -> list[str]:
+    """The engine issue's CPU targets, when this run is the one they are stated for."""
+    by_mode = {r["mode"]: r for r in records if r["ranks"] == TARGET["ranks"]}
+    r0 = records[0]
+    setting = (r0["model"], r0["height"], r0["width"], r0["backend"], r0["threads_per_rank"])
+    if setting != (TARGET["model"], TARGET["height"], TARGET["width"], "gloo", 1) or "exact" not in by_mode:
+        return []
+    exact = by_mode["exact"]
+    lines = [
+        f"- exact on {TARGET['ranks']} ranks: {exact['speedup']:.2f}× faster than one rank (target ≥ "
+        f"{TARGET['speedup']}×: {'met' if exact['speedup'] >= TARGET['speedup'] else 'NOT met'})"
+    ]
+    if "displaced" in by_mode:
+        d = by_mode["displaced"]
+        ok = d["ms_per_step"] <= exact["ms_per_step"]
+        lines.append(
+            f"- displaced {fmt(d['ms_per_step'])} ms vs exact {fmt(exact['ms_per_step'])} ms per step "
+            f"(target displaced ≥ exact speed: {'met' if ok else 'NOT met'})"
+        )
+    return ["Targets (CPU, gloo, 1 thread per rank):\n" + "\n".join(lines)]
+
+
+def plot(records: list[Record]) -> Any:
+    fig, (times, volume) = new_figure(2)
+    single = [r for r in records if r["ranks"] == 1]
+    for mode in dict.fromkeys(r["mode"] for r in records if r["ranks"] > 1):
+        rs = single + [r for r in records if r["mode"] == mode and r["ranks"] > 1]
+        times.plot([r["ranks"] for r in rs], [r["ms_per_step"] for r in rs], "-o", label=mode)
+    multi = [r for r in records if r["ranks"] > 1 and r["mode"] != "naive"]
+    ranks = sorted({r["ranks"] for r in multi})
+    for label, key in (
+        ("distlin (engine counters)", "bytes_per_step"),
+        ("DistriFusion", "distrifusion_bytes_per_step"),
+    ):
+        values = [next(r[key]["total"] for r in multi if r["ranks"] == n) for n in ranks]
+        volume.plot(ranks, values, "-o", label=label)
+    times.set(xlabel="ranks", ylabel="ms per UNet step (median)", title="time per step")
+    volume.set(xlabel="ranks", ylabel="bytes received per step (middle rank)", yscale="log", title="communication")
+    for ax in (times, volume):
+        ranks_axis(ax)
+    finish_axes(times, volume)
+    return fig
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
+    """Spawn one torchrun launch per rank count (results kept in ``OUT/scaling-workers`` for ``--collect``)."""
+    folder = args.collect
+    if folder is None:
+        folder = args.out / "scaling-workers"
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.json"):
+            stale.unlink()
+        for n in args.ranks:
+            spawn(n, folder / f"ranks-{n}.json", args, device, dtype)
+    records = assemble(load_results(folder))
+    return SuiteResult(records, markdown(records), plot(records))

@@ -1,0 +1,141 @@
+"""One rank of a ``scaling`` run, started by torchrun (the suite spawns it; ``launch/slurm/bench.sbatch`` too).
+
+Every rank builds the same seeded UNet, then for each mode parallelizes it, runs ``--warmup`` untimed steps
+(the synchronous warm-up of ``displaced``) and ``--steps`` timed ones with decreasing timesteps; a step's
+time is the slowest rank's. Rank 0 writes ``--result``: the step times and every rank's engine counters.
+
+    python -m torch.distributed.run --nproc_per_node N -m distlin.bench.worker --result ranks-N.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distlin.bench.models import ATTENTIONS, build, unet_inputs
+from distlin.bench.options import str_list
+from distlin.bench.report import describe_device, progress
+from distlin.bench.timing import synchronize
+from distlin.io import atomic_write
+from distlin.loading import parse_dtype
+from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize_unet
+from distlin.parallel.config import MODES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m distlin.bench.worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--height", type=int, required=True)
+    parser.add_argument("--width", type=int, required=True)
+    parser.add_argument("--modes", type=str_list(MODES), default=list(MODES))
+    parser.add_argument("--attention", choices=ATTENTIONS, default="linear")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--cfg-parallel", action="store_true", help="split the CFG batch over two rank groups")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--backend", default=None, help="default gloo on CPU, nccl on CUDA")
+    parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("--result", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def _slowest(values: list[float], runtime: Runtime) -> list[float]:
+    """Element-wise maximum over the ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    if runtime.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _gather(obj: Any, runtime: Runtime) -> list[Any]:
+    if not runtime.distributed:
+        return [obj]
+    out: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def time_mode(
+    unet: Any, inputs: dict[str, Any], config: PatchParallelConfig, args: argparse.Namespace, runtime: Runtime
+) -> dict[str, Any]:
+    """Step wall times and process CPU times (ms, maximum over ranks) after the warm-up, and every rank's
+    counters over the timed steps. CPU time well below wall time on one rank means other processes took cores."""
+    handle = parallelize_unet(unet, config, runtime)
+    step_ms, cpu_ms = [], []
+    try:
+        with torch.inference_mode():
+            for step in range(args.warmup + args.steps):
+                if step == args.warmup:
+                    handle.ctx.stats.reset()
+                runtime.barrier()
+                synchronize(runtime.device)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                unet(timestep=999 - step, **inputs)
+                synchronize(runtime.device)
+                wall, cpu = _slowest([time.perf_counter() - start, time.process_time() - start_cpu], runtime)
+                if step >= args.warmup:
+                    step_ms.append(wall * 1e3)
+                    cpu_ms.append(cpu * 1e3)
+                if runtime.is_main:
+                    progress("scaling", f"{runtime.world_size} rank(s), {config.mode}, step {step}: {wall:.2f} s")
+        counters = _gather(handle.ctx.stats.summary(), runtime)
+    finally:
+        handle.undo()
+    return {"step_ms": step_ms, "cpu_ms": cpu_ms, "counters_by_rank": counters}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runtime = init_runtime(args.backend, args.timeout_s, args.device)
+    dtype = (
+        parse_dtype(args.dtype) if args.dtype else (torch.float32 if runtime.device.type == "cpu" else torch.bfloat16)
+    )
+    try:
+        unet = build(args.model, args.attention, runtime.device, dtype)
+        inputs = unet_inputs(unet, args.batch, args.height, args.width)
+        modes = args.modes if runtime.world_size > 1 else ["exact"]  # one rank: every mode is the same code
+        result = {
+            "model": args.model,
+            "height": args.height,
+            "width": args.width,
+            "ranks": runtime.world_size,
+            "attention": args.attention,
+            "batch": args.batch,
+            "cfg_parallel": args.cfg_parallel,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": describe_device(runtime.device),
+            "backend": runtime.backend,
+            "threads_per_rank": torch.get_num_threads(),
+            "warmup": args.warmup,
+            "modes": {
+                mode: time_mode(
+                    unet,
+                    inputs,
+                    PatchParallelConfig(mode=mode, warmup_steps=args.warmup, cfg_parallel=args.cfg_parallel),
+                    args,
+                    runtime,
+                )
+                for mode in modes
+            },
+        }
+        if runtime.is_main:
+            atomic_write(args.result, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Benchmark suites at tiny sizes: each writes its three files with the documented fields; the dry-run byte
+counts the projections rely on equal the real engine's counters on 2 gloo ranks. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distlin.bench.accounting import LayerShapes, distrifusion_bytes, dry_run, layer_shapes
+from distlin.bench.cli import main
+from distlin.bench.models import build
+from distlin.parallel import PatchParallelConfig
+
+KINDS = {"attention", "halo", "groupnorm", "gather", "total"}
+ENV_KEYS = {"device", "dtype", "torch", "threads", "date", "command"}
+TINY = {"model": "tiny-sd15", "height": 128, "width": 128}
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count() -> Iterator[None]:
+    """The CLI sets torch's thread count for the process; give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Launch:
+    """A worker launch in the background and the result file its rank 0 writes."""
+
+    process: subprocess.Popen[str]
+    result: Path
+
+
+@pytest.fixture(scope="module")
+def softmax_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
+    """The softmax path on 2 gloo ranks, started first so it overlaps the in-process tests."""
+    result = tmp_path_factory.mktemp("softmax") / "ranks-2.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "distlin.bench.worker", "--model", TINY["model"], "--height", str(TINY["height"]),
+        "--width", str(TINY["width"]), "--attention", "softmax", "--modes", "exact", "--steps", "1",
+        "--result", str(result),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    launch = Launch(
+        subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT), result
+    )
+    yield launch
+    if launch.process.poll() is None:
+        launch.process.kill()
+    launch.process.communicate()
+
+
+def run_suite(tmp_path: Path, suite: str, *args: str) -> list[dict[str, Any]]:
+    """Run ``launch/bench.py SUITE --quick ...`` in-process; check the three files and the environment fields."""
+    out = tmp_path / "out"
+    assert main([suite, "--quick", "--out", str(out), *args]) == 0
+    records = json.loads((out / f"{suite}.json").read_text())
+    assert isinstance(records, list) and records
+    for record in records:
+        assert ENV_KEYS <= record["env"].keys()
+        assert record["env"]["command"].startswith(f"launch/bench.py {suite} --quick")
+    markdown = (out / f"{suite}.md").read_text()
+    assert "command: launch/bench.py" in markdown and "|---|" in markdown
+    assert (out / f"{suite}.png").read_bytes().startswith(b"\x89PNG")
+    return records
+
+
+def test_attention_suite(tmp_path: Path) -> None:
+    records = run_suite(tmp_path, "attention", "--tokens", "64,256", "--channels", "64", "--repeats", "1")
+    assert {r["impl"] for r in records} == {"linear", "sdpa"}
+    assert {r["tokens"] for r in records} == {64, 256}
+    for r in records:
+        assert r["channels"] == 64 and r["ms"] > 0 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert "peak_mb" in r
+
+
+def test_unet_suite(tmp_path: Path) -> None:
+    records = run_suite(tmp_path, "unet", "--models", "tiny-sd15", "--height", "64", "--repeats", "1")
+    assert {r["attention"] for r in records} == {"linear", "softmax"}
+    for r in records:
+        assert r["model"] == "tiny-sd15" and r["tflop"] > 0 and r["achieved_tflop_s"] > 0
+        assert 0 < r["utilisation"] and r["peak_tflop_s"] > 0
+
+
+def test_project_suite(tmp_path: Path) -> None:
+    records = run_suite(
+        tmp_path, "project", "--model", TINY["model"], "--height", str(TINY["height"]), "--ranks", "1,2",
+        "--link", "nvlink",
+    )  # fmt: skip
+    assert "PROJECTION" in (tmp_path / "out" / "project.md").read_text()
+    assert {(r["ranks"], r["mode"]) for r in records} == {(n, m) for n in (1, 2) for m in ("exact", "displaced")}
+    for r in records:
+        assert r["projection"] is True and r["link"] == "nvlink"
+        assert KINDS == r["bytes_per_step"].keys() == r["distrifusion_bytes_per_step"].keys()
+        assert r["compute_ms_per_step"] > 0 and r["projected_ms_per_step"] >= r["compute_ms_per_step"]
+        assert 0 < r["efficiency"] <= 1.0 + 1e-9
+    two = next(r for r in records if r["ranks"] == 2)
+    assert 0 < two["bytes_per_step"]["total"] < two["distrifusion_bytes_per_step"]["total"]
+
+
+def test_cascade_suite(tmp_path: Path) -> None:
+    records = run_suite(tmp_path, "cascade")  # the tiny-sd15-cascade preset: 64x96 -> 128x192 -> 256x384
+    assert [(r["stage"], r["height"], r["width"]) for r in records] == [(0, 64, 96), (1, 128, 192), (2, 256, 384)]
+    for r in records:
+        assert r["unet_calls"] > 0 and r["ms"] >= r["unet_ms"] > 0
+        assert (r["decode_ms"] > 0) == (r["stage"] > 0)
+
+
+def test_scaling_suite_and_dry_run_equals_real_counters(tmp_path: Path, softmax_worker: Launch) -> None:
+    """The spawned 2-rank run's counters (rank 1) are exactly what the dry run on meta counts for rank 1 of 2."""
+    records = run_suite(tmp_path, "scaling", "--ranks", "1,2", "--modes", "exact,displaced")
+    assert {(r["ranks"], r["mode"]) for r in records} == {(1, "exact"), (2, "exact"), (2, "displaced")}
+    for r in records:
+        assert {"model", "height", "width", "ranks", "mode", "ms_per_step", "speedup", "efficiency"} <= r.keys()
+        assert KINDS == r["bytes_per_step"].keys() == r["distrifusion_bytes_per_step"].keys()
+    meta = build(TINY["model"], "linear", "meta")
+    dry = dry_run(meta, TINY["height"], TINY["width"], 2)
+    for mode in ("exact", "displaced"):
+        real = next(r for r in records if r["ranks"] == 2 and r["mode"] == mode)
+        assert real["bytes_per_step"] == dry.bytes_per_step
+        assert real["calls_per_step"] == dry.calls_per_step
+    displaced = PatchParallelConfig(mode="displaced", warmup_steps=1, cfg_parallel=False)
+    assert dry_run(meta, TINY["height"], TINY["width"], 2, config=displaced, steps=2) == dry
+
+    output, _ = softmax_worker.process.communicate(timeout=300)
+    assert softmax_worker.process.returncode == 0, output
+    real = json.loads(softmax_worker.result.read_text())["modes"]["exact"]["counters_by_rank"][1]
+    dry = dry_run(build(TINY["model"], "softmax", "meta"), TINY["height"], TINY["width"], 2)
+    assert real["bytes_per_step"] == dry.bytes_per_step and real["calls_per_step"] == dry.calls_per_step
+    assert dry.bytes_per_step["attention"] > 0
+
+
+def test_distrifusion_volume_follows_its_scheme() -> None:
+    """One of each exchange, 4 ranks, 2-byte elements: all-gathers deliver the other 3 ranks' pieces."""
+    shapes = LayerShapes(attention=[(2, 64, 32)], halo=[(2, 16, 1, 8)], groupnorm=[(2, 4)], output=(2, 4, 8, 8))
+    got = distrifusion_bytes(shapes, ranks=4, element_size=2)
+    expected = {
+        "attention": 3 * 2 * 16 * 2 * 32 * 2,  # K and V of a quarter of the tokens
+        "halo": 3 * 2 * 16 * 2 * 1 * 8 * 2,  # one boundary row at each end of a band
+        "groupnorm": 3 * 2 * 2 * 4 * 2,  # E[x] and E[x^2] per group
+        "gather": 3 * 2 * 4 * 2 * 8 * 2,  # a quarter of the output rows
+    }
+    assert got == {**expected, "total": sum(expected.values())}
+
+
+def test_distrifusion_volume_matches_its_published_figure() -> None:
+    """SDXL at 1024², 8 GPUs with the CFG batch split (batch 1 per image), fp16: the DistriFusion paper reports
+    0.42 GB of communication per step (/work/shared/ANCHORS.md)."""
+    shapes = layer_shapes(build("sdxl", "softmax", "meta", torch.float16), 1024, 1024, batch=1)
+    total = distrifusion_bytes(shapes, ranks=8, element_size=2)["total"]
+    assert abs(total / 0.42e9 - 1) < 0.02
