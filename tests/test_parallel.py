@@ -30,6 +30,7 @@ CASES = {
             PatchParallelConfig("displaced", warmup_steps=3, cfg_parallel=False),
         ),
         "displaced": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
+        "displaced-again": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
         "naive": ("tiny-sd15", True, PatchParallelConfig("naive", cfg_parallel=False)),
     },
     3: {
@@ -92,11 +93,22 @@ def test_displaced_differs_from_exact_by_a_bounded_amount(single, multi) -> None
     assert torch.isfinite(multi[2]["naive"]).all() and naive > 0
 
 
+def test_displaced_mode_is_deterministic_for_a_given_n_and_seed(multi) -> None:
+    assert torch.equal(multi[2]["displaced"], multi[2]["displaced-again"])
+
+
 def test_each_wrapped_layer_equals_the_plain_layer() -> None:
     results = run_ranks(3, layer_outputs)[0]
     for (kind, k, s, d, _), (band, full) in zip(LAYER_CASES, results, strict=True):
         assert band.shape == full.shape, (kind, k, s, d)
         assert torch.allclose(band, full, atol=1e-5), (kind, k, s, d, (band - full).abs().max())
+
+
+def test_sd2_at_768px_splits_over_8_ranks() -> None:
+    """DistriFusion fails here (its 12x12 deepest map is not divisible by 8); bands of whole units just differ."""
+    layout = RowLayout(96, 96, 8, 8)
+    assert layout.sizes() == [16, 16, 16, 16, 8, 8, 8, 8]
+    assert layout.sizes(12) == [2, 2, 2, 2, 1, 1, 1, 1]
 
 
 def test_too_many_ranks_names_the_largest_that_works() -> None:

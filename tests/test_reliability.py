@@ -63,6 +63,27 @@ def test_too_many_ranks_fails_on_every_rank_within_seconds(tmp_path: Path) -> No
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--height", "100"], "height 100 is not a positive multiple of 8"),
+        (["--linfusion", "/nonexistent/linfusion"], "/nonexistent/linfusion"),
+        (["--preset", "tiny-sd15-cascade", "--steps", "1"], "denoising steps"),
+    ],
+)
+def test_bad_input_on_two_ranks_is_one_line_exit_2_and_no_file(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "x.png"
+    start = time.monotonic()
+    proc = subprocess.run(
+        torchrun(2, *args, "--output", str(out)), capture_output=True, text=True, env=env(), timeout=120
+    )
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all(needle in line for line in errors), proc.stderr[-2000:]
+    assert time.monotonic() - start < 60
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_killed_rank_stops_the_others_and_leaves_no_file(tmp_path: Path) -> None:
     out = tmp_path / "x.png"
     proc = subprocess.Popen(
