@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import secrets
 import tempfile
@@ -9,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -20,15 +23,21 @@ from distlin.errors import UsageError
 PNG_COMPRESS_LEVEL = 1
 
 
-def check_output_path(path: str | os.PathLike[str], suffix: str) -> Path:
+def check_output_path(path: str | os.PathLike[str], suffix: str | tuple[str, ...]) -> Path:
     """Fail early, before minutes of sampling, if ``path`` could not be written.
 
     Catches a wrong suffix, a missing folder, a folder in the way, and a folder this process cannot create
     files in (tried with a probe file, not guessed from mode bits, so root and read-only mounts are right).
     """
     out = Path(path)
-    if out.suffix.lower() != suffix:
-        raise UsageError(f"output {str(out)!r} must end in {suffix}; pass e.g. {out.with_suffix(suffix)}")
+    suffixes = (suffix,) if isinstance(suffix, str) else suffix
+    suffix = suffixes[0]
+    if out.suffix.lower() not in suffixes:
+        raise UsageError(
+            f"output {str(out)!r} must end in {' or '.join(suffixes)}; pass e.g. {out.with_suffix(suffix)}"
+        )
+    if out.suffix.lower() in TIFF_SUFFIXES and importlib.util.find_spec("tifffile") is None:
+        raise UsageError(f"output {str(out)!r}: tiled TIFF needs the tifffile package; pip install tifffile")
     folder = out.parent
     if not folder.is_dir():
         raise UsageError(f"folder {str(folder)!r} for output {str(out)!r} does not exist; create it first")
@@ -63,13 +72,43 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
     return out
 
 
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+TIFF_SUFFIXES = (".tif", ".tiff")
+TIFF_TILE = 512
+
+
 def save_png(path: str | os.PathLike[str], image: Image.Image, metadata: Mapping[str, Any]) -> Path:
     """Write ``image`` as PNG with each ``metadata`` item as a text chunk (``Image.open(path).text``)."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))  # PIL switches to an iTXt chunk when the value is not Latin-1
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info,
-                                                     compress_level=PNG_COMPRESS_LEVEL))
+    return atomic_write(
+        path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    )
+
+
+def save_image(path: str | os.PathLike[str], image: Image.Image, metadata: Mapping[str, Any]) -> Path:
+    """PNG, or for ``.tif``/``.tiff`` a tiled BigTIFF that viewers of huge images can page in tile by tile."""
+    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+        return save_png(path, image, metadata)
+    import tifffile  # optional: only huge-image users need it
+
+    pixels = np.asarray(image)
+    text = json.dumps({key: str(value) for key, value in metadata.items()})
+
+    def write(tmp: Path) -> None:
+        tifffile.imwrite(
+            tmp,
+            pixels,
+            tile=(TIFF_TILE, TIFF_TILE),
+            bigtiff=True,
+            photometric="rgb",
+            compression="zlib",
+            compressionargs={"level": 1},
+            description=text,
+        )
+
+    return atomic_write(path, write)
 
 
 def save_latents(path: str | os.PathLike[str], latents: torch.Tensor) -> Path:

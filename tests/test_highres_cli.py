@@ -22,6 +22,16 @@ def test_cascade_preset_reaches_its_final_size(tmp_path: Path) -> None:
     assert image.text["preset"] == "tiny-sd15-cascade"
 
 
+def test_tiff_output_is_tiled_and_carries_the_metadata(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    out = tmp_path / "x.tiff"
+    assert main(["--preset", "tiny-sd15", "--output", str(out)]) == 0
+    with tifffile.TiffFile(out) as tif:
+        page = tif.pages[0]
+        assert page.shape == (128, 192, 3) and page.is_tiled and tif.is_bigtiff
+        assert json.loads(page.description)["preset"] == "tiny-sd15"
+
+
 def test_plan_is_offline_and_writes_the_documented_fields(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "plan.json"
     args = ["--preset", "sd15", "--height", "16384", "--width", "16384", "--plan", "--plan-ranks", "8"]

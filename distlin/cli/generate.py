@@ -30,7 +30,7 @@ from distlin.highres.chunking import enable_ff_chunking
 from distlin.highres.demofusion import run_demofusion
 from distlin.highres.sequential_vae import decode_sequential
 from distlin.highres.vae import parallelize_vae
-from distlin.io import atomic_write, check_output_path, save_latents, save_png
+from distlin.io import IMAGE_SUFFIXES, atomic_write, check_output_path, save_image, save_latents
 from distlin.loading import (
     architecture_of,
     check_linfusion_source,
@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", help="float32, float16 or bfloat16 (fp32, fp16, bf16)")
     gen.add_argument("--device", help="auto, cpu, cuda or cuda:N (under torchrun cuda is cuda:LOCAL_RANK)")
     out = p.add_argument_group("outputs")
-    out.add_argument("--output", metavar="PATH.png", help="PNG path; its folder must exist (default: ./<preset>.png)")
+    out.add_argument(
+        "--output",
+        metavar="PATH.png",
+        help="PNG path, or .tif/.tiff for a tiled BigTIFF (huge images); its folder must exist "
+        "(default: ./<preset>.png)",
+    )
     out.add_argument("--save-latents", metavar="PATH.safetensors", help="also write the final latents (key 'latents')")
     out.add_argument(
         "--report-comm",
@@ -236,7 +241,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         preset=args.preset,
         values=values,
         engine=engine,
-        output=check_output_path(args.output or f"{args.preset}.png", ".png"),
+        output=check_output_path(args.output or f"{args.preset}.png", IMAGE_SUFFIXES),
         save_latents=_optional_output(args.save_latents, ".safetensors"),
         report_comm=args.report_comm is not None,
         comm_json=_optional_output(args.report_comm or None, ".json"),
@@ -379,7 +384,7 @@ def generate(settings: Settings) -> None:
 def _write_outputs(
     settings: Settings, runtime: Runtime, image: Image.Image, latents: torch.Tensor, comm: dict[str, Any]
 ) -> None:
-    save_png(settings.output, image, _metadata(settings, runtime))
+    save_image(settings.output, image, _metadata(settings, runtime))
     print(f"wrote {settings.output} ({image.width}x{image.height})")
     if settings.save_latents:
         save_latents(settings.save_latents, latents)
