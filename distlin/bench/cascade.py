@@ -21,7 +21,6 @@ from distlin.bench import options
 from distlin.bench.models import model_name, mount_linfusion
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
 from distlin.bench.timing import synchronize
-from distlin.errors import UsageError
 from distlin.highres.cascade import Stage, load_stages, run_cascade
 from distlin.models.tiny import build_pipeline
 from distlin.presets import load_preset
@@ -166,7 +165,7 @@ def markdown(records: list[Record], args: argparse.Namespace, setting: str) -> s
         [
             r["stage"],
             f"{r['height']}x{r['width']}",
-            fmt(r["strength"]),
+            f"{r['strength']:g}",
             r["unet_calls"],
             f"{fmt(r['ms'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
             *(fmt(r[p]) for p in (*PARTS, "other_ms")),
@@ -218,7 +217,5 @@ def plot(records: list[Record]) -> Any:
 
 
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
-    if args.repeats < 1:
-        raise UsageError("--repeats must be at least 1")
     records, setting = measure(args, device, dtype)
     return SuiteResult(records, markdown(records, args, setting), plot(records))

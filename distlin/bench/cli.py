@@ -25,6 +25,8 @@ SUITES: dict[str, ModuleType] = {
     "cascade": cascade,
 }
 
+POSITIVE = ("threads", "warmup", "repeats", "steps", "batch", "heads")  # counts, where a suite has them
+
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     module = SUITES[args.suite]
     load = os.getloadavg()[0]
     try:
-        if args.threads < 1 or args.warmup < 1:
-            raise UsageError("--threads and --warmup must be at least 1")
+        for name in POSITIVE:
+            value = getattr(args, name, None)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be at least 1, got {value}")
         device = resolve_device(args.device)
         default = getattr(module, "DEFAULT_DTYPE", torch.float32 if device.type == "cpu" else torch.bfloat16)
         dtype = parse_dtype(args.dtype) if args.dtype else default
