@@ -12,7 +12,7 @@ from distlin.parallel.context import ParallelContext
 
 
 class StateAllReduce:
-    """Turns a band's linear-attention state into the image's: one all-reduce of B·h·d·(d+1)+1 floats.
+    """Turns a band's linear-attention state into the image's: one all-reduce of B·h·d·(d+1) floats.
 
     With ``stale_attention`` in displaced mode, last step's global state is corrected with this band's
     fresh share while the fresh sums travel.
@@ -26,11 +26,14 @@ class StateAllReduce:
         ctx = self.ctx
         if ctx.patch.size == 1 or ctx.naive:
             return state
-        kv_n, k_n = state.kv.numel(), state.k.numel()
-        flat = torch.cat([state.kv.flatten(), state.k.flatten(), state.kv.new_tensor([state.count])])
+        kv_n = state.kv.numel()
+        flat = torch.cat([state.kv.flatten(), state.k.flatten()])
+        # The image's token count follows from the row layout: no need to send it, nor to read it back from
+        # the device (a host sync per layer on a GPU).
+        count = float(sum(band_token_counts(ctx, int(state.count))))
 
         def unpack(t: torch.Tensor) -> LinearAttentionState:
-            return LinearAttentionState(t[:kv_n].view_as(state.kv), t[kv_n : kv_n + k_n].view_as(state.k), float(t[-1]))
+            return LinearAttentionState(t[:kv_n].view_as(state.kv), t[kv_n:].view_as(state.k), count)
 
         def launch(async_op: bool):
             total = flat.clone()
