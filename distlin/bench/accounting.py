@@ -13,56 +13,20 @@ at both ends; every GroupNorm all-gathers per-group ``[E[x], E[x^2]]``; the outp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from distlin.bench.models import unet_inputs
-from distlin.linfusion import LinFusionAttnProcessor
-from distlin.linfusion.attention import StateReducer
-from distlin.ops.linear_attention import LinearAttentionState
 from distlin.parallel import ParallelContext, PatchParallelConfig, Runtime
 from distlin.parallel.comm import KINDS
 from distlin.parallel.unet import ParallelUNet
 
 TOTAL_KINDS = (*KINDS, "total")
-
-
-@contextmanager
-def _default_process_group() -> Iterator[None]:
-    """The dry-run communicator still builds ``dist.P2POp`` objects for halos, which need a default process
-    group; a throwaway one-process gloo group (in-memory store) provides it when none exists."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-class _MetaSafeReducer:
-    """Runs the engine's attention-state all-reduce on a zero CPU state of the same shapes.
-
-    The engine reads the reduced token count back with ``float()``, which a meta tensor cannot do. The counted
-    bytes depend on shapes only, so they are unchanged; the state goes back to the caller's device.
-    """
-
-    def __init__(self, reduce: StateReducer):
-        self.reduce = reduce
-
-    def __call__(self, state: LinearAttentionState) -> LinearAttentionState:
-        cpu = LinearAttentionState(torch.zeros(state.kv.shape), torch.zeros(state.k.shape), state.count)
-        out = self.reduce(cpu)
-        return LinearAttentionState(out.kv.to(state.kv.device), out.k.to(state.k.device), out.count)
 
 
 @dataclass(frozen=True)
@@ -92,13 +56,9 @@ def dry_run(
     config = replace(config or PatchParallelConfig(cfg_parallel=False), check_finite=False, attention_chunk=None)
     ctx = ParallelContext(Runtime(), config, dry_run_ranks=ranks)
     handle = ParallelUNet(unet, ctx).apply()
-    for module in unet.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, LinFusionAttnProcessor) and processor.reduce_state is not None:
-            processor.reduce_state = _MetaSafeReducer(processor.reduce_state)
     inputs = unet_inputs(unet, batch, height, width)
     try:
-        with _default_process_group(), torch.inference_mode():
+        with torch.inference_mode():
             for step in range(steps):
                 ctx.stats.reset()
                 with FlopCounterMode(display=False) as counter:

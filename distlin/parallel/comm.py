@@ -89,8 +89,13 @@ class Communicator:
         h = dist.all_gather(out, t, group=self.group, async_op=async_op)
         return [h] if async_op else []
 
-    def _p2p(self, ops: list[dist.P2POp]) -> list[object]:
-        return dist.batch_isend_irecv(ops) if ops else []
+    def _p2p(self, ops: list[tuple[bool, torch.Tensor, int]]) -> list[object]:
+        """``ops``: (send?, buffer, global peer rank)."""
+        if not ops:
+            return []
+        return dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend if send else dist.irecv, buf, peer) for send, buf, peer in ops]
+        )
 
     # counted API
     def all_reduce(self, t: torch.Tensor, kind: str, async_op: bool = False) -> Work:
@@ -124,7 +129,7 @@ class Communicator:
         kind: str,
     ) -> Work:
         """Point-to-point with the band above (prev) and below (next) only; receives into the given buffers."""
-        ops: list[dist.P2POp] = []
+        ops: list[tuple[bool, torch.Tensor, int]] = []
         for buf, peer, send in (
             (to_prev, self.index - 1, True),
             (to_next, self.index + 1, True),
@@ -135,7 +140,7 @@ class Communicator:
                 continue
             if not send:
                 self.stats.add(kind, _nbytes(buf))
-            ops.append(dist.P2POp(dist.isend if send else dist.irecv, buf.contiguous(), self.ranks[peer]))
+            ops.append((send, buf.contiguous(), self.ranks[peer]))
         return Work(self._p2p(ops), (from_prev, from_next))
 
 
@@ -148,5 +153,5 @@ class DryRunCommunicator(Communicator):
     def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor, async_op: bool) -> list[object]:
         return []
 
-    def _p2p(self, ops: list[dist.P2POp]) -> list[object]:
+    def _p2p(self, ops: list[tuple[bool, torch.Tensor, int]]) -> list[object]:
         return []
