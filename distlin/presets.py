@@ -33,8 +33,9 @@ PRESET_SCHEMA: dict[str, type] = {
     "cfg_parallel": bool,
 }
 
-# Keys a preset may give: ``cascade`` lists the stages of a high-resolution cascade ({height, width, strength}).
-OPTIONAL_SCHEMA: dict[str, type] = {"cascade": list}
+# Keys a preset may give: ``cascade`` lists the stages of a high-resolution cascade ({height, width, strength});
+# ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other, half the memory).
+OPTIONAL_SCHEMA: dict[str, type] = {"cascade": list, "micro_batch": int}
 
 
 def list_presets() -> list[str]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
-from distlin.cli.generate import main
-from distlin.errors import USAGE_EXIT_CODE
+from distlin.cli.generate import _fit_to_device, main, parse_settings
+from distlin.errors import USAGE_EXIT_CODE, UsageError
 
 PLAN_FIELDS = {"peak_bytes_per_rank", "ranks", "height", "width", "dtype", "breakdown"}
 
@@ -49,6 +51,17 @@ def test_plan_is_offline_and_writes_the_documented_fields(tmp_path: Path, capsys
     assert "predicted peak per rank" in capsys.readouterr().out
 
 
+def test_micro_batch_flag_halves_the_planned_unet_activations(tmp_path: Path) -> None:
+    args = ["--preset", "sd15-16k-square", "--plan", "--plan-ranks", "1"]
+    plans = []
+    for extra in ([], ["--micro-batch", "1"]):
+        path = tmp_path / f"plan{len(extra)}.json"
+        assert main([*args, *extra, "--plan-json", str(path)]) == 0
+        plans.append(json.loads(path.read_text()))
+    stacked, halves = (p["breakdown"]["unet_activations"] for p in plans)
+    assert 2 * halves == stacked and plans[1]["micro_batch"] == 1
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -56,6 +69,7 @@ def test_plan_is_offline_and_writes_the_documented_fields(tmp_path: Path, capsys
         (["--preset", "tiny-sd15-cascade", "--height", "264"], "multiples of 32 for a 3-stage cascade"),
         (["--preset", "tiny-sd15-cascade", "--steps", "2"], "pass --steps 3 or more"),
         (["--preset", "tiny-sd15", "--plan", "--plan-ranks", "0"], "--plan-ranks 0"),
+        (["--preset", "tiny-sd15", "--micro-batch", "0"], "micro_batch 0"),
         (["--preset", "tiny-sd15", "--model", "stabilityai/some-unknown-model", "--plan"], "no offline architecture"),
     ],
 )
@@ -67,3 +81,25 @@ def test_bad_high_resolution_input_is_one_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+class _GpuRuntime:
+    """Just what the device-fit check reads of a runtime: a CUDA device, one rank."""
+
+    device = torch.device("cuda", 0)
+    world_size, is_main = 1, True
+
+
+@pytest.mark.parametrize(
+    ("gib", "outcome"),
+    [(80, None), (40, 1), (20, "at least 3 ranks with --micro-batch 1")],
+)
+def test_a_run_is_fitted_to_the_gpu_or_refused(monkeypatch: pytest.MonkeyPatch, gib: int, outcome: object) -> None:
+    """16384² SD-1.5 with CFG: 57 GiB planned; fits 80 GiB as is, 40 GiB one guidance half at a time, 20 GiB not."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=gib * 2**30))
+    settings = parse_settings(["--preset", "sd15-16k-square"])
+    if isinstance(outcome, str):
+        with pytest.raises(UsageError, match=outcome):
+            _fit_to_device(settings, _GpuRuntime())
+    else:
+        assert _fit_to_device(settings, _GpuRuntime()).engine.micro_batch == outcome

@@ -16,6 +16,7 @@ from distlin.models.tiny import load_architecture
     ("name", "rows", "cols", "batch", "dtype"),
     [
         ("full-sd15", 64, 64, 2, "float16"),
+        ("full-sd15", 64, 64, 1, "float16"),  # one guidance half at a time (micro_batch=1)
         ("full-sd15", 32, 128, 1, "float32"),  # a band: 32 rows of a 128-wide latent
         ("full-sd21", 48, 64, 2, "float16"),
     ],
@@ -43,6 +44,15 @@ def test_plan_shrinks_with_ranks_and_reports_breakdown() -> None:
     assert eight["cfg_parallel"] and eight["breakdown"]["unet_activations"] * 7 < one["breakdown"]["unet_activations"]
     assert {"ranks", "height", "width", "dtype", "breakdown"} <= set(one)
     assert "GiB" in format_plan(one)
+
+
+def test_micro_batch_of_one_halves_the_unet_activations() -> None:
+    stacked = plan("full-sd15", 16384, 16384, 1, cfg=True)
+    halves = plan("full-sd15", 16384, 16384, 1, cfg=True, micro_batch=1)
+    assert 2 * halves["breakdown"]["unet_activations"] == stacked["breakdown"]["unet_activations"]
+    assert halves["peak_bytes_per_rank"] < stacked["peak_bytes_per_rank"]
+    with pytest.raises(UsageError, match="micro_batch 0"):
+        plan("full-sd15", 1024, 1024, micro_batch=0)
 
 
 def test_ranks_needed_and_bad_input() -> None:

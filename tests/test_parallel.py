@@ -31,6 +31,13 @@ CASES = {
         ),
         "displaced": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
         "displaced-again": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
+        # The guidance halves one after the other (micro-batches of 1), exact and displaced (per-sample stale halos).
+        "sd15-linear-micro": ("tiny-sd15", True, PatchParallelConfig("exact", cfg_parallel=False, micro_batch=1)),
+        "displaced-micro": (
+            "tiny-sd15",
+            True,
+            PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False, micro_batch=1),
+        ),
         "naive": ("tiny-sd15", True, PatchParallelConfig("naive", cfg_parallel=False)),
     },
     3: {
@@ -95,6 +102,19 @@ def test_displaced_differs_from_exact_by_a_bounded_amount(single, multi) -> None
 
 def test_displaced_mode_is_deterministic_for_a_given_n_and_seed(multi) -> None:
     assert torch.equal(multi[2]["displaced"], multi[2]["displaced-again"])
+
+
+def test_micro_batches_equal_the_whole_batch(single, multi) -> None:
+    """Running the CFG halves one at a time halves activation memory and changes nothing, on 1 rank or 2."""
+    ref = single["sd15-linear"]
+    for out in (single["sd15-linear-micro"], multi[2]["sd15-linear-micro"]):
+        assert (out - ref).abs().max().item() <= TOL * ref.abs().max().item()
+
+
+def test_displaced_micro_batches_keep_their_own_stale_halos(multi) -> None:
+    """Each micro-batch reuses its own last-step halos, so displaced mode gives what the whole batch gives."""
+    ref = multi[2]["displaced"]
+    assert (multi[2]["displaced-micro"] - ref).abs().max().item() <= TOL * ref.abs().max().item()
 
 
 def test_each_wrapped_layer_equals_the_plain_layer() -> None:

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="split the guidance batch over two rank groups when the world size is even",
     )
+    eng.add_argument(
+        "--micro-batch",
+        type=int,
+        metavar="N",
+        help="run the UNet on at most N samples at a time; 1 evaluates the guidance halves one after the "
+        "other: half the activation memory, same image (default: the preset's, else the whole batch)",
+    )
     mem = p.add_argument_group("memory plan")
     mem.add_argument("--plan", action="store_true", help="print the predicted peak memory per rank and exit")
     mem.add_argument("--plan-ranks", type=int, metavar="N", help="ranks to plan for (default: WORLD_SIZE or 1)")
@@ -230,6 +237,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         warmup_steps=values["warmup_steps"],
         cfg_parallel=values["cfg_parallel"],
         stale_attention=args.stale_attention,
+        micro_batch=args.micro_batch if args.micro_batch is not None else values.get("micro_batch"),
     )
     stages = _cascade_stages(values)
     _check_split(values, engine, stages)
@@ -264,6 +272,7 @@ def _metadata(settings: Settings, runtime: Runtime) -> dict[str, Any]:
         "mode": settings.engine.mode,
         "warmup_steps": settings.engine.warmup_steps,
         "cfg_parallel": settings.engine.cfg_parallel,
+        "micro_batch": settings.engine.micro_batch,
         "distlin_version": distlin.__version__,
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
@@ -286,7 +295,10 @@ def memory_plan(settings: Settings, ranks: int) -> dict[str, Any] | None:
         return None
     dtype = str(parse_dtype(values["dtype"])).removeprefix("torch.")
     cfg = values["guidance_scale"] > 1.0
-    return plan(arch, values["height"], values["width"], ranks, dtype, cfg, settings.engine.cfg_parallel, FF_CHUNK)
+    engine = settings.engine
+    return plan(
+        arch, values["height"], values["width"], ranks, dtype, cfg, engine.cfg_parallel, FF_CHUNK, engine.micro_batch
+    )
 
 
 def print_plan(settings: Settings) -> None:
@@ -305,19 +317,30 @@ def print_plan(settings: Settings) -> None:
         print(f"wrote {settings.plan_json}")
 
 
-def _check_fits_device(settings: Settings, runtime: Runtime) -> None:
-    """On a GPU, refuse (on every rank alike) a run the planner says this device cannot hold."""
+def _fit_to_device(settings: Settings, runtime: Runtime) -> Settings:
+    """On a GPU, make the run fit the planner's prediction or refuse it (on every rank alike).
+
+    A run that fits only with the guidance halves one after the other gets ``micro_batch=1`` (same image,
+    half the UNet activations) unless the user chose a micro-batch; otherwise one line says what would fit.
+    """
     if runtime.device.type != "cuda":
-        return
+        return settings
     result = memory_plan(settings, runtime.world_size)
     capacity = torch.cuda.get_device_properties(runtime.device).total_memory
     if result is None or result["peak_bytes_per_rank"] <= capacity:
-        return
-    values = settings.values
-    kwargs = {"dtype": result["dtype"], "cfg": result["cfg"], "cfg_parallel": settings.engine.cfg_parallel}
+        return settings
+    values, engine = settings.values, settings.engine
+    one_at_a_time = memory_plan(replace(settings, engine=replace(engine, micro_batch=1)), runtime.world_size)
+    fits_one_at_a_time = one_at_a_time is not None and one_at_a_time["peak_bytes_per_rank"] <= capacity
+    if engine.micro_batch is None and fits_one_at_a_time:
+        if runtime.is_main:
+            print(f"note: running the guidance halves one after the other (--micro-batch 1) to fit {runtime.device}")
+        return replace(settings, engine=replace(engine, micro_batch=1))
+    arch, height, width = architecture_of(values["model"]), values["height"], values["width"]
+    kwargs = {"dtype": result["dtype"], "cfg": result["cfg"], "cfg_parallel": engine.cfg_parallel, "ff_chunk": FF_CHUNK}
     try:
-        arch = architecture_of(values["model"])
-        needed = f"at least {ranks_needed(capacity, arch, values['height'], values['width'], **kwargs)} ranks"
+        ranks = ranks_needed(capacity, arch, height, width, micro_batch=engine.micro_batch or 1, **kwargs)
+        needed = f"at least {ranks} ranks" + ("" if engine.micro_batch == 1 else " with --micro-batch 1")
     except UsageError:
         needed = "a smaller size"
     raise UsageError(
@@ -331,7 +354,7 @@ def generate(settings: Settings) -> None:
     values = settings.values
     runtime = init_runtime(settings.backend, settings.timeout_s, values["device"])
     try:
-        _check_fits_device(settings, runtime)
+        settings = _fit_to_device(settings, runtime)
         if not runtime.is_main:
             _silence_progress()
         pipe = load_pipeline(values["model"], parse_dtype(values["dtype"]), runtime.device, WEIGHTS_SEED)

@@ -98,24 +98,28 @@ def plan(
     cfg: bool = True,
     cfg_parallel: bool = True,
     ff_chunk: int | None = None,
+    micro_batch: int | None = None,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
     ``preset_or_arch``: a built-in model name (``full-sd15``, ``tiny-sd15``, ...) or an architecture dict
     as :func:`load_architecture` returns. ``cfg`` doubles the UNet batch; with ``cfg_parallel`` and an
-    even number of ranks the two halves run on separate rank groups (batch 1 over ``ranks/2`` bands).
+    even number of ranks the two halves run on separate rank groups (batch 1 over ``ranks/2`` bands);
+    ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other).
     """
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if height % LATENT_FACTOR or width % LATENT_FACTOR:
         raise UsageError(f"{height}x{width} px: both sides must be multiples of {LATENT_FACTOR}")
+    if micro_batch is not None and micro_batch < 1:
+        raise UsageError(f"micro_batch {micro_batch} must be at least 1")
     arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
     size = DTYPES[dtype]
     rows, cols = height // LATENT_FACTOR, width // LATENT_FACTOR
     unet = arch["unet"]
     split_cfg = cfg and cfg_parallel and ranks % 2 == 0
     patch_ranks = ranks // 2 if split_cfg else ranks
-    batch = 2 if cfg and not split_cfg else 1
+    batch = min(2 if cfg and not split_cfg else 1, micro_batch or 2)
     unit = 2 ** (len(unet["block_out_channels"]) - 1)
     unet_tokens = _band_rows(rows, unit, patch_ranks) * cols
     sequential = sequential_vae(height, width, ranks)
@@ -148,6 +152,7 @@ def plan(
         "cfg": cfg,
         "cfg_parallel": split_cfg,
         "ff_chunk": ff_chunk,
+        "micro_batch": micro_batch,
         "unet_band_tokens": unet_tokens,
         "vae": "sequential" if sequential else ("banded" if ranks > 1 else "plain"),
         "breakdown": breakdown,
@@ -173,7 +178,8 @@ def format_plan(result: dict[str, Any]) -> str:
     head = (
         f"predicted peak per rank: {result['peak_bytes_per_rank'] / gib:.2f} GiB "
         f"({result['height']}x{result['width']} px, {result['ranks']} rank(s), {result['dtype']}, "
-        f"cfg={'parallel' if result['cfg_parallel'] else result['cfg']}, ff_chunk={result['ff_chunk']})"
+        f"cfg={'parallel' if result['cfg_parallel'] else result['cfg']}, micro_batch={result['micro_batch']}, "
+        f"ff_chunk={result['ff_chunk']})"
     )
     lines = [f"  {key:<24} {value / gib:9.3f} GiB" for key, value in result["breakdown"].items()]
     note = "  (UNet and VAE activations do not coexist: the peak counts the larger)"

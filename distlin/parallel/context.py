@@ -16,20 +16,28 @@ from distlin.parallel.runtime import Runtime
 
 class StaleSlot:
     """What one layer carries from step to step in displaced mode: the last exchanged value and the
-    exchange still in flight (waited for only when its result is needed, a step later)."""
+    exchange still in flight (waited for only when its result is needed, a step later), one of each per
+    micro-batch ("lane"), since every micro-batch sees different activations."""
 
     def __init__(self) -> None:
-        self.value: Any = None
-        self.pending: Work | None = None
+        self._values: dict[int, Any] = {}
+        self._pending: dict[int, Work] = {}
 
-    def latest(self) -> Any:
-        if self.pending is not None:
-            self.value, self.pending = self.pending.wait(), None
-        return self.value
+    def latest(self, lane: int = 0) -> Any:
+        if lane in self._pending:
+            self._values[lane] = self._pending.pop(lane).wait()
+        return self._values.get(lane)
+
+    def keep(self, lane: int, value: Any) -> None:
+        self._values[lane] = value
+
+    def launch(self, lane: int, work: Work) -> None:
+        self._pending[lane] = work
 
     def clear(self) -> None:
-        self.latest()
-        self.value = None
+        for lane in list(self._pending):
+            self.latest(lane)
+        self._values.clear()
 
 
 class ParallelContext:
@@ -46,6 +54,7 @@ class ParallelContext:
         self.stats = CommStats()
         self.layout: RowLayout | None = None
         self.step = 0
+        self.lane = 0  # which micro-batch of the current UNet evaluation is running
         self._last_timestep: float | None = None
         self._slots: list[StaleSlot] = []
         self.patch, self.cfg = self._build_groups(runtime, config, dry_run_ranks)
@@ -110,9 +119,10 @@ class ParallelContext:
         ``launch(async_op)`` starts the exchange of ``fresh`` and returns its :class:`Work`. The result
         is always kept in ``slot`` so the first displaced step has something to reuse.
         """
-        if self.displaced and slot.latest() is not None:
-            stale = slot.value
-            slot.pending = launch(True)
+        stale = slot.latest(self.lane)
+        if self.displaced and stale is not None:
+            slot.launch(self.lane, launch(True))
             return stale
-        slot.value = launch(False).wait()
-        return slot.value
+        fresh_result = launch(False).wait()
+        slot.keep(self.lane, fresh_result)
+        return fresh_result

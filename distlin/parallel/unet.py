@@ -3,7 +3,8 @@
 ``parallelize_unet`` swaps every spatial convolution and GroupNorm for its band-aware twin (same
 parameters), gives every ``attn1`` a band-aware processor and wraps the UNet's forward with two hooks:
 before, split the CFG batch and cut this rank's rows out of the latent (and of ControlNet residuals);
-after, gather the bands so every rank returns the full prediction and schedulers run unchanged.
+after, run the remaining micro-batches (``PatchParallelConfig.micro_batch``) and gather the bands so every
+rank returns the full prediction and schedulers run unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +53,22 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+def _batch_slice(arguments: dict[str, Any], batch: int, start: int, stop: int) -> dict[str, Any]:
+    """Samples ``[start, stop)`` of every tensor argument whose first dim is the batch (others as they are)."""
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t[start:stop] if t.ndim > 0 and t.shape[0] == batch else t
+
+    return {k: _map_tensors(v, take) for k, v in arguments.items()}
+
+
+def _micro_batches(arguments: dict[str, Any], batch: int, size: int | None) -> list[dict[str, Any]]:
+    """``arguments`` cut into consecutive batches of at most ``size`` samples."""
+    if size is None or batch <= size:
+        return [arguments]
+    return [_batch_slice(arguments, batch, start, start + size) for start in range(0, batch, size)]
+
+
 class ParallelUNet:
     """Handle of a parallelized UNet: the context it runs with, and ``undo()`` to restore it."""
 
@@ -64,6 +81,7 @@ class ParallelUNet:
         self._hooks: list[Any] = []
         self._split_cfg = False
         self._return_dict = True
+        self._later_micro_batches: list[dict[str, Any]] = []
 
     def apply(self) -> ParallelUNet:
         for name, module in list(self.unet.named_modules()):
@@ -108,11 +126,7 @@ class ParallelUNet:
         self._split_cfg = ctx.cfg is not None and batch % 2 == 0
         if self._split_cfg:
             half, side = batch // 2, ctx.cfg.index
-
-            def take_half(t: torch.Tensor) -> torch.Tensor:
-                return t[side * half : (side + 1) * half] if t.ndim > 0 and t.shape[0] == batch else t
-
-            arguments = {k: _map_tensors(v, take_half) for k, v in arguments.items()}
+            arguments = _batch_slice(arguments, batch, side * half, (side + 1) * half)
         layout = RowLayout(sample.shape[2], sample.shape[3], self.unit, ctx.patch.size)
         ctx.begin_step(arguments["timestep"], layout)
         me = ctx.patch.index
@@ -126,11 +140,19 @@ class ParallelUNet:
             if arguments.get(key) is not None:
                 arguments[key] = _map_tensors(arguments[key], band)
         arguments["return_dict"] = False
-        return (), arguments
+        micro_batches = _micro_batches(arguments, arguments["sample"].shape[0], ctx.config.micro_batch)
+        self._later_micro_batches = micro_batches[1:]
+        ctx.lane = 0
+        return (), micro_batches[0]
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ctx = self.ctx
-        out = output[0]
+        outputs = [output[0]]
+        for lane, arguments in enumerate(self._later_micro_batches, start=1):
+            ctx.lane = lane
+            outputs.append(module.forward(**arguments)[0])  # forward, not __call__: no hooks run again
+        self._later_micro_batches, ctx.lane = [], 0
+        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         bands = ctx.patch.all_gather_rows(out, ctx.layout.sizes(), 2, "gather").wait()
         full = torch.cat(bands, dim=2) if len(bands) > 1 else bands[0]
         if self._split_cfg:
