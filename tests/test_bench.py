@@ -161,3 +161,18 @@ def test_distrifusion_volume_matches_its_published_figure() -> None:
     shapes = layer_shapes(build("sdxl", "softmax", "meta", torch.float16), 1024, 1024, batch=1)
     total = distrifusion_bytes(shapes, ranks=8, element_size=2)["total"]
     assert abs(total / 0.42e9 - 1) < 0.02
+
+
+def test_memory_suite(tmp_path: Path) -> None:
+    records = run_suite(tmp_path, "memory", "--sizes", "512,256x1024", "--ranks", "1,2")
+    assert "PREDICTION" in (tmp_path / "out" / "memory.md").read_text()
+    assert {(r["height"], r["width"], r["ranks"], r["config"]) for r in records} == {
+        (h, w, n, c) for h, w in ((512, 512), (256, 1024)) for n in (1, 2) for c in ("default", "lowmem")
+    }
+    for r in records:
+        assert r["prediction"] is True and r["peak_bytes_per_rank"] > r["unet_activations"] > 0
+        if r["ranks"] == 2 and r["config"] == "lowmem":  # half the image and one guidance half per rank
+            one = next(o for o in records if (o["height"], o["ranks"], o["config"]) == (r["height"], 1, "default"))
+            assert r["unet_activations"] < one["unet_activations"] / 2
+    ratios = [r["unet_predicted_over_measured"] for r in records if r["unet_predicted_over_measured"] is not None]
+    assert len(ratios) == 2 and all(abs(x - 1) <= 0.2 for x in ratios)  # traced on meta at both sizes

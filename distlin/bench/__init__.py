@@ -2,5 +2,6 @@
 
 Suites: ``attention`` (one self-attention layer, LinFusion vs SDPA), ``unet`` (one UNet evaluation with FLOPs
 and utilisation), ``scaling`` (patch-parallel ranks spawned with torchrun), ``project`` (a labelled
-PROJECTION to clusters from the engine's own dry-run byte counts). See ``launch/bench.py --help``.
+PROJECTION to clusters from the engine's own dry-run byte counts), ``cascade`` (time per stage of the 16K
+cascade), ``memory`` (the planner's PREDICTED peak per rank vs resolution and ranks). See ``launch/bench.py --help``.
 """

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from distlin.bench import attention, cascade, options, project, scaling, unet
+from distlin.bench import attention, cascade, memory, options, project, scaling, unet
 from distlin.bench.report import environment, write_suite
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.loading import parse_dtype
@@ -23,6 +23,7 @@ SUITES: dict[str, ModuleType] = {
     "scaling": scaling,
     "project": project,
     "cascade": cascade,
+    "memory": memory,
 }
 
 POSITIVE = ("threads", "warmup", "repeats", "steps", "batch", "heads")  # counts, where a suite has them
