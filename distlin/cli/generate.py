@@ -26,7 +26,7 @@ from PIL import Image
 import distlin
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.highres.cascade import Stage, run_cascade
-from distlin.highres.chunking import enable_ff_chunking
+from distlin.highres.chunking import bound_memory
 from distlin.highres.demofusion import run_demofusion
 from distlin.highres.sequential_vae import decode_sequential
 from distlin.highres.vae import parallelize_vae
@@ -359,7 +359,8 @@ def generate(settings: Settings) -> None:
             _silence_progress()
         pipe = load_pipeline(values["model"], parse_dtype(values["dtype"]), runtime.device, WEIGHTS_SEED)
         mount_linfusion(pipe, values["linfusion"], WEIGHTS_SEED)
-        enable_ff_chunking(pipe.unet, FF_CHUNK)  # bounds the GEGLU activation; a no-op below FF_CHUNK tokens
+        for model in (pipe.unet, pipe.vae):  # chunked GEGLU, index-safe upsampling: no-ops at small sizes
+            bound_memory(model, FF_CHUNK)
         engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
         for height, width in [(s.height, s.width) for s in settings.stages] or [(values["height"], values["width"])]:
             engine.check_size(height, width)  # before any collective: every rank fails alike

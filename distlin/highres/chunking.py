@@ -1,4 +1,4 @@
-"""Memory-bounded UNet execution: token-chunked feed-forward and row-chunked convolution.
+"""Memory-bounded UNet execution: token-chunked feed-forward, row-chunked convolution and upsampling.
 
 The GEGLU feed-forward holds ``4·mult·C`` values per token at once (projection, GELU, product), the
 largest live activation of an SD UNet at high resolution; it is token-local, so running it ``chunk``
@@ -9,10 +9,11 @@ but refuses token counts that are not a multiple of the chunk (band sizes rarely
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from distlin.ops.index_safe import INDEX_LIMIT, conv2d_rows, upsample_nearest2x
 from distlin.surgery import set_submodule, twin
 
 
@@ -47,28 +48,10 @@ def disable_ff_chunking(unet: nn.Module) -> None:
             block.ff = block.ff.ff
 
 
-def row_chunked_conv2d(conv: nn.Conv2d, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``conv(x)`` computed ``rows`` output rows at a time: each chunk reads its input rows plus the
-    kernel's reach, zero-padded only at the image border, so the result equals the whole convolution
-    while the conv's workspace covers one chunk."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError("row-chunked convolution needs numeric zero padding")
-    (k, _), (s, _), (p, pw), (d, _) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    height = x.shape[2]
-    out_rows = (height + 2 * p - d * (k - 1) - 1) // s + 1
-    parts = []
-    for first in range(0, out_rows, rows):
-        last = min(first + rows, out_rows) - 1
-        lo, hi = first * s - p, last * s - p + d * (k - 1) + 1
-        band = x[:, :, max(lo, 0) : min(hi, height)]
-        band = F.pad(band, (0, 0, max(-lo, 0), max(hi - height, 0)))
-        parts.append(F.conv2d(band, conv.weight, conv.bias, conv.stride, (0, pw), conv.dilation, conv.groups))
-    return torch.cat(parts, dim=2)
-
-
 class RowChunkedConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (same parameters) that switches to :func:`row_chunked_conv2d` above
-    ``threshold`` input elements per sample."""
+    """An ``nn.Conv2d`` (same parameters) computed ``rows`` output rows at a time
+    (:func:`distlin.ops.index_safe.conv2d_rows`) above ``threshold`` input elements per sample: the conv's
+    workspace then covers one band."""
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rows: int, threshold: int) -> RowChunkedConv2d:
@@ -79,7 +62,9 @@ class RowChunkedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x[0].numel() <= self.threshold:
             return super().forward(x)
-        return row_chunked_conv2d(self, x, self.rows)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("row-chunked convolution needs numeric zero padding")
+        return conv2d_rows(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.rows)
 
 
 def enable_conv_chunking(model: nn.Module, rows: int, threshold: int) -> int:
@@ -88,3 +73,27 @@ def enable_conv_chunking(model: nn.Module, rows: int, threshold: int) -> int:
     for name, conv in convs:
         set_submodule(model, name, RowChunkedConv2d.from_conv(conv, rows, threshold))
     return len(convs)
+
+
+class IndexSafeUpsample2D(Upsample2D):
+    """diffusers' ``Upsample2D`` (same parameters) whose nearest x2 interpolation runs in row bands when its
+    output would exceed 2**31 - 1 elements (:func:`distlin.ops.index_safe.upsample_nearest2x`); the conv
+    that follows is the model's own (the engine's :class:`~distlin.parallel.conv.PatchConv2d` bounds it)."""
+
+    def forward(self, hidden_states: torch.Tensor, output_size: int | None = None, *args, **kwargs) -> torch.Tensor:
+        plain = self.norm is not None or self.use_conv_transpose or not self.interpolate or output_size is not None
+        if plain or 4 * hidden_states.numel() <= INDEX_LIMIT:
+            return super().forward(hidden_states, output_size, *args, **kwargs)
+        hidden_states = upsample_nearest2x(hidden_states)
+        if not self.use_conv:
+            return hidden_states
+        return self.conv(hidden_states) if self.name == "conv" else self.Conv2d_0(hidden_states)
+
+
+def bound_memory(model: nn.Module, ff_chunk: int) -> None:
+    """What every high-resolution run applies to its UNet or VAE: token-chunked feed-forward (``ff_chunk``
+    tokens) and index-safe upsampling. Exact; a no-op at sizes where neither limit is reached."""
+    enable_ff_chunking(model, ff_chunk)
+    for name, module in list(model.named_modules()):
+        if type(module) is Upsample2D:
+            set_submodule(model, name, twin(module, IndexSafeUpsample2D))

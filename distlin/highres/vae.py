@@ -130,7 +130,7 @@ class ParallelVAE:
         self._swapped: dict[str, nn.Module] = {}
         self._processors: dict[str, Any] = {}
         for name, module in list(vae.named_modules()):
-            if type(module) is nn.Conv2d and module.kernel_size[0] > 1 and not _inside(name, self._swapped):
+            if type(module) is nn.Conv2d and not _inside(name, self._swapped):
                 self._swap(name, PatchConv2d.from_conv(module, self.ctx))
             elif type(module) is nn.GroupNorm:
                 self._swap(name, PatchGroupNorm.from_norm(module, self.ctx))

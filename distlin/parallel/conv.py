@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from distlin.ops.index_safe import conv2d_rows
 from distlin.parallel.context import ParallelContext
 from distlin.surgery import twin
 
@@ -37,6 +37,8 @@ class PatchConv2d(nn.Conv2d):
     (point-to-point, never an all-gather) and pads with zeros only at the true image border. Stride,
     dilation and padding set the halo widths; ``pad_top`` is the zero rows above the image (the rows
     below follow from the output height). On one rank, or in naive mode, it is the plain convolution.
+    Every kernel call goes through :func:`~distlin.ops.index_safe.conv2d_rows`, so none sees a tensor of
+    more than 2**31 - 1 elements, whatever the band size; pointwise (1x1) convs exchange nothing.
     """
 
     ctx: ParallelContext
@@ -49,13 +51,14 @@ class PatchConv2d(nn.Conv2d):
         patched.ctx = ctx
         patched.pad_top = conv.padding[0]
         patched.halo_slot = ctx.new_slot()
+        patched.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
         return patched
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
         comm = ctx.patch
-        if comm.size == 1 or ctx.naive or ctx.layout is None:
-            return super().forward(x)
+        if comm.size == 1 or ctx.naive or ctx.layout is None or self.pointwise:
+            return conv2d_rows(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
         pw = self.padding[1]
         width_out = conv_out_size(x.shape[-1], self.kernel_size[1], self.stride[1], pw, pw, self.dilation[1])
@@ -87,4 +90,4 @@ class PatchConv2d(nn.Conv2d):
         if bottom > 0:
             parts.append(from_next if me < last else x.new_zeros(*x.shape[:2], bottom, x.shape[3]))
         rows = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        return F.conv2d(rows, self.weight, self.bias, self.stride, (0, pw), self.dilation, self.groups)
+        return conv2d_rows(rows, self.weight, self.bias, self.stride, (0, pw), self.dilation, self.groups)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distlin.ops.index_safe import INDEX_LIMIT
 from distlin.parallel.context import ParallelContext
 from distlin.surgery import twin
 
@@ -60,9 +61,12 @@ class PatchGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
-        if ctx.patch.size == 1 or ctx.naive or ctx.layout is None:
+        local_only = ctx.patch.size == 1 or ctx.naive or ctx.layout is None
+        if local_only and x.numel() <= INDEX_LIMIT:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        local = group_moments(x, self.num_groups)
+        local = group_moments(x, self.num_groups)  # chunked: also how a tensor too large for the kernel is normed
+        if local_only:
+            return normalize_with(x, local, self)
 
         def launch(async_op: bool):
             total = local.clone()

@@ -1,6 +1,6 @@
 """Patch parallelism applied to an unmodified diffusers UNet, in one place.
 
-``parallelize_unet`` swaps every spatial convolution and GroupNorm for its band-aware twin (same
+``parallelize_unet`` swaps every convolution and GroupNorm for its band-aware twin (same
 parameters), gives every ``attn1`` a band-aware processor and wraps the UNet's forward with two hooks:
 before, split the CFG batch and cut this rank's rows out of the latent (and of ControlNet residuals);
 after, run the remaining micro-batches (``PatchParallelConfig.micro_batch``) and gather the bands so every
@@ -85,7 +85,7 @@ class ParallelUNet:
 
     def apply(self) -> ParallelUNet:
         for name, module in list(self.unet.named_modules()):
-            if type(module) is nn.Conv2d and (module.kernel_size[0] > 1 or module.stride[0] > 1):
+            if type(module) is nn.Conv2d:
                 self._swap(name, PatchConv2d.from_conv(module, self.ctx))
             elif type(module) is nn.GroupNorm:
                 self._swap(name, PatchGroupNorm.from_norm(module, self.ctx))
