@@ -16,12 +16,18 @@ from distlin.errors import USAGE_EXIT_CODE, UsageError
 PLAN_FIELDS = {"peak_bytes_per_rank", "ranks", "height", "width", "dtype", "breakdown"}
 
 
-def test_cascade_preset_reaches_its_final_size(tmp_path: Path) -> None:
+def test_cascade_preset_reaches_its_final_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "c.png"
     assert main(["--preset", "tiny-sd15-cascade", "--steps", "3", "--output", str(out)]) == 0
     image = Image.open(out)
     assert image.size == (384, 256)
     assert image.text["preset"] == "tiny-sd15-cascade"
+    timings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage ")]
+    assert [line.split(":")[0] for line in timings] == [
+        "stage 1/3 96x64 px, 3 steps",
+        "stage 2/3 192x128 px, 1 steps",
+        "stage 3/3 384x256 px, 1 steps",
+    ]
 
 
 def test_tiff_output_is_tiled_and_carries_the_metadata(tmp_path: Path) -> None:

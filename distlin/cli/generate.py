@@ -25,7 +25,7 @@ from PIL import Image
 
 import distlin
 from distlin.errors import USAGE_EXIT_CODE, UsageError
-from distlin.highres.cascade import Stage, run_cascade
+from distlin.highres.cascade import Stage, StageReport, run_cascade
 from distlin.highres.chunking import bound_memory
 from distlin.highres.demofusion import run_demofusion
 from distlin.highres.sequential_vae import decode_sequential
@@ -349,6 +349,19 @@ def _fit_to_device(settings: Settings, runtime: Runtime) -> Settings:
     )
 
 
+def _stage_report(runtime: Runtime, count: int, steps: int) -> StageReport | None:
+    """Rank 0 prints one line per finished cascade stage: its size, steps and wall time."""
+    if not runtime.is_main:
+        return None
+
+    def report(index: int, stage: Stage, seconds: float) -> None:
+        denoised = steps if index == 0 else int(steps * stage.strength)
+        size = f"{stage.width}x{stage.height} px"
+        print(f"stage {index + 1}/{count} {size}, {denoised} steps: {seconds:.1f} s", flush=True)
+
+    return report
+
+
 def generate(settings: Settings) -> None:
     """Start the ranks, load and parallelize the pipeline, sample, and write the outputs on rank 0."""
     values = settings.values
@@ -381,6 +394,7 @@ def generate(settings: Settings) -> None:
             run = run_demofusion if hasattr(pipe, "text_encoder_2") else run_cascade  # SDXL: DemoFusion-style
             latents = run(
                 pipe,
+                on_stage=_stage_report(runtime, len(settings.stages), values["steps"]),
                 stages=settings.stages,
                 steps=values["steps"],
                 seed=values["seed"],

@@ -10,7 +10,8 @@ encode between stages are band-parallel too (a plain VAE otherwise).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,29 @@ SD15_STAGES: tuple[Stage, ...] = (  # (height, width): LinFusion's 16K recipe, 1
     Stage(4096, 8192, 0.2),
     Stage(8192, 16384, 0.1),
 )
+
+
+StageReport = Callable[[int, Stage, float], None]  # (stage index, stage, wall seconds)
+
+
+class StageClock:
+    """Wall time of each cascade stage, device work included, handed to ``report`` as each stage ends.
+
+    A stage's time runs from the end of the previous one, so it includes the decode/upscale/encode between them.
+    """
+
+    def __init__(self, report: StageReport | None):
+        self.report = report
+        self.start = time.perf_counter()
+
+    def lap(self, index: int, stage: Stage, latents: torch.Tensor) -> None:
+        if self.report is None:
+            return
+        if latents.is_cuda:
+            torch.cuda.synchronize(latents.device)
+        now = time.perf_counter()
+        self.report(index, stage, now - self.start)
+        self.start = now
 
 
 def load_stages(preset: str) -> list[Stage]:
@@ -74,11 +98,13 @@ def run_cascade(
     negative_prompt: str | None = None,
     vae: ParallelVAE | None = None,
     handle: ParallelUNet | None = None,
+    on_stage: StageReport | None = None,
 ) -> torch.Tensor:
     """The final latents (scaled, as the pipeline returns them) on every rank; decode them as any pipeline's.
 
     Stage ``k`` runs ``round(steps * strength_k)`` denoising steps with the generator seeded ``seed + k``;
-    the encoded latents use the posterior mean, so the cascade is deterministic given the seed.
+    the encoded latents use the posterior mean, so the cascade is deterministic given the seed. ``on_stage``
+    gets each stage's wall time as it ends.
     """
     if not stages:
         raise UsageError("a cascade needs at least one stage")
@@ -89,6 +115,7 @@ def run_cascade(
     scale = pipe.vae.config.scaling_factor
     common = {"guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "output_type": "latent"}
     first = stages[0]
+    clock = StageClock(on_stage)
     latents = pipe(
         prompt,
         height=first.height,
@@ -97,6 +124,7 @@ def run_cascade(
         generator=torch.Generator().manual_seed(seed),
         **common,
     ).images
+    clock.lap(0, first, latents)
     from diffusers import StableDiffusionImg2ImgPipeline  # here: importing pipelines prints warnings
 
     refine = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
@@ -115,4 +143,5 @@ def run_cascade(
             generator=torch.Generator().manual_seed(seed + index),
             **common,
         ).images
+        clock.lap(index, stage, latents)
     return latents

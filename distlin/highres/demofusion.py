@@ -38,7 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from distlin.errors import UsageError
-from distlin.highres.cascade import Stage, _PlainVAE
+from distlin.highres.cascade import Stage, StageClock, StageReport, _PlainVAE
 from distlin.highres.vae import ParallelVAE
 from distlin.parallel.unet import ParallelUNet
 
@@ -188,7 +188,7 @@ def _denoise_stage(
     time_ids = time_ids.repeat(2, 1) if cond.cfg else time_ids
     train_timesteps = scheduler.config.num_train_timesteps
     latents = scheduler.add_noise(z0, noise, timesteps[:1])
-    for t in timesteps:
+    for t in pipe.progress_bar(timesteps):  # the pipeline's bar settings: shown on rank 0 only
         w = demofusion_weights(float(t), train_timesteps)
         latents = w.c1 * scheduler.add_noise(z0, noise, t.reshape(1)) + (1 - w.c1) * latents
         local = _predict(pipe, cond, latents, t, time_ids)
@@ -209,13 +209,14 @@ def run_demofusion(
     negative_prompt: str | None = None,
     vae: ParallelVAE | None = None,
     handle: ParallelUNet | None = None,
+    on_stage: StageReport | None = None,
 ) -> torch.Tensor:
     """The last stage's latents (scaled, as the UNet sees them), the same on every rank.
 
     ``pipe`` is a ``StableDiffusionXLPipeline``; stage 0 runs it (generator ``seed``), stage ``k`` draws its
     noise from ``seed + k``. ``vae`` (band-parallel) replaces the plain VAE between stages; ``handle`` (the
     parallelized UNet) is checked against every stage's size up front. Decode the result with
-    :func:`distlin.loading.decode_latents`.
+    :func:`distlin.loading.decode_latents`. ``on_stage`` gets each stage's wall time as it ends.
     """
     if not stages:
         raise UsageError("a cascade needs at least one stage")
@@ -228,6 +229,7 @@ def run_demofusion(
         for stage in stages:
             handle.check_size(stage.height, stage.width, pipe.vae_scale_factor)
     cfg = guidance_scale > 1.0
+    clock = StageClock(on_stage)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt, device=pipe._execution_device, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
     )
@@ -243,6 +245,7 @@ def run_demofusion(
         generator=torch.Generator().manual_seed(seed),
         output_type="latent",
     ).images
+    clock.lap(0, native, latents)
     anchor_mean, anchor_std = latents.mean(dim=(2, 3), keepdim=True), latents.std(dim=(2, 3), keepdim=True)
     encoder_2 = pipe.text_encoder_2
     cond = _Conditioning(
@@ -259,4 +262,5 @@ def run_demofusion(
             handle.ctx.reset()
         latents = _denoise_stage(pipe, cond, z0, stage, ratio, steps, seed + index)
         latents = _renormalised(latents, anchor_mean, anchor_std)
+        clock.lap(index, stage, latents)
     return latents
