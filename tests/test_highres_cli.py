@@ -76,6 +76,7 @@ def test_micro_batch_flag_halves_the_planned_unet_activations(tmp_path: Path) ->
         (["--preset", "tiny-sd15-cascade", "--steps", "2"], "pass --steps 3 or more"),
         (["--preset", "tiny-sd15", "--plan", "--plan-ranks", "0"], "--plan-ranks 0"),
         (["--preset", "tiny-sd15", "--micro-batch", "0"], "micro_batch 0"),
+        (["--preset", "tiny-sd15", "--vae-attention-rows", "0"], "VAE attention rows 0"),
         (["--preset", "tiny-sd15", "--model", "stabilityai/some-unknown-model", "--plan"], "no offline architecture"),
     ],
 )
@@ -90,22 +91,33 @@ def test_bad_high_resolution_input_is_one_line_and_exit_2(
 
 
 class _GpuRuntime:
-    """Just what the device-fit check reads of a runtime: a CUDA device, one rank."""
+    """Just what the device-fit check reads of a runtime: a CUDA device, the rank count."""
 
     device = torch.device("cuda", 0)
-    world_size, is_main = 1, True
+    is_main = True
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
 
 
 @pytest.mark.parametrize(
-    ("gib", "outcome"),
-    [(80, None), (40, 1), (20, "at least 3 ranks with --micro-batch 1")],
+    ("ranks", "gib", "outcome"),
+    [
+        (1, 80, (None, None)),  # 57 GiB planned: fits as it is
+        (1, 40, (1, None)),  # the guidance halves one after the other: 30 GiB
+        (8, 9.5, (1, 64)),  # rank 0's VAE decode (8 GiB of mid-block keys/values) streams them from host RAM
+        (1, 20, "at least 3 ranks with --micro-batch 1 --vae-attention-rows 64"),
+    ],
 )
-def test_a_run_is_fitted_to_the_gpu_or_refused(monkeypatch: pytest.MonkeyPatch, gib: int, outcome: object) -> None:
-    """16384² SD-1.5 with CFG: 57 GiB planned; fits 80 GiB as is, 40 GiB one guidance half at a time, 20 GiB not."""
+def test_a_run_is_fitted_to_the_gpu_or_refused(
+    monkeypatch: pytest.MonkeyPatch, ranks: int, gib: float, outcome: object
+) -> None:
+    """SD-1.5 at 16384² with CFG: memory savers switch on until the plan fits, else one line says what would."""
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=gib * 2**30))
     settings = parse_settings(["--preset", "sd15-16k-square"])
     if isinstance(outcome, str):
         with pytest.raises(UsageError, match=outcome):
-            _fit_to_device(settings, _GpuRuntime())
+            _fit_to_device(settings, _GpuRuntime(ranks))
     else:
-        assert _fit_to_device(settings, _GpuRuntime()).engine.micro_batch == outcome
+        fitted = _fit_to_device(settings, _GpuRuntime(ranks))
+        assert (fitted.engine.micro_batch, fitted.vae_attention_rows) == outcome

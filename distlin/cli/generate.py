@@ -41,7 +41,7 @@ from distlin.loading import (
     parse_dtype,
     unet_downsamplings,
 )
-from distlin.memory.planner import SEQUENTIAL_BAND_ROWS, format_plan, plan, ranks_needed, sequential_vae
+from distlin.memory.planner import format_plan, plan, ranks_needed, sequential_vae, sequential_vae_settings
 from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize
 from distlin.parallel.config import MODES
 from distlin.parallel.layout import RowLayout
@@ -77,6 +77,7 @@ class Settings:
     plan: bool = False
     plan_ranks: int | None = None
     plan_json: Path | None = None
+    vae_attention_rows: int | None = None  # stream the sequential VAE's mid-block K/V from host RAM
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         "other: half the activation memory, same image (default: the preset's, else the whole batch)",
     )
     mem = p.add_argument_group("memory plan")
+    mem.add_argument(
+        "--vae-attention-rows",
+        type=int,
+        metavar="N",
+        help="when the VAE decodes band by band from host RAM, stream its mid-block keys/values from there too, "
+        "N latent rows at a time (default: all on the device; chosen automatically when they do not fit)",
+    )
     mem.add_argument("--plan", action="store_true", help="print the predicted peak memory per rank and exit")
     mem.add_argument("--plan-ranks", type=int, metavar="N", help="ranks to plan for (default: WORLD_SIZE or 1)")
     mem.add_argument("--plan-json", metavar="FILE.json", help="also write the plan as JSON")
@@ -241,6 +249,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     )
     stages = _cascade_stages(values)
     _check_split(values, engine, stages)
+    if args.vae_attention_rows is not None:
+        sequential_vae_settings(args.vae_attention_rows)  # validates it
     if args.plan_ranks is not None and args.plan_ranks < 1:
         raise UsageError(f"--plan-ranks {args.plan_ranks} must be at least 1")
     if not args.timeout_s > 0:
@@ -259,6 +269,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         plan=args.plan,
         plan_ranks=args.plan_ranks,
         plan_json=_optional_output(args.plan_json, ".json"),
+        vae_attention_rows=args.vae_attention_rows,
     )
 
 
@@ -273,6 +284,7 @@ def _metadata(settings: Settings, runtime: Runtime) -> dict[str, Any]:
         "warmup_steps": settings.engine.warmup_steps,
         "cfg_parallel": settings.engine.cfg_parallel,
         "micro_batch": settings.engine.micro_batch,
+        "vae_attention_rows": settings.vae_attention_rows,
         "distlin_version": distlin.__version__,
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
@@ -297,7 +309,16 @@ def memory_plan(settings: Settings, ranks: int) -> dict[str, Any] | None:
     cfg = values["guidance_scale"] > 1.0
     engine = settings.engine
     return plan(
-        arch, values["height"], values["width"], ranks, dtype, cfg, engine.cfg_parallel, FF_CHUNK, engine.micro_batch
+        arch,
+        values["height"],
+        values["width"],
+        ranks,
+        dtype,
+        cfg,
+        engine.cfg_parallel,
+        FF_CHUNK,
+        engine.micro_batch,
+        settings.vae_attention_rows,
     )
 
 
@@ -317,36 +338,70 @@ def print_plan(settings: Settings) -> None:
         print(f"wrote {settings.plan_json}")
 
 
+# Memory savers generate.py may switch on by itself, in this order, when a run does not fit the GPU: the
+# guidance halves one after the other, then the VAE's mid-block keys/values streamed from host RAM. Both
+# leave the image unchanged; the first costs nothing measurable at these sizes, the second host transfers.
+SAVERS: tuple[tuple[str, int], ...] = (("micro_batch", 1), ("vae_attention_rows", 64))
+
+
+def _with(settings: Settings, name: str, value: int) -> Settings:
+    if name == "micro_batch":
+        return replace(settings, engine=replace(settings.engine, micro_batch=value))
+    return replace(settings, **{name: value})
+
+
 def _fit_to_device(settings: Settings, runtime: Runtime) -> Settings:
     """On a GPU, make the run fit the planner's prediction or refuse it (on every rank alike).
 
-    A run that fits only with the guidance halves one after the other gets ``micro_batch=1`` (same image,
-    half the UNet activations) unless the user chose a micro-batch; otherwise one line says what would fit.
+    Savers of :data:`SAVERS` the user left unset are switched on one by one until the plan fits; if none
+    suffices, one line says how many ranks would.
     """
     if runtime.device.type != "cuda":
         return settings
-    result = memory_plan(settings, runtime.world_size)
     capacity = torch.cuda.get_device_properties(runtime.device).total_memory
+    result = memory_plan(settings, runtime.world_size)
     if result is None or result["peak_bytes_per_rank"] <= capacity:
         return settings
-    values, engine = settings.values, settings.engine
-    one_at_a_time = memory_plan(replace(settings, engine=replace(engine, micro_batch=1)), runtime.world_size)
-    fits_one_at_a_time = one_at_a_time is not None and one_at_a_time["peak_bytes_per_rank"] <= capacity
-    if engine.micro_batch is None and fits_one_at_a_time:
-        if runtime.is_main:
-            print(f"note: running the guidance halves one after the other (--micro-batch 1) to fit {runtime.device}")
-        return replace(settings, engine=replace(engine, micro_batch=1))
-    arch, height, width = architecture_of(values["model"]), values["height"], values["width"]
+    fitted = settings
+    for name, value in SAVERS:
+        current = fitted.engine.micro_batch if name == "micro_batch" else fitted.vae_attention_rows
+        if current is not None:
+            continue
+        fitted = _with(fitted, name, value)
+        planned = memory_plan(fitted, runtime.world_size)
+        if planned is not None and planned["peak_bytes_per_rank"] <= capacity:
+            if runtime.is_main:
+                print(f"note: to fit {runtime.device}, running with {_flags(settings, fitted)} (same image)")
+            return fitted
+    values, engine = settings.values, fitted.engine
     kwargs = {"dtype": result["dtype"], "cfg": result["cfg"], "cfg_parallel": engine.cfg_parallel, "ff_chunk": FF_CHUNK}
     try:
-        ranks = ranks_needed(capacity, arch, height, width, micro_batch=engine.micro_batch or 1, **kwargs)
-        needed = f"at least {ranks} ranks" + ("" if engine.micro_batch == 1 else " with --micro-batch 1")
+        ranks = ranks_needed(
+            capacity,
+            architecture_of(values["model"]),
+            values["height"],
+            values["width"],
+            micro_batch=engine.micro_batch,
+            vae_attention_rows=fitted.vae_attention_rows,
+            **kwargs,
+        )
+        needed = f"at least {ranks} ranks with {_flags(settings, fitted)}" if fitted != settings else f"{ranks} ranks"
     except UsageError:
         needed = "a smaller size"
     raise UsageError(
         f"predicted peak {result['peak_bytes_per_rank'] / 2**30:.1f} GiB per rank does not fit "
         f"{runtime.device} ({capacity / 2**30:.1f} GiB); use {needed} (see --plan)"
     )
+
+
+def _flags(before: Settings, after: Settings) -> str:
+    """The command-line flags that turn ``before``'s memory savers into ``after``'s."""
+    flags = []
+    if after.engine.micro_batch != before.engine.micro_batch:
+        flags.append(f"--micro-batch {after.engine.micro_batch}")
+    if after.vae_attention_rows != before.vae_attention_rows:
+        flags.append(f"--vae-attention-rows {after.vae_attention_rows}")
+    return " ".join(flags)
 
 
 def _stage_report(runtime: Runtime, count: int, steps: int) -> StageReport | None:
@@ -383,7 +438,9 @@ def generate(settings: Settings) -> None:
         sequential = sequential_vae(values["height"], values["width"], runtime.world_size)
         decode = vae.decode if vae is not None else None
         if sequential:
-            decode = partial(decode_sequential, pipe.vae, band_rows=SEQUENTIAL_BAND_ROWS, store="cpu")
+            decode = partial(
+                decode_sequential, pipe.vae, store="cpu", **sequential_vae_settings(settings.vae_attention_rows)
+            )
         engine.ctx.reset()
         common = {
             "prompt": values["prompt"],

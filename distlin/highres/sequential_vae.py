@@ -13,20 +13,30 @@ the bands through the ``compute`` device:
   normalised with the global moments (``normalize_with``). The first pass is fused into whichever
   primitive produced the activation (moments of each band as it leaves ``compute``), which saves one
   store-to-compute transfer of the activation per GroupNorm;
-* the mid-block attention is exact global softmax attention: it runs at latent resolution, so the keys and
-  values of all bands sit on ``compute`` (2·(H/8)·(W/8)·512 values: 4 GiB fp16 at 16384x8192) while the
-  queries go band by band, ``query_chunk`` at a time.
+* the mid-block attention is exact global softmax attention at latent resolution. By default the keys and
+  values of all bands sit on ``compute`` (2·(H/8)·(W/8)·512 values: 8 GiB fp16 at 16384x16384) while the
+  queries go band by band, ``query_chunk`` at a time, through fused SDPA. With ``attention_rows=r`` K and V
+  go to the store instead, band by band (in the compute dtype), and the queries go ``r`` latent rows at a
+  time: each query group streams K/V back in blocks of ``r`` rows, merged exactly by an online softmax
+  (:mod:`distlin.ops.softmax_attention`). ``compute`` then holds one query group, its float32 accumulators,
+  one K/V block and a ``query_chunk`` x ``r·W/8`` score tile; the price is ``(H/8)/r`` passes over K/V from
+  store to compute (host-to-device traffic ``(H/8)/r · 2·(H/8)·(W/8)·512`` values, 16 x 8 GiB for r=128 at
+  16384x16384) and an unfused softmax.
 
 The result equals ``vae.decode(latents).sample`` up to float round-off. Peak ``compute`` memory is a few
-bands plus the attention's K/V; the store holds about two full activations (see ``docs/HIGHRES.md``).
+bands plus the attention's working set (:func:`device_peak_elements` predicts it); the store holds about
+two full activations (see ``docs/HIGHRES.md``).
 Anything this interpreter does not know (SpatialNorm decoders, attention up-blocks, transposed-conv
 upsamplers, mixed-dtype weights, ...) raises :class:`UnsupportedDecoderError` before any work is done.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from functools import partial
 from itertools import pairwise
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +48,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from distlin.errors import UsageError
+from distlin.ops.softmax_attention import softmax_attention
 from distlin.parallel.conv import halo_rows
 from distlin.parallel.groupnorm import group_moments, normalize_with
 
@@ -94,15 +105,16 @@ class _Streamer:
         store_dtype: torch.dtype,
         groups: frozenset[int],
         query_chunk: int,
+        attention_rows: int | None,
     ):
         self.compute, self.dtype, self.store, self.store_dtype = compute, dtype, store, store_dtype
-        self.groups, self.query_chunk = groups, query_chunk
+        self.groups, self.query_chunk, self.attention_rows = groups, query_chunk, attention_rows
 
     def load(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.compute, self.dtype)
 
-    def save(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.store, self.store_dtype)
+    def save(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return t.to(self.store, dtype or self.store_dtype)
 
     def keep(self, out: torch.Tensor, moments: dict[int, torch.Tensor]) -> torch.Tensor:
         """A finished band to the store, its GroupNorm moments (of the stored values) added to ``moments``."""
@@ -152,7 +164,11 @@ class _Streamer:
                 t = F.interpolate(t, scale_factor=2.0, mode="nearest")[:, :, lo_in - f * src_lo : hi_in - f * src_lo]
             t = F.pad(t, (0, 0, lo_in - lo, hi - hi_in))
             out = F.conv2d(t, conv.weight, conv.bias, 1, (0, conv.padding[1]), conv.dilation, conv.groups)
-            parts.append(self.keep(post(r, out) if post is not None else out, moments))
+            del t  # compute memory (see device_peak_elements): the padded input is dead during post and keep
+            if post is not None:
+                out = post(r, out)
+            parts.append(self.keep(out, moments))
+            del out  # ... and this band's output while the next band is fetched
             if consume and r + 1 < len(needs):
                 x.release_before(max(bounds[r + 1] - needs[r + 1][0], 0) // f)
         return Bands(parts, bounds, moments)
@@ -168,7 +184,12 @@ class _Streamer:
         return self.conv(h, block.conv2, self.norm_act(h, block.norm2, block.nonlinearity), post=residual, consume=True)
 
     def attention(self, x: Bands, attn: Attention) -> Bands:
-        """Exact softmax self-attention over the whole map: K and V of every band, queries band by band."""
+        """Exact softmax self-attention over the whole map: K and V of every band, then the queries.
+
+        With ``attention_rows`` None, K and V of all tokens stay on compute (one block: fused SDPA) and the
+        queries go band by band. Otherwise K and V go to the store band by band, and the queries go
+        ``attention_rows`` latent rows at a time, each group streaming K/V back in blocks of as many rows.
+        """
         norm = attn.group_norm
 
         def tokens(t: torch.Tensor) -> torch.Tensor:
@@ -179,29 +200,62 @@ class _Streamer:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
-        batch, width = x.parts[0].shape[0], x.parts[0].shape[-1]
-        k, v = (
-            torch.empty(batch, x.bounds[-1] * width, proj.out_features, device=self.compute, dtype=self.dtype)
-            for proj in (attn.to_k, attn.to_v)
-        )
-        for part, (a, b) in zip(x.parts, pairwise(x.bounds), strict=True):
+        def keys_values(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             t = tokens(self.load(part))
-            k[:, a * width : b * width], v[:, a * width : b * width] = attn.to_k(t), attn.to_v(t)
-        k, v = heads(k), heads(v)
-        parts: list[torch.Tensor | None] = []
-        moments: dict[int, torch.Tensor] = {}
-        for r in range(len(x.parts)):
-            residual = self.load(x.take(r))
-            q = heads(attn.to_q(tokens(residual)))
-            out = torch.cat(
-                [F.scaled_dot_product_attention(qc, k, v, scale=attn.scale) for qc in q.split(self.query_chunk, 2)], 2
+            return attn.to_k(t), attn.to_v(t)
+
+        batch, width, height = x.parts[0].shape[0], x.parts[0].shape[-1], x.bounds[-1]
+        if self.attention_rows is None:
+            groups = list(pairwise(x.bounds))
+            k, v = (
+                torch.empty(batch, height * width, proj.out_features, device=self.compute, dtype=self.dtype)
+                for proj in (attn.to_k, attn.to_v)
             )
+            for part, (a, b) in zip(x.parts, pairwise(x.bounds), strict=True):
+                k[:, a * width : b * width], v[:, a * width : b * width] = keys_values(part)
+            kv = heads(k), heads(v)
+            blocks = [lambda: kv]
+        else:
+            groups = list(pairwise([*range(0, height, self.attention_rows), height]))
+
+            # Stored as (B, 1, rows, W*C) views of the token-major projections, so Bands.rows cuts contiguous
+            # blocks across band borders. In the compute dtype, not store_dtype: a float16 store would round
+            # K/V once more and make the result depend on attention_rows, and the store's peak is set by the
+            # full-resolution activations (128-256 channels x 64 pixels per latent pixel, K/V: 2 x 512).
+            def saved_keys_values(part: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return tuple(
+                    self.save(t.reshape(batch, 1, -1, width * t.shape[-1]), self.dtype) for t in keys_values(part)
+                )
+
+            stored = [Bands(list(parts), x.bounds) for parts in zip(*map(saved_keys_values, x.parts), strict=True)]
+
+            def block(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+                k, v = (self.load(kv_bands.rows(a, b)).reshape(batch, (b - a) * width, -1) for kv_bands in stored)
+                return heads(k), heads(v)
+
+            blocks = [partial(block, a, b) for a, b in groups]
+
+        def attend(a: int, b: int) -> torch.Tensor:
+            """Output rows ``a:b``, residual included."""
+            residual = self.load(x.rows(a, b))
+            q = heads(attn.to_q(tokens(residual)))
+            out = softmax_attention(q, blocks, attn.scale, self.query_chunk)
             out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
             out = out.transpose(1, 2).reshape(residual.shape)
             if attn.residual_connection:
                 out = out + residual
-            parts.append(self.keep(out / attn.rescale_output_factor, moments))
-        return Bands(parts, x.bounds, moments)
+            return out / attn.rescale_output_factor
+
+        pieces: list[list[torch.Tensor]] = [[] for _ in x.parts]
+        moments: dict[int, torch.Tensor] = {}
+        for a, b in groups:
+            out = attend(a, b)
+            for r, (lo, hi) in enumerate(pairwise(x.bounds)):
+                if lo < b and hi > a:
+                    pieces[r].append(self.keep(out[:, :, max(lo, a) - a : min(hi, b) - a], moments))
+            del out  # not alive on compute while the next group is computed
+            x.release_before(b)
+        return Bands([torch.cat(p, dim=2) if len(p) > 1 else p[0] for p in pieces], x.bounds, moments)
 
 
 def _check(ok: bool, where: str, what: str) -> None:
@@ -309,6 +363,7 @@ def decode_sequential(
     compute: torch.device | str | None = None,
     store_dtype: torch.dtype | None = None,
     query_chunk: int = 4096,
+    attention_rows: int | None = None,
 ) -> torch.Tensor:
     """``vae.decode(latents).sample`` computed ``band_rows`` latent rows at a time on ``compute``.
 
@@ -316,10 +371,15 @@ def decode_sequential(
     Activations live on ``store`` in ``store_dtype`` (default: the decoder's dtype; float16 halves host
     RAM at a small precision cost); ``compute`` defaults to, and must equal, the device of the VAE's
     weights. The image comes back on ``store`` in the decoder's dtype. ``vae.enable_tiling()`` is ignored:
-    this is its exact replacement.
+    this is its exact replacement. ``attention_rows`` (latent rows) streams the mid-block attention's keys
+    and values from ``store`` instead of keeping them all on ``compute`` (see the module docstring).
     """
     if band_rows < 1 or query_chunk < 1:
         raise UsageError(f"band_rows={band_rows}, query_chunk={query_chunk}: both must be at least 1")
+    if attention_rows is not None and attention_rows < 1:
+        raise UsageError(
+            f"attention_rows={attention_rows}: must be at least 1, or None to keep all keys/values on compute"
+        )
     check_supported(vae)
     weight = vae.decoder.conv_in.weight
     compute = torch.device(compute) if compute is not None else weight.device
@@ -327,7 +387,9 @@ def decode_sequential(
         raise UsageError(f"compute={compute} but the VAE's weights are on {weight.device}: move the VAE to {compute}")
     decoder = vae.decoder
     groups = frozenset(m.num_groups for m in decoder.modules() if isinstance(m, nn.GroupNorm))
-    run = _Streamer(compute, weight.dtype, torch.device(store), store_dtype or weight.dtype, groups, query_chunk)
+    run = _Streamer(
+        compute, weight.dtype, torch.device(store), store_dtype or weight.dtype, groups, query_chunk, attention_rows
+    )
     height = latents.shape[-2]
     bounds = [*range(0, height, band_rows), height]
     x = Bands([run.save(latents[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
@@ -347,3 +409,143 @@ def decode_sequential(
     pre = run.norm_act(x, decoder.conv_norm_out, decoder.conv_act)
     x = run.conv(x, decoder.conv_out, pre=pre, consume=True)
     return torch.cat(x.parts, dim=2).to(run.dtype)
+
+
+def device_peak_elements(
+    vae_config: dict[str, Any],
+    latent_height: int,
+    latent_width: int,
+    band_rows: int,
+    attention_rows: int | None,
+    batch: int = 1,
+    query_chunk: int = 4096,
+    dtype: torch.dtype = torch.float16,
+) -> int:
+    """Predicted peak of live activation elements on ``compute`` during :func:`decode_sequential`.
+
+    To size ``band_rows`` / ``attention_rows`` / ``query_chunk`` for a device before a long decode.
+    ``vae_config`` is diffusers' ``AutoencoderKL`` config; the decode walked is the one
+    :func:`check_supported` accepts (3x3 convs), with ``store_dtype`` equal to the compute ``dtype``. It
+    follows what each ``_Streamer`` primitive keeps alive, band by band (``_conv_peak``,
+    ``_attention_peak``). Float32 scratch (softmax state and score tile, GroupNorm moments of half-precision
+    bands) counts ``4 / dtype.itemsize`` elements, so ``elements * dtype.itemsize`` is bytes. Not counted:
+    weights, kernel workspaces (cuDNN, fused SDPA), per-channel vectors, allocator fragmentation.
+    """
+    wide = 4 / dtype.itemsize
+    chans = list(reversed(vae_config["block_out_channels"]))
+    groups = vae_config.get("norm_num_groups", 32)
+    bounds = [*range(0, latent_height, band_rows), latent_height]
+
+    def conv(
+        scale: int, c_in: int, c_out: int, pre: str | None = "norm", f: int = 1, residual: int | None = None
+    ) -> float:
+        rows = [scale * f * b for b in bounds]
+        return _conv_peak(rows, scale * f * latent_width, c_in, c_out, pre, f, residual, groups, batch, wide)
+
+    def resnet(scale: int, c_in: int, c_out: int) -> float:
+        return max(conv(scale, c_in, c_out), conv(scale, c_out, c_out, residual=c_in))
+
+    post_quant = "conv" if vae_config.get("use_post_quant_conv", True) else None
+    peaks = [conv(1, vae_config["latent_channels"], chans[0], pre=post_quant), resnet(1, chans[0], chans[0])]
+    if vae_config.get("mid_block_add_attention", True):
+        peaks.append(_attention_peak(bounds, latent_width, chans[0], attention_rows, query_chunk, groups, batch, wide))
+    peaks.append(resnet(1, chans[0], chans[0]))
+    scale, c_in = 1, chans[0]
+    for i, c in enumerate(chans):
+        peaks += [resnet(scale, c_in if j == 0 else c, c) for j in range(vae_config["layers_per_block"] + 1)]
+        c_in = c
+        if i + 1 < len(chans):
+            peaks.append(conv(scale, c, c, pre=None, f=2))
+            scale *= 2
+    peaks.append(conv(scale, chans[-1], vae_config.get("out_channels", 3)))
+    return int(max(peaks))
+
+
+def _moments_scratch(elements: int, channels: int, groups: int, batch: int, wide: float) -> float:
+    """Float32 copy ``group_moments`` makes of a half-precision band, per batch item (none in float32)."""
+    if wide <= 1 or channels % groups:
+        return 0.0
+    chunk = inspect.signature(group_moments).parameters["chunk_elements"].default
+    per_group = elements // groups
+    return wide * min(groups, max(1, chunk // max(1, per_group * batch))) * per_group
+
+
+def _conv_peak(
+    bounds: list[int],
+    width: int,
+    c_in: int,
+    c_out: int,
+    pre: str | None,
+    f: int,
+    residual: int | None,
+    groups: int,
+    batch: int,
+    wide: float,
+) -> float:
+    """Largest live set of ``_Streamer.conv`` (3x3, output rows ``bounds``), over its bands and steps.
+
+    Steps: the fetched rows (with halos) and the ``pre`` outputs (1x1 conv, or GroupNorm then activation);
+    fetched and x``f`` upsampled copy; that and the zero-padded copy; padded input and conv output; the
+    residual (conv output + loaded input + 1x1 shortcut, then + sum, then sum + quotient); the kept band
+    with its GroupNorm moments scratch.
+    """
+    height, peak = bounds[-1], 0.0
+    for lo, hi in pairwise(bounds):
+        lo_in, hi_in = max(lo - 1, 0), min(hi + 1, height)
+        fetched = c_in * ((hi_in - 1) // f + 1 - lo_in // f) * (width // f)
+        padded, out = c_in * (hi - lo + 2) * width, c_out * (hi - lo) * width
+        steps = [fetched * {None: 1, "conv": 2, "norm": 3}[pre]]
+        if f > 1:
+            steps.append(5 * fetched)
+            fetched *= 4
+        steps += [fetched + padded, padded + out]
+        if residual is not None:
+            shortcut = out if residual != c_out else 0
+            steps += [out + residual * (hi - lo) * width + shortcut, 3 * out]
+        steps.append(out + _moments_scratch(out, c_out, groups, batch, wide))
+        peak = max(peak, *steps)
+    return batch * peak
+
+
+def _attention_peak(
+    bounds: list[int],
+    width: int,
+    channels: int,
+    attention_rows: int | None,
+    query_chunk: int,
+    groups: int,
+    batch: int,
+    wide: float,
+) -> float:
+    """Largest live set of ``_Streamer.attention`` (one head, as diffusers' ``Decoder`` builds it).
+
+    K/V pass, per band: normalized tokens, K, and V as the projection's matmul output plus its bias add
+    (4 bands), on top of the resident K/V of every token when ``attention_rows`` is None. Query pass, per
+    group of ``g`` elements: residual, normalized tokens and Q (matmul + bias add); then residual + Q + the
+    attention state; then residual + Q + output + projection, sum and quotient; then the output with each
+    kept piece's copy (the output is token-major, so ``group_moments`` reshapes by copying) and moments.
+    """
+    height = bounds[-1]
+    half = 1.0 if wide > 1 else 0.0
+    band = max(b - a for a, b in pairwise(bounds)) * width * channels
+    if attention_rows is None:
+        resident, group_bounds, block = 2.0 * height * width * channels, bounds, 0
+    else:
+        group_bounds = [*range(0, height, attention_rows), height]
+        resident, block = 0.0, min(attention_rows, height) * width
+    peak = 4.0 * band
+    for a, b in pairwise(group_bounds):
+        n = (b - a) * width
+        g, chunk = n * channels, min(query_chunk, n)
+        if attention_rows is None or attention_rows >= height:
+            state = 2 * block * channels + g + chunk * channels  # (loaded K/V,) SDPA's output buffer and chunk
+        else:
+            accumulators = wide * (g + 2 * n)  # float32 output sum, running max and running sum
+            # float32 score tile, plus its half-precision source, then copy for P @ V, in half precision
+            tile = (wide + half) * chunk * block
+            # one K/V block, the scaled query chunk, P @ V; or, at the end, the output in q's dtype
+            state = accumulators + max(2 * block * channels + 2 * chunk * channels + tile, half * g)
+        pieces = [(min(hi, b) - max(lo, a)) * width * channels for lo, hi in pairwise(bounds) if lo < b and hi > a]
+        keep = g + max(p + _moments_scratch(p, channels, groups, batch, wide) for p in pieces)
+        peak = max(peak, 4.0 * g, 2.0 * g + state, keep)
+    return batch * (resident + peak)

@@ -20,6 +20,8 @@ import math
 from functools import lru_cache
 from typing import Any
 
+import torch
+
 from distlin.errors import UsageError
 from distlin.models.architectures import load_architecture
 
@@ -84,6 +86,15 @@ SEQUENTIAL_VAE_PIXELS = 2048 * 4096
 SEQUENTIAL_BAND_ROWS = 16
 
 
+def sequential_vae_settings(attention_rows: int | None) -> dict[str, Any]:
+    """``decode_sequential``'s keyword arguments as generate.py runs it: with ``attention_rows`` the mid-block's
+    keys/values stream from host RAM that many latent rows at a time, with a smaller score tile."""
+    if attention_rows is not None and attention_rows < 1:
+        raise UsageError(f"VAE attention rows {attention_rows} must be at least 1")
+    query_chunk = 4096 if attention_rows is None else 1024
+    return {"band_rows": SEQUENTIAL_BAND_ROWS, "attention_rows": attention_rows, "query_chunk": query_chunk}
+
+
 def sequential_vae(height: int, width: int, ranks: int) -> bool:
     """Whether a run decodes with the sequential (host-RAM) VAE on rank 0: a band too large for the device."""
     return height * width > SEQUENTIAL_VAE_PIXELS * ranks
@@ -99,13 +110,15 @@ def plan(
     cfg_parallel: bool = True,
     ff_chunk: int | None = None,
     micro_batch: int | None = None,
+    vae_attention_rows: int | None = None,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
     ``preset_or_arch``: a built-in model name (``full-sd15``, ``tiny-sd15``, ...) or an architecture dict
     as :func:`load_architecture` returns. ``cfg`` doubles the UNet batch; with ``cfg_parallel`` and an
     even number of ranks the two halves run on separate rank groups (batch 1 over ``ranks/2`` bands);
-    ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other).
+    ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other);
+    ``vae_attention_rows`` streams the sequential VAE decode's mid-block keys/values from host RAM.
     """
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -123,12 +136,18 @@ def plan(
     unit = 2 ** (len(unet["block_out_channels"]) - 1)
     unet_tokens = _band_rows(rows, unit, patch_ranks) * cols
     sequential = sequential_vae(height, width, ranks)
-    vae_rows = min(rows, SEQUENTIAL_BAND_ROWS) if sequential else _band_rows(rows, 1, ranks)
+    if sequential:
+        from distlin.highres.sequential_vae import device_peak_elements  # here: it imports diffusers
+
+        settings = sequential_vae_settings(vae_attention_rows)
+        vae_elements = device_peak_elements(arch["vae"], rows, cols, dtype=getattr(torch, dtype), **settings)
+    else:
+        vae_elements = vae_decode_elements(arch["vae"], _band_rows(rows, 1, ranks) * cols * 64, rows * cols)
     weights = {name: _param_count(config) for name, config in arch.items() if name != "scheduler"}
     breakdown = {
         **{f"weights_{name}": count * size for name, count in weights.items()},
         "unet_activations": unet_activation_elements(unet, unet_tokens, batch, ff_chunk) * size,
-        "vae_decode_activations": vae_decode_elements(arch["vae"], vae_rows * cols * 64, rows * cols) * size,
+        "vae_decode_activations": vae_elements * size,
         "full_latents": 4 * unet["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (float32)
         "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
     }
@@ -153,6 +172,7 @@ def plan(
         "cfg_parallel": split_cfg,
         "ff_chunk": ff_chunk,
         "micro_batch": micro_batch,
+        "vae_attention_rows": vae_attention_rows if sequential else None,
         "unet_band_tokens": unet_tokens,
         "vae": "sequential" if sequential else ("banded" if ranks > 1 else "plain"),
         "breakdown": breakdown,
