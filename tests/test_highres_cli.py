@@ -103,10 +103,10 @@ class _GpuRuntime:
 @pytest.mark.parametrize(
     ("ranks", "gib", "outcome"),
     [
-        (1, 80, (None, None)),  # 57 GiB planned: fits as it is
-        (1, 40, (1, None)),  # the guidance halves one after the other: 30 GiB
-        (8, 9.5, (1, 64)),  # rank 0's VAE decode (8 GiB of mid-block keys/values) streams them from host RAM
-        (1, 20, "at least 3 ranks with --micro-batch 1 --vae-attention-rows 64"),
+        (1, 80, (None, "auto", None)),  # 57 GiB planned: fits as it is
+        (1, 40, (1, "auto", None)),  # the guidance halves one after the other: 30 GiB
+        (8, 9.5, (1, "sequential", 64)),  # rank 0's VAE decode streams 8 GiB of mid-block keys/values instead
+        (1, 20, "at least 3 ranks with --micro-batch 1 --vae-decode sequential --vae-attention-rows 64"),
     ],
 )
 def test_a_run_is_fitted_to_the_gpu_or_refused(
@@ -120,4 +120,4 @@ def test_a_run_is_fitted_to_the_gpu_or_refused(
             _fit_to_device(settings, _GpuRuntime(ranks))
     else:
         fitted = _fit_to_device(settings, _GpuRuntime(ranks))
-        assert (fitted.engine.micro_batch, fitted.vae_attention_rows) == outcome
+        assert (fitted.engine.micro_batch, fitted.vae_decode, fitted.vae_attention_rows) == outcome

@@ -2,7 +2,9 @@
 
 For each model, size and rank count, two configurations as ``generate.py`` runs them: ``default`` (CFG
 parallelism on an even rank count, the whole guidance batch per UNet call) and ``lowmem`` (no CFG
-parallelism, ``--micro-batch 1``: every rank holds 1/N of the image and one guidance half at a time).
+parallelism, ``--micro-batch 1 --vae-decode sequential --vae-attention-rows 64``: every rank holds 1/N of
+the image and one guidance half at a time; rank 0 decodes band by band through host RAM, streaming the
+mid-block keys/values from there too).
 Nothing is allocated: the numbers are :func:`distlin.memory.planner.plan`'s. Where a UNet call is small
 enough to trace on the meta device (``--validate-up-to``), the suite also measures its activation peak with
 torch's ``MemTracker`` (:mod:`distlin.memory.measure`) and reports predicted / measured.
@@ -28,7 +30,7 @@ GIB = 2**30
 GPU_BYTES = 80 * 10**9  # an "80 GB" H100/A100: 80e9 bytes, of which CUDA leaves the program ~79.1 GiB
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"cfg_parallel": True, "micro_batch": None},
-    "lowmem": {"cfg_parallel": False, "micro_batch": 1},
+    "lowmem": {"cfg_parallel": False, "micro_batch": 1, "vae_decode": "sequential", "vae_attention_rows": 64},
 }
 
 
@@ -129,7 +131,8 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
         [
             f"Predicted peak memory per rank in GiB (the planner; {'CFG' if records[0]['cfg'] else 'no CFG'}, "
             "feed-forward chunks of 16384 tokens). `default`: CFG parallelism on even rank counts, the whole "
-            "guidance batch per call; `lowmem`: `--no-cfg-parallel --micro-batch 1`. Last column: the planner's "
+            "guidance batch per call; `lowmem`: `--no-cfg-parallel --micro-batch 1 --vae-decode sequential "
+            "--vae-attention-rows 64`. Last column: the planner's "
             "UNet activation peak over torch MemTracker's on the meta device (batch 2, one rank) where traced.",
             markdown_table(headers, rows),
             "\n".join(f"- {line}" for line in fits),

@@ -41,7 +41,14 @@ from distlin.loading import (
     parse_dtype,
     unet_downsamplings,
 )
-from distlin.memory.planner import format_plan, plan, ranks_needed, sequential_vae, sequential_vae_settings
+from distlin.memory.planner import (
+    VAE_DECODES,
+    format_plan,
+    plan,
+    ranks_needed,
+    sequential_vae,
+    sequential_vae_settings,
+)
 from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize
 from distlin.parallel.config import MODES
 from distlin.parallel.layout import RowLayout
@@ -78,6 +85,7 @@ class Settings:
     plan_ranks: int | None = None
     plan_json: Path | None = None
     vae_attention_rows: int | None = None  # stream the sequential VAE's mid-block K/V from host RAM
+    vae_decode: str = "auto"  # direct (plain / band-parallel), sequential (band by band via host RAM) or auto
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         "other: half the activation memory, same image (default: the preset's, else the whole batch)",
     )
     mem = p.add_argument_group("memory plan")
+    mem.add_argument(
+        "--vae-decode",
+        choices=VAE_DECODES,
+        default="auto",
+        help="direct: plain VAE on one rank, band-parallel on several; sequential: rank 0 decodes band by band "
+        "with the activations in host RAM (least device memory); auto: sequential above 2048x2048 px per rank "
+        "or when the device needs it",
+    )
     mem.add_argument(
         "--vae-attention-rows",
         type=int,
@@ -270,6 +286,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         plan_ranks=args.plan_ranks,
         plan_json=_optional_output(args.plan_json, ".json"),
         vae_attention_rows=args.vae_attention_rows,
+        vae_decode=args.vae_decode,
     )
 
 
@@ -285,6 +302,7 @@ def _metadata(settings: Settings, runtime: Runtime) -> dict[str, Any]:
         "cfg_parallel": settings.engine.cfg_parallel,
         "micro_batch": settings.engine.micro_batch,
         "vae_attention_rows": settings.vae_attention_rows,
+        "vae_decode": settings.vae_decode,
         "distlin_version": distlin.__version__,
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
@@ -319,6 +337,7 @@ def memory_plan(settings: Settings, ranks: int) -> dict[str, Any] | None:
         FF_CHUNK,
         engine.micro_batch,
         settings.vae_attention_rows,
+        settings.vae_decode,
     )
 
 
@@ -339,12 +358,22 @@ def print_plan(settings: Settings) -> None:
 
 
 # Memory savers generate.py may switch on by itself, in this order, when a run does not fit the GPU: the
-# guidance halves one after the other, then the VAE's mid-block keys/values streamed from host RAM. Both
-# leave the image unchanged; the first costs nothing measurable at these sizes, the second host transfers.
-SAVERS: tuple[tuple[str, int], ...] = (("micro_batch", 1), ("vae_attention_rows", 64))
+# guidance halves one after the other, the VAE decoded band by band through host RAM, then its mid-block
+# keys/values streamed from there too. None changes the image; the last two cost host transfers.
+SAVERS: tuple[tuple[str, Any, str], ...] = (
+    ("micro_batch", 1, "--micro-batch 1"),
+    ("vae_decode", "sequential", "--vae-decode sequential"),
+    ("vae_attention_rows", 64, "--vae-attention-rows 64"),
+)
 
 
-def _with(settings: Settings, name: str, value: int) -> Settings:
+def _saver(settings: Settings, name: str) -> Any:
+    """A saver's current value; None (or ``auto``) when the user left it to generate.py."""
+    value = settings.engine.micro_batch if name == "micro_batch" else getattr(settings, name)
+    return None if value == "auto" else value
+
+
+def _with(settings: Settings, name: str, value: Any) -> Settings:
     if name == "micro_batch":
         return replace(settings, engine=replace(settings.engine, micro_batch=value))
     return replace(settings, **{name: value})
@@ -363,9 +392,8 @@ def _fit_to_device(settings: Settings, runtime: Runtime) -> Settings:
     if result is None or result["peak_bytes_per_rank"] <= capacity:
         return settings
     fitted = settings
-    for name, value in SAVERS:
-        current = fitted.engine.micro_batch if name == "micro_batch" else fitted.vae_attention_rows
-        if current is not None:
+    for name, value, _ in SAVERS:
+        if _saver(fitted, name) is not None:
             continue
         fitted = _with(fitted, name, value)
         planned = memory_plan(fitted, runtime.world_size)
@@ -383,6 +411,7 @@ def _fit_to_device(settings: Settings, runtime: Runtime) -> Settings:
             values["width"],
             micro_batch=engine.micro_batch,
             vae_attention_rows=fitted.vae_attention_rows,
+            vae_decode=fitted.vae_decode,
             **kwargs,
         )
         needed = f"at least {ranks} ranks with {_flags(settings, fitted)}" if fitted != settings else f"{ranks} ranks"
@@ -396,12 +425,7 @@ def _fit_to_device(settings: Settings, runtime: Runtime) -> Settings:
 
 def _flags(before: Settings, after: Settings) -> str:
     """The command-line flags that turn ``before``'s memory savers into ``after``'s."""
-    flags = []
-    if after.engine.micro_batch != before.engine.micro_batch:
-        flags.append(f"--micro-batch {after.engine.micro_batch}")
-    if after.vae_attention_rows != before.vae_attention_rows:
-        flags.append(f"--vae-attention-rows {after.vae_attention_rows}")
-    return " ".join(flags)
+    return " ".join(flag for name, _, flag in SAVERS if _saver(before, name) != _saver(after, name))
 
 
 def _stage_report(runtime: Runtime, count: int, steps: int) -> StageReport | None:
@@ -435,7 +459,7 @@ def generate(settings: Settings) -> None:
         # Several ranks decode band-parallel (exact, seam-free); one rank runs the plain VAE. Bands too large for
         # the device are decoded by rank 0 alone, band by band, with the activations in host RAM (same image).
         vae = parallelize_vae(pipe.vae, runtime) if runtime.world_size > 1 else None
-        sequential = sequential_vae(values["height"], values["width"], runtime.world_size)
+        sequential = sequential_vae(values["height"], values["width"], runtime.world_size, settings.vae_decode)
         decode = vae.decode if vae is not None else None
         if sequential:
             decode = partial(

@@ -81,8 +81,9 @@ def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) ->
 
 # Above this many pixels per rank, rank 0 decodes band by band with the activations in host RAM
 # (distlin.highres.sequential_vae), SEQUENTIAL_BAND_ROWS latent rows at a time, instead of every rank
-# decoding its whole band on the device.
-SEQUENTIAL_VAE_PIXELS = 2048 * 4096
+# decoding its whole band on the device: a band decode holds ~3 KB per pixel in fp16 (12 GiB at this size),
+# more than the UNet needs at the same size.
+SEQUENTIAL_VAE_PIXELS = 2048 * 2048
 SEQUENTIAL_BAND_ROWS = 16
 
 
@@ -95,9 +96,15 @@ def sequential_vae_settings(attention_rows: int | None) -> dict[str, Any]:
     return {"band_rows": SEQUENTIAL_BAND_ROWS, "attention_rows": attention_rows, "query_chunk": query_chunk}
 
 
-def sequential_vae(height: int, width: int, ranks: int) -> bool:
-    """Whether a run decodes with the sequential (host-RAM) VAE on rank 0: a band too large for the device."""
-    return height * width > SEQUENTIAL_VAE_PIXELS * ranks
+VAE_DECODES = ("auto", "direct", "sequential")
+
+
+def sequential_vae(height: int, width: int, ranks: int, vae_decode: str = "auto") -> bool:
+    """Whether a run decodes with the sequential (host-RAM) VAE on rank 0 rather than directly on the device(s)
+    (plain on one rank, band-parallel on several): when asked to, or in ``auto`` for a band too large."""
+    if vae_decode not in VAE_DECODES:
+        raise UsageError(f"unknown VAE decode {vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
+    return vae_decode == "sequential" or (vae_decode == "auto" and height * width > SEQUENTIAL_VAE_PIXELS * ranks)
 
 
 def plan(
@@ -111,6 +118,7 @@ def plan(
     ff_chunk: int | None = None,
     micro_batch: int | None = None,
     vae_attention_rows: int | None = None,
+    vae_decode: str = "auto",
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
@@ -118,7 +126,8 @@ def plan(
     as :func:`load_architecture` returns. ``cfg`` doubles the UNet batch; with ``cfg_parallel`` and an
     even number of ranks the two halves run on separate rank groups (batch 1 over ``ranks/2`` bands);
     ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other);
-    ``vae_attention_rows`` streams the sequential VAE decode's mid-block keys/values from host RAM.
+    ``vae_decode`` picks the VAE path (:func:`sequential_vae`); ``vae_attention_rows`` streams the
+    sequential decode's mid-block keys/values from host RAM.
     """
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -135,7 +144,7 @@ def plan(
     batch = min(2 if cfg and not split_cfg else 1, micro_batch or 2)
     unit = 2 ** (len(unet["block_out_channels"]) - 1)
     unet_tokens = _band_rows(rows, unit, patch_ranks) * cols
-    sequential = sequential_vae(height, width, ranks)
+    sequential = sequential_vae(height, width, ranks, vae_decode)
     if sequential:
         from distlin.highres.sequential_vae import device_peak_elements  # here: it imports diffusers
 
