@@ -116,6 +116,17 @@ def test_denominator_epsilon_is_1e_minus_4():
     assert not torch.allclose(out, naive(1e-6), rtol=1e-2, atol=1e-3)  # the epsilon's value matters here
 
 
+def test_feature_map_is_exact_for_small_values_and_has_slope_one_at_zero():
+    """phi(u) is exp(u) for u <= 0 to float32 round-off, even where exp(u) ~ 1e-13 ((exp(u) - 1) + 1 gives 0
+    there), and u + 1 above; the derivative is 1 at u = 0 from both sides, as for elu(u) + 1."""
+    u = torch.linspace(-30.0, 5.0, 3501)
+    expected = torch.where(u > 0, u.double() + 1, u.double().exp())
+    torch.testing.assert_close(feature_map(u).double(), expected, rtol=2e-7, atol=0.0)
+    zero = torch.zeros(3, requires_grad=True)
+    feature_map(zero).sum().backward()
+    assert torch.equal(zero.grad, torch.ones(3))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Chunking changes memory, not results
 

@@ -52,7 +52,7 @@ class LinFusionAttnProcessor:
         x = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states
         b, h = x.shape[0], attn.heads
         # Projections run chunk by chunk too, so no full-size Q, K, V or MLP activation ever exists.
-        chunks = token_chunks(x.shape[1], self.chunk_size)
+        chunks = token_chunks(x.shape[1], self.chunk_size, x.device)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, t.shape[1], h, -1).transpose(1, 2)
@@ -68,7 +68,7 @@ class LinFusionAttnProcessor:
         for start, stop in chunks:
             xc = x[:, start:stop]
             o = apply_state(heads(attn.to_q(xc + attn.to_q_(xc))), state, None)
-            out[:, start:stop] = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
+            out[:, start:stop] = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))  # a view: no copy
         if len(shape) == 4:
             out = out.transpose(1, 2).reshape(shape)
         return out

