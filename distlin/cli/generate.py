@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=VAE_DECODES,
         default="auto",
         help="direct: plain VAE on one rank, band-parallel on several; sequential: rank 0 decodes band by band "
-        "with the activations in host RAM (least device memory); auto: sequential above 2048x2048 px per rank "
+        "with the activations in host RAM (least device memory); auto: sequential above 1024x1024 px per rank "
         "or when the device needs it",
     )
     mem.add_argument(

@@ -81,9 +81,9 @@ def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) ->
 
 # Above this many pixels per rank, rank 0 decodes band by band with the activations in host RAM
 # (distlin.highres.sequential_vae), SEQUENTIAL_BAND_ROWS latent rows at a time, instead of every rank
-# decoding its whole band on the device: a band decode holds ~3 KB per pixel in fp16 (12 GiB at this size),
-# more than the UNet needs at the same size.
-SEQUENTIAL_VAE_PIXELS = 2048 * 2048
+# decoding its whole band on the device: a direct decode holds ~3 KB per pixel in fp16 (3 GiB at this size),
+# more than the UNet needs at the same size, so above it the direct decode would set the run's peak.
+SEQUENTIAL_VAE_PIXELS = 1024 * 1024
 SEQUENTIAL_BAND_ROWS = 16
 
 
