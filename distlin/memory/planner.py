@@ -208,7 +208,8 @@ def format_plan(result: dict[str, Any]) -> str:
         f"predicted peak per rank: {result['peak_bytes_per_rank'] / gib:.2f} GiB "
         f"({result['height']}x{result['width']} px, {result['ranks']} rank(s), {result['dtype']}, "
         f"cfg={'parallel' if result['cfg_parallel'] else result['cfg']}, micro_batch={result['micro_batch']}, "
-        f"ff_chunk={result['ff_chunk']})"
+        f"ff_chunk={result['ff_chunk']}, vae={result['vae']}"
+        + (f", vae_attention_rows={result['vae_attention_rows']})" if result["vae_attention_rows"] else ")")
     )
     lines = [f"  {key:<24} {value / gib:9.3f} GiB" for key, value in result["breakdown"].items()]
     note = "  (UNet and VAE activations do not coexist: the peak counts the larger)"
