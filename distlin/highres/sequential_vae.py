@@ -32,7 +32,6 @@ upsamplers, mixed-dtype weights, ...) raises :class:`UnsupportedDecoderError` be
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from functools import partial
 from itertools import pairwise
@@ -50,7 +49,7 @@ from torch import nn
 from distlin.errors import UsageError
 from distlin.ops.softmax_attention import softmax_attention
 from distlin.parallel.conv import halo_rows
-from distlin.parallel.groupnorm import group_moments, normalize_with
+from distlin.parallel.groupnorm import MOMENT_CHUNK_ELEMENTS, group_moments, normalize_with
 
 POINTWISE_ACTIVATIONS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)
 Pre = Callable[[torch.Tensor], torch.Tensor]
@@ -465,9 +464,8 @@ def _moments_scratch(elements: int, channels: int, groups: int, batch: int, wide
     """Float32 copy ``group_moments`` makes of a half-precision band, per batch item (none in float32)."""
     if wide <= 1 or channels % groups:
         return 0.0
-    chunk = inspect.signature(group_moments).parameters["chunk_elements"].default
     per_group = elements // groups
-    return wide * min(groups, max(1, chunk // max(1, per_group * batch))) * per_group
+    return wide * min(groups, max(1, MOMENT_CHUNK_ELEMENTS // max(1, per_group * batch))) * per_group
 
 
 def _conv_peak(

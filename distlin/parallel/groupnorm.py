@@ -10,8 +10,10 @@ from distlin.ops.index_safe import INDEX_LIMIT
 from distlin.parallel.context import ParallelContext
 from distlin.surgery import twin
 
+MOMENT_CHUNK_ELEMENTS = 1 << 26  # largest float32 copy group_moments makes of a half-precision input
 
-def group_moments(x: torch.Tensor, groups: int, chunk_elements: int = 1 << 26) -> torch.Tensor:
+
+def group_moments(x: torch.Tensor, groups: int, chunk_elements: int = MOMENT_CHUNK_ELEMENTS) -> torch.Tensor:
     """Per (batch, group): ``[count, sum, sum of squares]`` in float64, computed stably from var_mean.
 
     Groups are visited a few at a time so the float32 copy of a half-precision input stays below
