@@ -29,7 +29,13 @@ class ChunkedFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         if hidden_states.shape[1] <= self.chunk:
             return self.ff(hidden_states, *args, **kwargs)
-        return torch.cat([self.ff(part, *args, **kwargs) for part in hidden_states.split(self.chunk, dim=1)], dim=1)
+        out = None  # written chunk by chunk: no list of chunk outputs plus a concatenated copy
+        for start in range(0, hidden_states.shape[1], self.chunk):
+            part = self.ff(hidden_states[:, start : start + self.chunk], *args, **kwargs)
+            if out is None:
+                out = part.new_empty(*part.shape[:1], hidden_states.shape[1], *part.shape[2:])
+            out[:, start : start + part.shape[1]] = part
+        return out
 
 
 def enable_ff_chunking(unet: nn.Module, chunk: int) -> int:

@@ -42,22 +42,23 @@ def conv2d_rows(
     out_rows = (height + 2 * p - d * (k - 1) - 1) // s + 1
     out_width = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     out_row_elements = batch * weight.shape[0] * out_width
+    if rows is None and max(x.numel(), out_rows * out_row_elements) <= max_elements:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    out = x.new_empty(batch, weight.shape[0], out_rows, out_width)  # parts written in place, never concatenated
+    if rows is None and batch > 1:  # one sample at a time first: the cheapest split
+        for i in range(batch):
+            out[i : i + 1] = conv2d_rows(x[i : i + 1], weight, bias, stride, padding, dilation, groups)
+        return out
     if rows is None:
-        if max(x.numel(), out_rows * out_row_elements) <= max_elements:
-            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        if batch > 1:  # one sample at a time first: the cheapest split
-            parts = [conv2d_rows(x[i : i + 1], weight, bias, stride, padding, dilation, groups) for i in range(batch)]
-            return torch.cat(parts)
-        in_row_elements = x.shape[1] * width
         reach = d * (k - 1) + 1
-        rows = max(1, min(max_elements // out_row_elements, (max_elements // in_row_elements - reach) // s + 1))
-    parts = []
+        in_rows = max_elements // (x.shape[1] * width)
+        rows = max(1, min(max_elements // out_row_elements, (in_rows - reach) // s + 1))
     for first in range(0, out_rows, rows):
         last = min(first + rows, out_rows) - 1
         lo, hi = first * s - p, last * s - p + d * (k - 1) + 1
         band = F.pad(x[:, :, max(lo, 0) : min(hi, height)], (0, 0, max(-lo, 0), max(hi - height, 0)))
-        parts.append(F.conv2d(band, weight, bias, stride, (0, pw), dilation, groups))
-    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        out[:, :, first : last + 1] = F.conv2d(band, weight, bias, stride, (0, pw), dilation, groups)
+    return out
 
 
 def upsample_nearest2x(x: torch.Tensor, max_elements: int = INDEX_LIMIT) -> torch.Tensor:
@@ -66,4 +67,8 @@ def upsample_nearest2x(x: torch.Tensor, max_elements: int = INDEX_LIMIT) -> torc
     rows = max(1, max_elements // out_row_elements)
     if rows >= x.shape[2]:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return torch.cat([F.interpolate(band, scale_factor=2.0, mode="nearest") for band in x.split(rows, 2)], dim=2)
+    out = x.new_empty(*x.shape[:2], 2 * x.shape[2], 2 * x.shape[3])
+    for first in range(0, x.shape[2], rows):
+        band = x[:, :, first : first + rows]
+        out[:, :, 2 * first : 2 * (first + band.shape[2])] = F.interpolate(band, scale_factor=2.0, mode="nearest")
+    return out
