@@ -12,6 +12,7 @@ from diffusers import (
 )
 
 from distlin import LinFusion
+from distlin.highres.chunking import bound_memory
 from distlin.models.tiny import build_controlnet, build_pipeline
 from distlin.parallel import PatchParallelConfig, Runtime, parallelize
 from distlin.parallel.context import ParallelContext
@@ -33,12 +34,16 @@ def generate(
     width: int = WIDTH,
     steps: int = 3,
     guidance: float = 5.0,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Final latents of one pipeline run, parallelized over ``runtime``'s ranks."""
+    """Final latents of one pipeline run, parallelized over ``runtime``'s ranks; ``chunk``: the UNet runs under
+    :func:`distlin.highres.chunking.bound_memory` (transformers in token chunks)."""
     pipe = build_pipeline(name, seed=0)
     if linfusion:
         torch.manual_seed(1)
         LinFusion.construct_for(pipe, load_pretrained=False, init="random")
+    if chunk is not None:
+        bound_memory(pipe.unet, chunk)
     kwargs: dict[str, Any] = {}
     if kind == "img2img":
         cls = StableDiffusionXLImg2ImgPipeline if name == "tiny-sdxl" else StableDiffusionImg2ImgPipeline

@@ -9,7 +9,8 @@ from multirank import run_ranks
 from distlin import LinFusion
 from distlin.highres import enable_ff_chunking, parallelize_vae
 from distlin.highres.cascade import Stage, load_stages, run_cascade
-from distlin.highres.chunking import disable_ff_chunking, enable_conv_chunking
+from distlin.highres.chunking import bound_memory, disable_ff_chunking, enable_conv_chunking
+from distlin.highres.transformer import ChunkedTransformer2D
 from distlin.models.tiny import build_pipeline, build_unet
 from distlin.ops.index_safe import conv2d_rows
 from distlin.parallel import PatchParallelConfig, Runtime, parallelize
@@ -100,6 +101,36 @@ def test_chunked_feed_forward_and_convs_equal_unchunked() -> None:
         assert enable_conv_chunking(unet, rows=5, threshold=1000) > 0
         chunked = unet(sample, 10, context).sample
         disable_ff_chunking(unet)
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])  # conv proj_in/out; linear projections, 2 blocks
+def test_token_chunked_transformers_equal_whole_ones(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    unet = build_unet(name)
+    LinFusion.construct_for(unet=unet, load_pretrained=False, init="random")
+    config = unet.config
+    sample, context = torch.randn(2, 4, 48, 32), torch.randn(2, 77, config.cross_attention_dim)  # >= 96 tokens a level
+    kwargs = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled), "time_ids": torch.randn(2, 6)}
+    calls, sizes = [], []
+    original = ChunkedTransformer2D._forward_chunked
+
+    def counted(self: ChunkedTransformer2D, *args: torch.Tensor) -> torch.Tensor:
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(ChunkedTransformer2D, "_forward_chunked", counted)
+    with torch.no_grad():
+        plain = unet(sample, 10, context, **kwargs).sample
+        bound_memory(unet, 37)  # 37 divides no level's token count
+        for module in unet.modules():
+            if isinstance(module, ChunkedTransformer2D):
+                module.register_forward_pre_hook(lambda _, args: sizes.append(args[0][0, 0].numel()))
+        chunked = unet(sample, 10, context, **kwargs).sample
+    assert len(calls) == sum(n > 37 for n in sizes) > 0  # every transformer above the chunk ran chunked
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from multirank import run_ranks
-from parallel_jobs import LAYER_CASES, generate, generate_many, layer_outputs
+from parallel_jobs import HEIGHT, LAYER_CASES, WIDTH, generate, generate_many, layer_outputs
 
 from distlin.errors import UsageError
 from distlin.parallel import PatchParallelConfig, Runtime
@@ -31,6 +31,14 @@ CASES = {
         ),
         "displaced": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
         "displaced-again": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
+        # Transformers in token chunks of 37 (dividing no level's token count), exact and displaced.
+        "sd15-linear-chunked": ("tiny-sd15", True, EXACT_NO_CFG, "txt2img", HEIGHT, WIDTH, 3, 5.0, 37),
+        "displaced-chunked": (
+            "tiny-sd15",
+            True,
+            PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False),
+            *("txt2img", HEIGHT, WIDTH, 3, 5.0, 37),
+        ),
         # The guidance halves one after the other (micro-batches of 1), exact and displaced (per-sample stale halos).
         "sd15-linear-micro": ("tiny-sd15", True, PatchParallelConfig("exact", cfg_parallel=False, micro_batch=1)),
         "displaced-micro": (
@@ -115,6 +123,16 @@ def test_displaced_micro_batches_keep_their_own_stale_halos(multi) -> None:
     """Each micro-batch reuses its own last-step halos, so displaced mode gives what the whole batch gives."""
     ref = multi[2]["displaced"]
     assert (multi[2]["displaced-micro"] - ref).abs().max().item() <= TOL * ref.abs().max().item()
+
+
+def test_token_chunked_transformers_equal_whole_ones(single, multi) -> None:
+    """Transformers run 37 tokens at a time (GroupNorm moments and attention state over all chunks, then every
+    chunk updated in place) give the same latents, on one rank and on two, exact and displaced."""
+    ref = single["sd15-linear"]
+    for out in (single["sd15-linear-chunked"], multi[2]["sd15-linear-chunked"]):
+        assert (out - ref).abs().max().item() <= TOL * ref.abs().max().item()
+    displaced = multi[2]["displaced"]
+    assert (multi[2]["displaced-chunked"] - displaced).abs().max().item() <= TOL * displaced.abs().max().item()
 
 
 def test_each_wrapped_layer_equals_the_plain_layer() -> None:

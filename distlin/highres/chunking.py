@@ -9,10 +9,14 @@ but refuses token counts that are not a multiple of the chunk (band sizes rarely
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from distlin.highres.transformer import ChunkedTransformer2D
 from distlin.ops.index_safe import INDEX_LIMIT, conv2d_rows, upsample_nearest2x
 from distlin.surgery import set_submodule, twin
 
@@ -96,10 +100,42 @@ class IndexSafeUpsample2D(Upsample2D):
         return self.conv(hidden_states) if self.name == "conv" else self.Conv2d_0(hidden_states)
 
 
-def bound_memory(model: nn.Module, ff_chunk: int) -> None:
-    """What every high-resolution run applies to its UNet or VAE: token-chunked feed-forward (``ff_chunk``
-    tokens) and index-safe upsampling. Exact; a no-op at sizes where neither limit is reached."""
-    enable_ff_chunking(model, ff_chunk)
+class LeanResnetBlock2D(ResnetBlock2D):
+    """diffusers' ``ResnetBlock2D`` (same parameters) whose SiLUs run in place on the GroupNorm outputs, which
+    are fresh tensors: the block then holds its input and one normalised copy instead of two. In an up
+    block the input is the 3C-wide concatenation with the skip, so this is the peak of a 16K UNet once the
+    transformers are chunked. Only without autograd, and only for the plain variant SD uses (no up/down
+    sampling, additive time embedding, SiLU); anything else runs the original forward."""
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+        plain = (
+            self.upsample is None
+            and self.downsample is None
+            and self.time_embedding_norm == "default"
+            and type(self.nonlinearity) is nn.SiLU
+            and (self.time_emb_proj is not None or temb is None)
+            and not torch.is_grad_enabled()
+        )
+        if args or kwargs or not plain:
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        hidden = self.conv1(F.silu(self.norm1(input_tensor), inplace=True))
+        if temb is not None:
+            hidden += self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))[:, :, None, None]
+        hidden = self.conv2(self.dropout(F.silu(self.norm2(hidden), inplace=True)))
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        return (shortcut + hidden) / self.output_scale_factor
+
+
+def bound_memory(model: nn.Module, chunk: int) -> None:
+    """What every high-resolution run applies to its UNet or VAE: LinFusion transformers run ``chunk`` tokens
+    at a time end to end (:class:`~distlin.highres.transformer.ChunkedTransformer2D`), the feed-forward of
+    any other transformer block too, resnets with in-place activations (:class:`LeanResnetBlock2D`) and
+    index-safe upsampling. Exact."""
+    enable_ff_chunking(model, chunk)
     for name, module in list(model.named_modules()):
         if type(module) is Upsample2D:
             set_submodule(model, name, twin(module, IndexSafeUpsample2D))
+        elif type(module) is Transformer2DModel:
+            set_submodule(model, name, ChunkedTransformer2D.from_transformer(module, chunk))
+        elif type(module) is ResnetBlock2D:
+            set_submodule(model, name, twin(module, LeanResnetBlock2D))

@@ -32,11 +32,42 @@ class LinFusionAttnProcessor:
 
     ``reduce_state`` turns the local state into the global one (an all-reduce in the parallel
     engine, the identity on one device). ``chunk_size`` bounds the extra memory per token chunk.
+    The phases are public (:meth:`partial`, :meth:`reduce`, :meth:`apply`) so a caller that produces the
+    layer's input chunk by chunk (:class:`~distlin.highres.transformer.ChunkedTransformer2D`) can sum the
+    partial states of its chunks, reduce once, then apply the state chunk by chunk.
     """
 
     def __init__(self, chunk_size: int | None = DEFAULT_CHUNK, reduce_state: StateReducer | None = None):
         self.chunk_size = chunk_size
         self.reduce_state = reduce_state
+
+    @staticmethod
+    def _heads(attn: LinFusionAttention, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], attn.heads, -1).transpose(1, 2)
+
+    def partial(self, attn: LinFusionAttention, x: torch.Tensor) -> LinearAttentionState:
+        """Local sums of ``phi(k)^T v`` and ``phi(k)`` over the tokens of ``x`` (B, N, C)."""
+        state = None
+        # Projections run chunk by chunk too, so no full-size Q, K, V or MLP activation ever exists.
+        for start, stop in token_chunks(x.shape[1], self.chunk_size, x.device):
+            xc = x[:, start:stop]
+            k, v = self._heads(attn, attn.to_k(xc + attn.to_k_(xc))), self._heads(attn, attn.to_v(xc))
+            part = partial_state(k, v, None)
+            state = part if state is None else state + part
+        return state
+
+    def reduce(self, state: LinearAttentionState) -> LinearAttentionState:
+        """The global state from this rank's (identity on one device)."""
+        return state if self.reduce_state is None else self.reduce_state(state)
+
+    def apply(self, attn: LinFusionAttention, x: torch.Tensor, state: LinearAttentionState) -> torch.Tensor:
+        """The layer's output for the tokens of ``x`` (B, N, C) under the global ``state``."""
+        out = x.new_empty(x.shape[0], x.shape[1], attn.to_out[0].out_features)
+        for start, stop in token_chunks(x.shape[1], self.chunk_size, x.device):
+            xc = x[:, start:stop]
+            o = apply_state(self._heads(attn, attn.to_q(xc + attn.to_q_(xc))), state, None)
+            out[:, start:stop] = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))  # a view: no copy
+        return out
 
     def __call__(
         self,
@@ -50,25 +81,7 @@ class LinFusionAttnProcessor:
             raise ValueError("LinFusion attention is self-attention only: no encoder states, no mask")
         shape = hidden_states.shape
         x = hidden_states.flatten(2).transpose(1, 2) if hidden_states.ndim == 4 else hidden_states
-        b, h = x.shape[0], attn.heads
-        # Projections run chunk by chunk too, so no full-size Q, K, V or MLP activation ever exists.
-        chunks = token_chunks(x.shape[1], self.chunk_size, x.device)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, t.shape[1], h, -1).transpose(1, 2)
-
-        state = None
-        for start, stop in chunks:
-            xc = x[:, start:stop]
-            part = partial_state(heads(attn.to_k(xc + attn.to_k_(xc))), heads(attn.to_v(xc)), None)
-            state = part if state is None else state + part
-        if self.reduce_state is not None:
-            state = self.reduce_state(state)
-        out = x.new_empty(b, x.shape[1], attn.to_out[0].out_features)
-        for start, stop in chunks:
-            xc = x[:, start:stop]
-            o = apply_state(heads(attn.to_q(xc + attn.to_q_(xc))), state, None)
-            out[:, start:stop] = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))  # a view: no copy
+        out = self.apply(attn, x, self.reduce(self.partial(attn, x)))
         if len(shape) == 4:
             out = out.transpose(1, 2).reshape(shape)
         return out

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from distlin.highres.chunking import enable_ff_chunking
+from distlin.highres.chunking import bound_memory
 from distlin.linfusion import LinFusion
 from distlin.models.tiny import build_unet, load_architecture
 
@@ -27,14 +27,14 @@ def measured_unet_activation_peak(
     ff_chunk: int | None = None,
 ) -> int:
     """Peak bytes of activations (parameters excluded) of one no-grad UNet call on a ``latent_height`` x
-    ``latent_width`` latent, with LinFusion self-attention when ``linfusion``; ``ff_chunk`` enables
-    the token-chunked feed-forward of :mod:`distlin.highres.chunking`."""
+    ``latent_width`` latent, with LinFusion self-attention when ``linfusion``; ``ff_chunk`` applies
+    :func:`distlin.highres.chunking.bound_memory` (token-chunked transformers) as generate.py does."""
     architecture = load_architecture(name)["unet"]
     unet = build_unet(name, torch_dtype=dtype, device="meta")
     if linfusion:
         LinFusion.construct_for(unet=unet, load_pretrained=False, init="random")
     if ff_chunk is not None:
-        enable_ff_chunking(unet, ff_chunk)
+        bound_memory(unet, ff_chunk)
     meta: dict[str, Any] = {"dtype": dtype, "device": "meta"}
     sample = torch.empty(batch, architecture["in_channels"], latent_height, latent_width, **meta)
     context = torch.empty(batch, 77, architecture["cross_attention_dim"], **meta)

@@ -2,14 +2,18 @@
 
 The model (validated against meta-tensor measurements in ``tests/test_memory.py``): peak = weights +
 max(UNet activation peak, VAE-decode peak) + the full latent and image every rank holds. No-grad
-activations peak in a feed-forward of a transformer level of the UNet's up path. There, per token of
+activations peak in a feed-forward of a transformer level of the UNet's up path (or, with chunked
+transformers, in a resnet of that level: concatenated input, its norm and SiLU, in place with
+``bound_memory``, and the conv output). There, per token of
 that level (C channels, ``m`` the FF multiplier, ``L`` layers per block), are alive: the block's
 ``L+1`` skip tensors (diffusers keeps the whole tuple referenced), the caller's input (the deeper
 level's C' channels), five C-wide tensors of the transformer (residual, hidden, attention output,
 norm output, proj_in output) and the GEGLU's ``2mC`` projection, ``mC`` GELU and ``mC`` product; the
-skips of every shallower level are alive too. Token-chunked FF (``ff_chunk``) leaves one C-wide output
-instead of the ``4mC``. The VAE decoder peaks at its last upsampling: three tensors of the second level's
-width at full image resolution (upsampled input, conv output, next resnet's norm), per band pixel.
+skips of every shallower level are alive too. With ``ff_chunk`` (generate.py's ``bound_memory``) a
+transformer above that many tokens runs in token chunks end to end (:mod:`distlin.highres.transformer`):
+its input, the hidden-state buffer and the output (3 C-wide tensors) plus one chunk's GEGLU working set.
+A direct VAE decode peaks at its last upsampling: three tensors of the second level's width at full image
+resolution (upsampled input, conv output, next resnet's norm), per band pixel.
 Softmax attention is assumed to run in a fused kernel (no N x N scores), as on GPUs.
 """
 
@@ -63,11 +67,13 @@ def unet_activation_elements(unet: dict[str, Any], tokens: int, batch: int, ff_c
         level_tokens = tokens / 4**level
         deeper = widths[min(level + 1, len(widths) - 1)]
         held = level_tokens * ((depth + 1) * width + deeper) + shallower
-        if attention[level]:
-            ff = 4 * ff_mult * width * level_tokens if ff_chunk is None else width * level_tokens
-            peak = max(peak, held + 5 * width * level_tokens + ff)
-        else:  # resnet: concatenated input, its norm and activation, conv output
-            peak = max(peak, held + level_tokens * (3 * (deeper + width) + width))
+        # resnet: concatenated input, its norm and activation (one tensor when in place: bound_memory), conv output
+        copies = 3 if ff_chunk is None else 2
+        peak = max(peak, held + level_tokens * (copies * (deeper + width) + width))
+        if attention[level] and (ff_chunk is None or level_tokens <= ff_chunk):
+            peak = max(peak, held + (5 + 4 * ff_mult) * width * level_tokens)
+        elif attention[level]:  # token-chunked transformer: input, hidden and output, plus one chunk's work
+            peak = max(peak, held + 3 * width * level_tokens + (4 * ff_mult + 2) * width * ff_chunk)
         shallower += level_tokens * (depth + 1) * width
     return int(batch * peak)
 

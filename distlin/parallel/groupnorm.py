@@ -61,19 +61,26 @@ class PatchGroupNorm(nn.GroupNorm):
         patched.moments_slot = ctx.new_slot()
         return patched
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _local_only(self) -> bool:
         ctx = self.ctx
-        local_only = ctx.patch.size == 1 or ctx.naive or ctx.layout is None
-        if local_only and x.numel() <= INDEX_LIMIT:
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return ctx.patch.size == 1 or ctx.naive or ctx.layout is None
+
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-group moments of the whole image (this band's in naive mode or alone), exchanged as the mode says;
+        what a caller that normalises ``x`` piece by piece needs (:func:`normalize_with`)."""
+        ctx = self.ctx
         local = group_moments(x, self.num_groups)  # chunked: also how a tensor too large for the kernel is normed
-        if local_only:
-            return normalize_with(x, local, self)
+        if self._local_only():
+            return local
 
         def launch(async_op: bool):
             total = local.clone()
             return ctx.patch.all_reduce(total, "groupnorm", async_op).then(lambda t: (local, t))
 
         stale_local, stale_total = ctx.exchange(self.moments_slot, local, launch)
-        moments = stale_total if stale_local is local else stale_total - stale_local + local
-        return normalize_with(x, moments, self)
+        return stale_total if stale_local is local else stale_total - stale_local + local
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._local_only() and x.numel() <= INDEX_LIMIT:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return normalize_with(x, self.moments(x), self)
