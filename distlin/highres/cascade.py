@@ -65,6 +65,15 @@ class StageClock:
         self.start = now
 
 
+def check_stages(stages: Sequence[Stage]) -> None:
+    """At least one stage, and every refining stage's strength in (0, 1]; a UsageError names the bad one."""
+    if not stages:
+        raise UsageError("a cascade needs at least one stage")
+    for stage in stages[1:]:
+        if not 0.0 < stage.strength <= 1.0:
+            raise UsageError(f"stage {stage.height}x{stage.width}: strength must be in (0, 1], got {stage.strength}")
+
+
 def load_stages(preset: str) -> list[Stage]:
     """The ``cascade:`` section of a preset (a list of {height, width, strength})."""
     section = load_preset(preset).get("cascade")
@@ -106,11 +115,7 @@ def run_cascade(
     the encoded latents use the posterior mean, so the cascade is deterministic given the seed. ``on_stage``
     gets each stage's wall time as it ends.
     """
-    if not stages:
-        raise UsageError("a cascade needs at least one stage")
-    for stage in stages[1:]:
-        if not 0.0 < stage.strength <= 1.0:
-            raise UsageError(f"stage {stage.height}x{stage.width}: strength must be in (0, 1], got {stage.strength}")
+    check_stages(stages)
     coder = vae or _PlainVAE(pipe.vae)
     scale = pipe.vae.config.scaling_factor
     common = {"guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "output_type": "latent"}

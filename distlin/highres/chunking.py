@@ -65,6 +65,8 @@ class RowChunkedConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rows: int, threshold: int) -> RowChunkedConv2d:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("row-chunked convolution needs numeric zero padding")
         chunked = twin(conv, cls)
         chunked.rows, chunked.threshold = rows, threshold
         return chunked
@@ -72,8 +74,6 @@ class RowChunkedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x[0].numel() <= self.threshold:
             return super().forward(x)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("row-chunked convolution needs numeric zero padding")
         return conv2d_rows(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.rows)
 
 

@@ -38,7 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from distlin.errors import UsageError
-from distlin.highres.cascade import Stage, StageClock, StageReport, _PlainVAE
+from distlin.highres.cascade import Stage, StageClock, StageReport, _PlainVAE, check_stages
 from distlin.highres.vae import ParallelVAE
 from distlin.parallel.unet import ParallelUNet
 
@@ -218,13 +218,9 @@ def run_demofusion(
     parallelized UNet) is checked against every stage's size up front. Decode the result with
     :func:`distlin.loading.decode_latents`. ``on_stage`` gets each stage's wall time as it ends.
     """
-    if not stages:
-        raise UsageError("a cascade needs at least one stage")
+    check_stages(stages)
     native = stages[0]
     ratios = [_ratio(native, stage) for stage in stages[1:]]
-    for stage in stages[1:]:
-        if not 0.0 < stage.strength <= 1.0:
-            raise UsageError(f"stage {stage.height}x{stage.width}: strength must be in (0, 1], got {stage.strength}")
     if handle is not None:
         for stage in stages:
             handle.check_size(stage.height, stage.width, pipe.vae_scale_factor)
