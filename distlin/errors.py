@@ -7,3 +7,7 @@ USAGE_EXIT_CODE = 2
 
 class UsageError(ValueError):
     """Bad input the user can fix. The message is one line naming the value and the fix."""
+
+
+class Cancelled(Exception):
+    """A generation stopped on request (the web app's cancel), on every rank at the same UNet step."""

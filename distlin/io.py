@@ -1,4 +1,4 @@
-"""Output files: checked before any heavy work, written atomically so Ctrl-C never leaves half a file."""
+"""Output files: checked before any heavy import or work, written atomically so Ctrl-C never leaves half a file."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import secrets
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-from safetensors.torch import save
+from typing import TYPE_CHECKING, Any
 
 from distlin.errors import UsageError
+
+if TYPE_CHECKING:  # imported where used: output paths are checked before any heavy import
+    import torch
+    from PIL import Image
 
 # zlib level 1, the fastest: higher levels spend more time for slightly smaller files on photo-like images.
 PNG_COMPRESS_LEVEL = 1
@@ -79,6 +77,8 @@ TIFF_TILE = 512
 
 def save_png(path: str | os.PathLike[str], image: Image.Image, metadata: Mapping[str, Any]) -> Path:
     """Write ``image`` as PNG with each ``metadata`` item as a text chunk (``Image.open(path).text``)."""
+    from PIL.PngImagePlugin import PngInfo
+
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))  # PIL switches to an iTXt chunk when the value is not Latin-1
@@ -91,6 +91,7 @@ def save_image(path: str | os.PathLike[str], image: Image.Image, metadata: Mappi
     """PNG, or for ``.tif``/``.tiff`` a tiled BigTIFF that viewers of huge images can page in tile by tile."""
     if Path(path).suffix.lower() not in TIFF_SUFFIXES:
         return save_png(path, image, metadata)
+    import numpy as np
     import tifffile  # optional: only huge-image users need it
 
     pixels = np.asarray(image)
@@ -113,6 +114,8 @@ def save_image(path: str | os.PathLike[str], image: Image.Image, metadata: Mappi
 
 def save_latents(path: str | os.PathLike[str], latents: torch.Tensor) -> Path:
     """Write the final latents (before VAE decoding) as safetensors under the key ``latents``."""
+    from safetensors.torch import save
+
     # Serialised in memory (latents are small even at 16K) because save_file would create a 0600 file.
     data = save({"latents": latents.detach().to("cpu").contiguous()})
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))

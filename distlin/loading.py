@@ -8,121 +8,30 @@ Diffusers' pipeline classes are imported only when a pipeline is loaded, to keep
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from distlin.errors import UsageError
-from distlin.linfusion import LinFusion
-from distlin.models.architectures import is_builtin, load_architecture
+from distlin.linfusion import LinFusion, LinFusionAttnProcessor
+from distlin.models.architectures import is_builtin
+from distlin.settings import canonical_dtype
+from distlin.sources import FRESH_LINFUSION, NO_LINFUSION, check_linfusion_source, check_model_source, local_path
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
     from PIL import Image
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-# LinFusion sources that are not a checkpoint: keep the softmax attention, or build new layers.
-NO_LINFUSION, FRESH_LINFUSION = "none", "fresh"
 
 # Loggers whose chatter ("Couldn't connect to the Hub ...") would bury the one-line error of a failed load.
 _LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub")
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """``float32|float16|bfloat16`` or their short forms ``fp32|fp16|bf16``."""
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}; use float32, float16 or bfloat16 (or fp32, fp16, bf16)")
-    return DTYPES[name]
-
-
-def _local_path(source: str) -> Path | None:
-    """The folder ``source`` names, or None if it is a Hub id.
-
-    Hub ids look like relative paths (``org/name``), so an existing path wins, and anything a Hub id cannot be
-    (absolute, ``./``, ``~``, more than one slash) is a path even when it does not exist.
-    """
-    path = Path(source).expanduser()
-    if path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1:
-        return path
-    return None
-
-
-def _check_source(source: str, what: str, flag: str, marker: str) -> None:
-    """A local folder must hold ``marker`` readably; anything else must be a well-formed Hub id."""
-    path = _local_path(source)
-    if path is None:
-        try:
-            validate_repo_id(source)
-        except HFValidationError:
-            raise UsageError(
-                f"{what} {source!r} is neither a folder nor a Hugging Face Hub id (org/name); fix {flag}"
-            ) from None
-        return
-    if not path.is_dir():
-        raise UsageError(f"{what} folder {source!r} does not exist; fix {flag} (a folder or a Hub id)")
-    if not os.access(path / marker, os.R_OK):
-        raise UsageError(f"{what} folder {source!r} has no readable {marker}; pass the folder that holds it")
-
-
-def check_model_source(model: str) -> None:
-    """Reject a model that is not built in, a diffusers folder or a Hub id, before loading anything."""
-    if not is_builtin(model):
-        _check_source(model, "model", "--model", "model_index.json")
-
-
-def unet_downsamplings(model: str) -> int | None:
-    """The UNet's number of downsamplings from its config alone (no weights), or None if it cannot be read
-    cheaply (then the engine checks the size itself once the model is loaded)."""
-    if is_builtin(model):
-        config = load_architecture(model)["unet"]
-    else:
-        from diffusers import UNet2DConditionModel
-
-        try:
-            with _held_diagnostics():
-                config = UNet2DConditionModel.load_config(model, subfolder="unet")
-        except Exception:  # noqa: BLE001 - any failure here just defers the check to the loaded model
-            return None
-    return len(config.get("block_out_channels", ())) - 1 if "block_out_channels" in config else None
-
-
-# Hub ids of base models whose architecture ships in configs/architectures (for offline memory plans).
-ARCHITECTURE_FOR_MODEL: dict[str, str] = {
-    "runwayml/stable-diffusion-v1-5": "full-sd15",
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "full-sd15",
-    "Lykon/dreamshaper-8": "full-sd15",
-    "SG161222/Realistic_Vision_V4.0_noVAE": "full-sd15",
-    "stabilityai/stable-diffusion-2-1": "full-sd21",
-    "stabilityai/stable-diffusion-xl-base-1.0": "full-sdxl",
-}
-
-
-def architecture_of(model: str) -> dict[str, Any] | None:
-    """The architecture configs of a built-in or well-known model, without touching the network."""
-    if is_builtin(model):
-        return load_architecture(model)
-    name = ARCHITECTURE_FOR_MODEL.get(model)
-    return load_architecture(name) if name else None
-
-
-def check_linfusion_source(linfusion: str) -> None:
-    """Reject a LinFusion source that is not ``none``/``fresh``, a checkpoint folder or a Hub id."""
-    if linfusion not in (NO_LINFUSION, FRESH_LINFUSION):
-        _check_source(linfusion, "LinFusion checkpoint", "--linfusion", "config.json")
+    """The torch dtype of ``float32|float16|bfloat16`` or their short forms ``fp32|fp16|bf16``."""
+    return getattr(torch, canonical_dtype(name))
 
 
 def _not_found(what: str, source: str, err: BaseException, fallback: str) -> UsageError:
@@ -177,7 +86,7 @@ def load_pipeline(model: str, dtype: torch.dtype, device: torch.device | str, se
     check_model_source(model)
     from diffusers import DiffusionPipeline
 
-    source = str(_local_path(model) or model)
+    source = str(local_path(model) or model)
     try:
         with _held_diagnostics():
             pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
@@ -186,12 +95,21 @@ def load_pipeline(model: str, dtype: torch.dtype, device: torch.device | str, se
     return pipe.to(device)
 
 
-def mount_linfusion(pipe: Any, linfusion: str, seed: int = 0) -> LinFusion | None:
+def mount_linfusion(pipe: Any, linfusion: str, seed: int = 0, kernel: str = "auto") -> LinFusion | None:
     """Replace the UNet's self-attention with LinFusion layers; returns the mounted container.
 
     ``none`` keeps softmax attention; ``fresh`` builds new layers from ``seed`` (the same on every rank, so
-    patch-parallel ranks hold identical weights); anything else is a checkpoint folder or Hub id.
+    patch-parallel ranks hold identical weights); anything else is a checkpoint folder or Hub id. ``kernel``
+    picks the attention ops of every layer (:data:`~distlin.ops.linear_attention.ATTENTION_KERNELS`).
     """
+    mounted = _mount(pipe, linfusion, seed)
+    if mounted is not None:
+        for layer in mounted.layers:
+            layer.set_processor(LinFusionAttnProcessor(kernel=kernel))
+    return mounted
+
+
+def _mount(pipe: Any, linfusion: str, seed: int) -> LinFusion | None:
     if linfusion == NO_LINFUSION:
         return None
     if linfusion == FRESH_LINFUSION:
@@ -199,12 +117,18 @@ def mount_linfusion(pipe: Any, linfusion: str, seed: int = 0) -> LinFusion | Non
             torch.manual_seed(seed)
             return LinFusion.construct_for(pipe, load_pretrained=False)
     check_linfusion_source(linfusion)
-    source = str(_local_path(linfusion) or linfusion)
+    source = str(local_path(linfusion) or linfusion)
     try:
         with _held_diagnostics():
             return LinFusion.construct_for(pipe, pretrained_model_name_or_path=source)
     except OSError as err:
         raise _not_found("LinFusion checkpoint", linfusion, err, "pass --linfusion fresh or none") from None
+    except (RuntimeError, ValueError) as err:  # shapes or tensors that do not fit this UNet, a damaged file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"LinFusion checkpoint {linfusion!r} does not fit {pipe.unet.__class__.__name__} of this model "
+            f"({first[:200]}); pass the checkpoint made for this base model, or --linfusion fresh or none"
+        ) from None
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""Named presets: one YAML file per preset in the repository's ``configs/`` folder.
+"""Presets: YAML files giving every default of a generation (model, LinFusion layers, prompt, size, steps,
+dtype, device and the engine settings), so a command line only names what it changes.
 
-A preset gives every default of a generation (model, LinFusion layers, prompt, size, steps, dtype, device
-and the engine settings), so a command line only names what it changes.
+Built-in presets ship inside the package (``distlin/configs/*.yaml``); a path to a user's own ``.yaml`` file
+is validated the same way. Torch-free, so a bad preset is reported before any heavy import.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import yaml
 
 from distlin.errors import UsageError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Every key a preset must give, with the type its value must have (an int is accepted where a float is due).
 PRESET_SCHEMA: dict[str, type] = {
@@ -43,12 +44,25 @@ def list_presets() -> list[str]:
     return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The preset's settings: every key of :data:`PRESET_SCHEMA`, optionally those of :data:`OPTIONAL_SCHEMA`,
-    rightly typed."""
+def preset_path(name: str) -> Path:
+    """The YAML file of a built-in preset name, or of a user's preset path (ending in .yaml or .yml)."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UsageError(f"preset file {name!r} does not exist; pass an existing .yaml file or a built-in preset")
+        return path
     path = CONFIG_DIR / f"{name}.yaml"
     if Path(name).name != name or not path.is_file():
-        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+        raise UsageError(
+            f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}, or pass a path to a .yaml file"
+        )
+    return path
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset's settings: every key of :data:`PRESET_SCHEMA`, optionally those of :data:`OPTIONAL_SCHEMA`,
+    rightly typed. ``name`` is a built-in preset or a path to a YAML file."""
+    path = preset_path(name)
     try:
         preset = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:

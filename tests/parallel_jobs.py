@@ -12,7 +12,7 @@ from diffusers import (
 )
 
 from distlin import LinFusion
-from distlin.highres.chunking import bound_memory
+from distlin.lean import bound_memory
 from distlin.models.tiny import build_controlnet, build_pipeline
 from distlin.parallel import PatchParallelConfig, Runtime, parallelize
 from distlin.parallel.context import ParallelContext
@@ -37,7 +37,7 @@ def generate(
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Final latents of one pipeline run, parallelized over ``runtime``'s ranks; ``chunk``: the UNet runs under
-    :func:`distlin.highres.chunking.bound_memory` (transformers in token chunks)."""
+    :func:`distlin.lean.bound_memory` (transformers in token chunks)."""
     pipe = build_pipeline(name, seed=0)
     if linfusion:
         torch.manual_seed(1)

@@ -10,12 +10,13 @@ from multirank import run_ranks
 
 from distlin import LinFusion
 from distlin.errors import UsageError
-from distlin.highres import parallelize_vae
-from distlin.highres.cascade import Stage, load_stages
-from distlin.highres.demofusion import demofusion_weights, dilated_convs, run_demofusion, upscale_strengths
 from distlin.models.tiny import build_pipeline, build_unet
 from distlin.parallel import PatchParallelConfig, Runtime, parallelize, parallelize_unet
 from distlin.parallel.conv import PatchConv2d
+from distlin.presets import load_preset
+from distlin.sampling.demofusion import demofusion_weights, dilated_convs, run_demofusion, upscale_strengths
+from distlin.sampling.stages import Stage, cascade_stages
+from distlin.vae.parallel import parallelize_vae
 
 STAGES = [Stage(64, 64), Stage(128, 128, 0.75)]  # latent 16 rows at stage 1: bands of 8, 2 rows at the deepest level
 
@@ -102,7 +103,7 @@ def test_weights_follow_the_cosine_formula(t: int) -> None:
 
 
 def test_sdxl_preset_stages_double_with_linfusion_strengths() -> None:
-    stages = load_stages("sdxl-16k")
+    stages = list(cascade_stages(load_preset("sdxl-16k")))
     assert [(s.height, s.width) for s in stages] == [(512 * 2**k, 1024 * 2**k) for k in range(5)]
     assert [s.strength for s in stages[1:]] == upscale_strengths(4) == [0.32, 0.24, 0.16, 0.08]
     assert [int(50 * s.strength) for s in stages[1:]] == [16, 12, 8, 4]

@@ -7,13 +7,16 @@ import torch
 from multirank import run_ranks
 
 from distlin import LinFusion
-from distlin.highres import enable_ff_chunking, parallelize_vae
-from distlin.highres.cascade import Stage, load_stages, run_cascade
-from distlin.highres.chunking import bound_memory, disable_ff_chunking, enable_conv_chunking
-from distlin.highres.transformer import ChunkedTransformer2D
+from distlin.lean import bound_memory
+from distlin.lean.feedforward import enable_ff_chunking
+from distlin.lean.transformer import ChunkedTransformer2D
 from distlin.models.tiny import build_pipeline, build_unet
 from distlin.ops.index_safe import conv2d_rows
 from distlin.parallel import PatchParallelConfig, Runtime, parallelize
+from distlin.presets import load_preset
+from distlin.sampling.sdedit import run_sdedit
+from distlin.sampling.stages import Stage, cascade_stages
+from distlin.vae.parallel import parallelize_vae
 
 LATENT_H, LATENT_W = 7, 6  # 3 ranks get uneven 1-row-unit bands (3, 2, 2)
 STAGES = [Stage(128, 64), Stage(192, 96, 0.5), Stage(256, 128, 0.3)]  # 16 latent rows: 2 bands of 8
@@ -41,7 +44,7 @@ def cascade(runtime: Runtime) -> torch.Tensor:
     LinFusion.construct_for(pipe, load_pretrained=False, init="random")
     handle = parallelize(pipe, PatchParallelConfig(cfg_parallel=False), runtime)
     vae = parallelize_vae(pipe.vae, runtime)
-    return run_cascade(pipe, "a castle", STAGES, steps=4, seed=3, vae=vae, handle=handle)
+    return run_sdedit(pipe, "a castle", STAGES, steps=4, seed=3, vae=vae, handle=handle)
 
 
 def two_rank_job(runtime: Runtime) -> tuple[tuple[float, float], torch.Tensor]:
@@ -86,21 +89,19 @@ def test_cascade_reaches_final_size_and_two_ranks_equal_one(single, two_ranks) -
 
 
 def test_presets_give_cascade_stages() -> None:
-    stages = load_stages("sd15-16k")
+    stages = list(cascade_stages(load_preset("sd15-16k")))
     assert [(s.height, s.width) for s in stages][-1] == (8192, 16384)
     assert [s.strength for s in stages[1:]] == [0.4, 0.3, 0.2, 0.1]
-    assert load_stages("sd15-16k-square")[-1] == Stage(16384, 16384, 0.1)
+    assert list(cascade_stages(load_preset("sd15-16k-square")))[-1] == Stage(16384, 16384, 0.1)
 
 
-def test_chunked_feed_forward_and_convs_equal_unchunked() -> None:
+def test_chunked_feed_forward_equals_unchunked() -> None:
     unet = build_unet("tiny-sd15")
     sample, context = torch.randn(1, 4, 16, 12), torch.randn(1, 77, 32)
     with torch.no_grad():
         plain = unet(sample, 10, context).sample
         assert enable_ff_chunking(unet, 37) > 0  # 37 divides no level's token count
-        assert enable_conv_chunking(unet, rows=5, threshold=1000) > 0
         chunked = unet(sample, 10, context).sample
-        disable_ff_chunking(unet)
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
 
 

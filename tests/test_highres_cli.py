@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from distlin.cli.generate import _fit_to_device, main, parse_settings
+from distlin.cli.generate import main, parse
 from distlin.errors import USAGE_EXIT_CODE, UsageError
+from distlin.run import fit_to_device
 
 PLAN_FIELDS = {"peak_bytes_per_rank", "ranks", "height", "width", "dtype", "breakdown"}
 
@@ -114,10 +115,10 @@ def test_a_run_is_fitted_to_the_gpu_or_refused(
 ) -> None:
     """SD-1.5 at 16384² with CFG: memory savers switch on until the plan fits, else one line says what would."""
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=gib * 2**30))
-    settings = parse_settings(["--preset", "sd15-16k-square"])
+    settings = parse(["--preset", "sd15-16k-square"])[1]
     if isinstance(outcome, str):
         with pytest.raises(UsageError, match=outcome):
-            _fit_to_device(settings, _GpuRuntime(ranks))
+            fit_to_device(settings, _GpuRuntime(ranks))
     else:
-        fitted = _fit_to_device(settings, _GpuRuntime(ranks))
+        fitted = fit_to_device(settings, _GpuRuntime(ranks))
         assert (fitted.engine.micro_batch, fitted.vae_decode, fitted.vae_attention_rows) == outcome

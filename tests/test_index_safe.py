@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from distlin.highres.chunking import bound_memory
+from distlin.lean import bound_memory
 from distlin.linfusion import LinFusion
 from distlin.models.tiny import build_unet, load_architecture
 from distlin.ops.index_safe import INDEX_LIMIT, conv2d_rows, upsample_nearest2x

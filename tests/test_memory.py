@@ -8,8 +8,9 @@ import torch
 from distlin.errors import UsageError
 from distlin.memory import format_plan, plan, ranks_needed
 from distlin.memory.measure import measured_unet_activation_peak
-from distlin.memory.planner import DTYPES, unet_activation_elements
+from distlin.memory.planner import unet_activation_elements
 from distlin.models.tiny import load_architecture
+from distlin.settings import DTYPE_BYTES as DTYPES
 
 
 @pytest.mark.parametrize(

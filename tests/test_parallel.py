@@ -13,6 +13,8 @@ from distlin.parallel.layout import RowLayout
 
 EXACT = PatchParallelConfig(mode="exact")
 EXACT_NO_CFG = PatchParallelConfig(mode="exact", cfg_parallel=False)
+# Everything stale (halos, GroupNorm moments, attention state) after steps 0 and 1: the third step is displaced.
+DISPLACED = PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False, stale="all")
 TOL = 1e-5  # relative to the latents' largest magnitude: fp32 round-off (the tiny random UNets reach ~12)
 
 CASES = {
@@ -24,27 +26,23 @@ CASES = {
         "img2img": ("tiny-sd15", True, EXACT_NO_CFG, "img2img"),
         "sdxl-img2img": ("tiny-sdxl", True, EXACT_NO_CFG, "img2img"),
         "controlnet": ("tiny-sd15", True, EXACT_NO_CFG, "controlnet"),
+        # Warm-up 2 covers all three steps (steps 0, 1 and 2 are synchronous).
         "displaced-all-warmup": (
             "tiny-sd15",
             True,
-            PatchParallelConfig("displaced", warmup_steps=3, cfg_parallel=False),
+            PatchParallelConfig("displaced", warmup_steps=2, cfg_parallel=False, stale="all"),
         ),
-        "displaced": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
-        "displaced-again": ("tiny-sd15", True, PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False)),
+        "displaced": ("tiny-sd15", True, DISPLACED),
+        "displaced-again": ("tiny-sd15", True, DISPLACED),
         # Transformers in token chunks of 37 (dividing no level's token count), exact and displaced.
         "sd15-linear-chunked": ("tiny-sd15", True, EXACT_NO_CFG, "txt2img", HEIGHT, WIDTH, 3, 5.0, 37),
-        "displaced-chunked": (
-            "tiny-sd15",
-            True,
-            PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False),
-            *("txt2img", HEIGHT, WIDTH, 3, 5.0, 37),
-        ),
+        "displaced-chunked": ("tiny-sd15", True, DISPLACED, *("txt2img", HEIGHT, WIDTH, 3, 5.0, 37)),
         # The guidance halves one after the other (micro-batches of 1), exact and displaced (per-sample stale halos).
         "sd15-linear-micro": ("tiny-sd15", True, PatchParallelConfig("exact", cfg_parallel=False, micro_batch=1)),
         "displaced-micro": (
             "tiny-sd15",
             True,
-            PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False, micro_batch=1),
+            PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False, stale="all", micro_batch=1),
         ),
         "naive": ("tiny-sd15", True, PatchParallelConfig("naive", cfg_parallel=False)),
     },

@@ -15,9 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from distlin.errors import UsageError
-from distlin.highres.sequential_vae import UnsupportedDecoderError, _Streamer, decode_sequential, device_peak_elements
 from distlin.models.architectures import load_architecture
 from distlin.models.tiny import build_pipeline
+from distlin.vae.peak import device_peak_elements
+from distlin.vae.sequential import UnsupportedDecoderError, _Streamer, decode_sequential
 
 LATENT_H, LATENT_W = 24, 16
 TOL = 1e-4

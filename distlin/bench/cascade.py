@@ -1,4 +1,4 @@
-"""Suite ``cascade``: end-to-end time per stage of the SDEdit cascade (:func:`distlin.highres.cascade.run_cascade`).
+"""Suite ``cascade``: end-to-end time per stage of the SDEdit cascade (:func:`distlin.sampling.sdedit.run_sdedit`).
 
 Stages, steps, prompt and guidance come from a preset's ``cascade:`` section (default ``sd15-16k``, LinFusion's
 16K recipe; ``--quick``: ``tiny-sd15-cascade``) or ``--stages``; the weights are the built-in random ones of
@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from distlin.bench import options
-from distlin.bench.models import model_name, mount_linfusion
+from distlin.bench.models import model_name, mount_fresh_linfusion
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
 from distlin.bench.timing import synchronize
-from distlin.highres.cascade import Stage, load_stages, run_cascade
 from distlin.models.tiny import build_pipeline
 from distlin.presets import load_preset
+from distlin.sampling.sdedit import run_sdedit
+from distlin.sampling.stages import Stage, cascade_stages
 
 PARTS = ("unet_ms", "decode_ms", "encode_ms")
 
@@ -113,17 +114,17 @@ class StageClock:
 
 def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[Record], str]:
     preset = load_preset(args.preset)
-    stages = args.stages or load_stages(args.preset)
+    stages = args.stages or list(cascade_stages(load_preset(args.preset)))
     model = args.model or (preset["model"] if preset["model"].startswith(("tiny-", "full-")) else "full-sd15")
     steps = args.steps or preset["steps"]
     pipe = build_pipeline(model_name(model), torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    mount_linfusion(pipe.unet)
+    mount_fresh_linfusion(pipe.unet)
     runs = []
     for run in range(args.warmup + args.repeats):
         clock = StageClock(pipe, device)
         try:
-            run_cascade(
+            run_sdedit(
                 pipe,
                 preset["prompt"],
                 stages,

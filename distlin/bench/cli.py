@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from distlin.bench import attention, cascade, memory, options, project, scaling, unet
+from distlin.bench import attention, cascade, fidelity, gpu, memory, options, project, scaling, unet
 from distlin.bench.report import environment, write_suite
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.loading import parse_dtype
@@ -24,6 +24,8 @@ SUITES: dict[str, ModuleType] = {
     "project": project,
     "cascade": cascade,
     "memory": memory,
+    "gpu": gpu,
+    "fidelity": fidelity,
 }
 
 POSITIVE = ("threads", "warmup", "repeats", "steps", "batch", "heads")  # counts, where a suite has them
@@ -86,3 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(result.markdown)
     print("wrote " + ", ".join(map(str, paths)))
     return 0
+
+
+def entry_point() -> None:
+    """Console script ``distlin-bench``."""
+    sys.exit(main())

@@ -22,8 +22,10 @@ from distlin.bench.models import model_name
 from distlin.bench.report import Record, SuiteResult, finish_axes, markdown_table, new_figure, progress, ranks_axis
 from distlin.errors import UsageError
 from distlin.memory.measure import measured_unet_activation_peak
-from distlin.memory.planner import DTYPES, LATENT_FACTOR, plan, unet_activation_elements
+from distlin.memory.planner import plan, unet_activation_elements
 from distlin.models.architectures import load_architecture
+from distlin.parallel.topology import LATENT_FACTOR
+from distlin.settings import DTYPE_BYTES
 
 DEFAULT_DTYPE = torch.float16
 GIB = 2**30
@@ -67,7 +69,7 @@ def _validation(model: str, height: int, width: int, dtype: torch.dtype) -> floa
     rows, cols = height // LATENT_FACTOR, width // LATENT_FACTOR
     measured = measured_unet_activation_peak(model, rows, cols, 2, dtype)
     unet = load_architecture(model)["unet"]
-    return unet_activation_elements(unet, rows * cols, 2) * DTYPES[str(dtype).removeprefix("torch.")] / measured
+    return unet_activation_elements(unet, rows * cols, 2) * DTYPE_BYTES[str(dtype).removeprefix("torch.")] / measured
 
 
 def measure(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
@@ -80,7 +82,8 @@ def measure(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
             for ranks in args.ranks:
                 for config, kwargs in CONFIGS.items():
                     try:
-                        result = plan(model, height, width, ranks, name, not args.no_cfg, ff_chunk=16384, **kwargs)
+                        cfg = not args.no_cfg
+                        result = plan(model, height, width, ranks, dtype=name, cfg=cfg, ff_chunk=16384, **kwargs)
                     except UsageError as err:  # too many ranks for this size
                         progress("memory", f"skip {model} {height}x{width} on {ranks}: {err}")
                         continue

@@ -12,10 +12,10 @@ from distlin.errors import UsageError
 from distlin.linfusion import LinFusion
 from distlin.models.architectures import FULL_NAMES, TINY_NAMES
 from distlin.models.tiny import build_unet
+from distlin.parallel.topology import LATENT_FACTOR
 
 ALIASES = {"sd15": "full-sd15", "sd21": "full-sd21", "sdxl": "full-sdxl"}
 ATTENTIONS = ("linear", "softmax")
-LATENT_FACTOR = 8  # image pixels per latent pixel with the SD VAEs
 TEXT_TOKENS = 77
 
 
@@ -34,7 +34,7 @@ def latent_size(height: int, width: int) -> tuple[int, int]:
     return height // LATENT_FACTOR, width // LATENT_FACTOR
 
 
-def mount_linfusion(unet: UNet2DConditionModel, seed: int = 0) -> LinFusion:
+def mount_fresh_linfusion(unet: UNet2DConditionModel, seed: int = 0) -> LinFusion:
     """Fresh LinFusion layers, identical on every rank for a seed.
 
     On meta the teacher's weights cannot be copied, so the layers keep their (shape-identical) random init.
@@ -53,7 +53,7 @@ def build(
         raise UsageError(f"unknown attention {attention!r}; use linear or softmax")
     unet = build_unet(model_name(model), seed=0, torch_dtype=dtype, device=device)
     if attention == "linear":
-        mount_linfusion(unet)
+        mount_fresh_linfusion(unet)
     return unet
 
 

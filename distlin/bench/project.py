@@ -10,15 +10,17 @@ Inputs, per model, size and N (CFG batch 2, CFG parallelism off: all N ranks spl
   all-gather (output bands) ``(N-1) alpha + received bytes / beta``; halo point-to-point ``alpha`` per
   received buffer ``+ bytes / beta``.
 
-``exact`` adds every exchange to the compute; ``displaced`` hides the halo and GroupNorm exchanges behind the
-compute (they overlap the step, as the engine launches them asynchronously) but not the attention all-reduce
-or the output gather. Efficiency = T(1) / (N T(N)), with T(1) the compute of the whole image on one GPU.
+``exact`` adds every exchange to the compute; ``displaced`` hides the exchanges its default stale set names
+(``PatchParallelConfig.stale``) behind the compute (they overlap the step, as the engine launches them
+asynchronously) but not the other exchanges or the output gather. Efficiency = T(1) / (N T(N)), with T(1)
+the compute of the whole image on one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +41,10 @@ from distlin.bench.report import (
     ranks_axis,
 )
 from distlin.errors import UsageError
+from distlin.parallel.config import STALE_KINDS, PatchParallelConfig
 
 DEFAULT_DTYPE = torch.bfloat16
 PROJECTED_MODES = ("exact", "displaced")
-ASYNC_KINDS = ("halo", "groupnorm")  # what displaced mode exchanges behind the compute
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,9 @@ def comm_seconds(dry: DryRun, ranks: int, link: Link) -> dict[str, float]:
     return seconds
 
 
-def projected_seconds(compute_s: float, comm: dict[str, float], mode: str) -> float:
-    if mode == "exact":
-        return compute_s + comm["total"]
-    hidden = sum(comm[k] for k in ASYNC_KINDS)
+def projected_seconds(compute_s: float, comm: dict[str, float], stale: Collection[str] = ()) -> float:
+    """One step: the compute plus every synchronous exchange; the ``stale`` kinds overlap the compute."""
+    hidden = sum(comm[k] for k in stale)
     return max(compute_s, hidden) + comm["total"] - hidden
 
 
@@ -159,7 +160,9 @@ def project(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
                 for link_name in args.link:
                     comm = comm_seconds(dry, n, LINKS[link_name])
                     for mode in PROJECTED_MODES:
-                        total_s = projected_seconds(compute_s, comm, mode)
+                        config = PatchParallelConfig(mode=mode)  # displaced: the default stale exchanges
+                        stale = [kind for kind in STALE_KINDS if config.is_stale(kind)]
+                        total_s = projected_seconds(compute_s, comm, stale)
                         records.append(
                             {
                                 **base,

@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from distlin.bench import options
-from distlin.bench.models import ATTENTIONS, build, model_name, mount_linfusion, unet_inputs
+from distlin.bench.models import ATTENTIONS, build, model_name, mount_fresh_linfusion, unet_inputs
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
 from distlin.bench.timing import matmul_peak_flops, peak_memory_mb, time_calls
 
@@ -81,7 +81,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
         meta = build(model, "softmax", "meta", dtype)
         unet = build(model, "softmax", device, dtype)
         for attention in args.attention:
-            layers = [mount_linfusion(m) for m in (meta, unet)] if attention == "linear" else []
+            layers = [mount_fresh_linfusion(m) for m in (meta, unet)] if attention == "linear" else []
             rate: float | None = None  # achieved FLOP/s at the last measured size
             for height, width in options.sizes(args):
                 flops = count_flops(meta, height, width, args.batch)

@@ -281,3 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     return 0
+
+
+def entry_point() -> None:
+    """Console script ``distlin-distill``."""
+    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Training images and their captions: a folder (``.txt`` beside each image, or ``metadata.jsonl``/``.csv``) or a
-Hugging Face ``datasets`` dataset saved with ``save_to_disk``.
+"""Training images and their captions: a folder (``.txt`` beside each image, or ``metadata.jsonl``/``.csv``, or the
+prompt a ``distlin-generate`` PNG carries) or a Hugging Face ``datasets`` dataset saved with ``save_to_disk``.
 
 Every problem that can be seen by listing the data (no folder, no images, an image without a caption, a
 metadata row naming a missing file) is a :class:`UsageError` before any model loads. An image that cannot be
@@ -104,11 +104,26 @@ def open_source(path: str | os.PathLike[str]) -> ImageSource:
     return FolderSource(root, images, [captions[key] for key in images])
 
 
+def _png_prompt(path: Path) -> str | None:
+    """The prompt a PNG written by ``distlin-generate`` records in its text chunks, if any."""
+    if path.suffix.lower() != ".png":
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.text.get("prompt")
+    except OSError:
+        return None
+
+
 def _txt_captions(root: Path, images: Sequence[str]) -> dict[str, str]:
     captions = {}
     for key in images:
         txt = (root / key).with_suffix(".txt")
         if not txt.is_file():
+            prompt = _png_prompt(root / key)
+            if prompt is not None:
+                captions[key] = prompt
+                continue
             raise UsageError(
                 f"image {key!r} in --data {str(root)!r} has no caption; add {txt.name} beside it "
                 f"(or a metadata.jsonl with file_name and text)"

@@ -12,6 +12,7 @@ from distlin.ops.linear_attention import (
     DEFAULT_CHUNK,
     LinearAttentionState,
     apply_state,
+    check_kernel,
     partial_state,
     token_chunks,
 )
@@ -31,15 +32,21 @@ class LinFusionAttnProcessor:
     """Runs a :class:`LinFusionAttention` in two phases: local partial sums, then apply the state.
 
     ``reduce_state`` turns the local state into the global one (an all-reduce in the parallel
-    engine, the identity on one device). ``chunk_size`` bounds the extra memory per token chunk.
+    engine, the identity on one device). ``chunk_size`` bounds the extra memory per token chunk. ``kernel``
+    picks the attention ops (:data:`~distlin.ops.linear_attention.ATTENTION_KERNELS`): ``auto`` runs the fused
+    Triton kernels on CUDA at inference and the PyTorch ops elsewhere.
     The phases are public (:meth:`partial`, :meth:`reduce`, :meth:`apply`) so a caller that produces the
-    layer's input chunk by chunk (:class:`~distlin.highres.transformer.ChunkedTransformer2D`) can sum the
+    layer's input chunk by chunk (:class:`~distlin.lean.transformer.ChunkedTransformer2D`) can sum the
     partial states of its chunks, reduce once, then apply the state chunk by chunk.
     """
 
-    def __init__(self, chunk_size: int | None = DEFAULT_CHUNK, reduce_state: StateReducer | None = None):
+    def __init__(
+        self, chunk_size: int | None = DEFAULT_CHUNK, reduce_state: StateReducer | None = None, kernel: str = "auto"
+    ):
+        check_kernel(kernel)
         self.chunk_size = chunk_size
         self.reduce_state = reduce_state
+        self.kernel = kernel
 
     @staticmethod
     def _heads(attn: LinFusionAttention, t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +59,7 @@ class LinFusionAttnProcessor:
         for start, stop in token_chunks(x.shape[1], self.chunk_size, x.device):
             xc = x[:, start:stop]
             k, v = self._heads(attn, attn.to_k(xc + attn.to_k_(xc))), self._heads(attn, attn.to_v(xc))
-            part = partial_state(k, v, None)
+            part = partial_state(k, v, None, self.kernel)
             state = part if state is None else state + part
         return state
 
@@ -65,7 +72,7 @@ class LinFusionAttnProcessor:
         out = x.new_empty(x.shape[0], x.shape[1], attn.to_out[0].out_features)
         for start, stop in token_chunks(x.shape[1], self.chunk_size, x.device):
             xc = x[:, start:stop]
-            o = apply_state(self._heads(attn, attn.to_q(xc + attn.to_q_(xc))), state, None)
+            o = apply_state(self._heads(attn, attn.to_q(xc + attn.to_q_(xc))), state, None, self.kernel)
             out[:, start:stop] = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))  # a view: no copy
         return out
 

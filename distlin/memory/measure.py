@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from distlin.highres.chunking import bound_memory
+from distlin.lean import bound_memory
 from distlin.linfusion import LinFusion
 from distlin.models.tiny import build_unet, load_architecture
 
@@ -28,7 +28,7 @@ def measured_unet_activation_peak(
 ) -> int:
     """Peak bytes of activations (parameters excluded) of one no-grad UNet call on a ``latent_height`` x
     ``latent_width`` latent, with LinFusion self-attention when ``linfusion``; ``ff_chunk`` applies
-    :func:`distlin.highres.chunking.bound_memory` (token-chunked transformers) as generate.py does."""
+    :func:`distlin.lean.bound_memory` (token-chunked transformers) as generate.py does."""
     architecture = load_architecture(name)["unet"]
     unet = build_unet(name, torch_dtype=dtype, device="meta")
     if linfusion:

@@ -10,7 +10,7 @@ that level (C channels, ``m`` the FF multiplier, ``L`` layers per block), are al
 level's C' channels), five C-wide tensors of the transformer (residual, hidden, attention output,
 norm output, proj_in output) and the GEGLU's ``2mC`` projection, ``mC`` GELU and ``mC`` product; the
 skips of every shallower level are alive too. With ``ff_chunk`` (generate.py's ``bound_memory``) a
-transformer above that many tokens runs in token chunks end to end (:mod:`distlin.highres.transformer`):
+transformer above that many tokens runs in token chunks end to end (:mod:`distlin.lean.transformer`):
 its input, the hidden-state buffer and the output (3 C-wide tensors) plus one chunk's GEGLU working set.
 A direct VAE decode peaks at its last upsampling: three tensors of the second level's width at full image
 resolution (upsampled input, conv output, next resnet's norm), per band pixel.
@@ -20,7 +20,6 @@ Softmax attention is assumed to run in a fused kernel (no N x N scores), as on G
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 from typing import Any
 
@@ -28,10 +27,9 @@ import torch
 
 from distlin.errors import UsageError
 from distlin.models.architectures import load_architecture
-
-DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
-LATENT_FACTOR = 8
-TEXT_TOKENS = 77
+from distlin.parallel.topology import LATENT_FACTOR, Topology, row_unit
+from distlin.settings import DTYPE_BYTES, VAE_DECODES
+from distlin.thresholds import Thresholds
 
 
 def _param_count(config: dict[str, Any]) -> int:
@@ -45,14 +43,6 @@ def _param_count_of(config_json: str) -> int:
 
     model = build_component(json.loads(config_json), "meta")
     return sum(p.numel() for p in model.parameters())
-
-
-def _band_rows(rows: int, unit: int, ranks: int) -> int:
-    """Rows of the tallest band (the last band also takes the rows that do not fill a unit)."""
-    units = rows // unit
-    if ranks > max(units, 1):
-        raise UsageError(f"{ranks} ranks cannot split {rows} latent rows into {unit}-row bands")
-    return unit * math.ceil(units / ranks) + (rows - units * unit)
 
 
 def unet_activation_elements(unet: dict[str, Any], tokens: int, batch: int, ff_chunk: int | None = None) -> int:
@@ -85,32 +75,31 @@ def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) ->
     return int(3 * second * pixels + 2 * widths[-1] * latent_tokens)
 
 
-# Above this many pixels per rank, rank 0 decodes band by band with the activations in host RAM
-# (distlin.highres.sequential_vae), SEQUENTIAL_BAND_ROWS latent rows at a time, instead of every rank
-# decoding its whole band on the device: a direct decode holds ~3 KB per pixel in fp16 (3 GiB at this size),
-# more than the UNet needs at the same size, so above it the direct decode would set the run's peak.
-SEQUENTIAL_VAE_PIXELS = 1024 * 1024
-SEQUENTIAL_BAND_ROWS = 16
-
-
-def sequential_vae_settings(attention_rows: int | None) -> dict[str, Any]:
-    """``decode_sequential``'s keyword arguments as generate.py runs it: with ``attention_rows`` the mid-block's
-    keys/values stream from host RAM that many latent rows at a time, with a smaller score tile."""
+def sequential_vae_settings(
+    attention_rows: int | None, band_rows: int = Thresholds.sequential_band_rows
+) -> dict[str, Any]:
+    """``decode_sequential``'s keyword arguments as a run uses it: ``band_rows`` latent rows per band; with
+    ``attention_rows`` the mid-block's keys/values stream from host RAM that many latent rows at a time, with a
+    smaller score tile."""
     if attention_rows is not None and attention_rows < 1:
         raise UsageError(f"VAE attention rows {attention_rows} must be at least 1")
     query_chunk = 4096 if attention_rows is None else 1024
-    return {"band_rows": SEQUENTIAL_BAND_ROWS, "attention_rows": attention_rows, "query_chunk": query_chunk}
+    return {"band_rows": band_rows, "attention_rows": attention_rows, "query_chunk": query_chunk}
 
 
-VAE_DECODES = ("auto", "direct", "sequential")
-
-
-def sequential_vae(height: int, width: int, ranks: int, vae_decode: str = "auto") -> bool:
+def sequential_vae(
+    height: int,
+    width: int,
+    ranks: int,
+    vae_decode: str = "auto",
+    pixels_per_rank: int = Thresholds.sequential_vae_pixels,
+) -> bool:
     """Whether a run decodes with the sequential (host-RAM) VAE on rank 0 rather than directly on the device(s)
-    (plain on one rank, band-parallel on several): when asked to, or in ``auto`` for a band too large."""
+    (plain on one rank, band-parallel on several): when asked to, or in ``auto`` above ``pixels_per_rank``
+    pixels per rank, where a direct decode (~3 KB per pixel in fp16) would set the run's peak."""
     if vae_decode not in VAE_DECODES:
         raise UsageError(f"unknown VAE decode {vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
-    return vae_decode == "sequential" or (vae_decode == "auto" and height * width > SEQUENTIAL_VAE_PIXELS * ranks)
+    return vae_decode == "sequential" or (vae_decode == "auto" and height * width > pixels_per_rank * ranks)
 
 
 def plan(
@@ -118,13 +107,15 @@ def plan(
     height: int,
     width: int,
     ranks: int = 1,
+    *,
     dtype: str = "float16",
     cfg: bool = True,
     cfg_parallel: bool = True,
-    ff_chunk: int | None = None,
     micro_batch: int | None = None,
     vae_attention_rows: int | None = None,
     vae_decode: str = "auto",
+    thresholds: Thresholds | None = None,
+    ff_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
@@ -133,35 +124,39 @@ def plan(
     even number of ranks the two halves run on separate rank groups (batch 1 over ``ranks/2`` bands);
     ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other);
     ``vae_decode`` picks the VAE path (:func:`sequential_vae`); ``vae_attention_rows`` streams the
-    sequential decode's mid-block keys/values from host RAM.
+    sequential decode's mid-block keys/values from host RAM. ``thresholds`` (a run's) set the token chunk of the
+    transformers and the sequential VAE's switch-on size and band rows; without them the transformers are
+    planned unchunked (``ff_chunk`` alone sets their chunk).
     """
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    chunk = thresholds.token_chunk if thresholds is not None else ff_chunk
+    limits = thresholds or Thresholds()
+    if dtype not in DTYPE_BYTES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     if height % LATENT_FACTOR or width % LATENT_FACTOR:
         raise UsageError(f"{height}x{width} px: both sides must be multiples of {LATENT_FACTOR}")
     if micro_batch is not None and micro_batch < 1:
         raise UsageError(f"micro_batch {micro_batch} must be at least 1")
     arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
-    size = DTYPES[dtype]
+    size = DTYPE_BYTES[dtype]
     rows, cols = height // LATENT_FACTOR, width // LATENT_FACTOR
     unet = arch["unet"]
-    split_cfg = cfg and cfg_parallel and ranks % 2 == 0
-    patch_ranks = ranks // 2 if split_cfg else ranks
+    topology = Topology.for_run(ranks, cfg_parallel=cfg_parallel, guidance=cfg)
+    split_cfg = topology.cfg_split
     batch = min(2 if cfg and not split_cfg else 1, micro_batch or 2)
-    unit = 2 ** (len(unet["block_out_channels"]) - 1)
-    unet_tokens = _band_rows(rows, unit, patch_ranks) * cols
-    sequential = sequential_vae(height, width, ranks, vae_decode)
+    unet_tokens = topology.band_rows(rows, cols, row_unit(unet)) * cols
+    sequential = sequential_vae(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
     if sequential:
-        from distlin.highres.sequential_vae import device_peak_elements  # here: it imports diffusers
+        from distlin.vae.peak import device_peak_elements
 
-        settings = sequential_vae_settings(vae_attention_rows)
+        settings = sequential_vae_settings(vae_attention_rows, limits.sequential_band_rows)
         vae_elements = device_peak_elements(arch["vae"], rows, cols, dtype=getattr(torch, dtype), **settings)
     else:
-        vae_elements = vae_decode_elements(arch["vae"], _band_rows(rows, 1, ranks) * cols * 64, rows * cols)
+        vae_band = Topology.for_run(ranks, cfg_parallel=False, guidance=False).band_rows(rows, cols, 1)
+        vae_elements = vae_decode_elements(arch["vae"], vae_band * cols * LATENT_FACTOR**2, rows * cols)
     weights = {name: _param_count(config) for name, config in arch.items() if name != "scheduler"}
     breakdown = {
         **{f"weights_{name}": count * size for name, count in weights.items()},
-        "unet_activations": unet_activation_elements(unet, unet_tokens, batch, ff_chunk) * size,
+        "unet_activations": unet_activation_elements(unet, unet_tokens, batch, chunk) * size,
         "vae_decode_activations": vae_elements * size,
         "full_latents": 4 * unet["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (float32)
         "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
@@ -185,7 +180,7 @@ def plan(
         "dtype": dtype,
         "cfg": cfg,
         "cfg_parallel": split_cfg,
-        "ff_chunk": ff_chunk,
+        "ff_chunk": chunk,
         "micro_batch": micro_batch,
         "vae_attention_rows": vae_attention_rows if sequential else None,
         "unet_band_tokens": unet_tokens,

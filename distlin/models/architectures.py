@@ -15,7 +15,7 @@ from typing import Any
 from distlin.errors import UsageError
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
-ARCHITECTURES_DIR = Path(__file__).resolve().parents[2] / "configs" / "architectures"
+ARCHITECTURES_DIR = Path(__file__).resolve().parents[1] / "configs" / "architectures"
 
 NAME_PREFIX = "distlin/"
 TINY_NAMES: tuple[str, ...] = ("tiny-sd15", "tiny-sdxl")

@@ -46,6 +46,7 @@ __all__ = [
     "TINY_NAMES",
     "build_component",
     "build_controlnet",
+    "build_kohya_lora",
     "build_pipeline",
     "build_unet",
     "is_builtin",
@@ -66,6 +67,11 @@ _SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteSchedul
 
 # Each component draws from its own seed stream: a seed's UNet is the same built alone or in a pipeline.
 _COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+
+# What a LoRA in kohya's layout adapts: attention projections and resnet convs (3x3, so the UNet's LoRA
+# needs halos when patch-parallel), and the text encoders' attention and MLP.
+_LORA_UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".conv1", ".conv2")
+_LORA_TEXT_TARGETS = ("_proj", ".fc1", ".fc2")
 
 # Conditioning-image encoder widths: four levels give the latent factor 8 of the SD VAEs. The full-size
 # widths are those of the released SD ControlNets.
@@ -151,6 +157,34 @@ def build_controlnet(
         for conv in zero_convs:
             conv.reset_parameters()
     return _cast(controlnet, "cpu", torch_dtype)
+
+
+def build_kohya_lora(name: str = "tiny-sd15", rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A LoRA for a built-in model in kohya's layout (``lora_unet_*`` / ``lora_te1_*`` / ``lora_te2_*`` keys,
+    each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``), as ``load_lora_weights`` reads it.
+
+    Kohya initialises ``lora_up`` to zero, which would change nothing; here both factors are random, so a
+    test can see the LoRA act.
+    """
+    architecture = load_architecture(canonical_name(name))
+    two_encoders = "text_encoder_2" in architecture
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two_encoders else "lora_te_"}
+    if two_encoders:
+        prefixes["text_encoder_2"] = "lora_te2_"
+    generator = torch.Generator().manual_seed(seed)
+    lora: dict[str, torch.Tensor] = {}
+    for component, prefix in prefixes.items():
+        model = build_component(architecture[component])  # on meta: only the shapes are read
+        targets = _LORA_UNET_TARGETS if component == "unet" else _LORA_TEXT_TARGETS
+        for module_name, module in model.named_modules():
+            if not module_name.endswith(targets) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            key, shape = prefix + module_name.replace(".", "_"), module.weight.shape
+            down = torch.randn(rank, *shape[1:], generator=generator) / shape[1:].numel() ** 0.5
+            up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=generator) / rank**0.5
+            lora.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+            lora[f"{key}.alpha"] = torch.tensor(float(rank))
+    return lora
 
 
 @contextmanager

@@ -1,3 +1,2 @@
-from distlin.ops.linear_attention import LinearAttentionState, apply_state, feature_map, linear_attention, partial_state
+"""Pure tensor ops: linear and softmax attention, GroupNorm moments, halo arithmetic, index-safe kernels."""
 
-__all__ = ["LinearAttentionState", "apply_state", "feature_map", "linear_attention", "partial_state"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-INDEX_LIMIT = 2**31 - 1
+from distlin.thresholds import INDEX_LIMIT
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:

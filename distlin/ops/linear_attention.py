@@ -12,19 +12,29 @@ Both phases walk the tokens in chunks so the extra memory is bounded by the chun
 size, whatever the resolution (on CPU the chunks are also capped at :data:`CPU_CHUNK` tokens).
 Shapes: ``q``, ``k``, ``v`` are ``(B, heads, N, d)``, any strides: token-major views such as
 ``x.view(B, N, heads, d).transpose(1, 2)`` need no copy.
+
+Each phase has two implementations, picked by ``kernel`` (:data:`ATTENTION_KERNELS`): the PyTorch ops here
+(``*_torch``, the naive reference, any device, differentiable) and fused Triton kernels
+(:mod:`distlin.ops.triton_linear_attention`, CUDA, inference only). ``auto`` takes the kernels where they apply.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
+
+from distlin.errors import UsageError
 
 EPS = 1e-4
 DEFAULT_CHUNK = 65536
 # On CPU, chunks this small reuse the allocator's freed blocks instead of page-faulting fresh 20 MB buffers on every
 # call, and stay in cache: the SD-1.5 layer (C=320, 16K tokens, 1 thread) runs ~15-20 % faster than in one chunk.
 CPU_CHUNK = 1024
+ATTENTION_KERNELS = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -66,8 +76,60 @@ def token_chunks(n: int, chunk_size: int | None, device: torch.device | None = N
     return [(s, min(s + step, n)) for s in range(0, n, max(step, 1))] or [(0, 0)]
 
 
-def partial_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEFAULT_CHUNK) -> LinearAttentionState:
-    """Sum of ``phi(k)^T v`` and ``phi(k)`` over the tokens of ``k``/``v``, accumulated in float32."""
+def triton_available() -> bool:
+    """Whether triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_kernel(kernel: str) -> None:
+    """Reject an unknown kernel name, or ``triton`` where triton is not installed, before any work starts."""
+    if kernel not in ATTENTION_KERNELS:
+        raise UsageError(f"unknown attention kernel {kernel!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+    if kernel == "triton" and not triton_available():
+        raise UsageError("attention kernel 'triton' needs the triton package: pip install triton, or use auto/torch")
+
+
+def select_kernel(kernel: str, *tensors: torch.Tensor) -> str:
+    """``torch`` or ``triton``: the implementation that runs a phase on ``tensors`` (the first one sets the device).
+
+    ``auto`` takes Triton for CUDA tensors of a supported dtype that need no gradient (the kernels have no
+    backward, so distillation keeps the PyTorch ops). Triton runs CPU tensors only in its interpreter
+    (``TRITON_INTERPRET=1``, how the tests check the kernels without a GPU).
+    """
+    check_kernel(kernel)
+    x = tensors[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if kernel == "auto":
+        fits = x.is_cuda and x.dtype in TRITON_DTYPES and not needs_grad
+        return "triton" if fits and triton_available() else "torch"
+    if kernel == "triton":
+        if x.dtype not in TRITON_DTYPES:
+            raise UsageError(f"attention kernel 'triton' takes float16, bfloat16 or float32, not {x.dtype}")
+        if needs_grad:
+            raise UsageError("attention kernel 'triton' has no backward pass; use auto or torch for training")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError(f"attention kernel 'triton' runs on CUDA tensors, not {x.device.type}; use auto or torch")
+    return kernel
+
+
+def partial_state(
+    k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEFAULT_CHUNK, kernel: str = "auto"
+) -> LinearAttentionState:
+    """Sum of ``phi(k)^T v`` and ``phi(k)`` over the tokens of ``k``/``v``, accumulated in float32.
+
+    ``chunk_size`` bounds the PyTorch ops' float32 temporaries; the kernel has none to bound.
+    """
+    if select_kernel(kernel, k, v) == "triton":
+        from distlin.ops.triton_linear_attention import partial_state_triton  # here: triton loads only if used
+
+        return partial_state_triton(k, v)
+    return partial_state_torch(k, v, chunk_size)
+
+
+def partial_state_torch(
+    k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEFAULT_CHUNK
+) -> LinearAttentionState:
+    """:func:`partial_state` in PyTorch ops, chunk by chunk: the reference the kernel is checked against."""
     b, h, n, d = k.shape
     kv = torch.zeros(b, h, d, v.shape[-1], dtype=torch.float32, device=k.device)
     ks = torch.zeros(b, h, d, dtype=torch.float32, device=k.device)
@@ -78,13 +140,26 @@ def partial_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEF
     return LinearAttentionState(kv, ks, float(n))
 
 
-def apply_state(q: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
+def apply_state(
+    q: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = DEFAULT_CHUNK, kernel: str = "auto"
+) -> torch.Tensor:
     """``o_i = phi(q_i) S / (phi(q_i) . kbar + eps)`` with ``S = kv/N`` and ``kbar = k/N``; returns q's dtype.
 
     The result is a ``(B, h, N, e)`` view of token-major ``(B, N, h, e)`` memory, so merging the heads is free.
     """
     if state.count <= 0:
         raise ValueError("linear attention state holds no tokens")
+    if select_kernel(kernel, q, state.kv, state.k) == "triton":
+        from distlin.ops.triton_linear_attention import apply_state_triton
+
+        return apply_state_triton(q, state)
+    return apply_state_torch(q, state, chunk_size)
+
+
+def apply_state_torch(
+    q: torch.Tensor, state: LinearAttentionState, chunk_size: int | None = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """:func:`apply_state` in PyTorch ops, chunk by chunk (``state`` must hold tokens): the kernel's reference."""
     b, h, n, _ = q.shape
     # [S | kbar]: one matmul gives numerator and normaliser (a d x 1 matmul alone is slow).
     s_mat = torch.cat([state.kv, state.k.unsqueeze(-1)], dim=-1) / state.count
@@ -96,7 +171,7 @@ def apply_state(q: torch.Tensor, state: LinearAttentionState, chunk_size: int | 
 
 
 def linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEFAULT_CHUNK
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None = DEFAULT_CHUNK, kernel: str = "auto"
 ) -> torch.Tensor:
     """Single-device linear attention: both phases over the same tokens."""
-    return apply_state(q, partial_state(k, v, chunk_size), chunk_size)
+    return apply_state(q, partial_state(k, v, chunk_size, kernel), chunk_size, kernel)

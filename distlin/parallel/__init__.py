@@ -1,19 +1,29 @@
-"""Patch parallelism: row bands of the latent across ranks, exact or DistriFusion-style displaced."""
+"""Patch parallelism: row bands of the latent across ranks, exact or DistriFusion-style displaced.
 
-from distlin.parallel.config import PatchParallelConfig
-from distlin.parallel.context import ParallelContext
-from distlin.parallel.layout import RowLayout
-from distlin.parallel.pipeline import parallelize
-from distlin.parallel.runtime import Runtime, init_runtime
-from distlin.parallel.unet import ParallelUNet, parallelize_unet
+Names are imported on first use, so the torch-free parts (config, layout, topology) stay cheap to import.
+"""
 
-__all__ = [
-    "ParallelContext",
-    "ParallelUNet",
-    "PatchParallelConfig",
-    "RowLayout",
-    "Runtime",
-    "init_runtime",
-    "parallelize",
-    "parallelize_unet",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "ParallelContext": "distlin.parallel.context",
+    "ParallelUNet": "distlin.parallel.unet",
+    "PatchParallelConfig": "distlin.parallel.config",
+    "RowLayout": "distlin.parallel.layout",
+    "Runtime": "distlin.parallel.runtime",
+    "Topology": "distlin.parallel.topology",
+    "init_runtime": "distlin.parallel.runtime",
+    "parallelize": "distlin.parallel.pipeline",
+    "parallelize_unet": "distlin.parallel.unet",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'distlin.parallel' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

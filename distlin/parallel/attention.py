@@ -14,8 +14,8 @@ from distlin.parallel.context import ParallelContext
 class StateAllReduce:
     """Turns a band's linear-attention state into the image's: one all-reduce of B·h·d·(d+1) floats.
 
-    With ``stale_attention`` in displaced mode, last step's global state is corrected with this band's
-    fresh share while the fresh sums travel.
+    When ``attention`` is stale in displaced mode, last step's global state with this band's share replaced
+    by its fresh one (as DistriFusion reuses the other bands' K/V), while the fresh sums travel.
     """
 
     def __init__(self, ctx: ParallelContext):
@@ -39,9 +39,7 @@ class StateAllReduce:
             total = flat.clone()
             return ctx.patch.all_reduce(total, "attention", async_op).then(lambda t: (state, unpack(t)))
 
-        if not ctx.config.stale_attention:
-            return launch(False).wait()[1]
-        stale_local, stale_total = ctx.exchange(self.slot, state, launch)
+        stale_local, stale_total = ctx.exchange(self.slot, "attention", launch)
         return stale_total if stale_local is state else stale_total - stale_local + state
 
 
@@ -61,7 +59,8 @@ def band_token_counts(ctx: ParallelContext, tokens: int) -> list[int]:
 class PatchSoftmaxAttnProcessor:
     """Softmax self-attention over bands as DistriFusion does it: local queries, all ranks' K and V.
 
-    Displaced mode reuses the other bands' K/V from the previous step while the fresh ones travel.
+    When ``attention`` is stale in displaced mode, the other bands' K/V come from the previous step while the
+    fresh ones travel.
     """
 
     def __init__(self, ctx: ParallelContext):
@@ -93,7 +92,7 @@ class PatchSoftmaxAttnProcessor:
             def launch(async_op: bool):
                 return ctx.patch.all_gather_rows(kv, counts, 2, "attention", async_op)
 
-            bands = list(ctx.exchange(self.slot, kv, launch))
+            bands = list(ctx.exchange(self.slot, "attention", launch))
             bands[ctx.patch.index] = kv
             kv = torch.cat(bands, dim=2)
         out = F.scaled_dot_product_attention(heads(q), heads(kv[0]), heads(kv[1]))
@@ -104,5 +103,5 @@ class PatchSoftmaxAttnProcessor:
 def parallel_processor(attn: Attention, ctx: ParallelContext, chunk_size: int | None) -> object:
     """The band-aware processor for one ``attn1`` module (LinFusion or original softmax)."""
     if isinstance(attn.processor, LinFusionAttnProcessor):
-        return LinFusionAttnProcessor(chunk_size=chunk_size, reduce_state=StateAllReduce(ctx))
+        return LinFusionAttnProcessor(chunk_size, StateAllReduce(ctx), attn.processor.kernel)
     return PatchSoftmaxAttnProcessor(ctx)

@@ -35,6 +35,12 @@ class CommStats:
         self.calls.clear()
         self.steps = 0
 
+    def totals(self) -> dict[str, object]:
+        """Bytes and calls by kind over everything counted (for work that is not per UNet step: the VAE)."""
+        bytes_ = {k: self.bytes.get(k, 0) for k in KINDS}
+        calls = {k: self.calls.get(k, 0) for k in KINDS}
+        return {"bytes": {**bytes_, "total": sum(bytes_.values())}, "calls": {**calls, "total": sum(calls.values())}}
+
     def summary(self) -> dict[str, object]:
         """Per-step bytes and calls by kind, plus totals (what ``--report-comm`` prints)."""
         steps = max(self.steps, 1)

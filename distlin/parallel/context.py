@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from distlin.parallel.comm import CommStats, Communicator, DryRunCommunicator, Work
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
+from distlin.parallel.topology import Topology
 
 
 class StaleSlot:
@@ -44,41 +44,61 @@ class ParallelContext:
     """Shared by every patched layer of one model: who the neighbours are, which rows are ours, which
     step we are at and whether exchanges may be stale.
 
-    Ranks ``[0, N/2)`` and ``[N/2, N)`` form two CFG groups when CFG parallelism is on; each group is
-    patch-parallel over its ranks (``patch``); ``cfg`` pairs rank ``i`` with ``i + N/2``.
+    Its :class:`~distlin.parallel.topology.Topology` says which ranks share the rows (``patch``) and which
+    pair up across the two guidance halves (``cfg``, None when the batch is not split); it is chosen per UNet
+    call (:meth:`use_topology`), so a run without guidance uses every rank for patches.
     """
 
-    def __init__(self, runtime: Runtime, config: PatchParallelConfig, dry_run_ranks: int | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: PatchParallelConfig,
+        dry_run_ranks: int | None = None,
+        stats: CommStats | None = None,
+    ):
         self.runtime = runtime
         self.config = config
-        self.stats = CommStats()
+        self.stats = stats if stats is not None else CommStats()
         self.layout: RowLayout | None = None
         self.step = 0
         self.lane = 0  # which micro-batch of the current UNet evaluation is running
-        self._last_timestep: float | None = None
         self._slots: list[StaleSlot] = []
-        self.patch, self.cfg = self._build_groups(runtime, config, dry_run_ranks)
+        self._groups = self._build_groups(runtime, config, dry_run_ranks)
+        self.topology = Topology.for_run(runtime.world_size, cfg_parallel=False, guidance=False, rank=runtime.rank)
+        self.patch, self.cfg = self._groups[False]
 
     def _build_groups(
         self, runtime: Runtime, config: PatchParallelConfig, dry_run_ranks: int | None
-    ) -> tuple[Communicator, Communicator | None]:
+    ) -> dict[bool, tuple[Communicator, Communicator | None]]:
+        """The communicators of every topology this run may use, keyed by whether the guidance batch is split.
+
+        Groups are created once, collectively (every rank, same order), before any UNet call.
+        """
         if dry_run_ranks is not None:
-            return DryRunCommunicator(range(dry_run_ranks), dry_run_ranks // 2, self.stats), None
+            return {False: (DryRunCommunicator(range(dry_run_ranks), dry_run_ranks // 2, self.stats), None)}
         world, rank = runtime.world_size, runtime.rank
         if not runtime.distributed or world == 1:
-            return Communicator([rank], 0, self.stats), None
-        if not (config.cfg_parallel and world % 2 == 0):
-            return Communicator(range(world), rank, self.stats, group=None), None
-        half = world // 2
-        halves = [list(range(0, half)), list(range(half, world))]
-        pairs = [[i, i + half] for i in range(half)]
-        # new_group must be called by every rank for every group, in the same order.
-        half_groups = [dist.new_group(r) for r in halves]
-        pair_groups = [dist.new_group(r) for r in pairs]
-        side, index = divmod(rank, half)
-        patch = Communicator(halves[side], index, self.stats, half_groups[side])
-        cfg = Communicator(pairs[index], side, self.stats, pair_groups[index])
-        return patch, cfg
+            return {False: (Communicator([rank], 0, self.stats), None)}
+        groups = {False: (Communicator(range(world), rank, self.stats, group=None), None)}
+        split = Topology.for_run(world, cfg_parallel=config.cfg_parallel, guidance=True, rank=rank)
+        if split.cfg_split:
+            mesh = init_device_mesh(runtime.device.type, split.mesh_shape, mesh_dim_names=("cfg", "patch"))
+            patch = Communicator(split.patch_group(), split.patch_index, self.stats, mesh.get_group("patch"))
+            pair = [split.patch_index, split.patch_index + split.patch_ranks]
+            groups[True] = (patch, Communicator(pair, split.cfg_index, self.stats, mesh.get_group("cfg")))
+        return groups
+
+    def topology_for(self, guidance: bool) -> Topology:
+        """The topology of a call whose batch holds both guidance halves (``guidance``) or not."""
+        split = guidance and True in self._groups
+        return Topology.for_run(self.runtime.world_size, cfg_parallel=split, guidance=split, rank=self.runtime.rank)
+
+    def use_topology(self, batch: int) -> Topology:
+        """Pick this UNet call's topology: an even batch (the guidance halves) on two rank groups when CFG
+        parallelism is set up, else every rank a patch rank. Sets :attr:`patch` and :attr:`cfg` to match."""
+        self.topology = self.topology_for(guidance=batch % 2 == 0)
+        self.patch, self.cfg = self._groups[self.topology.cfg_split]
+        return self.topology
 
     @property
     def naive(self) -> bool:
@@ -86,20 +106,23 @@ class ParallelContext:
 
     @property
     def displaced(self) -> bool:
-        """True when this step may use last step's exchanges (after the synchronous warm-up)."""
-        return self.config.mode == "displaced" and self.step >= self.config.warmup_steps
+        """True when this step may use last step's exchanges: from step ``warmup_steps + 1`` on (steps
+        ``0 … warmup_steps`` are the synchronous warm-up, as DistriFusion counts it)."""
+        return self.config.mode == "displaced" and self.step > self.config.warmup_steps
 
     def new_slot(self) -> StaleSlot:
         slot = StaleSlot()
         self._slots.append(slot)
         return slot
 
-    def begin_step(self, timestep: torch.Tensor | float, layout: RowLayout) -> None:
-        """Called at every UNet evaluation; a timestep that does not decrease starts a new generation."""
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if (self._last_timestep is not None and t >= self._last_timestep) or layout != self.layout:
+    def begin_step(self, layout: RowLayout) -> None:
+        """Called at every UNet evaluation; a new layout (another size) starts a new generation.
+
+        Otherwise only :meth:`reset` does: timesteps cannot tell, since a step may evaluate the UNet twice
+        (Heun, DemoFusion) at the same or a rising timestep.
+        """
+        if layout != self.layout:
             self.reset()
-        self._last_timestep = t
         self.layout = layout
 
     def end_step(self) -> None:
@@ -107,22 +130,26 @@ class ParallelContext:
         self.stats.steps += 1
 
     def reset(self) -> None:
-        """Start a new generation: drain exchanges in flight and forget stale values."""
+        """Start a new generation (callers signal it: :func:`distlin.run.generate`, every cascade stage): drain
+        exchanges in flight and forget stale values, so displaced mode warms up again."""
         for slot in self._slots:
             slot.clear()
         self.step = 0
-        self._last_timestep = None
 
-    def exchange(self, slot: StaleSlot, fresh: Any, launch: Callable[[bool], Work]) -> Any:
-        """Synchronous exchange, or, when displaced, last step's result while this step's travels.
+    def exchange(self, slot: StaleSlot, kind: str, launch: Callable[[bool], Work]) -> Any:
+        """The result of an exchange of ``kind``: synchronous, or, once displaced and when ``kind`` is stale,
+        last step's result while this step's travels.
 
-        ``launch(async_op)`` starts the exchange of ``fresh`` and returns its :class:`Work`. The result
-        is always kept in ``slot`` so the first displaced step has something to reuse.
+        ``launch(async_op)`` starts the exchange and returns its :class:`Work`. Results of a stale kind are
+        kept in ``slot`` (warm-up steps included) so the first displaced step has something to reuse; other
+        kinds keep nothing.
         """
+        if not self.config.is_stale(kind):
+            return launch(False).wait()
         stale = slot.latest(self.lane)
         if self.displaced and stale is not None:
             slot.launch(self.lane, launch(True))
             return stale
-        fresh_result = launch(False).wait()
-        slot.keep(self.lane, fresh_result)
-        return fresh_result
+        fresh = launch(False).wait()
+        slot.keep(self.lane, fresh)
+        return fresh

@@ -2,56 +2,48 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distlin.ops.index_safe import INDEX_LIMIT
+from distlin.ops.group_norm import group_moments, normalize_with
 from distlin.parallel.context import ParallelContext
 from distlin.surgery import twin
 
-MOMENT_CHUNK_ELEMENTS = 1 << 26  # largest float32 copy group_moments makes of a half-precision input
 
+def corrected_moments(stale_band: torch.Tensor, stale_total: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """The whole image's moments now, estimated from last step's (DistriFusion's corrected asynchronous GroupNorm).
 
-def group_moments(x: torch.Tensor, groups: int, chunk_elements: int = MOMENT_CHUNK_ELEMENTS) -> torch.Tensor:
-    """Per (batch, group): ``[count, sum, sum of squares]`` in float64, computed stably from var_mean.
-
-    Groups are visited a few at a time so the float32 copy of a half-precision input stays below
-    ``chunk_elements`` whatever the resolution.
+    Last step's global mean and mean square per group, each moved by this band's full change since last step,
+    as if every band had changed like this one (replacing only this band's share counts its change ``1/N``
+    and ends 13-21 dB further from one device, docs/RESULTS.md section 7). Where the estimate's variance
+    comes out negative, this band's own variance is used.
     """
-    xg = x.reshape(x.shape[0], groups, -1)
-    n = xg.shape[-1]
-    step = max(1, chunk_elements // max(1, n * x.shape[0]))
-    parts = [torch.var_mean(xg[:, g : g + step].float(), dim=-1, unbiased=False) for g in range(0, groups, step)]
-    var, mean = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-    mean, var = mean.double(), var.double()
-    return torch.stack([torch.full_like(mean, n), mean * n, (var + mean * mean) * n], dim=-1)
 
+    def means(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return m[..., 1] / m[..., 0], m[..., 2] / m[..., 0]
 
-def normalize_with(x: torch.Tensor, moments: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """Apply GroupNorm with given (global) moments: one fused multiply-add in the input dtype."""
-    b, c = x.shape[:2]
-    g = norm.num_groups
-    mean = moments[..., 1] / moments[..., 0]
-    var = (moments[..., 2] / moments[..., 0] - mean * mean).clamp_min(0.0)
-    rstd = torch.rsqrt(var + norm.eps)
-    scale = rstd.repeat_interleave(c // g, dim=1).float()
-    shift = (-mean * rstd).repeat_interleave(c // g, dim=1).float()
-    if norm.affine:
-        shift = shift * norm.weight.float() + norm.bias.float()
-        scale = scale * norm.weight.float()
-    view = (b, c) + (1,) * (x.ndim - 2)
-    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+    (mean, square), (band_mean, band_square), (old_band_mean, old_band_square) = map(
+        means, (stale_total, band, stale_band)
+    )
+    mean = mean + band_mean - old_band_mean
+    square = square + band_square - old_band_square
+    square = torch.where(square < mean * mean, mean * mean + band_square - band_mean * band_mean, square)
+    count = stale_total[..., 0]
+    return torch.stack([count, mean * count, square * count], dim=-1)
 
 
 class PatchGroupNorm(nn.GroupNorm):
     """An ``nn.GroupNorm`` (same parameters) whose statistics cover every band.
 
-    Exact: one all-reduce of per-group ``[count, sum, sum of squares]`` (float64). Displaced: last
-    step's global moments with this rank's stale share replaced by its fresh one (DistriFusion's
-    corrected asynchronous GroupNorm), the fresh moments travelling meanwhile. Naive: local moments.
+    Exact: one all-reduce of per-group ``[count, sum, sum of squares]`` (float64). Displaced with stale
+    ``groupnorm``: last step's global moments corrected by this band's change (:func:`corrected_moments`),
+    the fresh moments travelling meanwhile. Naive: local moments.
     """
 
+    twin_of: ClassVar[type] = nn.GroupNorm
     ctx: ParallelContext
 
     @classmethod
@@ -77,10 +69,10 @@ class PatchGroupNorm(nn.GroupNorm):
             total = local.clone()
             return ctx.patch.all_reduce(total, "groupnorm", async_op).then(lambda t: (local, t))
 
-        stale_local, stale_total = ctx.exchange(self.moments_slot, local, launch)
-        return stale_total if stale_local is local else stale_total - stale_local + local
+        stale_local, stale_total = ctx.exchange(self.moments_slot, "groupnorm", launch)
+        return stale_total if stale_local is local else corrected_moments(stale_local, stale_total, local)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._local_only() and x.numel() <= INDEX_LIMIT:
+        if self._local_only() and x.numel() <= self.ctx.config.index_limit:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return normalize_with(x, self.moments(x), self)

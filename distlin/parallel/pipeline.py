@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from distlin.errors import UsageError
 from distlin.parallel.config import PatchParallelConfig
-from distlin.parallel.runtime import Runtime
+from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet, parallelize_unet
 
 
 def parallelize(pipe: Any, config: PatchParallelConfig | None = None, runtime: Runtime | None = None) -> ParallelUNet:
-    """Parallelize ``pipe.unet`` in place; only rank 0 shows progress. Returns the handle (``.ctx``, ``.undo()``).
+    """Parallelize ``pipe.unet`` in place over the ranks of ``runtime``; only rank 0 shows progress. Returns the
+    handle (``.ctx``, ``.undo()``).
 
-    Works for any pipeline that calls its UNet with the UNet's own signature (text-to-image,
-    image-to-image, SDXL, ControlNet: ControlNet residuals are cut into bands like the latent).
+    Without ``runtime``, joins the process group ``torchrun`` started (or runs as one process when there is
+    none), on the device the pipeline is on. Works for any pipeline that calls its UNet with the UNet's own
+    signature (text-to-image, image-to-image, SDXL, ControlNet: ControlNet residuals are cut into bands).
     """
-    runtime = runtime or Runtime()
+    if runtime is None:
+        device = pipe.unet.device
+        runtime = init_runtime(device=device.type if device.type == "cpu" else str(device))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != runtime.world_size:
+        raise UsageError(
+            f"torchrun started {launched} ranks but the runtime has {runtime.world_size}; pass runtime=init_runtime() "
+            "or no runtime, so every rank takes its share of the image"
+        )
     handle = parallelize_unet(pipe.unet, config, runtime)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not runtime.is_main)

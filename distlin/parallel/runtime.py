@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 from distlin.errors import UsageError
-
-BACKENDS = ("nccl", "gloo")
+from distlin.parallel.config import BACKENDS
 
 
 @dataclass

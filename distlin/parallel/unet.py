@@ -2,9 +2,10 @@
 
 ``parallelize_unet`` swaps every convolution and GroupNorm for its band-aware twin (same
 parameters), gives every ``attn1`` a band-aware processor and wraps the UNet's forward with two hooks:
-before, split the CFG batch and cut this rank's rows out of the latent (and of ControlNet residuals);
-after, run the remaining micro-batches (``PatchParallelConfig.micro_batch``) and gather the bands so every
-rank returns the full prediction and schedulers run unchanged.
+before, split the CFG batch and cut this rank's rows out of ControlNet residuals (the latent stays whole:
+``conv_in`` cuts its band and halo rows from it, with no exchange); after, run the remaining micro-batches
+(``PatchParallelConfig.micro_batch``) and gather the bands so every rank returns the full prediction and
+schedulers run unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from distlin.parallel.conv import PatchConv2d
 from distlin.parallel.groupnorm import PatchGroupNorm
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
-from distlin.surgery import set_submodule
+from distlin.parallel.topology import row_unit
+from distlin.surgery import Swaps
 
 RESIDUAL_KWARGS = (
     "down_block_additional_residuals",
@@ -36,11 +38,6 @@ RESIDUAL_KWARGS = (
 
 class NonFiniteError(RuntimeError):
     """The denoiser produced NaN or Inf; raised on every rank at the same step."""
-
-
-def row_unit(unet: nn.Module) -> int:
-    """Band boundaries must be multiples of 2**L latent rows for a UNet with L downsamplings."""
-    return 2 ** int(getattr(unet, "num_upsamplers", 0))
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -74,10 +71,9 @@ class ParallelUNet:
 
     def __init__(self, unet: nn.Module, ctx: ParallelContext):
         self.unet, self.ctx = unet, ctx
-        self.unit = row_unit(unet)
+        self.unit = row_unit(unet.config)
         self._signature = inspect.signature(unet.forward)
-        self._swapped: dict[str, nn.Module] = {}
-        self._processors: dict[str, Any] = {}
+        self._swaps = Swaps(unet)
         self._hooks: list[Any] = []
         self._split_cfg = False
         self._return_dict = True
@@ -86,35 +82,27 @@ class ParallelUNet:
     def apply(self) -> ParallelUNet:
         for name, module in list(self.unet.named_modules()):
             if type(module) is nn.Conv2d:
-                self._swap(name, PatchConv2d.from_conv(module, self.ctx))
+                self._swaps.module(name, PatchConv2d.from_conv(module, self.ctx))
             elif type(module) is nn.GroupNorm:
-                self._swap(name, PatchGroupNorm.from_norm(module, self.ctx))
+                self._swaps.module(name, PatchGroupNorm.from_norm(module, self.ctx))
         for name, attn in self_attention_layers(self.unet):
-            self._processors[name] = attn.processor
-            attn.set_processor(parallel_processor(attn, self.ctx, self.ctx.config.attention_chunk))
+            self._swaps.processor(name, parallel_processor(attn, self.ctx, self.ctx.config.attention_chunk))
         self._hooks = [
             self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
             self.unet.register_forward_hook(self._after, with_kwargs=True),
         ]
         return self
 
-    def check_size(self, height: int, width: int, vae_scale: int = 8) -> RowLayout:
+    def check_size(self, height: int, width: int, guidance: bool = True) -> RowLayout:
         """Validate an image size against the ranks before any exchange (raises UsageError naming the fix)."""
-        return RowLayout(height // vae_scale, width // vae_scale, self.unit, self.ctx.patch.size)
-
-    def _swap(self, name: str, module: nn.Module) -> None:
-        self._swapped[name] = self.unet.get_submodule(name)
-        set_submodule(self.unet, name, module)
+        return self.ctx.topology_for(guidance).check_image(height, width, self.unit)
 
     def undo(self) -> None:
         """Restore the original modules, processors and forward."""
         for hook in self._hooks:
             hook.remove()
-        for name, module in self._swapped.items():
-            set_submodule(self.unet, name, module)
-        for name, processor in self._processors.items():
-            self.unet.get_submodule(name).set_processor(processor)
-        self._hooks, self._swapped, self._processors = [], {}, {}
+        self._swaps.restore()
+        self._hooks = []
         self.ctx.reset()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -123,19 +111,19 @@ class ParallelUNet:
         sample = arguments["sample"]
         batch = sample.shape[0]
         self._return_dict = arguments.get("return_dict", True)
-        self._split_cfg = ctx.cfg is not None and batch % 2 == 0
+        topology = ctx.use_topology(batch)
+        self._split_cfg = topology.cfg_split
         if self._split_cfg:
-            half, side = batch // 2, ctx.cfg.index
+            half, side = batch // 2, topology.cfg_index
             arguments = _batch_slice(arguments, batch, side * half, (side + 1) * half)
-        layout = RowLayout(sample.shape[2], sample.shape[3], self.unit, ctx.patch.size)
-        ctx.begin_step(arguments["timestep"], layout)
+        layout = topology.layout(sample.shape[2], sample.shape[3], self.unit)
+        ctx.begin_step(layout)
         me = ctx.patch.index
 
         def band(t: torch.Tensor) -> torch.Tensor:
             start, stop = layout.band(me, t.shape[-1])
             return t[..., start:stop, :]
 
-        arguments["sample"] = band(arguments["sample"])
         for key in RESIDUAL_KWARGS:
             if arguments.get(key) is not None:
                 arguments[key] = _map_tensors(arguments[key], band)

@@ -13,8 +13,6 @@ the next band instead. Bands are exchanged synchronously (the VAE runs once, sta
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -22,15 +20,16 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
+from distlin.parallel.comm import CommStats
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.context import ParallelContext
 from distlin.parallel.conv import PatchConv2d
 from distlin.parallel.groupnorm import PatchGroupNorm
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
-from distlin.surgery import set_submodule
-
-LATENT_FACTOR = 8
+from distlin.parallel.topology import LATENT_FACTOR
+from distlin.surgery import Swaps
+from distlin.thresholds import INDEX_LIMIT
 
 
 def _banded(ctx: ParallelContext) -> bool:
@@ -124,33 +123,31 @@ class ParallelVAE:
     cascade re-encodes the whole upscaled image on every rank); one rank runs the plain model.
     """
 
-    def __init__(self, vae: nn.Module, runtime: Runtime | None = None, query_chunk: int = 4096):
+    def __init__(
+        self,
+        vae: nn.Module,
+        runtime: Runtime | None = None,
+        query_chunk: int = 4096,
+        stats: CommStats | None = None,
+        index_limit: int = INDEX_LIMIT,
+    ):
         self.vae = vae
-        self.ctx = ParallelContext(runtime or Runtime(), PatchParallelConfig(mode="exact", cfg_parallel=False))
-        self._swapped: dict[str, nn.Module] = {}
-        self._processors: dict[str, Any] = {}
+        config = PatchParallelConfig(mode="exact", cfg_parallel=False, index_limit=index_limit)
+        self.ctx = ParallelContext(runtime or Runtime(), config, stats=stats)
+        self._swaps = Swaps(vae)
         for name, module in list(vae.named_modules()):
-            if type(module) is nn.Conv2d and not _inside(name, self._swapped):
-                self._swap(name, PatchConv2d.from_conv(module, self.ctx))
+            if type(module) is nn.Conv2d and not self._swaps.covers(name):
+                self._swaps.module(name, PatchConv2d.from_conv(module, self.ctx))
             elif type(module) is nn.GroupNorm:
-                self._swap(name, PatchGroupNorm.from_norm(module, self.ctx))
+                self._swaps.module(name, PatchGroupNorm.from_norm(module, self.ctx))
             elif isinstance(module, Downsample2D):
-                self._swap(name, BandDownsample(module, self.ctx))
+                self._swaps.module(name, BandDownsample(module, self.ctx))
             elif isinstance(module, Attention):
-                self._processors[name] = module.processor
-                module.set_processor(GlobalAttnProcessor(self.ctx, query_chunk))
-
-    def _swap(self, name: str, module: nn.Module) -> None:
-        self._swapped[name] = self.vae.get_submodule(name)
-        set_submodule(self.vae, name, module)
+                self._swaps.processor(name, GlobalAttnProcessor(self.ctx, query_chunk))
 
     def undo(self) -> None:
         """Restore the original modules and attention processors."""
-        for name, module in self._swapped.items():
-            set_submodule(self.vae, name, module)
-        for name, processor in self._processors.items():
-            self.vae.get_submodule(name).set_processor(processor)
-        self._swapped, self._processors = {}, {}
+        self._swaps.restore()
 
     def _set_layout(self, latent_height: int, latent_width: int) -> None:
         self.ctx.layout = RowLayout(latent_height, latent_width, 1, self.ctx.patch.size)
@@ -189,11 +186,16 @@ class ParallelVAE:
             self.ctx.layout = None
 
 
-def _inside(name: str, swapped: dict[str, nn.Module]) -> bool:
-    """True for the conv inside a module already swapped (the Downsample2D's, handled by BandDownsample)."""
-    return any(name.startswith(prefix + ".") for prefix in swapped)
+def parallelize_vae(
+    vae: nn.Module,
+    runtime: Runtime | None = None,
+    query_chunk: int = 4096,
+    stats: CommStats | None = None,
+    index_limit: int = INDEX_LIMIT,
+) -> ParallelVAE:
+    """Band-parallel ``decode``/``encode`` for ``vae`` over the ranks of ``runtime`` (see :class:`ParallelVAE`).
 
-
-def parallelize_vae(vae: nn.Module, runtime: Runtime | None = None, query_chunk: int = 4096) -> ParallelVAE:
-    """Band-parallel ``decode``/``encode`` for ``vae`` over the ranks of ``runtime`` (see :class:`ParallelVAE`)."""
-    return ParallelVAE(vae, runtime, query_chunk)
+    ``stats`` counts its exchanges (give the run's, so ``--report-comm`` shows them); convs and GroupNorms
+    never hand a kernel more than ``index_limit`` elements.
+    """
+    return ParallelVAE(vae, runtime, query_chunk, stats, index_limit)

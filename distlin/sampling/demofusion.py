@@ -20,8 +20,9 @@ schedule, starting from ``z0`` noised to the first of them; LinFusion's strength
 latents are renormalised per channel to the native stage's mean and std.
 
 With a parallelized UNet both evaluations are patch-parallel: :class:`~distlin.parallel.conv.PatchConv2d`
-takes its halo widths from the mutated ``dilation``/``padding``/``pad_top``. Two evaluations at the same
-timestep restart the engine's step counter, so ``displaced`` mode runs synchronous exchanges in later stages.
+takes its halo widths from the mutated ``dilation``/``padding``/``pad_top``. The two evaluations see different
+convolutions, so neither may reuse the other's exchanges: in later stages each starts afresh (``ctx.reset``) and
+``displaced`` mode runs synchronous exchanges there.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from distlin.errors import UsageError
-from distlin.highres.cascade import Stage, StageClock, StageReport, _PlainVAE, check_stages
-from distlin.highres.vae import ParallelVAE
 from distlin.parallel.unet import ParallelUNet
+from distlin.sampling.reference import Coder, PlainVAE, encoded, upscaled_reference
+from distlin.sampling.stages import Stage, StageClock, StageReport, check_stages
 
 UPSCALE_STRENGTH = 0.32  # LinFusion's SDXL ``upscale_strength``: the first upscaling stage's strength
 SKIP_POWER, DILATED_POWER = 3.0, 1.0  # DemoFusion's cosine_scale_1 and cosine_scale_2
@@ -137,29 +138,6 @@ def _predict(
     return uncond + cond.guidance_scale * (text - uncond)
 
 
-@contextmanager
-def _vae_in_float32_if_needed(vae: nn.Module) -> Iterator[torch.dtype]:
-    """SDXL's VAE overflows in float16 (``force_upcast``): run it in float32 between stages."""
-    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
-        yield vae.dtype
-    finally:
-        if upcast:
-            vae.to(dtype=torch.float16)
-
-
-def _reference(pipe: Any, coder: ParallelVAE | _PlainVAE, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
-    """The previous stage's result at ``stage``'s size: decode, bicubic upscale in pixel space, encode (mean)."""
-    scale = pipe.vae.config.scaling_factor
-    with _vae_in_float32_if_needed(pipe.vae) as dtype:
-        image = coder.decode(latents.to(dtype) / scale)
-        image = F.interpolate(image.float(), size=(stage.height, stage.width), mode="bicubic", align_corners=False)
-        z0 = coder.encode(image.clamp(-1, 1).to(dtype)).mean * scale
-    return z0.to(latents.dtype)
-
-
 def _ratio(native: Stage, stage: Stage) -> int:
     ratio, rest = divmod(stage.height, native.height)
     if rest or stage.width != ratio * native.width or ratio < 1:
@@ -170,8 +148,21 @@ def _ratio(native: Stage, stage: Stage) -> int:
     return ratio
 
 
+def _restart(handle: ParallelUNet | None) -> None:
+    """The engine forgets the other evaluation's exchanges (other convolutions, other halo widths)."""
+    if handle is not None:
+        handle.ctx.reset()
+
+
 def _denoise_stage(
-    pipe: Any, cond: _Conditioning, z0: torch.Tensor, stage: Stage, ratio: int, steps: int, seed: int
+    pipe: Any,
+    cond: _Conditioning,
+    z0: torch.Tensor,
+    stage: Stage,
+    ratio: int,
+    steps: int,
+    seed: int,
+    handle: ParallelUNet | None = None,
 ) -> torch.Tensor:
     """One upscaling stage: the last ``int(steps * strength)`` timesteps with skip residual and dilated sampling."""
     scheduler = pipe.scheduler
@@ -191,7 +182,12 @@ def _denoise_stage(
     for t in pipe.progress_bar(timesteps):  # the pipeline's bar settings: shown on rank 0 only
         w = demofusion_weights(float(t), train_timesteps)
         latents = w.c1 * scheduler.add_noise(z0, noise, t.reshape(1)) + (1 - w.c1) * latents
+        if ratio == 1:  # at the native size the dilated branch is the local one
+            latents = scheduler.step(_predict(pipe, cond, latents, t, time_ids), t, latents, return_dict=False)[0]
+            continue
+        _restart(handle)
         local = _predict(pipe, cond, latents, t, time_ids)
+        _restart(handle)
         with dilated_convs(pipe.unet, ratio):
             dilated = _predict(pipe, cond, blurred(latents, ratio, w.sigma), t, time_ids)
         latents = scheduler.step((1 - w.c2) * local + w.c2 * dilated, t, latents, return_dict=False)[0]
@@ -207,9 +203,11 @@ def run_demofusion(
     seed: int = 0,
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
-    vae: ParallelVAE | None = None,
+    vae: Coder | None = None,
     handle: ParallelUNet | None = None,
     on_stage: StageReport | None = None,
+    init_image: torch.Tensor | None = None,
+    native: Stage | None = None,
 ) -> torch.Tensor:
     """The last stage's latents (scaled, as the UNet sees them), the same on every rank.
 
@@ -217,31 +215,40 @@ def run_demofusion(
     noise from ``seed + k``. ``vae`` (band-parallel) replaces the plain VAE between stages; ``handle`` (the
     parallelized UNet) is checked against every stage's size up front. Decode the result with
     :func:`distlin.loading.decode_latents`. ``on_stage`` gets each stage's wall time as it ends.
+
+    With ``init_image`` (``(1, 3, H, W)`` in [-1, 1], any size) stage 0 refines that picture, resized to its
+    size, at its strength, like a later stage; its latents then anchor the per-channel statistics, and
+    ``native`` (default: stage 0) is the size dilations are measured from.
     """
     check_stages(stages)
-    native = stages[0]
-    ratios = [_ratio(native, stage) for stage in stages[1:]]
+    native = native or stages[0]
+    refined = list(enumerate(stages))[0 if init_image is not None else 1 :]
+    ratios = {index: _ratio(native, stage) for index, stage in refined}
+    cfg = guidance_scale > 1.0
     if handle is not None:
         for stage in stages:
-            handle.check_size(stage.height, stage.width, pipe.vae_scale_factor)
-    cfg = guidance_scale > 1.0
+            handle.check_size(stage.height, stage.width, guidance=cfg)
     clock = StageClock(on_stage)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt, device=pipe._execution_device, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
     )
-    latents = pipe(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=negative,
-        pooled_prompt_embeds=pooled,
-        negative_pooled_prompt_embeds=negative_pooled,
-        height=native.height,
-        width=native.width,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="latent",
-    ).images
-    clock.lap(0, native, latents)
+    coder = vae or PlainVAE(pipe.vae)
+    if init_image is not None:
+        latents = encoded(pipe, coder, init_image, stages[0]).to(embeds.dtype)
+    else:
+        latents = pipe(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+            height=native.height,
+            width=native.width,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
+        clock.lap(0, native, latents)
     anchor_mean, anchor_std = latents.mean(dim=(2, 3), keepdim=True), latents.std(dim=(2, 3), keepdim=True)
     encoder_2 = pipe.text_encoder_2
     cond = _Conditioning(
@@ -251,12 +258,9 @@ def run_demofusion(
         cfg=cfg,
         guidance_scale=guidance_scale,
     )
-    coder = vae or _PlainVAE(pipe.vae)
-    for index, (stage, ratio) in enumerate(zip(stages[1:], ratios, strict=True), start=1):
-        z0 = _reference(pipe, coder, latents, stage)
-        if handle is not None:
-            handle.ctx.reset()
-        latents = _denoise_stage(pipe, cond, z0, stage, ratio, steps, seed + index)
+    for index, stage in refined:
+        z0 = latents if index == 0 else upscaled_reference(pipe, coder, latents, stage)
+        latents = _denoise_stage(pipe, cond, z0, stage, ratios[index], steps, seed + index, handle)
         latents = _renormalised(latents, anchor_mean, anchor_std)
         clock.lap(index, stage, latents)
     return latents

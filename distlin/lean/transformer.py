@@ -12,11 +12,12 @@ from the whole band (all-reduced by the engine's :class:`~distlin.parallel.group
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.transformers.transformer_2d import Transformer2DModel, Transformer2DModelOutput
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from distlin.linfusion.attention import LinFusionAttention, LinFusionAttnProcessor
@@ -43,6 +44,7 @@ class ChunkedTransformer2D(Transformer2DModel):
     runs the original forward.
     """
 
+    twin_of: ClassVar[type] = Transformer2DModel
     chunk: int
 
     @classmethod

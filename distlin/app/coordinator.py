@@ -1,0 +1,144 @@
+"""Rank 0's side of the app: requests queue here and run one at a time on every rank.
+
+One thread (:meth:`Coordinator.serve`) owns every collective on rank 0: it broadcasts each request, runs it
+with the other ranks, saves the result and, while nothing waits, keeps the group alive with idle messages.
+The web page only submits, watches and cancels :class:`Job` objects, from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from distlin.app.planning import describe_plan, fit_settings
+from distlin.app.ranks import GENERATE, IDLE, SHARED_FAILURES, SHUTDOWN, RankChannel
+from distlin.app.request import GenerationRequest, Limits
+from distlin.app.results import ResultStore, SavedResult
+from distlin.app.session import GenerationSession
+from distlin.errors import Cancelled, UsageError
+from distlin.run import Progress
+
+
+@dataclass
+class Job:
+    """One submitted request and what became of it; ``finished`` is set once it is done, cancelled or failed."""
+
+    request: GenerationRequest
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    progress: Progress | None = None
+    result: SavedResult | None = None
+    error: str | None = None  # one line for the user
+    cancelled: bool = False
+
+    def report(self, progress: Progress) -> None:
+        self.progress = progress
+
+
+class Coordinator:
+    """Queues requests, runs them one at a time on every rank, and stops the other ranks when closed."""
+
+    def __init__(
+        self,
+        channel: RankChannel,
+        session: GenerationSession,
+        store: ResultStore,
+        limits: Limits | None = None,
+        idle_message_s: float = 30.0,
+    ):
+        self.channel, self.session, self.store = channel, session, store
+        self.limits = limits or Limits()
+        self.idle_message_s = idle_message_s
+        self.failure: str | None = None  # set when the rank group can no longer run requests
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def plan(self, request: GenerationRequest) -> str:
+        """The request's memory plan if this server accepts it: within the limits and planned to fit the device;
+        else UsageError with the reason."""
+        settings = self.session.settings(request)
+        self.limits.check(settings)
+        fitted = fit_settings(settings, self.session.runtime)
+        return describe_plan(settings, fitted, self.session.runtime)
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request; UsageError (one line for the user) if it is refused."""
+        self.plan(request)
+        job = Job(request)
+        with self._changed:
+            if self.failure is not None or self._closed:
+                raise UsageError(self.failure or "the app is shutting down")
+            self._waiting.append(job)
+            self._changed.notify_all()
+        return job
+
+    def ahead_of(self, job: Job) -> int:
+        """How many requests run before this one (0 once it runs)."""
+        with self._changed:
+            if job not in self._waiting:
+                return 0
+            return self._waiting.index(job) + (self._running is not None)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a running job at its next step on every rank, or drop a waiting one."""
+        job.cancel_requested.set()
+        with self._changed:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.cancelled = True
+                job.finished.set()
+
+    def close(self) -> None:
+        """Drop the waiting jobs, cancel the running one and let :meth:`serve` send shutdown to every rank."""
+        with self._changed:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            running = self._running
+            self._changed.notify_all()
+        for job in waiting:
+            job.cancelled = True
+            job.finished.set()
+        if running is not None:
+            running.cancel_requested.set()
+
+    def serve(self) -> None:
+        """Run jobs until :meth:`close`, then tell every rank to shut down. Returns early, with
+        :attr:`failure` set, if a run fails in a way that may leave the ranks out of step."""
+        while (job := self._next()) is not None or not self._closed:
+            if job is None:
+                self.channel.send(IDLE)
+                continue
+            self._run(job)
+            if self.failure is not None:
+                return
+        self.channel.send(SHUTDOWN)
+
+    def _next(self) -> Job | None:
+        """The next waiting job, or None after ``idle_message_s`` without one (or once closed)."""
+        with self._changed:
+            if not self._waiting and not self._closed:
+                self._changed.wait(self.idle_message_s)
+            self._running = self._waiting.popleft() if self._waiting else None
+            return self._running
+
+    def _run(self, job: Job) -> None:
+        self.channel.send(GENERATE, request=job.request.to_message())
+        try:
+            result = self.session.run(job.request, job.report, job.cancel_requested.is_set)
+            job.result = self.store.save(result.image, result.metadata)
+        except Cancelled:
+            job.cancelled = True
+        except SHARED_FAILURES as err:
+            job.error = str(err)
+        except Exception as err:  # noqa: BLE001 - reported to the page; fatal only where ranks may be out of step
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            job.error = f"{type(err).__name__}: {first}"
+            if self.session.runtime.world_size > 1:
+                self.failure = f"the rank group failed ({job.error}); restart the app"
+        finally:
+            with self._changed:
+                self._running = None
+            job.finished.set()

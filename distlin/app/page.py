@@ -1,0 +1,152 @@
+"""The Gradio page: the command line's controls, the memory plan before running, progress, cancel, the
+deep-zoom viewer of the result, its metadata and download link, and a gallery of past results."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+import gradio as gr
+
+from distlin.app.coordinator import Coordinator, Job
+from distlin.app.request import GenerationRequest
+from distlin.app.results import SavedResult
+from distlin.errors import UsageError
+from distlin.parallel.config import MODES
+from distlin.presets import list_presets
+
+POLL_S = 0.25
+VIEWER_HEIGHT_PX = 520
+CSS = "#viewer iframe { width: 100%; border: 0; border-radius: 6px; background: #111; }"
+FIELDS = [f.name for f in fields(GenerationRequest)]
+
+
+class AppPage:
+    """Builds the page for a coordinator and keeps each browser session's job, so Cancel stops that one."""
+
+    def __init__(self, coordinator: Coordinator, preset: str):
+        self.coordinator = coordinator
+        self.preset = preset
+        self._jobs: dict[str, Job] = {}
+
+    def build(self) -> gr.Blocks:
+        runtime = self.coordinator.session.runtime
+        start = GenerationRequest.for_preset(self.preset)
+        with gr.Blocks(title="distlin", analytics_enabled=False) as page:
+            gr.Markdown(f"## distlin · {runtime.world_size} rank(s) · {runtime.device.type}")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    controls = self._controls(start)
+                    plan = gr.Textbox(label="memory plan", lines=6, interactive=False, elem_id="plan")
+                    with gr.Row():
+                        run = gr.Button("Generate", variant="primary", elem_id="generate")
+                        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                    status = gr.Markdown("ready", elem_id="status")
+                with gr.Column(scale=2):
+                    viewer = gr.HTML(elem_id="viewer")
+                    download = gr.HTML(elem_id="download")
+                    metadata = gr.JSON(label="metadata", elem_id="metadata")
+            gallery = gr.Gallery(
+                self._gallery(), label="past results", columns=8, height="auto", allow_preview=False,
+                elem_id="gallery",
+            )  # fmt: skip
+            shown = [viewer, download, metadata]
+            inputs = [controls[name] for name in FIELDS]
+            controls["preset"].change(self._preset_values, controls["preset"], inputs[1:])
+            gr.on([c.change for c in inputs] + [page.load], self._plan, inputs, plan)
+            run.click(self._run, inputs, [status, *shown, gallery], concurrency_limit=None)
+            cancel.click(self._cancel, None, status, concurrency_limit=None)
+            gallery.select(self._select, None, shown)
+        return page
+
+    def _controls(self, start: GenerationRequest) -> dict[str, gr.components.Component]:
+        controls: dict[str, gr.components.Component] = {
+            "preset": gr.Dropdown(list_presets(), value=start.preset, label="preset (a cascade preset: cascade on)"),
+            "prompt": gr.Textbox(start.prompt, label="prompt", lines=2),
+            "negative_prompt": gr.Textbox(start.negative_prompt, label="negative prompt"),
+        }
+        with gr.Row():
+            controls["height"] = gr.Number(start.height, label="height", precision=0, step=8, minimum=8)
+            controls["width"] = gr.Number(start.width, label="width", precision=0, step=8, minimum=8)
+        with gr.Row():
+            controls["steps"] = gr.Number(start.steps, label="steps", precision=0, minimum=1)
+            controls["guidance_scale"] = gr.Number(start.guidance_scale, label="guidance scale", minimum=0)
+            controls["seed"] = gr.Number(start.seed, label="seed", precision=0, minimum=0)
+        controls["mode"] = gr.Radio(list(MODES), value=start.mode, label="mode")
+        for name, control in controls.items():
+            control.elem_id = name
+        return controls
+
+    def _request(self, values: tuple[Any, ...]) -> GenerationRequest:
+        return GenerationRequest.from_message(dict(zip(FIELDS, values, strict=True)))
+
+    def _preset_values(self, preset: str) -> list[Any]:
+        request = GenerationRequest.for_preset(preset)
+        return [getattr(request, name) for name in FIELDS[1:]]
+
+    def _plan(self, *values: Any) -> str:
+        try:
+            return self.coordinator.plan(self._request(values))
+        except UsageError as err:
+            return f"refused: {err}"
+
+    def _run(self, *values: Any, request: gr.Request) -> Iterator[dict]:
+        try:
+            job = self.coordinator.submit(self._request(values))
+        except UsageError as err:
+            yield [f"refused: {err}", *[gr.skip()] * 4]
+            return
+        self._jobs[request.session_hash] = job
+        try:
+            while not job.finished.wait(POLL_S):
+                yield [_progress_text(self.coordinator, job), *[gr.skip()] * 4]
+        finally:
+            self._jobs.pop(request.session_hash, None)
+        if job.result is None:
+            yield ["cancelled; nothing was written" if job.cancelled else f"failed: {job.error}", *[gr.skip()] * 4]
+            return
+        yield [f"done: {job.result.id}", *self._show(job.result), self._gallery()]
+
+    def _cancel(self, request: gr.Request) -> Any:
+        job = self._jobs.get(request.session_hash)
+        if job is None:
+            return gr.skip()
+        self.coordinator.cancel(job)
+        return "cancelling…"
+
+    def _select(self, event: gr.SelectData) -> list[Any]:
+        caption = event.value.get("caption") if isinstance(event.value, dict) else None
+        try:
+            return self._show(self.coordinator.store.get(caption or ""))
+        except UsageError:
+            return [gr.skip()] * 3
+
+    def _gallery(self) -> list[tuple[str, str]]:
+        return [(str(result.thumbnail), result.id) for result in self.coordinator.store.results()]
+
+    def _show(self, result: SavedResult) -> list[Any]:
+        """Viewer, download link and metadata of one result."""
+        metadata = result.metadata()
+        size = f"{metadata.get('width')}x{metadata.get('height')}"
+        dzi = html.escape(f"../results/{result.id}/image.dzi")
+        viewer = (
+            f'<iframe src="viewer/?dzi={dzi}" title="deep-zoom viewer of {result.id}" '
+            f'style="height: {VIEWER_HEIGHT_PX}px" data-result="{result.id}"></iframe>'
+        )
+        download = (
+            f'<a href="results/{result.id}/image.png" download="distlin-{result.id}.png" id="download-link">'
+            f"Download PNG ({size} px, {result.image.stat().st_size / 2**20:.1f} MiB)</a>"
+        )
+        return [viewer, download, metadata]
+
+
+def _progress_text(coordinator: Coordinator, job: Job) -> str:
+    ahead = coordinator.ahead_of(job)
+    if ahead:
+        return f"waiting: {ahead} request(s) ahead"
+    progress = job.progress
+    if progress is None:
+        return "starting (loading the model on every rank)…"
+    return f"stage {progress.stage + 1}/{progress.stages} · step {progress.step}/{progress.steps}"

@@ -1,0 +1,42 @@
+"""The memory plan a request is shown before it runs, and the refusal of one that would not fit.
+
+The same planner and the same fit as :func:`distlin.run.fit_to_device`: memory savers (same image) are switched
+on when needed, and a run that no saver makes fit is refused with the planner's one-line reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distlin.memory.fit import fit_to_capacity, plan_run, saver_flags
+from distlin.memory.planner import format_plan
+from distlin.parallel.runtime import Runtime
+from distlin.settings import RunSettings
+
+
+def device_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
+    """Bytes a rank may use: ``DISTLIN_DEVICE_MEMORY`` if set, else the GPU's memory; None on a CPU."""
+    capacity = settings.thresholds.device_memory
+    if capacity is None and runtime.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(runtime.device).total_memory
+    return capacity
+
+
+def fit_settings(settings: RunSettings, runtime: Runtime) -> RunSettings:
+    """The settings the run will use (savers included); UsageError with the planner's reason if none fits."""
+    capacity = device_capacity(settings, runtime)
+    if capacity is None:
+        return settings
+    return fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
+
+
+def describe_plan(settings: RunSettings, fitted: RunSettings, runtime: Runtime) -> str:
+    """The cascade, the predicted peak per rank and what makes it up, and the savers the fit switched on."""
+    stages = " -> ".join(f"{s.width}x{s.height}" for s in settings.stages)
+    lines = [f"cascade: on ({stages})" if stages else "cascade: off (one pass)"]
+    planned = plan_run(fitted, runtime.world_size)
+    lines.append(format_plan(planned) if planned else f"no offline memory plan for model {settings.model!r}")
+    savers = saver_flags(settings, fitted)
+    if savers:
+        lines.append(f"to fit {runtime.device}, runs with {savers} (same image)")
+    return "\n".join(lines)

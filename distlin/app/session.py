@@ -1,0 +1,50 @@
+"""One rank's side of the app: the pipeline kept between requests, and each request run through
+:func:`distlin.run.generate`, the function the command line runs, so the image is the command line's."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import torch
+
+from distlin.app.request import GenerationRequest
+from distlin.parallel.runtime import Runtime
+from distlin.run import Prepared, ProgressReport, Result, generate, pipeline_key, prepare_pipeline
+from distlin.settings import RunSettings
+
+
+class GenerationSession:
+    """Runs requests on this rank, reusing the prepared pipeline while :func:`~distlin.run.pipeline_key` holds.
+
+    ``device`` (the app's ``--device``) overrides the preset's, so every request runs where the ranks are.
+    """
+
+    def __init__(self, runtime: Runtime, device: str | None = None):
+        self.runtime = runtime
+        self.device = device
+        self._prepared: Prepared | None = None
+
+    def settings(self, request: GenerationRequest) -> RunSettings:
+        return request.settings(self.runtime.world_size, self.device)
+
+    def run(
+        self,
+        request: GenerationRequest,
+        on_progress: ProgressReport | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Generate on every rank together (each rank calls this with the same request)."""
+        settings = self.settings(request)
+        if self._prepared is None or self._prepared.key != pipeline_key(settings):
+            self._release()
+            self._prepared = prepare_pipeline(settings, self.runtime)
+        prepared = self._prepared
+        return generate(settings, self.runtime, prepared=prepared, on_progress=on_progress, should_stop=should_stop)
+
+    def _release(self) -> None:
+        """Free the previous pipeline before loading another: two large models may not fit together."""
+        self._prepared = None
+        gc.collect()
+        if self.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()

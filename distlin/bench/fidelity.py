@@ -1,0 +1,490 @@
+"""Suite ``fidelity``: how far each engine setting's image is from one device, next to what it costs at 16K.
+
+For every case (built-in SD-1.x model, size, DDIM steps, guidance 7.5), self-attention kind (LinFusion
+``linear``, or the base model's ``softmax``) and number of ranks N, the suite spawns one torchrun launch of N
+gloo ranks (CFG parallelism off: every rank owns rows of the whole batch) that generates the image once per
+setting: ``exact``, ``naive``, and ``displaced`` for every stale set and warm-up. Rank 0 decodes each image and
+compares it with the image of one plain process (no ``parallelize``), computed here first: PSNR over RGB in
+[0, 1] (before 8-bit quantisation) and the largest error in 8-bit levels.
+
+Next to each row, the ``project`` suite's PROJECTION of that setting at 16384x16384 on 8 GPUs (full-size SD-1.5
+with LinFusion, bf16, ``--link``): compute plus synchronous exchanges, the stale ones hidden behind compute.
+Worker specs and results stay in ``OUT/fidelity-workers``.
+
+The rank side: ``python -m torch.distributed.run --nproc_per_node N -m distlin.bench.fidelity --spec SPEC.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distlin.bench import options
+from distlin.bench.accounting import dry_run
+from distlin.bench.models import build
+from distlin.bench.project import GPUS, LINKS, comm_seconds, projected_seconds
+from distlin.bench.report import (
+    Record,
+    SuiteResult,
+    finish_axes,
+    fmt,
+    markdown_table,
+    new_figure,
+    progress,
+)
+from distlin.bench.scaling import TORCHRUN_VARS
+from distlin.io import atomic_write
+from distlin.loading import mount_linfusion
+from distlin.models.tiny import build_pipeline
+from distlin.parallel import PatchParallelConfig, init_runtime, parallelize
+from distlin.parallel.config import DEFAULT_STALE, STALE_KINDS, parse_stale
+from distlin.sources import FRESH_LINFUSION, NO_LINFUSION
+
+PROMPT = "a red cube on a wooden table"
+GUIDANCE = 7.5
+LINFUSION = {"linear": FRESH_LINFUSION, "softmax": NO_LINFUSION}
+PROJECTION = {"model": "full-sd15", "size": 16384, "ranks": 8, "batch": 2, "dtype": torch.bfloat16}
+# DistriFusion's corrected asynchronous GroupNorm, warm-up 4, on the protocol case (issue #13), dB.
+DISTRIFUSION_DB = {2: 71.4, 4: 66.4}
+TARGET_GAIN_DB, TARGET_EFFICIENCY_POINTS = 10.0, 2.0
+EVERYTHING = frozenset(STALE_KINDS)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One generation: a built-in SD-1.x pipeline (seed 0) at a size, with DDIM ``steps``."""
+
+    model: str
+    height: int
+    width: int
+    steps: int
+
+
+CASES = {
+    "protocol": Case("tiny-sd15", 512, 512, 20),  # issue #13's measurement protocol
+    "tiny": Case("tiny-sd15", 320, 192, 20),  # the tests' size: five 8-row units, uneven bands on 3 ranks
+    "full": Case("full-sd15", 256, 256, 4),  # the published SD-1.5 architecture, small and short
+}
+
+
+def stale_sets(text: str) -> list[frozenset[str]]:
+    """``every`` (all non-empty subsets), or a comma list of sets written ``halo`` or ``attention+groupnorm``."""
+    if text.strip() == "every":
+        return [frozenset(c) for r in range(1, len(STALE_KINDS) + 1) for c in itertools.combinations(STALE_KINDS, r)]
+    return [parse_stale(part.replace("+", ",")) for part in text.split(",") if part.strip()]
+
+
+def stale_label(stale: frozenset[str]) -> str:
+    return "+".join(k for k in STALE_KINDS if k in stale) or "none"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add(
+        parser,
+        "--cases",
+        ["protocol", "tiny"],
+        ["tiny"],
+        "cases: " + "; ".join(f"{k} = {v.model} {v.height}x{v.width}, {v.steps} steps" for k, v in CASES.items()),
+        type=options.str_list(tuple(CASES)),
+    )
+    options.add(parser, "--ranks", [2, 3, 4], [2], "numbers of ranks", type=options.int_list)
+    options.add(
+        parser,
+        "--attention",
+        ["linear", "softmax"],
+        ["linear"],
+        "self-attention kinds",
+        type=options.str_list(tuple(LINFUSION)),
+    )
+    options.add(
+        parser,
+        "--warmup-steps",
+        [1, 2, 3, 4, 5],
+        [1],
+        "displaced warm-up W (steps 0..W synchronous)",
+        type=options.int_list,
+    )
+    options.add(
+        parser,
+        "--stale-sets",
+        "every",
+        f"{stale_label(DEFAULT_STALE)},{stale_label(EVERYTHING)}",
+        "stale sets of displaced mode: every (all non-empty ones), or a comma list such as halo,attention+groupnorm",
+    )
+    options.add(parser, "--steps", None, 4, "denoising steps instead of each case's own", type=int)
+    parser.add_argument(
+        "--link", choices=tuple(LINKS), default="nvlink", help="link of the projection (default nvlink)"
+    )
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per torchrun launch (default 3600)")
+
+
+def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every engine setting of one launch: exact, naive, then displaced for each stale set and warm-up."""
+    out: list[dict[str, Any]] = [{"mode": "exact", "stale": [], "warmup_steps": None}]
+    out.append({"mode": "naive", "stale": [], "warmup_steps": None})
+    for stale, warmup in itertools.product(stale_sets(args.stale_sets), args.warmup_steps):
+        out.append({"mode": "displaced", "stale": sorted(stale), "warmup_steps": warmup})
+    return out
+
+
+def engine_config(setting: dict[str, Any]) -> PatchParallelConfig:
+    warmup = setting["warmup_steps"]
+    return PatchParallelConfig(
+        mode=setting["mode"],
+        warmup_steps=0 if warmup is None else warmup,
+        cfg_parallel=False,
+        stale=frozenset(setting["stale"]),
+    )
+
+
+@torch.inference_mode()
+def generate(pipe: Any, case: Case, steps: int) -> torch.Tensor:
+    """Final latents of one generation (seed 0)."""
+    return pipe(
+        PROMPT,
+        height=case.height,
+        width=case.width,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+@torch.inference_mode()
+def decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The RGB image in [0, 1], float32, as the pipeline would output it before 8-bit quantisation."""
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pt").float()
+
+
+def build_case(case: Case, attention: str) -> Any:
+    pipe = build_pipeline(case.model, seed=0)
+    mount_linfusion(pipe, LINFUSION[attention])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def compare(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float | None]:
+    """PSNR in dB (None when identical) and the largest error in 8-bit levels."""
+    mse = float(((image - reference) ** 2).mean())
+    return {
+        "psnr_db": None if mse == 0 else 10 * math.log10(1 / mse),
+        "max_error_levels": 255 * float((image - reference).abs().max()),
+    }
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """One rank: generate every setting's image; rank 0 compares each with the reference and writes the result."""
+    torch.set_num_threads(spec["threads"])
+    runtime = init_runtime("gloo", spec["timeout_s"], "cpu")
+    try:
+        case, steps = Case(**spec["case"]), spec["steps"]
+        pipe = build_case(case, spec["attention"])
+        reference = torch.load(spec["reference"]) if runtime.is_main else None
+        results = []
+        for setting in spec["settings"]:
+            handle = parallelize(pipe, engine_config(setting), runtime)
+            pipe.set_progress_bar_config(disable=True)  # parallelize shows rank 0's; one line per setting is enough
+            start = time.perf_counter()
+            try:
+                latents = generate(pipe, case, steps)
+            finally:
+                handle.undo()
+            seconds = time.perf_counter() - start
+            if runtime.is_main:
+                results.append({**setting, **compare(decode(pipe, latents), reference), "seconds": seconds})
+                progress(
+                    "fidelity",
+                    f"{spec['name']} {spec['attention']} N={runtime.world_size} {label(results[-1])} "
+                    f"W={setting['warmup_steps']}: {db(results[-1]['psnr_db'])} dB, {seconds:.1f} s",
+                )
+        if runtime.is_main:
+            payload = {**spec, "ranks": runtime.world_size, "results": results}
+            atomic_write(spec["result"], lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
+    finally:
+        runtime.shutdown()
+
+
+def spawn(ranks: int, spec_path: Path, timeout_s: float, threads: int) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "distlin.bench.fidelity",
+        "--spec",
+        str(spec_path),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["OMP_NUM_THREADS"] = str(threads)
+    progress("fidelity", " ".join(command))
+    done = subprocess.run(command, env=env, timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"fidelity run on {ranks} ranks failed with exit code {done.returncode}")
+
+
+def projection(link: str) -> dict[str, Any]:
+    """Compute and per-kind exchange seconds of one step at 16K on 8 GPUs (the ``project`` suite's model)."""
+    unet = build(PROJECTION["model"], "linear", "meta", PROJECTION["dtype"])
+    size, n, batch = PROJECTION["size"], PROJECTION["ranks"], PROJECTION["batch"]
+    rate = GPUS["h100"][1] * 0.5
+    dry = dry_run(unet, size, size, n, batch)
+    return {
+        "compute_s": dry.flops / rate,
+        "single_s": dry_run(unet, size, size, 1, batch).flops / rate,
+        "comm_s": comm_seconds(dry, n, LINKS[link]),
+    }
+
+
+def projected(setting: dict[str, Any], attention: str, cost: dict[str, Any]) -> dict[str, float | None]:
+    """Projected ms per step and efficiency at 16K on 8 GPUs; LinFusion only, and naive is not a usable mode."""
+    if attention != "linear" or setting["mode"] == "naive":
+        return {"projected_ms_per_step": None, "projected_efficiency": None}
+    seconds = projected_seconds(cost["compute_s"], cost["comm_s"], setting["stale"])
+    return {
+        "projected_ms_per_step": 1e3 * seconds,
+        "projected_efficiency": cost["single_s"] / (PROJECTION["ranks"] * seconds),
+    }
+
+
+def measure(args: argparse.Namespace) -> list[Record]:
+    folder = args.out / "fidelity-workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    cost = projection(args.link)
+    records: list[Record] = []
+    for name, attention in itertools.product(args.cases, args.attention):
+        case = CASES[name]
+        steps = args.steps or case.steps
+        reference_path = folder / f"reference-{name}-{attention}.pt"
+        pipe = build_case(case, attention)
+        torch.save(decode(pipe, generate(pipe, case, steps)), reference_path)
+        del pipe  # the ranks build their own; full-size pipelines are GBs each
+        for n in args.ranks:
+            spec = {
+                "name": name,
+                "case": asdict(case),
+                "steps": steps,
+                "attention": attention,
+                "settings": settings(args),
+                "reference": str(reference_path),
+                "result": str(folder / f"{name}-{attention}-{n}.json"),
+                "threads": args.threads,
+                "timeout_s": args.timeout_s,
+            }
+            spec_path = folder / f"{name}-{attention}-{n}.spec.json"
+            spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+            spawn(n, spec_path, args.timeout_s, args.threads)
+            result = json.loads(Path(spec["result"]).read_text())
+            for row in result["results"]:
+                sync_steps = steps if row["mode"] == "exact" else min(steps, (row["warmup_steps"] or 0) + 1)
+                records.append(
+                    {
+                        "case": name,
+                        **asdict(case),
+                        "steps": steps,
+                        "guidance": GUIDANCE,
+                        "attention": attention,
+                        "ranks": n,
+                        **row,
+                        "synchronous_steps": 0 if row["mode"] == "naive" else sync_steps,
+                        **projected(row, attention, cost),
+                        "projection": f"{PROJECTION['model']} {PROJECTION['size']}² on {PROJECTION['ranks']} GPUs, "
+                        f"{args.link}",
+                    }
+                )
+    return records
+
+
+def label(r: Record) -> str:
+    return r["mode"] if r["mode"] != "displaced" else f"displaced {stale_label(frozenset(r['stale']))}"
+
+
+def db(value: float | None) -> str:
+    return "identical" if value is None else f"{value:.1f}"
+
+
+def main_warmup(records: list[Record]) -> int:
+    """The warm-up the trade-off table shows: 4 (the protocol's) when measured, else the largest."""
+    warmups = {r["warmup_steps"] for r in records if r["mode"] == "displaced"}
+    return 4 if 4 in warmups or not warmups else max(warmups)
+
+
+def markdown(records: list[Record]) -> str:
+    w = main_warmup(records)
+    parts = [
+        "Decoded image of N gloo ranks (all ranks split the image; CFG parallelism off) vs one plain process: "
+        "PSNR over RGB in [0, 1] and largest error in 8-bit levels. DDIM, guidance 7.5, seed 0, float32, random "
+        "weights (LinFusion layers `fresh`). `displaced` with warm-up W runs steps 0…W synchronously (W + 1 "
+        "steps). Projection (LinFusion rows): the `project` suite's alpha-beta model for "
+        f"{records[0]['projection']}, stale exchanges hidden behind the compute — a PROJECTION, not a measurement."
+    ]
+    for (name, attention), group in _groups(records, ("case", "attention")).items():
+        r0 = group[0]
+        ranks = sorted({r["ranks"] for r in group})
+        rows = []
+        for rs in _groups([r for r in group if r["warmup_steps"] in (None, w)], ("mode", "stale")).values():
+            by_n = {r["ranks"]: r for r in rs}
+            last = by_n[max(by_n)]
+            efficiency = last["projected_efficiency"]
+            rows.append(
+                [
+                    label(last),
+                    *(db(by_n[n]["psnr_db"]) if n in by_n else "n/a" for n in ranks),
+                    fmt(last["max_error_levels"]),
+                    fmt(last["projected_ms_per_step"]),
+                    "n/a" if efficiency is None else f"{100 * efficiency:.2f}%",
+                ]
+            )
+        parts.append(
+            f"**{name}**: {r0['model']} {r0['height']}x{r0['width']}, {r0['steps']} steps, {attention} "
+            f"self-attention; displaced warm-up {w}:"
+        )
+        parts.append(
+            markdown_table(
+                [
+                    "setting",
+                    *(f"PSNR dB, {n} ranks" for n in ranks),
+                    f"max error (levels), {ranks[-1]} ranks",
+                    "projected ms/step",
+                    "projected efficiency",
+                ],
+                rows,
+            )
+        )
+        warmups = sorted({r["warmup_steps"] for r in group if r["mode"] == "displaced"})
+        if len(warmups) > 1:
+            n = ranks[-1]
+            sweep = _groups([r for r in group if r["mode"] == "displaced" and r["ranks"] == n], ("stale",))
+            parts.append(f"PSNR dB vs warm-up W on {n} ranks ({name}, {attention}):")
+            parts.append(
+                markdown_table(
+                    ["stale", *(f"W={v}" for v in warmups)],
+                    [
+                        [stale_label(frozenset(key[0])), *(db(r["psnr_db"]) for r in sorted(rs, key=_warmup))]
+                        for key, rs in sweep.items()
+                    ],
+                )
+            )
+    parts += _targets(records)
+    return "\n\n".join(parts)
+
+
+def _warmup(r: Record) -> int:
+    return r["warmup_steps"]
+
+
+def _groups(records: list[Record], keys: tuple[str, ...]) -> dict[tuple, list[Record]]:
+    """Records grouped by ``keys`` (lists made hashable), in order of first appearance."""
+    out: dict[tuple, list[Record]] = {}
+    for r in records:
+        out.setdefault(tuple(tuple(r[k]) if isinstance(r[k], list) else r[k] for k in keys), []).append(r)
+    return out
+
+
+def _find(records: list[Record], stale: frozenset[str], ranks: int, warmup: int) -> Record | None:
+    return next(
+        (
+            r
+            for r in records
+            if r["mode"] == "displaced"
+            and frozenset(r["stale"]) == stale
+            and r["ranks"] == ranks
+            and r["warmup_steps"] == warmup
+        ),
+        None,
+    )
+
+
+def _targets(records: list[Record]) -> list[str]:
+    """Issue #13's benchmark targets on the protocol case, when this run measured them."""
+    lines = []
+    for attention in ("linear", "softmax"):
+        protocol = [r for r in records if r["case"] == "protocol" and r["attention"] == attention]
+        for n, reference in DISTRIFUSION_DB.items():
+            r = _find(protocol, EVERYTHING, n, 4)
+            if r is not None and r["psnr_db"] is not None:
+                ok = r["psnr_db"] >= reference
+                lines.append(
+                    f"- {attention}, everything stale, W=4, {n} ranks: {db(r['psnr_db'])} dB (DistriFusion's corrected "
+                    f"GroupNorm {reference} dB: {'met' if ok else 'NOT met'})"
+                )
+        everything, default = _find(protocol, EVERYTHING, 4, 4), _find(protocol, DEFAULT_STALE, 4, 4)
+        if everything and default and everything["psnr_db"] and default["psnr_db"]:
+            gain = default["psnr_db"] - everything["psnr_db"]
+            line = (
+                f"- {attention}, default stale set ({stale_label(DEFAULT_STALE)}) vs everything stale, W=4, 4 ranks: "
+                f"{gain:+.1f} dB (target ≥ +{TARGET_GAIN_DB:g} dB: {'met' if gain >= TARGET_GAIN_DB else 'NOT met'})"
+            )
+            if default["projected_efficiency"] is not None:
+                points = 100 * (everything["projected_efficiency"] - default["projected_efficiency"])
+                ok = points <= TARGET_EFFICIENCY_POINTS
+                line += (
+                    f"; projected efficiency {100 * default['projected_efficiency']:.2f}% vs "
+                    f"{100 * everything['projected_efficiency']:.2f}% ({points:.2f} points, target ≤ "
+                    f"{TARGET_EFFICIENCY_POINTS:g}: {'met' if ok else 'NOT met'})"
+                )
+            lines.append(line)
+    return ["Targets (issue #13, protocol case):\n" + "\n".join(lines)] if lines else []
+
+
+def plot(records: list[Record]) -> Any:
+    fig, (tradeoff, warmup) = new_figure(2)
+    w = main_warmup(records)
+    linear = [r for r in records if r["attention"] == "linear" and r["projected_efficiency"] is not None]
+    if linear:
+        name, n = linear[0]["case"], max(r["ranks"] for r in linear)
+        for r in linear:
+            if r["case"] == name and r["ranks"] == n and r["warmup_steps"] in (None, w) and r["psnr_db"] is not None:
+                tradeoff.plot(100 * r["projected_efficiency"], r["psnr_db"], "o")
+                tradeoff.annotate(label(r).removeprefix("displaced "), (100 * r["projected_efficiency"], r["psnr_db"]))
+        tradeoff.set(
+            xlabel=f"projected efficiency, {linear[0]['projection']} (%)",
+            ylabel=f"PSNR vs one device (dB), {name}, {n} ranks",
+            title=f"fidelity vs cost (LinFusion, warm-up {w})",
+        )
+    displaced = [r for r in records if r["mode"] == "displaced" and r["psnr_db"] is not None]
+    if displaced:
+        name, attention = displaced[0]["case"], displaced[0]["attention"]
+        n = max(r["ranks"] for r in displaced)
+        mine = [r for r in displaced if (r["case"], r["attention"], r["ranks"]) == (name, attention, n)]
+        for key, rs in _groups(mine, ("stale",)).items():
+            rs = sorted(rs, key=_warmup)
+            warmup.plot(
+                [r["warmup_steps"] for r in rs], [r["psnr_db"] for r in rs], "-o", label=stale_label(frozenset(key[0]))
+            )
+        warmup.set(
+            xlabel="warm-up W (W + 1 synchronous steps)", ylabel="PSNR (dB)", title=f"{name}, {attention}, {n} ranks"
+        )
+    finish_axes(tradeoff, warmup)
+    return fig
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
+    """Spawn one torchrun launch per case, attention and rank count (CPU, gloo, float32)."""
+    records = measure(args)
+    return SuiteResult(records, markdown(records), plot(records))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distlin.bench.fidelity", description=__doc__)
+    parser.add_argument("--spec", type=Path, required=True, help="what to run, written by the suite")
+    worker(json.loads(parser.parse_args(argv).spec.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

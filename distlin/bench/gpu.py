@@ -1,0 +1,324 @@
+"""Suite ``gpu``: one prepared check of the CUDA fast path, under 8 minutes on one H100/H200 (CUDA only).
+
+Three parts, told apart by each record's ``section``. ``environment``: the GPU, torch, CUDA and triton.
+``attention``: LinFusion's two attention phases, fused Triton kernels against the PyTorch ops, on token-major
+``(batch, tokens, C)`` activations as the layer hands them over: the time of each phase, the speed-up, the
+largest difference between the two outputs relative to the output's largest value, and peak memory.
+``unet``: one UNet call with LinFusion (kernel ``auto``, so Triton) per image size: time per CFG step, TFLOP/s
+achieved against the device's dense fp16/bf16 peak, and ``torch.cuda.max_memory_allocated`` next to the memory
+planner's prediction (UNet weights plus activations). A size whose predicted activations exceed the free memory
+runs micro-batched (the guidance halves one after the other, as ``--micro-batch 1`` does), or is skipped with
+the reason when even that does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import torch
+
+from distlin.bench import options
+from distlin.bench.models import build, model_name, unet_inputs
+from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
+from distlin.bench.timing import peak_memory_mb, time_calls
+from distlin.bench.unet import count_flops, device_peak
+from distlin.errors import UsageError
+from distlin.memory.planner import plan
+from distlin.ops.linear_attention import apply_state, check_kernel, linear_attention, partial_state, select_kernel
+
+DEFAULT_DTYPE = torch.float16
+KERNELS = ("torch", "triton")
+CFG_BATCH = 2  # samples in one UNet call of a guided step
+GIB = 2**30
+FREE_MEMORY_SHARE = 0.9  # of the free memory, what a UNet call's predicted activations may take
+TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add(parser, "--channels", [320, 640, 1280], [320], "attention layer widths C", type=options.int_list)
+    options.add(
+        parser,
+        "--tokens",
+        [16384, 65536, 262144, 1048576],
+        [16384, 65536],
+        "attention token counts",
+        type=options.int_list,
+    )
+    parser.add_argument("--heads", type=int, default=8, help="attention heads, SD-1.5's 8 (default 8)")
+    parser.add_argument("--batch", type=int, default=2, help="attention batch; 2 is one CFG step (default 2)")
+    parser.add_argument("--model", default="full-sd15", help="built-in UNet of the UNet part (default full-sd15)")
+    options.add(
+        parser,
+        "--sizes",
+        [1024, 2048, 4096, 8192, 16384],
+        [1024],
+        "square image sides in pixels for the UNet part",
+        type=options.int_list,
+    )
+    options.add(parser, "--repeats", 5, 3, "timed calls per measurement", type=int)
+
+
+def environment_record(device: torch.device) -> Record:
+    import triton  # here: only after the suite has checked that triton is installed
+
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "section": "environment",
+        "gpu": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": props.total_memory / GIB,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "auto_kernel": select_kernel("auto", torch.empty(1, device=device)),
+    }
+
+
+def _median_ms(call: Any, device: torch.device, repeats: int) -> float:
+    return time_calls(call, device, repeats).fields()["ms"]
+
+
+def token_major_heads(
+    batch: int, tokens: int, channels: int, heads: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """A ``(B, h, N, d)`` view of random ``(B, N, C)`` activations, as the layer splits its projections."""
+    x = torch.randn(batch, tokens, channels, device=device, dtype=dtype)
+    return x.view(batch, tokens, heads, channels // heads).transpose(1, 2)
+
+
+def measure_attention(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Record]:
+    records: list[Record] = []
+    torch.manual_seed(0)
+    for channels in args.channels:
+        for tokens in sorted(args.tokens):
+            q, k, v = (token_major_heads(args.batch, tokens, channels, args.heads, device, dtype) for _ in range(3))
+            record: Record = {"section": "attention", "channels": channels, "heads": args.heads, "tokens": tokens}
+            record |= {"head_dim": channels // args.heads, "batch": args.batch}
+            outputs = {}
+            with torch.inference_mode():
+                for kernel in KERNELS:
+                    whole = partial(linear_attention, q, k, v, kernel=kernel)
+                    record[f"{kernel}_peak_mb"] = peak_memory_mb(whole, device)  # the first call compiles kernels
+                    for _ in range(args.warmup - 1):
+                        whole()
+                    state = partial_state(k, v, kernel=kernel)
+                    phases = {
+                        "partial": partial(partial_state, k, v, kernel=kernel),
+                        "apply": partial(apply_state, q, state, kernel=kernel),
+                    }
+                    for phase, call in phases.items():
+                        record[f"{kernel}_{phase}_ms"] = _median_ms(call, device, args.repeats)
+                    record[f"{kernel}_ms"] = record[f"{kernel}_partial_ms"] + record[f"{kernel}_apply_ms"]
+                    outputs[kernel] = whole()
+            # Close values of one dtype subtract (nearly) exactly: no float32 copies of the largest outputs.
+            difference = (outputs["triton"] - outputs["torch"]).abs().max().item()
+            record["max_abs_error"] = difference
+            record["max_rel_error"] = difference / outputs["torch"].abs().max().float().item()
+            record["speedup"] = record["torch_ms"] / record["triton_ms"]
+            progress("gpu", f"attention C={channels} {tokens} tokens: {record['speedup']:.2f}x")
+            records.append(record)
+            del q, k, v, outputs
+    return records
+
+
+def planned_unet_bytes(model: str, side: int, batch: int, dtype: torch.dtype) -> tuple[int, int]:
+    """The planner's ``(UNet weights, UNet activations)`` in bytes for one call on one rank.
+
+    ``micro_batch`` sets the samples per call; the VAE path does not enter the UNet's share, so the cheaper
+    direct-decode plan serves.
+    """
+    name = str(dtype).removeprefix("torch.")
+    breakdown = plan(model, side, side, 1, dtype=name, cfg=True, micro_batch=batch, vae_decode="direct")["breakdown"]
+    return breakdown["weights_unet"], breakdown["unet_activations"]
+
+
+def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[Record], str]:
+    peak, source = device_peak(device, dtype)
+    model = model_name(args.model)
+    meta = build(model, "linear", "meta", dtype)
+    unet = build(model, "linear", device, dtype)
+    records: list[Record] = []
+    for side in sorted(args.sizes):
+        free = torch.cuda.mem_get_info(device)[0]
+        plans = {batch: planned_unet_bytes(model, side, batch, dtype) for batch in (CFG_BATCH, 1)}
+        fitting = [batch for batch, (_, activations) in plans.items() if activations <= FREE_MEMORY_SHARE * free]
+        batch = fitting[0] if fitting else 1
+        record: Record = {"section": "unet", "model": model, "height": side, "width": side, "batch": batch}
+        record |= {"planned_gib": sum(plans[batch]) / GIB, "skipped": None}
+        if not fitting:
+            planned = plans[batch][1] / GIB
+            record["skipped"] = f"planned activations {planned:.1f} GiB at batch 1 > 90% of {free / GIB:.1f} GiB free"
+            records.append(record)
+            continue
+        flops = count_flops(meta, side, side, batch)
+        call = partial(unet, timestep=999, return_dict=False, **unet_inputs(unet, batch, side, side))
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with torch.inference_mode():
+                for _ in range(args.warmup):
+                    call()
+                record["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+                timing = time_calls(call, device, args.repeats).fields()
+        except torch.cuda.OutOfMemoryError:
+            record["skipped"] = f"out of memory at batch {batch} (planned {record['planned_gib']:.1f} GiB)"
+            records.append(record)
+            del call
+            torch.cuda.empty_cache()
+            continue
+        rate = flops / (timing["ms"] / 1e3)
+        record |= {**timing, "tflop": flops / 1e12, "ms_per_step": timing["ms"] * CFG_BATCH / batch}
+        record |= {"achieved_tflop_s": rate / 1e12, "peak_tflop_s": peak and peak / 1e12}
+        record |= {
+            "utilisation": peak and rate / peak,
+            "planned_over_measured": record["planned_gib"] / record["peak_gib"],
+        }
+        progress("gpu", f"unet {model} {side}x{side} batch {batch}: {timing['ms']:.0f} ms")
+        records.append(record)
+        del call
+        torch.cuda.empty_cache()
+    return records, source
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def targets(records: list[Record]) -> str:
+    """Each target against what was measured: ``met``, ``NOT met`` or not measured."""
+    lines = []
+    for r in records:
+        if r["section"] == "attention" and r["tokens"] == TARGET["tokens"]:
+            lines.append(
+                f"- attention C={r['channels']} at {r['tokens']} tokens: kernels {r['speedup']:.2f}× faster than the "
+                f"PyTorch ops (target ≥ {TARGET['speedup']:g}×: {_met(r['speedup'] >= TARGET['speedup'])})"
+            )
+        if r["section"] == "unet" and r["height"] >= TARGET["side"] and not r["skipped"] and r["utilisation"]:
+            lines.append(
+                f"- UNet {r['model']} at {r['height']}²: {_percent(r['utilisation'])} of the dense peak (target ≥ "
+                f"{_percent(TARGET['utilisation'])}: {_met(r['utilisation'] >= TARGET['utilisation'])})"
+            )
+    return "Targets:\n" + ("\n".join(lines) or "- none measured: the target sizes were not part of this run")
+
+
+def markdown(records: list[Record], args: argparse.Namespace, source: str) -> str:
+    env = next(r for r in records if r["section"] == "environment")
+    attention = [r for r in records if r["section"] == "attention"]
+    unet = [r for r in records if r["section"] == "unet"]
+    attention_rows = [
+        [
+            r["channels"],
+            r["head_dim"],
+            r["tokens"],
+            *(fmt(r[f"{kernel}_{phase}_ms"]) for kernel in KERNELS for phase in ("partial", "apply")),
+            _times(r["speedup"]),
+            fmt(r["max_rel_error"]),
+            fmt(r["torch_peak_mb"]),
+            fmt(r["triton_peak_mb"]),
+        ]
+        for r in attention
+    ]
+    unet_rows = [
+        [
+            f"{r['height']}x{r['width']}",
+            r["batch"],
+            "skipped" if r["skipped"] else f"{fmt(r['ms'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
+            fmt(r.get("ms_per_step")),
+            fmt(r.get("tflop")),
+            fmt(r.get("achieved_tflop_s")),
+            _percent(r.get("utilisation")),
+            fmt(r.get("peak_gib")),
+            fmt(r["planned_gib"]),
+        ]
+        for r in unet
+    ]
+    skipped = [f"- {r['height']}x{r['width']}: {r['skipped']}" for r in unet if r["skipped"]]
+    parts = [
+        f"{env['gpu']} (compute capability {env['compute_capability']}, {env['multiprocessors']} SMs, "
+        f"{env['memory_gib']:.0f} GiB); torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}.",
+        f"Attention: both phases of LinFusion's linear attention, batch {args.batch}, {args.heads} heads, "
+        f"token-major inputs; median ms of {args.repeats} calls. Error: largest |kernels − PyTorch ops| over the "
+        "largest |PyTorch ops| output. MiB: peak memory of one whole call above what was held before it.",
+        markdown_table(
+            [
+                "C",
+                "d",
+                "tokens",
+                "torch partial ms",
+                "torch apply ms",
+                "triton partial ms",
+                "triton apply ms",
+                "speed-up",
+                "rel. error",
+                "torch MiB",
+                "triton MiB",
+            ],
+            attention_rows,
+        ),
+        f"UNet: {args.model} with LinFusion (attention kernel auto: {env['auto_kernel']}), one call of `batch` "
+        f"samples; median of {args.repeats} calls after {args.warmup} warm-up; ms per step: a CFG step of "
+        f"{CFG_BATCH} samples. "
+        f"TFLOP counted on the meta device. Peak: {source}. Measured GiB: `torch.cuda.max_memory_allocated` "
+        "during the calls; planned GiB: the memory planner's UNet weights plus activations.",
+        markdown_table(
+            [
+                "image",
+                "batch",
+                "ms [min–max]",
+                "ms per step",
+                "TFLOP",
+                "TFLOP/s",
+                "utilisation",
+                "measured GiB",
+                "planned GiB",
+            ],
+            unet_rows,
+        ),
+    ]
+    if skipped:
+        parts.append("Skipped:\n" + "\n".join(skipped))
+    parts.append(targets(records))
+    return "\n\n".join(parts)
+
+
+def plot(records: list[Record]) -> Any:
+    fig, (gains, utils, memory) = new_figure(3)
+    attention = [r for r in records if r["section"] == "attention"]
+    for channels in dict.fromkeys(r["channels"] for r in attention):
+        rs = [r for r in attention if r["channels"] == channels]
+        gains.plot([r["tokens"] for r in rs], [r["speedup"] for r in rs], "-o", label=f"C={channels}")
+    gains.axhline(TARGET["speedup"], color="gray", linestyle=":", label="target")
+    gains.set(xscale="log", xlabel="tokens", ylabel="PyTorch ops time / kernels time", title="attention kernels")
+    unet = [r for r in records if r["section"] == "unet" and not r["skipped"]]
+    pixels = [r["height"] * r["width"] for r in unet]
+    if unet and unet[0]["utilisation"] is not None:
+        utils.plot(pixels, [100 * r["utilisation"] for r in unet], "-o", label="LinFusion UNet")
+    utils.axhline(100 * TARGET["utilisation"], color="gray", linestyle=":", label="target")
+    utils.set(xscale="log", xlabel="image pixels", ylabel="% of dense peak", title="UNet utilisation")
+    memory.plot(pixels, [r["peak_gib"] for r in unet], "-o", label="measured")
+    memory.plot(pixels, [r["planned_gib"] for r in unet], "--s", label="planned")
+    memory.set(xscale="log", yscale="log", xlabel="image pixels", ylabel="GiB", title="UNet peak memory")
+    finish_axes(gains, utils, memory)
+    return fig
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
+    if device.type != "cuda":
+        raise UsageError(f"the gpu suite measures the CUDA fast path and needs a CUDA device, not {device.type}")
+    check_kernel("triton")
+    records = [environment_record(device)]
+    records += measure_attention(args, device, dtype)
+    torch.cuda.empty_cache()
+    unet, source = measure_unet(args, device, dtype)
+    records += unet
+    return SuiteResult(records, markdown(records, args, source), plot(records))

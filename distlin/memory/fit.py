@@ -1,0 +1,90 @@
+"""Fitting a run to its device: the planner asked with a run's settings, the memory savers switched on in order.
+
+Savers never change the image; they trade time for memory. When a run's predicted peak exceeds the device's
+memory, the savers the user left unset are switched on one by one until it fits; if none suffices the run is
+refused with one line naming how many ranks would do. The capacity is the GPU's memory, or
+``DISTLIN_DEVICE_MEMORY`` (bytes) on any device (:mod:`distlin.thresholds`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from distlin.errors import UsageError
+from distlin.memory.planner import plan, ranks_needed
+from distlin.settings import RunSettings
+from distlin.sources import architecture_of
+
+# In this order: the guidance halves one after the other, the VAE decoded band by band through host RAM, then
+# its mid-block keys/values streamed from there too. The last two cost host transfers.
+SAVERS: tuple[tuple[str, Any, str], ...] = (
+    ("micro_batch", 1, "--micro-batch 1"),
+    ("vae_decode", "sequential", "--vae-decode sequential"),
+    ("vae_attention_rows", 64, "--vae-attention-rows 64"),
+)
+
+
+def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
+    """The planner's keyword arguments for a run's settings (everything but the model, size and ranks)."""
+    return {
+        "dtype": settings.dtype,
+        "cfg": settings.guidance,
+        "cfg_parallel": settings.engine.cfg_parallel,
+        "micro_batch": settings.engine.micro_batch,
+        "vae_attention_rows": settings.vae_attention_rows,
+        "vae_decode": settings.vae_decode,
+        "thresholds": settings.thresholds,
+    }
+
+
+def plan_run(settings: RunSettings, ranks: int) -> dict[str, Any] | None:
+    """The planner's prediction for this run, or None for a model whose architecture is not known offline."""
+    arch = architecture_of(settings.model)
+    if arch is None:
+        return None
+    return plan(arch, settings.height, settings.width, ranks, **plan_kwargs(settings))
+
+
+def _saver(settings: RunSettings, name: str) -> Any:
+    """A saver's current value; None (or ``auto``) when the user left it to the run."""
+    value = settings.engine.micro_batch if name == "micro_batch" else getattr(settings, name)
+    return None if value == "auto" else value
+
+
+def _with(settings: RunSettings, name: str, value: Any) -> RunSettings:
+    if name == "micro_batch":
+        return replace(settings, engine=replace(settings.engine, micro_batch=value))
+    return replace(settings, **{name: value})
+
+
+def saver_flags(before: RunSettings, after: RunSettings) -> str:
+    """The command-line flags that turn ``before``'s memory savers into ``after``'s."""
+    return " ".join(flag for name, _, flag in SAVERS if _saver(before, name) != _saver(after, name))
+
+
+def fit_to_capacity(settings: RunSettings, ranks: int, capacity: int, device: str) -> RunSettings:
+    """``settings`` with savers switched on until the plan fits ``capacity`` bytes per rank; UsageError if
+    none suffices (the same on every rank: it depends on the settings alone)."""
+    result = plan_run(settings, ranks)
+    if result is None or result["peak_bytes_per_rank"] <= capacity:
+        return settings
+    fitted = settings
+    for name, value, _ in SAVERS:
+        if _saver(fitted, name) is not None:
+            continue
+        fitted = _with(fitted, name, value)
+        planned = plan_run(fitted, ranks)
+        if planned is not None and planned["peak_bytes_per_rank"] <= capacity:
+            return fitted
+    kwargs = plan_kwargs(fitted)
+    try:
+        needed = ranks_needed(capacity, architecture_of(settings.model), settings.height, settings.width, **kwargs)
+        flags = saver_flags(settings, fitted)
+        advice = f"at least {needed} ranks with {flags}" if flags else f"{needed} ranks"
+    except UsageError:
+        advice = "a smaller size"
+    raise UsageError(
+        f"predicted peak {result['peak_bytes_per_rank'] / 2**30:.1f} GiB per rank does not fit {device} "
+        f"({capacity / 2**30:.1f} GiB); use {advice} (see --plan)"
+    )

@@ -1,0 +1,357 @@
+"""One generation, top to bottom: what the command line, the web app and the Python API all run.
+
+:func:`prepare_pipeline` is the ordered list of rewrites applied to an unmodified diffusers pipeline (the
+torchtitan ``parallelize_*`` pattern); :func:`generate` fits the run to the device, samples (one pass or a
+cascade) and decodes. Nothing here parses flags or writes files: callers do (:mod:`distlin.cli.generate`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import distlin
+from distlin.components import apply_loras, load_controlnet, load_rgb, pipeline_for
+from distlin.errors import Cancelled
+from distlin.lean import bound_memory
+from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
+from distlin.memory.fit import fit_to_capacity, saver_flags
+from distlin.memory.planner import sequential_vae, sequential_vae_settings
+from distlin.ops.linear_attention import check_kernel
+from distlin.parallel.comm import CommStats
+from distlin.parallel.pipeline import parallelize
+from distlin.parallel.runtime import Runtime, init_runtime
+from distlin.parallel.unet import ParallelUNet
+from distlin.sampling.stages import Stage
+from distlin.schedulers import build_scheduler, unet_calls
+from distlin.settings import RunSettings
+from distlin.vae.parallel import ParallelVAE, parallelize_vae
+from distlin.vae.sequential import decode_sequential
+
+# Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
+WEIGHTS_SEED = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a generation is: ``step`` of ``steps`` UNet evaluations in cascade stage ``stage`` of ``stages``."""
+
+    stage: int
+    stages: int
+    step: int
+    steps: int
+
+
+ProgressReport = Callable[[Progress], None]
+
+
+@dataclass
+class Prepared:
+    """A pipeline rewritten for a run: the parallel UNet handle, the VAE coder, the exchange counters and the
+    model's own scheduler (a generation may swap in another, :func:`_sample`)."""
+
+    pipe: Any
+    engine: ParallelUNet
+    vae: ParallelVAE
+    unet_stats: CommStats
+    vae_stats: CommStats
+    key: tuple  # pipeline_key of the settings it was prepared for
+    scheduler: Any = None
+
+
+def pipeline_key(settings: RunSettings) -> tuple:
+    """The settings a prepared pipeline depends on (a web app keeps it across requests with the same key)."""
+    return (
+        settings.model,
+        settings.linfusion,
+        settings.dtype,
+        settings.device,
+        settings.engine,
+        settings.attention_kernel,
+        settings.thresholds,
+        settings.loras,
+        settings.controlnet,
+    )
+
+
+def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
+    """Load the model and apply, in this order, every rewrite a run needs; each is a function applied to the
+    unmodified pipeline, and none changes the image (``exact`` mode):
+
+    1. load the diffusers pipeline on this rank's device;
+    2. LinFusion replaces every self-attention (``attn1``), or softmax stays (``--linfusion none``);
+    3. LoRAs (``--lora``) fused into the UNet (LinFusion layers included) and text encoders; they may also be
+       loaded after patch parallelism, whose convs adopt the ones PEFT adds beside them;
+    4. a ControlNet (``--controlnet``): the pipeline's ControlNet variant, the ControlNet on the whole image on
+       every rank (the engine cuts its residuals into bands);
+    5. memory bounds: token-chunked transformers, in-place resnets, index-safe upsampling (UNet and VAE);
+    6. patch parallelism: the UNet's convs, GroupNorms and self-attention work on row bands;
+    7. the band-parallel VAE (decode and encode between cascade stages): bands on several ranks; on one rank
+       the same layers keep every kernel call below the index limit.
+    """
+    limits = settings.thresholds
+    pipe = load_pipeline(settings.model, parse_dtype(settings.dtype), runtime.device, WEIGHTS_SEED)
+    mount_linfusion(pipe, settings.linfusion, WEIGHTS_SEED, kernel=settings.attention_kernel)
+    apply_loras(pipe, settings.loras)
+    if settings.controlnet is not None:
+        pipe = pipeline_for("text-to-image", pipe, controlnet=load_controlnet(settings.controlnet, pipe))
+    for model in (pipe.unet, pipe.vae):
+        bound_memory(model, limits.token_chunk, limits.index_limit)
+    engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
+    vae_stats = CommStats()
+    vae = parallelize_vae(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
+    return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
+
+
+def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
+    """On a GPU (or with ``DISTLIN_DEVICE_MEMORY`` set), switch memory savers on until the plan fits, or refuse
+    with one line; elsewhere the settings as they are. Prints the savers it chose on rank 0."""
+    capacity = settings.thresholds.device_memory
+    if capacity is None and runtime.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(runtime.device).total_memory
+    if capacity is None:
+        return settings
+    fitted = fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
+    if fitted != settings and runtime.is_main:
+        print(f"note: to fit {runtime.device}, running with {saver_flags(settings, fitted)} (same image)", flush=True)
+    return fitted
+
+
+@dataclass
+class Result:
+    """What a generation produced: the final latents on every rank, the image on rank 0 (None elsewhere), the
+    settings it ran with (memory savers included) and its exchange counters."""
+
+    latents: torch.Tensor
+    image: Image.Image | None
+    settings: RunSettings
+    comm: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+class StepMonitor:
+    """A forward hook on the UNet: reports progress on rank 0 and, when asked, stops every rank at the same
+    UNet call (rank 0 decides, one broadcast of a flag per call) by raising :class:`~distlin.errors.Cancelled`."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        settings: RunSettings,
+        on_progress: ProgressReport | None,
+        should_stop: Callable[[], bool] | None,
+        stage_calls: Callable[[int], int],
+    ):
+        self.runtime, self.on_progress, self.should_stop = runtime, on_progress, should_stop
+        self.stages = settings.stages or (Stage(settings.height, settings.width),)
+        self.stage_calls = stage_calls  # UNet evaluations of a stage, by its index
+        self.stage, self.calls = 0, 0
+
+    def next_stage(self, index: int, stage: Stage, seconds: float) -> None:
+        self.stage, self.calls = index + 1, 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.calls += 1
+        if self.on_progress is not None and self.runtime.is_main:
+            total = self.stage_calls(self.stage)
+            self.on_progress(Progress(self.stage, len(self.stages), min(self.calls, total), total))
+        if self.should_stop is None:
+            return
+        stop = torch.tensor([int(self.runtime.is_main and self.should_stop())], device=self.runtime.device)
+        if self.runtime.distributed:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            raise Cancelled("generation cancelled")
+
+
+def denoising_steps(settings: RunSettings, index: int) -> int:
+    """Denoising steps of cascade stage ``index`` (0 for one pass): all of them from noise, the last
+    ``int(steps * strength)`` when refining a picture (an earlier stage's, or ``--init-image``)."""
+    if index == 0 and settings.init_image is None:
+        return settings.steps
+    strength = settings.strength if index == 0 else settings.stages[index].strength
+    return int(settings.steps * strength)
+
+
+def _stage_printer(runtime: Runtime, settings: RunSettings) -> Callable[[int, Stage, float], None] | None:
+    """Rank 0 prints one line per finished cascade stage: its size, steps and wall time."""
+    if not runtime.is_main:
+        return None
+    count = len(settings.stages)
+
+    def report(index: int, stage: Stage, seconds: float) -> None:
+        denoised = denoising_steps(settings, index)
+        size = f"{stage.width}x{stage.height} px"
+        print(f"stage {index + 1}/{count} {size}, {denoised} steps: {seconds:.1f} s", flush=True)
+
+    return report
+
+
+def metadata(settings: RunSettings, runtime: Runtime) -> dict[str, Any]:
+    """What an output file records: every generation setting, where it ran, and the versions that made it."""
+    import diffusers
+
+    return {
+        **settings.metadata(),
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "distlin_version": distlin.__version__,
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+    }
+
+
+def _sample(
+    prepared: Prepared, settings: RunSettings, runtime: Runtime, on_stage: Callable[[int, Stage, float], None]
+) -> torch.Tensor:
+    """The final latents of one pass or of the preset's cascade (SDXL: DemoFusion-style; SD: SDEdit), with the
+    scheduler asked for, from noise or from ``--init-image`` (inpainting where ``--mask`` is white), with a
+    ControlNet's control image if there is one."""
+    pipe = prepared.pipe
+    own = prepared.scheduler
+    pipe.scheduler = own if settings.scheduler is None else build_scheduler(settings.scheduler, own.config)
+    common = {
+        "prompt": settings.prompt,
+        "negative_prompt": settings.negative_prompt or None,  # None lets SDXL use its zero embedding
+        "guidance_scale": settings.guidance_scale,
+    }
+    if not settings.stages:
+        height, width = settings.height, settings.width
+        inputs: dict[str, Any] = {"height": height, "width": width}
+        if settings.init_image is not None:
+            pipe = pipeline_for("image-to-image" if settings.mask is None else "inpainting", pipe)
+            inputs = {"image": load_rgb(settings.init_image, width, height), "strength": settings.strength}
+        if settings.mask is not None:
+            inputs.update(mask_image=load_rgb(settings.mask, width, height), height=height, width=width)
+        if settings.control_image is not None:
+            control = "control_image" if settings.init_image is not None else "image"
+            inputs[control] = load_rgb(settings.control_image, width, height)
+            inputs["controlnet_conditioning_scale"] = settings.control_scale
+        latents = pipe(
+            num_inference_steps=settings.steps,
+            generator=torch.Generator(device="cpu").manual_seed(settings.seed),
+            output_type="latent",
+            **inputs,
+            **common,
+        ).images
+        return latents
+    from distlin.sampling.demofusion import run_demofusion
+    from distlin.sampling.sdedit import run_sdedit
+
+    cascade = {
+        "on_stage": on_stage,
+        "stages": settings.stages,
+        "steps": settings.steps,
+        "seed": settings.seed,
+        "vae": prepared.vae,
+        "handle": prepared.engine,
+    }
+    first = settings.stages[0]
+    if settings.init_image is not None:
+        picture = load_rgb(settings.init_image, first.width, first.height)
+        cascade["init_image"] = pipe.image_processor.preprocess(picture)
+    if not hasattr(pipe, "text_encoder_2"):
+        return run_sdedit(pipe, **cascade, **common)
+    skipped = 2**settings.init_stage  # stages before the init image's, each half the next
+    return run_demofusion(pipe, native=Stage(first.height // skipped, first.width // skipped), **cascade, **common)
+
+
+def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tuple[Callable | None, bool]:
+    """How the final latents are decoded: (``vae.decode`` replacement or None for the plain one, sequential?).
+
+    Several ranks decode band-parallel (exact, seam-free), one rank directly; an image too large for
+    the device(s) is decoded by rank 0 alone, band by band, with the activations in host RAM (same image).
+    """
+    limits = settings.thresholds
+    sequential = sequential_vae(
+        settings.height, settings.width, runtime.world_size, settings.vae_decode, limits.sequential_vae_pixels
+    )
+    if sequential:
+        options = sequential_vae_settings(settings.vae_attention_rows, limits.sequential_band_rows)
+        return partial(decode_sequential, prepared.pipe.vae, store="cpu", **options), True
+    return prepared.vae.decode, False
+
+
+def generate(
+    settings: RunSettings,
+    runtime: Runtime | None = None,
+    prepared: Prepared | None = None,
+    on_progress: ProgressReport | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Result:
+    """One image from ``settings`` on the ranks of ``runtime`` (default: join torchrun's group, or one process).
+
+    ``prepared`` reuses a pipeline from an earlier call with the same :func:`pipeline_key`; ``on_progress``
+    (rank 0) sees every UNet evaluation; ``should_stop`` (asked on rank 0 at every UNet evaluation) cancels
+    the run on every rank at the same step with :class:`~distlin.errors.Cancelled`.
+    """
+    check_kernel(settings.attention_kernel)
+    runtime = runtime or init_runtime(settings.backend, settings.timeout_s, settings.device)
+    settings = fit_to_device(settings, runtime)
+    if prepared is None or prepared.key != pipeline_key(settings):
+        prepared = prepare_pipeline(settings, runtime)
+    pipe, engine = prepared.pipe, prepared.engine
+    warn_long_prompt(pipe, settings, runtime)
+    for height, width in settings.sizes:
+        engine.check_size(height, width, settings.guidance)  # before any collective: every rank fails alike
+    demofusion = hasattr(pipe, "text_encoder_2") and bool(settings.stages)
+
+    def stage_calls(index: int) -> int:
+        """UNet evaluations of a stage; DemoFusion evaluates twice per step above the native size (the full
+        cascade's stage 0)."""
+        dilated = demofusion and index + settings.init_stage > 0
+        return unet_calls(settings.scheduler, denoising_steps(settings, index)) * (2 if dilated else 1)
+
+    monitor = StepMonitor(runtime, settings, on_progress, should_stop, stage_calls)
+    printer = _stage_printer(runtime, settings)
+
+    def on_stage(index: int, stage: Stage, seconds: float) -> None:
+        monitor.next_stage(index, stage, seconds)
+        if printer is not None:
+            printer(index, stage, seconds)
+
+    prepared.unet_stats.reset()
+    prepared.vae_stats.reset()
+    engine.ctx.reset()
+    hook = pipe.unet.register_forward_hook(monitor)
+    try:
+        latents = _sample(prepared, settings, runtime, on_stage)
+    finally:
+        hook.remove()
+    decode, sequential = _decoder(prepared, settings, runtime)
+    image = None
+    if runtime.is_main or not sequential:  # the band-parallel decode needs every rank
+        image = decode_latents(pipe, latents, decode)
+    comm = {"unet": prepared.unet_stats.summary(), "vae": prepared.vae_stats.totals()}
+    return Result(latents, image if runtime.is_main else None, settings, comm, metadata(settings, runtime))
+
+
+def quiet_third_party() -> None:
+    """Notices from libraries that a user cannot act on (transformers' optional torchvision, its over-long
+    prompt notice, which :func:`warn_long_prompt` replaces) stay out of a command-line run's output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+
+def warn_long_prompt(pipe: Any, settings: RunSettings, runtime: Runtime) -> None:
+    """One line on rank 0 when a prompt is longer than the text encoder reads (CLIP: 77 tokens)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None or not runtime.is_main:
+        return
+    for name in ("prompt", "negative_prompt"):
+        count = len(tokenizer(getattr(settings, name)).input_ids)
+        if count > tokenizer.model_max_length:
+            print(
+                f"note: the {name.replace('_', ' ')} is {count} tokens; the text encoder reads the first "
+                f"{tokenizer.model_max_length}, the rest is ignored",
+                flush=True,
+            )

@@ -1,0 +1,234 @@
+"""Typed settings of one generation, built from a preset and overrides and validated before anything heavy.
+
+:func:`build_settings` is what the command line and the web app call: it merges a preset (built-in or a YAML
+file) with the given overrides and checks every value that can be checked without torch, diffusers or the
+network — sizes, steps, guidance, seed, dtype, device name, model and LinFusion sources, cascade stages, the
+rank split of every stage, memory options and thresholds — so bad input costs a fraction of a second and one
+line. Torch-free at import.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from distlin.components import Lora, check_controlnet, check_image, check_lora
+from distlin.errors import UsageError
+from distlin.parallel.config import PatchParallelConfig
+from distlin.parallel.topology import Topology, row_unit
+from distlin.presets import PRESET_SCHEMA, load_preset
+from distlin.sampling.stages import Stage, cascade_stages, stages_from_image
+from distlin.schedulers import check_scheduler
+from distlin.sources import check_linfusion_source, check_model_source, unet_config
+from distlin.thresholds import Thresholds
+
+MAX_SEED = 2**64 - 1
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+VAE_DECODES = ("auto", "direct", "sequential")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def canonical_dtype(name: str) -> str:
+    """``float32|float16|bfloat16`` for those names or their short forms ``fp32|fp16|bf16``."""
+    if name not in DTYPE_ALIASES:
+        raise UsageError(f"unknown dtype {name!r}; use float32, float16 or bfloat16 (or fp32, fp16, bf16)")
+    return DTYPE_ALIASES[name]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one generation needs to know, validated (see :func:`build_settings`)."""
+
+    preset: str
+    model: str
+    linfusion: str
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    dtype: str  # canonical: float32, float16 or bfloat16
+    device: str  # auto, cpu, mps, cuda or cuda:N
+    engine: PatchParallelConfig = field(default_factory=PatchParallelConfig)
+    stages: tuple[Stage, ...] = ()  # a cascade's resolutions, ending at (height, width); empty: one pass
+    vae_decode: str = "auto"  # direct (plain / band-parallel), sequential (band by band via host RAM) or auto
+    vae_attention_rows: int | None = None  # stream the sequential VAE's mid-block K/V from host RAM
+    attention_kernel: str = "auto"  # LinFusion attention: auto, torch or triton
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    backend: str | None = None
+    timeout_s: float = 300.0
+    loras: tuple[Lora, ...] = ()  # fused into the model, in this order
+    scheduler: str | None = None  # a name of distlin.schedulers.SCHEDULERS; None: the model's own
+    init_image: str | None = None  # start from this picture: image-to-image, or the cascade from its size up
+    strength: float | None = None  # how far the init image is noised (the first stage's strength)
+    init_stage: int = 0  # the preset cascade's stage the init image starts at (``stages`` begins there)
+    mask: str | None = None  # inpaint the init image where this picture is white
+    controlnet: str | None = None  # a ControlNet folder or Hub id
+    control_image: str | None = None  # its conditioning image, at the output size
+    control_scale: float = 1.0
+
+    @property
+    def guidance(self) -> bool:
+        """Classifier-free guidance on: the UNet sees a batch of two halves."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """Every (height, width) the UNet denoises at: each cascade stage, or the one size."""
+        return [(s.height, s.width) for s in self.stages] or [(self.height, self.width)]
+
+    def topology(self, world_size: int, rank: int = 0) -> Topology:
+        """Which ranks share rows in this run (guidance off: every rank is a patch rank)."""
+        return Topology.for_run(world_size, cfg_parallel=self.engine.cfg_parallel, guidance=self.guidance, rank=rank)
+
+    def metadata(self) -> dict[str, Any]:
+        """What an output file records of the settings (the run adds where it ran and the versions)."""
+        return {
+            "preset": self.preset,
+            **{key: getattr(self, key) for key in PRESET_SCHEMA if hasattr(self, key)},
+            "mode": self.engine.mode,
+            "warmup_steps": self.engine.warmup_steps,
+            "cfg_parallel": self.engine.cfg_parallel,
+            "micro_batch": self.engine.micro_batch,
+            "stages": [(s.height, s.width, s.strength) for s in self.stages],
+            "vae_decode": self.vae_decode,
+            "vae_attention_rows": self.vae_attention_rows,
+            "loras": [(lora.path, lora.scale) for lora in self.loras],
+            "scheduler": self.scheduler,
+            "init_image": self.init_image,
+            "strength": self.strength,
+            "init_stage": self.init_stage,
+            "mask": self.mask,
+            "controlnet": self.controlnet,
+            "control_image": self.control_image,
+            "control_scale": self.control_scale,
+        }
+
+
+def world_size_from_env() -> int:
+    """The number of ranks torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_settings(
+    preset: str,
+    overrides: Mapping[str, Any] | None = None,
+    world_size: int | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> RunSettings:
+    """The preset's values with ``overrides`` (keys of :class:`RunSettings` or of the engine config; None values
+    are ignored) applied, validated for ``world_size`` ranks (default: torchrun's ``WORLD_SIZE``).
+
+    Raises a :class:`~distlin.errors.UsageError` naming the value and the fix; imports nothing heavy.
+    """
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    values = load_preset(preset)
+    engine_keys = {"mode", "warmup_steps", "cfg_parallel", "micro_batch", "stale"}
+    engine_values = {key: values[key] for key in ("mode", "warmup_steps", "cfg_parallel") if key in values}
+    if "micro_batch" in values:
+        engine_values["micro_batch"] = values["micro_batch"]
+    engine_values.update({key: given.pop(key) for key in engine_keys & given.keys()})
+    values.update({key: given.pop(key) for key in PRESET_SCHEMA.keys() & given.keys()})
+    thresholds = Thresholds.from_env(environ)
+    engine = PatchParallelConfig(**engine_values, index_limit=thresholds.index_limit)
+    stages = cascade_stages(values)
+    if given.get("loras"):
+        given["loras"] = tuple(lora if isinstance(lora, Lora) else Lora.parse(lora) for lora in given["loras"])
+    if given.get("init_image") is not None:
+        width, height = check_image(given["init_image"], "--init-image")
+        stages, given["strength"], given["init_stage"] = stages_from_image(stages, width, height, given.get("strength"))
+    values["dtype"] = canonical_dtype(values["dtype"])
+    settings = RunSettings(
+        preset=preset,
+        **{key: values[key] for key in PRESET_SCHEMA if key not in engine_keys},
+        engine=engine,
+        stages=stages,
+        thresholds=thresholds,
+        **given,
+    )
+    check_settings(settings, world_size_from_env() if world_size is None else world_size)
+    return settings
+
+
+def check_settings(settings: RunSettings, world_size: int) -> None:
+    """Range checks on every value, so a bad preset file is caught as surely as a bad flag."""
+    for key in ("height", "width"):
+        size = getattr(settings, key)
+        if size <= 0 or size % 8:
+            raise UsageError(
+                f"{key} {size} is not a positive multiple of 8; pass e.g. --{key} {max(8, round(size / 8) * 8)}"
+            )
+    if settings.steps < 1:
+        raise UsageError(f"steps {settings.steps} must be at least 1; pass --steps 1 or more")
+    if not (math.isfinite(settings.guidance_scale) and settings.guidance_scale >= 0):
+        raise UsageError(
+            f"guidance scale {settings.guidance_scale} must be a number >= 0; pass e.g. --guidance-scale 7.5"
+        )
+    if not 0 <= settings.seed <= MAX_SEED:
+        raise UsageError(f"seed {settings.seed} must be between 0 and 2**64-1; pass e.g. --seed 0")
+    if not DEVICE_PATTERN.fullmatch(settings.device):
+        raise UsageError(f"unknown device {settings.device!r}; use cpu, cuda, cuda:N or auto")
+    if settings.vae_decode not in VAE_DECODES:
+        raise UsageError(f"unknown VAE decode {settings.vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
+    if settings.vae_attention_rows is not None and settings.vae_attention_rows < 1:
+        raise UsageError(f"VAE attention rows {settings.vae_attention_rows} must be at least 1")
+    if not settings.timeout_s > 0:
+        raise UsageError(f"timeout {settings.timeout_s} s must be positive; pass e.g. --timeout-s 300")
+    check_model_source(settings.model)
+    check_linfusion_source(settings.linfusion)
+    config = unet_config(settings.model)
+    check_components(settings, config)
+    if config is not None:  # the rank split of every size, from the UNet config alone
+        topology = settings.topology(world_size)
+        for height, width in settings.sizes:
+            topology.check_image(height, width, row_unit(config))
+
+
+def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None:
+    """The user's own components: LoRA files, scheduler name, init image, strength and mask, ControlNet (fitting
+    the base UNet ``unet`` when its config is known) and a control image at the output size."""
+    for lora in settings.loras:
+        check_lora(lora)
+    check_scheduler(settings.scheduler)
+    if settings.strength is not None:
+        if settings.init_image is None:
+            raise UsageError("--strength needs --init-image (the picture to start from)")
+        if not 0.0 < settings.strength <= 1.0 or int(settings.steps * settings.strength) < 1:
+            raise UsageError(
+                f"strength {settings.strength} must be in (0, 1] and leave a step of {settings.steps}; "
+                f"pass e.g. --strength 0.5 (and --steps {math.ceil(1 / max(settings.strength, 0.01))} or more)"
+            )
+    if settings.mask is not None:
+        if settings.init_image is None or settings.stages or settings.controlnet is not None:
+            raise UsageError("--mask inpaints an --init-image in one pass; without a cascade preset or ControlNet")
+        check_image(settings.mask, "--mask")
+    if (settings.controlnet is None) != (settings.control_image is None):
+        raise UsageError("--controlnet and --control-image go together; pass both or neither")
+    if settings.controlnet is None:
+        return
+    if settings.stages:
+        raise UsageError("--controlnet with a cascade preset is not supported yet; use a single-size preset")
+    if not (math.isfinite(settings.control_scale) and settings.control_scale >= 0):
+        raise UsageError(f"control scale {settings.control_scale} must be a number >= 0; pass e.g. --control-scale 1")
+    check_controlnet(settings.controlnet, unet)
+    width, height = check_image(settings.control_image, "--control-image")
+    if (width, height) != (settings.width, settings.height):
+        raise UsageError(
+            f"control image {settings.control_image!r} is {width}x{height} px but the output is "
+            f"{settings.width}x{settings.height}; pass --width {width} --height {height} or a control image "
+            "of the output size"
+        )

@@ -1,0 +1,135 @@
+"""The web app end to end: two CPU ranks under torchrun, driven by headless Chromium through Playwright.
+
+Needs Debian's ``chromium`` and the ``playwright`` package (no downloaded browsers); skipped without them.
+Saves a screenshot of the page to docs/app.png.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from multirank import free_port
+from PIL import Image
+
+from distlin.app.results import RESULT_ID
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+USER, PASSWORD = "tester", "s3cret:pass"
+TILE_SIZE = 64  # the tiny 192x128 image spans 3 x 2 tiles at full size, so zooming in loads only some
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``torchrun --nproc-per-node 2 launch/app.py`` on CPU with basic auth; yields its URL and output folder."""
+    output = tmp_path_factory.mktemp("results")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        str(REPO / "launch" / "app.py"), "--port", str(port), "--output-dir", str(output), "--device", "cpu",
+        "--tile-size", str(TILE_SIZE), "--auth", f"{USER}:{PASSWORD}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_served(url, process)
+        yield url, output
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            log = process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            log = process.communicate()[0]
+        print(log)
+
+
+def _wait_until_served(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+        except urllib.error.HTTPError as err:
+            if err.code == 401:  # up, and asking for the password
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the app did not answer on {url} within {timeout_s} s")
+
+
+def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> None:
+    url, output = app
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(
+            http_credentials={"username": USER, "password": PASSWORD}, viewport={"width": 1400, "height": 1000}
+        )
+        page = context.new_page()
+        tiles: list[str] = []
+        page.on("request", lambda request: tiles.append(request.url) if "image_files/" in request.url else None)
+        page.goto(url)
+        expect = playwright.expect
+        expect(page.locator("#plan textarea")).to_have_value(re.compile("predicted peak per rank"), timeout=60_000)
+
+        # A generation: progress, then the result in the viewer, its metadata and a download link.
+        page.locator("#steps input").fill("2")
+        page.locator("#seed input").fill("7")
+        page.locator("#generate").click()
+        expect(page.locator("#status")).to_contain_text("done:", timeout=120_000)
+        results = [path.name for path in output.iterdir()]
+        assert len(results) == 1 and RESULT_ID.fullmatch(results[0])
+        expect(page.locator("#metadata")).to_contain_text("tiny-sd15")
+        link = page.locator("#download-link")
+        download = context.request.get(url + link.get_attribute("href"))
+        image = Image.open(io.BytesIO(download.body()))
+        assert image.size == (192, 128)
+        assert image.text["seed"] == "7" and image.text["steps"] == "2" and image.text["world_size"] == "2"
+
+        # The viewer: whole image first, then zoomed in on its centre at the deepest level, loading only the
+        # tiles in view.
+        viewer = page.frame_locator("#viewer iframe")
+        canvas = viewer.locator("#view")
+        expect(viewer.locator("#status")).to_contain_text("192\u00d7128 px")
+        top = len(format(192 - 1, "b"))  # ceil(log2(192)) = 8
+        for _ in range(3):
+            viewer.locator("#zoom-in").click()
+        expect(canvas).to_have_attribute("data-level", str(top))
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, -400)
+        page.wait_for_timeout(500)
+        deepest = {u for u in tiles if f"/image_files/{top}/" in u}
+        assert 0 < len(deepest) < 6  # of the 3 x 2 full-size tiles
+        page.screenshot(path=str(REPO / "docs" / "app.png"), full_page=True)
+
+        # A long run, cancelled: every rank stops, nothing is written, and the page says so.
+        page.locator("#steps input").fill("400")
+        page.locator("#generate").click()
+        expect(page.locator("#status")).to_contain_text("step", timeout=60_000)
+        page.locator("#cancel").click()
+        expect(page.locator("#status")).to_contain_text("cancelled", timeout=60_000)
+        assert [path.name for path in output.iterdir()] == results
+        browser.close()

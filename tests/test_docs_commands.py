@@ -1,0 +1,120 @@
+"""Every command in README.md and docs/*.md that runs offline on a CPU is run, as written in the document, so a
+document that drifts from the code turns this red. The others are listed here with what they need.
+
+A fenced block runs as one shell script (its offline lines in order, in one empty folder with ``launch/``
+beside them), so a block may prepare what its next line uses; an inline command runs alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+COMMAND_START = re.compile(r"^(OMP_NUM_THREADS=\S+ )?(python|torchrun|pip|sbatch|distlin-\w+|mkdir|hf)\b")
+INSTALL_PREFIX = re.compile(r"^(pip install [^&]+&& )+")
+
+# What a documented command needs when it cannot run here, by the first pattern it matches.
+NEEDS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"python -m pytest"), "nothing new: it is the test command, what .ci/run runs"),
+    (re.compile(r"\.\.\.|\bSUITE\b"), "nothing: a template with placeholders"),
+    (re.compile(r"\bsbatch\b|--nnodes"), "a SLURM cluster / several nodes"),
+    (re.compile(r"bench\.py gpu\b"), "a CUDA GPU"),
+    (re.compile(r"--preset (?!tiny-)\S+(?!.*--plan)"), "real model weights from the Hugging Face Hub"),
+    (re.compile(r"^pip install [^&]*$"), "nothing new: an install, what .ci/run does"),
+    (re.compile(r"launch/app\.py|distlin-app"), "nothing: a server that runs until stopped (tests/test_app* start it)"),
+    (re.compile(r"path/to/|--data data/|runs/sd15|(?<![\w-])run/checkpoint"), "the user's own model, images or run"),
+    (
+        re.compile(r"bench\.py (?!.*--quick)"),
+        "a full benchmark (minutes to hours on a CPU); tests/test_bench.py runs every suite in its --quick form",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Commands of one fenced block (or one inline command) of a document, with their line numbers."""
+
+    document: str
+    line: int
+    commands: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.document}:{self.line}"
+
+
+def _join_continuations(text: str) -> list[tuple[int, str]]:
+    lines, out, start, current = text.splitlines(), [], 0, ""
+    for number, line in enumerate(lines):
+        if not current:
+            start = number
+        current += line.rstrip("\\").strip() + " " if line.endswith("\\") else line.strip()
+        if not line.endswith("\\"):
+            out.append((start, re.sub(r"\s+", " ", current).strip()))
+            current = ""
+    return out
+
+
+def documented_blocks() -> list[Block]:
+    blocks = []
+    for path in DOCUMENTS:
+        text, name = path.read_text(encoding="utf-8"), path.relative_to(REPO).as_posix()
+        for fence in re.finditer(r"^```(bash|sh|shell)?\n(.*?)^```", text, re.S | re.M):
+            first = text[: fence.start()].count("\n") + 2
+            commands = [
+                (first + offset, line.split(" # ")[0].strip())
+                for offset, line in _join_continuations(fence.group(2))
+                if COMMAND_START.match(line)
+            ]
+            if commands:
+                blocks.append(Block(name, commands[0][0], tuple(c for _, c in commands)))
+        for span in re.finditer(r"`((?:OMP_NUM_THREADS=\S+ )?(?:python|torchrun) [^`]*launch/[^`]+)`", text):
+            command = re.sub(r"\s+", " ", span.group(1))
+            blocks.append(Block(name, text[: span.start()].count("\n") + 1, (command,)))
+    return blocks
+
+
+def need_of(command: str) -> str | None:
+    """What ``command`` needs that this machine lacks, or None when it runs offline on a CPU."""
+    return next((reason for pattern, reason in NEEDS if pattern.search(command)), None)
+
+
+BLOCKS = documented_blocks()
+OFFLINE = [b for b in BLOCKS if any(need_of(c) is None for c in b.commands)]
+
+
+def test_the_documents_hold_offline_commands_and_every_other_one_is_accounted_for() -> None:
+    listed = {c: need_of(c) for b in BLOCKS for c in b.commands if need_of(c) is not None}
+    ran = [c for b in OFFLINE for c in b.commands if need_of(c) is None]
+    assert any("tiny-sd15" in c and "torchrun" in c for c in ran)  # the README quickstart
+    assert any("--plan" in c for c in ran) and any("distill.py train" in c for c in ran)
+    assert all(reason for reason in listed.values())
+    print("\n".join(f"not run ({reason}): {command}" for command, reason in sorted(listed.items())))
+
+
+@pytest.mark.parametrize("block", OFFLINE, ids=[b.id for b in OFFLINE])
+def test_documented_offline_commands_run(block: Block, tmp_path: Path) -> None:
+    (tmp_path / "launch").symlink_to(REPO / "launch")
+    script = ["set -euo pipefail"] + [INSTALL_PREFIX.sub("", c) for c in block.commands if need_of(c) is None]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTLIN_") and k not in ("RANK", "WORLD_SIZE")}
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    done = subprocess.run(
+        ["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, f"{block.id}: {script}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    for command in script[1:]:
+        for output in re.findall(r"--output (\S+)", command):
+            if "$" not in output:
+                assert (tmp_path / output).is_file(), f"{block.id}: {command} wrote no {output}"
