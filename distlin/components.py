@@ -2,12 +2,13 @@
 and an inpainting mask.
 
 The specs and their cheap checks (files exist, a ControlNet's config fits the base UNet, image sizes) are
-torch-free, so bad input fails in a fraction of a second with one line; the ``apply_*`` / ``load_*`` functions
-import diffusers when a run applies them to a loaded pipeline.
+torch-free, so bad input fails in a fraction of a second with one line; the functions that apply them to a
+loaded pipeline import diffusers when called.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,10 @@ class Lora:
 
 
 def check_lora(lora: Lora) -> None:
-    """An existing file or folder, or a Hub id (a name with a weights suffix is a file, never a Hub id)."""
+    """An existing file or folder, or a Hub id (a name with a weights suffix is a file, never a Hub id), at a
+    finite scale."""
+    if not math.isfinite(lora.scale):
+        raise UsageError(f"LoRA {lora.path!r}: scale {lora.scale} is not a number; pass e.g. --lora PATH:0.8")
     path = local_path(lora.path)
     if path is None and lora.path.endswith(LORA_SUFFIXES):
         path = Path(lora.path)

@@ -104,3 +104,24 @@ def layer_outputs(runtime: Runtime, height: int = 40, width: int = 12) -> list[t
         bands = ctx.patch.all_gather_rows(band, ctx.layout.sizes(full.shape[-1]), 2, "gather").wait()
         results.append((torch.cat(bands, dim=2), full))
     return results
+
+
+def band_tokens(runtime: Runtime, height: int, width: int) -> dict[tuple[bool, bool], int]:
+    """Tokens of this rank's band in one UNet call, per (guidance, cfg_parallel): what the engine really splits."""
+    from distlin.models.tiny import build_unet
+    from distlin.parallel import parallelize_unet
+
+    found = {}
+    for cfg_parallel in (True, False):
+        unet = build_unet("tiny-sd15")
+        handle = parallelize_unet(unet, PatchParallelConfig(cfg_parallel=cfg_parallel), runtime)
+        for guidance in (True, False):
+            batch = 2 if guidance else 1
+            sample = torch.randn(batch, 4, height // 8, width // 8)
+            context = torch.randn(batch, 77, unet.config.cross_attention_dim)
+            with torch.no_grad():
+                unet(sample, 10, context)
+            layout = handle.ctx.layout
+            found[(guidance, cfg_parallel)] = layout.sizes()[handle.ctx.patch.index] * layout.width
+        handle.undo()
+    return found

@@ -108,22 +108,34 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> No
         assert image.size == (192, 128)
         assert image.text["seed"] == "7" and image.text["steps"] == "2" and image.text["world_size"] == "2"
 
-        # The viewer: whole image first, then zoomed in on its centre at the deepest level, loading only the
-        # tiles in view.
+        # The viewer in the page: the whole image, then zoomed in at the deepest level.
         viewer = page.frame_locator("#viewer iframe")
         canvas = viewer.locator("#view")
         expect(viewer.locator("#status")).to_contain_text("192\u00d7128 px")
-        top = len(format(192 - 1, "b"))  # ceil(log2(192)) = 8
-        for _ in range(3):
-            viewer.locator("#zoom-in").click()
-        expect(canvas).to_have_attribute("data-level", str(top))
-        box = canvas.bounding_box()
-        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        page.mouse.wheel(0, -400)
-        page.wait_for_timeout(500)
+        scale = float(canvas.get_attribute("data-scale"))
+        viewer.locator("#zoom-in").click()
+        expect(canvas).to_have_attribute("data-scale", str(2 * scale))
+        page.screenshot(path=str(REPO / "docs" / "app.png"), full_page=True)
+
+        # The viewer alone in a window smaller than the image: the whole picture comes from a coarser level, and
+        # zooming in on the centre loads only the full-size tiles in view.
+        small = context.new_page()
+        small.set_viewport_size({"width": 64, "height": 48})
+        small.on("request", lambda request: tiles.append(request.url) if "image_files/" in request.url else None)
+        tiles.clear()
+        small.goto(url + page.locator("#viewer iframe").get_attribute("src"))
+        top = 8  # ceil(log2(192))
+        expect(small.locator("#view")).to_have_attribute("data-level", str(top - 1))
+        small.wait_for_timeout(500)
+        assert not [u for u in tiles if f"/image_files/{top}/" in u]
+        small.add_style_tag(content="#bar { display: none; }")  # in so small a window it would cover the canvas
+        small.mouse.move(32, 24)
+        small.mouse.wheel(0, -1040)  # x8
+        expect(small.locator("#view")).to_have_attribute("data-level", str(top))
+        small.wait_for_timeout(500)
         deepest = {u for u in tiles if f"/image_files/{top}/" in u}
         assert 0 < len(deepest) < 6  # of the 3 x 2 full-size tiles
-        page.screenshot(path=str(REPO / "docs" / "app.png"), full_page=True)
+        small.close()
 
         # A long run, cancelled: every rank stops, nothing is written, and the page says so.
         page.locator("#steps input").fill("400")

@@ -2,7 +2,8 @@
 document that drifts from the code turns this red. The others are listed here with what they need.
 
 A fenced block runs as one shell script (its offline lines in order, in one empty folder with ``launch/``
-beside them), so a block may prepare what its next line uses; an inline command runs alone.
+beside them), so a block may prepare what its next line uses; an inline command runs alone. A ``python`` block
+runs as a script, alone and under ``torchrun`` on 2 ranks, as the README says it does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ NEEDS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\.\.\.|\bSUITE\b"), "nothing: a template with placeholders"),
     (re.compile(r"\bsbatch\b|--nnodes"), "a SLURM cluster / several nodes"),
     (re.compile(r"bench\.py gpu\b"), "a CUDA GPU"),
+    (re.compile(r"from_pretrained\(\""), "real model weights from the Hugging Face Hub"),
     (re.compile(r"--preset (?!tiny-)\S+(?!.*--plan)"), "real model weights from the Hugging Face Hub"),
     (re.compile(r"^pip install [^&]*$"), "nothing new: an install, what .ci/run does"),
     (re.compile(r"launch/app\.py|distlin-app"), "nothing: a server that runs until stopped (tests/test_app* start it)"),
@@ -87,7 +89,29 @@ def need_of(command: str) -> str | None:
     return next((reason for pattern, reason in NEEDS if pattern.search(command)), None)
 
 
+def python_blocks() -> list[Block]:
+    """The ``python`` fenced blocks of the documents that need nothing this machine lacks."""
+    blocks = []
+    for path in DOCUMENTS:
+        text, name = path.read_text(encoding="utf-8"), path.relative_to(REPO).as_posix()
+        for fence in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            if need_of(fence.group(1)) is None:
+                blocks.append(Block(name, text[: fence.start()].count("\n") + 2, (fence.group(1),)))
+    return blocks
+
+
+def offline_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTLIN_") and k not in ("RANK", "WORLD_SIZE")}
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
 BLOCKS = documented_blocks()
+PYTHON = [(block, ranks) for block in python_blocks() for ranks in (1, 2)]
 OFFLINE = [b for b in BLOCKS if any(need_of(c) is None for c in b.commands)]
 
 
@@ -104,17 +128,24 @@ def test_the_documents_hold_offline_commands_and_every_other_one_is_accounted_fo
 def test_documented_offline_commands_run(block: Block, tmp_path: Path) -> None:
     (tmp_path / "launch").symlink_to(REPO / "launch")
     script = ["set -euo pipefail"] + [INSTALL_PREFIX.sub("", c) for c in block.commands if need_of(c) is None]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTLIN_") and k not in ("RANK", "WORLD_SIZE")}
-    env.update(
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
     done = subprocess.run(
-        ["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        ["bash", "-c", "\n".join(script)], cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, f"{block.id}: {script}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     for command in script[1:]:
         for output in re.findall(r"--output (\S+)", command):
             if "$" not in output:
                 assert (tmp_path / output).is_file(), f"{block.id}: {command} wrote no {output}"
+
+
+@pytest.mark.parametrize(("block", "ranks"), PYTHON, ids=[f"{b.id}-{r}rank" for b, r in PYTHON])
+def test_documented_python_runs(block: Block, ranks: int, tmp_path: Path) -> None:
+    script = tmp_path / "example.py"
+    script.write_text(block.commands[0], encoding="utf-8")
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else [])
+    done = subprocess.run(
+        [*launcher, str(script)], cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, f"{block.id}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    saved = re.findall(r"\.save\(\"([^\"]+)\"\)", block.commands[0])
+    assert saved and all((tmp_path / name).is_file() for name in saved)

@@ -106,15 +106,19 @@ class Coordinator:
 
     def serve(self) -> None:
         """Run jobs until :meth:`close`, then tell every rank to shut down. Returns early, with
-        :attr:`failure` set, if a run fails in a way that may leave the ranks out of step."""
-        while (job := self._next()) is not None or not self._closed:
-            if job is None:
-                self.channel.send(IDLE)
-                continue
-            self._run(job)
-            if self.failure is not None:
-                return
-        self.channel.send(SHUTDOWN)
+        :attr:`failure` set, if a run fails in a way that may leave the ranks out of step or a rank is lost."""
+        try:
+            while (job := self._next()) is not None or not self._closed:
+                if job is None:
+                    self.channel.send(IDLE)
+                    continue
+                self._run(job)
+                if self.failure is not None:
+                    return
+            self.channel.send(SHUTDOWN)
+        except Exception as err:  # noqa: BLE001 - a rank left: under torchrun Ctrl-C reaches every rank at once
+            if not self._closed:
+                self.failure = f"lost contact with another rank ({_first_line(err)}); restart the app"
 
     def _next(self) -> Job | None:
         """The next waiting job, or None after ``idle_message_s`` without one (or once closed)."""
@@ -134,11 +138,15 @@ class Coordinator:
         except SHARED_FAILURES as err:
             job.error = str(err)
         except Exception as err:  # noqa: BLE001 - reported to the page; fatal only where ranks may be out of step
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            job.error = f"{type(err).__name__}: {first}"
+            job.error = f"{type(err).__name__}: {_first_line(err)}"
             if self.session.runtime.world_size > 1:
                 self.failure = f"the rank group failed ({job.error}); restart the app"
         finally:
             with self._changed:
                 self._running = None
             job.finished.set()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -49,8 +49,8 @@ class AppPage:
                     download = gr.HTML(elem_id="download")
                     metadata = gr.JSON(label="metadata", elem_id="metadata")
             gallery = gr.Gallery(
-                self._gallery(), label="past results", columns=8, height="auto", allow_preview=False,
-                elem_id="gallery",
+                self._gallery, label="past results", columns=8, height=220, fit_columns=False, allow_preview=False,
+                object_fit="contain", elem_id="gallery",
             )  # fmt: skip
             shown = [viewer, download, metadata]
             inputs = [controls[name] for name in FIELDS]
@@ -92,7 +92,7 @@ class AppPage:
         except UsageError as err:
             return f"refused: {err}"
 
-    def _run(self, *values: Any, request: gr.Request) -> Iterator[dict]:
+    def _run(self, request: gr.Request, *values: Any) -> Iterator[list[Any]]:
         try:
             job = self.coordinator.submit(self._request(values))
         except UsageError as err:

@@ -85,7 +85,7 @@ class Limits:
         if self.max_pixels is not None and pixels > self.max_pixels:
             raise UsageError(
                 f"{settings.width}x{settings.height} is {pixels:,} pixels; this server allows at most "
-                f"{self.max_pixels:,}"
+                f"{self.max_pixels:,} pixels"
             )
         if self.max_steps is not None and settings.steps > self.max_steps:
             raise UsageError(f"{settings.steps} steps; this server allows at most {self.max_steps}")

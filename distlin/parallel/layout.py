@@ -32,9 +32,10 @@ class RowLayout:
             raise UsageError(f"number of ranks must be >= 1, got {self.ranks}")
         units = self.height // self.unit
         if self.ranks > 1 and self.ranks > units:
+            most = max_ranks(self.height, self.unit)
             raise UsageError(
                 f"{self.ranks} ranks cannot split a latent of {self.height} rows ({self.height * 8} px) into bands "
-                f"of {self.unit}-row units: at most {max_ranks(self.height, self.unit)} ranks work for this "
+                f"of {self.unit}-row units: at most {most} {'rank works' if most == 1 else 'ranks work'} for this "
                 f"height; use fewer ranks or a height of at least {self.ranks * self.unit * 8} px"
             )
 

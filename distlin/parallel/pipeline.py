@@ -19,9 +19,8 @@ def parallelize(pipe: Any, config: PatchParallelConfig | None = None, runtime: R
     none), on the device the pipeline is on. Works for any pipeline that calls its UNet with the UNet's own
     signature (text-to-image, image-to-image, SDXL, ControlNet: ControlNet residuals are cut into bands).
     """
-    if runtime is None:
-        device = pipe.unet.device
-        runtime = init_runtime(device=device.type if device.type == "cpu" else str(device))
+    if runtime is None:  # the device type only: under torchrun each rank takes cuda:LOCAL_RANK
+        runtime = init_runtime(device=pipe.unet.device.type)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != runtime.world_size:
         raise UsageError(
