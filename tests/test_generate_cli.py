@@ -106,6 +106,12 @@ BAD_INPUTS = [
     (["--output", "out.jpg"], "'out.jpg'"),
     (["--save-latents", "out.pt"], "'out.pt'"),
     (["--mode", "fast"], "'fast'"),
+    (["--guidance-scale", "nan"], "guidance scale nan"),
+    (["--height", "4096", "--width", "4096", "--device", "cuda"], "'cuda'"),  # no CUDA here
+    (["--attention-kernel", "fastest"], "'fastest'"),
+    (["--preset", "missing.yaml"], "'missing.yaml'"),
+    (["--model", "./no/such/folder"], "'./no/such/folder'"),
+    (["--vae-decode", "tiled"], "'tiled'"),
 ]
 
 
@@ -187,3 +193,74 @@ def test_end_to_end(preset: str, launches: dict[str, Launch]) -> None:
         assert list(f.keys()) == ["latents"]
         assert f.get_tensor("latents").shape == (1, 4, values["height"] // 8, values["width"] // 8)
     assert sorted(p.name for p in run.cwd.iterdir()) == ["img.png", "img.safetensors"]  # no temp files left
+
+
+def _damaged_folder(root: Path, marker: str, text: str) -> Path:
+    root.mkdir()
+    (root / marker).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("flag", "marker", "text", "needle"),
+    [
+        ("--linfusion", "config.json", "{not json", "config.json is not valid JSON"),
+        ("--linfusion", "config.json", '{"_class_name": "UNet2DConditionModel"}', "has no modules_list"),
+        ("--model", "model_index.json", "[1, 2]", "not a JSON object"),
+        ("--model", "model_index.json", '{"vae": ["diffusers", "AutoencoderKL"]}', "names no unet"),
+    ],
+)
+def test_a_damaged_folder_names_the_file_and_what_is_wrong(
+    flag: str, marker: str, text: str, needle: str, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    folder = _damaged_folder(workdir.parent / "damaged", marker, text)
+    monkeypatch.chdir(workdir)
+    assert cli.main([flag, str(folder)]) == 2
+    assert_one_error_line(capsys.readouterr().err, needle)
+    assert list(workdir.iterdir()) == []
+
+
+def test_linfusion_weights_of_the_wrong_shape_are_one_line(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A LinFusion checkpoint made for another UNet (here: SDXL's for SD-1.5) is refused by name, exit 2."""
+    from distlin import LinFusion
+    from distlin.models.tiny import build_pipeline
+
+    LinFusion.construct_for(build_pipeline("tiny-sdxl"), load_pretrained=False).save_pretrained(workdir.parent / "xl")
+    monkeypatch.chdir(workdir)
+    assert cli.main(["--linfusion", str(workdir.parent / "xl"), "--steps", "1"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "does not fit")
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_users_own_yaml_preset_runs_and_is_checked_like_a_built_in_one(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(workdir)
+    text = (cli.list_presets.__globals__["CONFIG_DIR"] / "tiny-sd15.yaml").read_text()
+    (workdir.parent / "mine.yaml").write_text(text.replace("steps: 3", "steps: 1"))
+    assert cli.main(["--preset", str(workdir.parent / "mine.yaml")]) == 0
+    with Image.open(workdir / "mine.png") as image:
+        assert image.text["steps"] == "1"
+    capsys.readouterr()
+    (workdir.parent / "bad.yaml").write_text(text.replace("steps: 3", "steps: many"))
+    assert cli.main(["--preset", str(workdir.parent / "bad.yaml")]) == 2
+    assert_one_error_line(capsys.readouterr().err, "steps must be int")
+
+
+def test_an_over_long_prompt_is_said_in_one_line(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(workdir)
+    assert cli.main(["--prompt", "a red cube " * 40, "--steps", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: the prompt is" in out and "the rest is ignored" in out
+    assert "Token indices sequence length" not in err
+
+
+def test_module_entry_point_runs_the_command_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "distlin.cli.generate", "--height", "7"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: height 7")

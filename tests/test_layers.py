@@ -1,0 +1,52 @@
+"""No module imports from a layer above its own (docs/ARCHITECTURE.md, "Layers"), and the layers that validate
+input before any heavy work never load torch."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "distlin"
+LAYERS = [  # (layer, modules matching): the first match wins
+    (7, r"(cli|app|bench|distill)\b"),
+    (6, r"run$"),
+    (5, r"(settings|memory|loading|components|schedulers)\b"),
+    (1, r"(presets|sources|io|sampling\.stages|models\.architectures)$"),
+    (0, r"(thresholds|errors)$"),
+    (4, r"sampling\b"),
+    (3, r"(parallel|lean|vae|linfusion|models)\b"),
+    (2, r"(ops|surgery)\b"),
+]
+
+
+def layer_of(module: str) -> int | None:
+    name = module.removeprefix("distlin").removeprefix(".")
+    return next((layer for layer, pattern in LAYERS if re.match(pattern, name)), None)
+
+
+def test_every_import_goes_down_the_layers() -> None:
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        own = layer_of(module)
+        if module == "distlin":
+            continue  # the package's lazy exports
+        assert own is not None, f"{module} is in no layer of docs/ARCHITECTURE.md"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distlin."):
+                target = layer_of(node.module)
+                if target is not None and target > own:
+                    upward.append(f"{module} (layer {own}) imports {node.module} (layer {target})")
+    assert not upward, "\n".join(upward)
+
+
+def test_input_checks_import_neither_torch_nor_diffusers() -> None:
+    code = (
+        "import sys, distlin.cli.generate, distlin.settings;"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
