@@ -112,6 +112,8 @@ BAD_INPUTS = [
     (["--preset", "missing.yaml"], "'missing.yaml'"),
     (["--model", "./no/such/folder"], "'./no/such/folder'"),
     (["--vae-decode", "tiled"], "'tiled'"),
+    (["--nproc-per-node", "40"], "40 ranks"),  # checked for 40 ranks before any rank starts
+    (["--nproc-per-node", "0"], "--nproc-per-node 0"),
 ]
 
 

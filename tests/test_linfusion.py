@@ -21,6 +21,7 @@ from torch import nn
 from distlin.errors import UsageError
 from distlin.linfusion import LinFusion, LinFusionAttention
 from distlin.linfusion.model import checkpoint_for
+from distlin.models.tiny import build_unet
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PER_LAYER_KEYS = [
@@ -125,11 +126,8 @@ def assert_unet_untouched(unet: nn.Module) -> None:
 def small_unet(request: pytest.FixtureRequest) -> nn.Module:
     if request.param == "sd-2level":
         return request.getfixturevalue("sd_unet")
-    tiny = pytest.importorskip("distlin.models.tiny")
-    if not hasattr(tiny, "build_unet"):
-        pytest.skip("distlin.models.tiny.build_unet is not available yet")
     torch.manual_seed(0)
-    return tiny.build_unet(request.param, seed=0).eval()
+    return build_unet(request.param, seed=0).eval()
 
 
 # ---------------------------------------------------------------------------------------------------

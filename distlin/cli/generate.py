@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         "The preset gives every default; flags override it.",
     )
     p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="start N ranks on this machine (torchrun underneath) once every input check has passed for N ranks, "
+        "so a refused input is one line and no rank starts",
+    )
+    p.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
         help=f"one of: {', '.join(list_presets())}, or a path to your own .yaml preset (default {DEFAULT_PRESET})",
@@ -189,7 +196,12 @@ SETTING_FLAGS = (
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunSettings, Outputs]:
     """Parse and validate everything that can be checked without loading weights or starting ranks."""
     args = build_parser().parse_args(argv)
-    world = world_size_from_env()
+    if args.nproc_per_node is not None and (args.nproc_per_node < 1 or "WORLD_SIZE" in os.environ):
+        raise UsageError(
+            f"--nproc-per-node {args.nproc_per_node}: give a positive rank count, and not under torchrun "
+            "(torchrun --nproc-per-node already starts the ranks)"
+        )
+    world = args.nproc_per_node or world_size_from_env()
     if args.plan_ranks is not None and args.plan_ranks < 1:
         raise UsageError(f"--plan-ranks {args.plan_ranks} must be at least 1")
     planned_world = args.plan_ranks or world if args.plan else world
@@ -255,6 +267,21 @@ def run(settings: RunSettings, outputs: Outputs) -> None:
         runtime.shutdown()
 
 
+def start_ranks(ranks: int, argv: list[str]) -> NoReturn:
+    """Replace this process with torchrun starting ``ranks`` ranks of this same command (without the flag)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc-per-node":
+            skip = not skip
+            continue
+        if not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks, without its banner
+    sys.stdout.flush()
+    os.execv(sys.executable, [*launcher, "-m", "distlin.cli.generate", *rest])
+
+
 def _silence_progress() -> None:
     """Loading and sampling bars from every rank would interleave; only rank 0 shows them."""
     import diffusers
@@ -272,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, settings, outputs = parse(argv)
         if args.plan:
-            print_plan(settings, outputs, args.plan_ranks or world_size_from_env())
+            print_plan(settings, outputs, args.plan_ranks or args.nproc_per_node or world_size_from_env())
+        elif args.nproc_per_node is not None:
+            start_ranks(args.nproc_per_node, sys.argv[1:] if argv is None else argv)
         else:
             run(settings, outputs)
     except UsageError as err:

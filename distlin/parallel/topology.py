@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distlin.errors import UsageError
 from distlin.parallel.layout import RowLayout
 
 # Image pixels per latent pixel with the SD VAEs (three x2 upsamplings in the decoder).
@@ -73,7 +74,15 @@ class Topology:
 
     def layout(self, latent_height: int, latent_width: int, unit: int) -> RowLayout:
         """The row bands of a latent (raises a UsageError naming the fix when the ranks cannot split it)."""
-        return RowLayout(latent_height, latent_width, unit, self.patch_ranks)
+        try:
+            return RowLayout(latent_height, latent_width, unit, self.patch_ranks)
+        except UsageError as err:
+            if not self.cfg_split:
+                raise
+            raise UsageError(
+                f"{self.world_size} ranks denoise the two guidance halves in groups of {self.patch_ranks}: {err} "
+                "(or --no-cfg-parallel)"
+            ) from None
 
     def band_rows(self, latent_height: int, latent_width: int, unit: int) -> int:
         """Rows of the tallest band: what sizes a rank's activations."""
