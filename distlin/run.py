@@ -29,7 +29,7 @@ from distlin.parallel.comm import CommStats
 from distlin.parallel.pipeline import parallelize
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet
-from distlin.sampling.stages import Stage
+from distlin.sampling.stages import Stage, StageClock
 from distlin.schedulers import build_scheduler, unet_calls
 from distlin.settings import RunSettings
 from distlin.vae.parallel import ParallelVAE, parallelize_vae
@@ -127,13 +127,15 @@ def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
 @dataclass
 class Result:
     """What a generation produced: the final latents on every rank, the image on rank 0 (None elsewhere), the
-    settings it ran with (memory savers included) and its exchange counters."""
+    settings it ran with (memory savers included), its exchange counters and wall seconds per part (each
+    stage, then ``decode``)."""
 
     latents: torch.Tensor
     image: Image.Image | None
     settings: RunSettings
     comm: dict[str, Any]
     metadata: dict[str, Any]
+    seconds: dict[str, float]
 
 
 class StepMonitor:
@@ -311,7 +313,10 @@ def generate(
     monitor = StepMonitor(runtime, settings, on_progress, should_stop, stage_calls)
     printer = _stage_printer(runtime, settings)
 
+    timings: dict[str, float] = {}
+
     def on_stage(index: int, stage: Stage, seconds: float) -> None:
+        timings[f"stage {index + 1}"] = seconds
         monitor.next_stage(index, stage, seconds)
         if printer is not None:
             printer(index, stage, seconds)
@@ -320,16 +325,22 @@ def generate(
     prepared.vae_stats.reset()
     engine.ctx.reset()
     hook = pipe.unet.register_forward_hook(monitor)
+    clock = StageClock(None)
     try:
         latents = _sample(prepared, settings, runtime, on_stage)
     finally:
         hook.remove()
+    if not settings.stages:
+        timings["stage 1"] = clock.seconds(latents)
+    clock = StageClock(None)
     decode, sequential = _decoder(prepared, settings, runtime)
     image = None
     if runtime.is_main or not sequential:  # the band-parallel decode needs every rank
         image = decode_latents(pipe, latents, decode)
+    timings["decode"] = clock.seconds(latents)
     comm = {"unet": prepared.unet_stats.summary(), "vae": prepared.vae_stats.totals()}
-    return Result(latents, image if runtime.is_main else None, settings, comm, metadata(settings, runtime))
+    main = runtime.is_main
+    return Result(latents, image if main else None, settings, comm, metadata(settings, runtime), timings)
 
 
 def quiet_third_party() -> None:

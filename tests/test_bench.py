@@ -176,3 +176,15 @@ def test_memory_suite(tmp_path: Path) -> None:
             assert r["unet_activations"] < one["unet_activations"] / 2
     ratios = [r["unet_predicted_over_measured"] for r in records if r["unet_predicted_over_measured"] is not None]
     assert len(ratios) == 2 and all(abs(x - 1) <= 0.2 for x in ratios)  # traced on meta at both sizes
+
+
+def test_gpu_suite_end_to_end_part_measures_the_cli_generation(tmp_path: Path) -> None:
+    """The gpu suite's end-to-end part runs the command line's own generation and records every stage, the
+    decode and the planner's prediction for the settings it ran with (device memory only on CUDA)."""
+    from distlin.bench.gpu import generation_markdown, measure_generation
+
+    record = measure_generation("tiny-sd15-cascade", {"steps": 3}, torch.device("cpu"))
+    assert list(record["part_seconds"]) == ["stage 1", "stage 2", "stage 3", "decode"]
+    assert record["seconds"] >= sum(record["part_seconds"].values()) > 0
+    assert record["planned_gib"] > 0 and record["host_rss_gib"] > 0 and record["peak_gib"] is None
+    assert "stage 3" in generation_markdown(record)

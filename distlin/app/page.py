@@ -57,7 +57,7 @@ class AppPage:
             controls["preset"].change(self._preset_values, controls["preset"], inputs[1:])
             gr.on([c.change for c in inputs] + [page.load], self._plan, inputs, plan)
             run.click(self._run, inputs, [status, *shown, gallery], concurrency_limit=None)
-            cancel.click(self._cancel, None, status, concurrency_limit=None)
+            cancel.click(self._cancel, None, None, concurrency_limit=None)  # the running request's status says it
             gallery.select(self._select, None, shown)
         return page
 
@@ -109,12 +109,10 @@ class AppPage:
             return
         yield [f"done: {job.result.id}", *self._show(job.result), self._gallery()]
 
-    def _cancel(self, request: gr.Request) -> Any:
+    def _cancel(self, request: gr.Request) -> None:
         job = self._jobs.get(request.session_hash)
-        if job is None:
-            return gr.skip()
-        self.coordinator.cancel(job)
-        return "cancelling…"
+        if job is not None:
+            self.coordinator.cancel(job)
 
     def _select(self, event: gr.SelectData) -> list[Any]:
         caption = event.value.get("caption") if isinstance(event.value, dict) else None
@@ -144,6 +142,8 @@ class AppPage:
 
 def _progress_text(coordinator: Coordinator, job: Job) -> str:
     ahead = coordinator.ahead_of(job)
+    if job.cancel_requested.is_set():
+        return "cancelling…"
     if ahead:
         return f"waiting: {ahead} request(s) ahead"
     progress = job.progress

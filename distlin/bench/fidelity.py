@@ -86,7 +86,7 @@ def stale_sets(text: str) -> list[frozenset[str]]:
 
 
 def stale_label(stale: frozenset[str]) -> str:
-    return "+".join(k for k in STALE_KINDS if k in stale) or "none"
+    return "all" if stale == EVERYTHING else "+".join(k for k in STALE_KINDS if k in stale) or "none"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -442,7 +442,7 @@ def _targets(records: list[Record]) -> list[str]:
 
 
 def plot(records: list[Record]) -> Any:
-    fig, (tradeoff, warmup) = new_figure(2)
+    fig, (tradeoff, sweep) = new_figure(2)
     w = main_warmup(records)
     linear = [r for r in records if r["attention"] == "linear" and r["projected_efficiency"] is not None]
     if linear:
@@ -459,17 +459,22 @@ def plot(records: list[Record]) -> Any:
     displaced = [r for r in records if r["mode"] == "displaced" and r["psnr_db"] is not None]
     if displaced:
         name, attention = displaced[0]["case"], displaced[0]["attention"]
-        n = max(r["ranks"] for r in displaced)
-        mine = [r for r in displaced if (r["case"], r["attention"], r["ranks"]) == (name, attention, n)]
+        mine = [r for r in displaced if (r["case"], r["attention"]) == (name, attention)]
+        n = max(r["ranks"] for r in mine)
+        # Against the warm-up on the most ranks when several warm-ups were measured, else against the ranks.
+        x = "warmup_steps" if len({r["warmup_steps"] for r in mine}) > 1 else "ranks"
+        if x == "warmup_steps":
+            mine = [r for r in mine if r["ranks"] == n]
         for key, rs in _groups(mine, ("stale",)).items():
-            rs = sorted(rs, key=_warmup)
-            warmup.plot(
-                [r["warmup_steps"] for r in rs], [r["psnr_db"] for r in rs], "-o", label=stale_label(frozenset(key[0]))
-            )
-        warmup.set(
-            xlabel="warm-up W (W + 1 synchronous steps)", ylabel="PSNR (dB)", title=f"{name}, {attention}, {n} ranks"
+            rs = sorted(rs, key=lambda r: r[x])
+            sweep.plot([r[x] for r in rs], [r["psnr_db"] for r in rs], "-o", label=stale_label(frozenset(key[0])))
+        fixed = f"{n} ranks" if x == "warmup_steps" else f"warm-up {mine[0]['warmup_steps']}"
+        sweep.set(
+            xlabel="warm-up W (W + 1 synchronous steps)" if x == "warmup_steps" else "ranks",
+            ylabel="PSNR vs one device (dB)",
+            title=f"{name}, {attention}, {fixed}",
         )
-    finish_axes(tradeoff, warmup)
+    finish_axes(tradeoff, sweep)
     return fig
 
 

@@ -1,6 +1,6 @@
 """Suite ``gpu``: one prepared check of the CUDA fast path, under 8 minutes on one H100/H200 (CUDA only).
 
-Three parts, told apart by each record's ``section``. ``environment``: the GPU, torch, CUDA and triton.
+Four parts, told apart by each record's ``section``. ``environment``: the GPU, torch, CUDA and triton.
 ``attention``: LinFusion's two attention phases, fused Triton kernels against the PyTorch ops, on token-major
 ``(batch, tokens, C)`` activations as the layer hands them over: the time of each phase, the speed-up, the
 largest difference between the two outputs relative to the output's largest value, and peak memory.
@@ -8,12 +8,17 @@ largest difference between the two outputs relative to the output's largest valu
 achieved against the device's dense fp16/bf16 peak, and ``torch.cuda.max_memory_allocated`` next to the memory
 planner's prediction (UNet weights plus activations). A size whose predicted activations exceed the free memory
 runs micro-batched (the guidance halves one after the other, as ``--micro-batch 1`` does), or is skipped with
-the reason when even that does not fit.
+the reason when even that does not fit. ``generation``: the 16384x8192 SD-1.5 cascade (``--preset sd15-16k``
+with ``full-sd15`` random weights and fresh LinFusion layers) end to end through :func:`distlin.run.generate`,
+the function the command line runs: wall seconds per stage and for the decode, ``torch.cuda.max_memory_allocated``
+and the process's peak host RSS next to the planner's prediction for the settings it ran with.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import time
 from functools import partial
 from typing import Any
 
@@ -25,15 +30,19 @@ from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown
 from distlin.bench.timing import peak_memory_mb, time_calls
 from distlin.bench.unet import count_flops, device_peak
 from distlin.errors import UsageError
+from distlin.memory.fit import plan_run, saver_flags
 from distlin.memory.planner import plan
 from distlin.ops.linear_attention import apply_state, check_kernel, linear_attention, partial_state, select_kernel
+from distlin.parallel.runtime import Runtime
+from distlin.run import generate
+from distlin.settings import build_settings
 
 DEFAULT_DTYPE = torch.float16
 KERNELS = ("torch", "triton")
 CFG_BATCH = 2  # samples in one UNet call of a guided step
 GIB = 2**30
 FREE_MEMORY_SHARE = 0.9  # of the free memory, what a UNet call's predicted activations may take
-TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5}
+TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5, "generation_seconds": 30.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=options.int_list,
     )
     options.add(parser, "--repeats", 5, 3, "timed calls per measurement", type=int)
+    parser.add_argument("--generation-preset", default="sd15-16k", help="preset of the end-to-end part (sd15-16k)")
+    options.add(
+        parser, "--generation-size", "16384x8192", "4096x2048", "width x height of the end-to-end part", type=str
+    )
 
 
 def environment_record(device: torch.device) -> Record:
@@ -312,6 +325,44 @@ def plot(records: list[Record]) -> Any:
     return fig
 
 
+def measure_generation(preset: str, overrides: dict[str, Any], device: torch.device) -> Record:
+    """One generation end to end, as the command line runs it, with its time, memory and the planner's word."""
+    settings = build_settings(preset, {**overrides, "device": str(device)}, world_size=1)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = generate(settings, Runtime(device=device))
+    seconds = time.perf_counter() - start
+    planned = plan_run(result.settings, 1)
+    return {
+        "section": "generation",
+        "preset": preset,
+        "model": settings.model,
+        "width": settings.width,
+        "height": settings.height,
+        "seconds": seconds,
+        "part_seconds": result.seconds,
+        "savers": saver_flags(settings, result.settings),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # Linux: KiB
+        "planned_gib": planned["peak_bytes_per_rank"] / GIB if planned else None,
+    }
+
+
+def generation_markdown(record: Record) -> str:
+    parts = ", ".join(f"{name} {value:.1f} s" for name, value in record["part_seconds"].items())
+    ratio = record["peak_gib"] / record["planned_gib"] if record["peak_gib"] and record["planned_gib"] else None
+    return (
+        f"End to end: `--preset {record['preset']} --model {record['model']} --linfusion fresh` at "
+        f"{record['width']}x{record['height']}, {record['seconds']:.1f} s ({parts}); memory savers chosen: "
+        f"{record['savers'] or 'none'}. Peak device memory {fmt(record['peak_gib'])} GiB measured vs "
+        f"{fmt(record['planned_gib'])} GiB planned (ratio {fmt(ratio)}; target within ±20 %); peak host RSS "
+        f"{fmt(record['host_rss_gib'])} GiB. Target: ≤ 30 s end to end on one H200 at 16384x8192 — "
+        f"{_met(record['seconds'] <= TARGET['generation_seconds'])}."
+    )
+
+
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
     if device.type != "cuda":
         raise UsageError(f"the gpu suite measures the CUDA fast path and needs a CUDA device, not {device.type}")
@@ -321,4 +372,11 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> S
     torch.cuda.empty_cache()
     unet, source = measure_unet(args, device, dtype)
     records += unet
-    return SuiteResult(records, markdown(records, args, source), plot(records))
+    torch.cuda.empty_cache()
+    width, height = (int(side) for side in args.generation_size.split("x"))
+    overrides = {"model": "full-sd15", "linfusion": "fresh", "width": width, "height": height, "dtype": "float16"}
+    progress("gpu", f"end to end: {args.generation_preset} at {args.generation_size}")
+    generation = measure_generation(args.generation_preset, overrides, device)
+    records.append(generation)
+    text = markdown([r for r in records if r["section"] != "generation"], args, source)
+    return SuiteResult(records, f"{text}\n\n{generation_markdown(generation)}", plot(records))

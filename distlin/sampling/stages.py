@@ -48,16 +48,20 @@ class StageClock:
         self.report = report
         self.start = time.perf_counter()
 
-    def lap(self, index: int, stage: Stage, latents: torch.Tensor) -> None:
-        if self.report is None:
-            return
+    def seconds(self, latents: torch.Tensor) -> float:
+        """Wall seconds since the clock started or last lapped, the device's queued work on ``latents`` included."""
         if latents.is_cuda:
             import torch
 
             torch.cuda.synchronize(latents.device)
-        now = time.perf_counter()
-        self.report(index, stage, now - self.start)
-        self.start = now
+        return time.perf_counter() - self.start
+
+    def lap(self, index: int, stage: Stage, latents: torch.Tensor) -> None:
+        if self.report is None:
+            return
+        seconds = self.seconds(latents)
+        self.report(index, stage, seconds)
+        self.start += seconds
 
 
 def check_stages(stages: Sequence[Stage]) -> None:
