@@ -264,6 +264,12 @@ def _sample(
     return run_demofusion(pipe, native=Stage(first.height // skipped, first.width // skipped), **cascade, **common)
 
 
+def _transfer_printer(moved: int, seconds: float) -> None:
+    """The sequential decode's one line: how much crossed between host RAM and the device, and how fast."""
+    rate = moved / seconds / 1e9 if seconds > 0 else float("inf")
+    print(f"VAE decoded band by band: {moved / 1e9:.2f} GB host<->device in {seconds:.1f} s ({rate:.2f} GB/s)")
+
+
 def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tuple[Callable | None, bool]:
     """How the final latents are decoded: (``vae.decode`` replacement or None for the plain one, sequential?).
 
@@ -276,7 +282,8 @@ def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tup
     )
     if sequential:
         options = sequential_vae_settings(settings.vae_attention_rows, limits.sequential_band_rows)
-        return partial(decode_sequential, prepared.pipe.vae, store="cpu", **options), True
+        report = _transfer_printer if runtime.is_main else None
+        return partial(decode_sequential, prepared.pipe.vae, store="cpu", on_done=report, **options), True
     return prepared.vae.decode, False
 
 

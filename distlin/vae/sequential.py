@@ -34,6 +34,7 @@ upsamplers, mixed-dtype weights, ...) raises :class:`UnsupportedDecoderError` be
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 from itertools import pairwise
@@ -110,12 +111,16 @@ class _Streamer:
     ):
         self.compute, self.dtype, self.store, self.store_dtype = compute, dtype, store, store_dtype
         self.groups, self.query_chunk, self.attention_rows = groups, query_chunk, attention_rows
+        self.moved = 0  # bytes copied between store and compute, both ways
 
     def load(self, t: torch.Tensor) -> torch.Tensor:
+        self.moved += t.numel() * t.element_size()
         return t.to(self.compute, self.dtype)
 
     def save(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return t.to(self.store, dtype or self.store_dtype)
+        out = t.to(self.store, dtype or self.store_dtype)
+        self.moved += out.numel() * out.element_size()
+        return out
 
     def keep(self, out: torch.Tensor, moments: dict[int, torch.Tensor]) -> torch.Tensor:
         """A finished band to the store, its GroupNorm moments (of the stored values) added to ``moments``."""
@@ -370,6 +375,7 @@ def decode_sequential(
     store_dtype: torch.dtype | None = None,
     query_chunk: int = 4096,
     attention_rows: int | None = None,
+    on_done: Callable[[int, float], None] | None = None,
 ) -> torch.Tensor:
     """``vae.decode(latents).sample`` computed ``band_rows`` latent rows at a time on ``compute``.
 
@@ -379,7 +385,9 @@ def decode_sequential(
     weights. The image comes back on ``store`` in the decoder's dtype. ``vae.enable_tiling()`` is ignored:
     this is its exact replacement. ``attention_rows`` (latent rows) streams the mid-block attention's keys
     and values from ``store`` instead of keeping them all on ``compute`` (see the module docstring).
+    ``on_done(bytes, seconds)`` receives the bytes copied between store and compute and the decode's wall time.
     """
+    start = time.perf_counter()
     if band_rows < 1 or query_chunk < 1:
         raise UsageError(f"band_rows={band_rows}, query_chunk={query_chunk}: both must be at least 1")
     if attention_rows is not None and attention_rows < 1:
@@ -414,4 +422,9 @@ def decode_sequential(
             x = run.conv(x, sampler.conv, upsample=True, consume=True)
     pre = run.norm_act(x, decoder.conv_norm_out, decoder.conv_act)
     x = run.conv(x, decoder.conv_out, pre=pre, consume=True)
-    return torch.cat(x.parts, dim=2).to(run.dtype)
+    image = torch.cat(x.parts, dim=2).to(run.dtype)
+    if on_done is not None:
+        if compute.type == "cuda":
+            torch.cuda.synchronize(compute)
+        on_done(run.moved, time.perf_counter() - start)
+    return image
