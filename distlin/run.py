@@ -110,12 +110,18 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
 
 
-def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
-    """On a GPU (or with ``DISTLIN_DEVICE_MEMORY`` set), switch memory savers on until the plan fits, or refuse
-    with one line; elsewhere the settings as they are. Prints the savers it chose on rank 0."""
+def device_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
+    """Bytes a run must fit per rank: ``DISTLIN_DEVICE_MEMORY`` if set, the GPU's memory on CUDA, else None."""
     capacity = settings.thresholds.device_memory
     if capacity is None and runtime.device.type == "cuda":
         capacity = torch.cuda.get_device_properties(runtime.device).total_memory
+    return capacity
+
+
+def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
+    """On a GPU (or with ``DISTLIN_DEVICE_MEMORY`` set), switch memory savers on until the plan fits, or refuse
+    with one line; elsewhere the settings as they are. Prints the savers it chose on rank 0."""
+    capacity = device_capacity(settings, runtime)
     if capacity is None:
         return settings
     fitted = fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
@@ -298,7 +304,9 @@ def generate(
 
     ``prepared`` reuses a pipeline from an earlier call with the same :func:`pipeline_key`; ``on_progress``
     (rank 0) sees every UNet evaluation; ``should_stop`` (asked on rank 0 at every UNet evaluation) cancels
-    the run on every rank at the same step with :class:`~distlin.errors.Cancelled`.
+    the run on every rank at the same step with :class:`~distlin.errors.Cancelled`. A cancellable run
+    broadcasts rank 0's answer at every evaluation, so pass ``should_stop`` on every rank or on none (the other
+    ranks' function is never asked: ``lambda: False`` will do).
     """
     check_kernel(settings.attention_kernel)
     runtime = runtime or init_runtime(settings.backend, settings.timeout_s, settings.device)

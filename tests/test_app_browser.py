@@ -103,6 +103,8 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> No
         assert len(results) == 1 and RESULT_ID.fullmatch(results[0])
         expect(page.locator("#metadata")).to_contain_text("tiny-sd15")
         expect(page.locator("#gallery img")).to_have_count(1)
+        page.locator("#gallery img").click()  # a past result opens in the viewer
+        expect(page.locator("#viewer iframe")).to_have_attribute("data-result", results[0])
         link = page.locator("#download-link")
         download = context.request.get(url + link.get_attribute("href"))
         image = Image.open(io.BytesIO(download.body()))

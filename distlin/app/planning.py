@@ -6,20 +6,11 @@ on when needed, and a run that no saver makes fit is refused with the planner's 
 
 from __future__ import annotations
 
-import torch
-
 from distlin.memory.fit import fit_to_capacity, plan_run, saver_flags
 from distlin.memory.planner import format_plan
 from distlin.parallel.runtime import Runtime
+from distlin.run import device_capacity
 from distlin.settings import RunSettings
-
-
-def device_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
-    """Bytes a rank may use: ``DISTLIN_DEVICE_MEMORY`` if set, else the GPU's memory; None on a CPU."""
-    capacity = settings.thresholds.device_memory
-    if capacity is None and runtime.device.type == "cuda":
-        capacity = torch.cuda.get_device_properties(runtime.device).total_memory
-    return capacity
 
 
 def fit_settings(settings: RunSettings, runtime: Runtime) -> RunSettings:

@@ -5,7 +5,8 @@ For every case (built-in SD-1.x model, size, DDIM steps, guidance 7.5), self-att
 gloo ranks (CFG parallelism off: every rank owns rows of the whole batch) that generates the image once per
 setting: ``exact``, ``naive``, and ``displaced`` for every stale set and warm-up. Rank 0 decodes each image and
 compares it with the image of one plain process (no ``parallelize``), computed here first: PSNR over RGB in
-[0, 1] (before 8-bit quantisation) and the largest error in 8-bit levels.
+[0, 1] (before 8-bit quantisation) and the largest error in 8-bit levels. Always on CPU in float32, whatever
+``--device`` and ``--dtype`` say: what is measured is the exchange schedule, not the device.
 
 Next to each row, the ``project`` suite's PROJECTION of that setting at 16384x16384 on 8 GPUs (full-size SD-1.5
 with LinFusion, bf16, ``--link``): compute plus synchronous exchanges, the stale ones hidden behind compute.
@@ -54,7 +55,9 @@ from distlin.sources import FRESH_LINFUSION, NO_LINFUSION
 PROMPT = "a red cube on a wooden table"
 GUIDANCE = 7.5
 LINFUSION = {"linear": FRESH_LINFUSION, "softmax": NO_LINFUSION}
-PROJECTION = {"model": "full-sd15", "size": 16384, "ranks": 8, "batch": 2, "dtype": torch.bfloat16}
+# The ``project`` suite's defaults: its target point (SD-1.5 at 16384², 8 GPUs), CFG batch, H100 at 50 % MFU.
+PROJECTION = {"model": "full-sd15", "size": 16384, "ranks": 8, "batch": 2, "dtype": torch.bfloat16, "mfu": 0.5}
+PROJECTION_GPU = "h100"
 # DistriFusion's corrected asynchronous GroupNorm, warm-up 4, on the protocol case (issue #13), dB.
 DISTRIFUSION_DB = {2: 71.4, 4: 66.4}
 TARGET_GAIN_DB, TARGET_EFFICIENCY_POINTS = 10.0, 2.0
@@ -241,7 +244,7 @@ def projection(link: str) -> dict[str, Any]:
     """Compute and per-kind exchange seconds of one step at 16K on 8 GPUs (the ``project`` suite's model)."""
     unet = build(PROJECTION["model"], "linear", "meta", PROJECTION["dtype"])
     size, n, batch = PROJECTION["size"], PROJECTION["ranks"], PROJECTION["batch"]
-    rate = GPUS["h100"][1] * 0.5
+    rate = GPUS[PROJECTION_GPU][1] * PROJECTION["mfu"]
     dry = dry_run(unet, size, size, n, batch)
     return {
         "compute_s": dry.flops / rate,
