@@ -102,6 +102,7 @@ class RunSettings:
             **{key: getattr(self, key) for key in PRESET_SCHEMA if hasattr(self, key)},
             "mode": self.engine.mode,
             "warmup_steps": self.engine.warmup_steps,
+            "stale": ",".join(sorted(self.engine.stale)) or "none",
             "cfg_parallel": self.engine.cfg_parallel,
             "micro_batch": self.engine.micro_batch,
             "stages": [(s.height, s.width, s.strength) for s in self.stages],

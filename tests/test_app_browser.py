@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import playwright.sync_api as playwright  # the test extra installs it; .ci/run installs Debian's chromium
 import pytest
 from multirank import free_port
 from PIL import Image
@@ -34,8 +35,6 @@ CHROMIUM_ARGS = [
 USER, PASSWORD = "tester", "s3cret:pass"
 TILE_SIZE = 64  # the tiny 192x128 image spans 3 x 2 tiles at full size, so zooming in loads only some
 
-playwright = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")

@@ -188,3 +188,15 @@ def test_gpu_suite_end_to_end_part_measures_the_cli_generation(tmp_path: Path) -
     assert record["seconds"] >= sum(record["part_seconds"].values()) > 0
     assert record["planned_gib"] > 0 and record["host_rss_gib"] > 0 and record["peak_gib"] is None
     assert "stage 3" in generation_markdown(record)
+
+
+def test_fidelity_suite(tmp_path: Path) -> None:
+    """Every displaced setting measured against one process; exact at round-off, the default closer than all-stale."""
+    records = run_suite(tmp_path, "fidelity")
+    by_setting = {(r["mode"], tuple(r["stale"])): r for r in records if r["ranks"] == 2}
+    exact, naive = by_setting[("exact", ())], by_setting[("naive", ())]
+    default = by_setting[("displaced", ("attention",))]
+    everything = by_setting[("displaced", ("attention", "groupnorm", "halo"))]
+    assert exact["psnr_db"] is None or exact["psnr_db"] > 100
+    assert naive["psnr_db"] < everything["psnr_db"] < default["psnr_db"]
+    assert all(0 < r["projected_efficiency"] <= 1 + 1e-9 for r in (exact, default, everything))

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 mode: time_mode(
                     unet,
                     inputs,
-                    PatchParallelConfig(mode=mode, warmup_steps=args.warmup, cfg_parallel=args.cfg_parallel),
+                    # the untimed steps are the warm-up (steps 0..W synchronous): displaced from the first timed one
+                    PatchParallelConfig(mode, warmup_steps=max(args.warmup - 1, 0), cfg_parallel=args.cfg_parallel),
                     args,
                     runtime,
                 )

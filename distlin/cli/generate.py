@@ -131,7 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact: equals one device; displaced: DistriFusion-style stale exchanges after the warm-up; "
         "naive: no exchange (comparison only)",
     )
-    eng.add_argument("--warmup-steps", type=int, help="synchronous steps before displaced mode starts")
+    eng.add_argument(
+        "--warmup-steps",
+        type=int,
+        metavar="W",
+        help="displaced mode: steps 0..W run synchronously (W + 1 steps, as DistriFusion counts warmup_steps); "
+        "stale exchanges start at step W + 1",
+    )
+    eng.add_argument(
+        "--stale",
+        metavar="KINDS",
+        help="displaced mode: which exchanges reuse last step's result, a comma list of attention, groupnorm, halo "
+        "(or all, none); default attention: the tiny attention state is displaced, the halos and GroupNorm "
+        "moments stay exact (the most fidelity per hidden exchange, see docs/RESULTS.md)",
+    )
     eng.add_argument(
         "--cfg-parallel",
         action=argparse.BooleanOptionalAction,
@@ -187,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that map one to one onto RunSettings / engine fields (argparse dest == field name).
 SETTING_FLAGS = (
     "model", "linfusion", "prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "dtype",
-    "device", "mode", "warmup_steps", "cfg_parallel", "micro_batch", "attention_kernel", "backend", "timeout_s",
-    "vae_decode", "vae_attention_rows", "loras", "scheduler", "init_image", "strength", "mask", "controlnet",
-    "control_image", "control_scale",
+    "device", "mode", "warmup_steps", "stale", "cfg_parallel", "micro_batch", "attention_kernel", "backend",
+    "timeout_s", "vae_decode", "vae_attention_rows", "loras", "scheduler", "init_image", "strength", "mask",
+    "controlnet", "control_image", "control_scale",
 )  # fmt: skip
 
 

@@ -64,8 +64,8 @@ class ParallelContext:
         self.lane = 0  # which micro-batch of the current UNet evaluation is running
         self._slots: list[StaleSlot] = []
         self._groups = self._build_groups(runtime, config, dry_run_ranks)
-        self.topology = Topology.for_run(runtime.world_size, cfg_parallel=False, guidance=False, rank=runtime.rank)
         self.patch, self.cfg = self._groups[False]
+        self.topology = self.topology_for(guidance=False)
 
     def _build_groups(
         self, runtime: Runtime, config: PatchParallelConfig, dry_run_ranks: int | None
@@ -89,9 +89,12 @@ class ParallelContext:
         return groups
 
     def topology_for(self, guidance: bool) -> Topology:
-        """The topology of a call whose batch holds both guidance halves (``guidance``) or not."""
+        """The topology of a call whose batch holds both guidance halves (``guidance``) or not, read off the
+        communicators built for it (so a dry run's simulated ranks count like real ones)."""
         split = guidance and True in self._groups
-        return Topology.for_run(self.runtime.world_size, cfg_parallel=split, guidance=split, rank=self.runtime.rank)
+        patch, cfg = self._groups[split]
+        world, rank = patch.size * (cfg.size if cfg else 1), (cfg.index if cfg else 0) * patch.size + patch.index
+        return Topology.for_run(world, cfg_parallel=split, guidance=split, rank=rank)
 
     def use_topology(self, batch: int) -> Topology:
         """Pick this UNet call's topology: an even batch (the guidance halves) on two rank groups when CFG
