@@ -169,12 +169,18 @@ def test_pyramid_tiles_reassemble_to_the_image(tmp_path: Path) -> None:
         {"model": "/home/someone/weights"},
         {"height": "128; rm -rf /"},
         {"steps": 2.5},
+        {"scheduler": "turbo-magic"},
     ],
 )
 def test_a_request_names_no_path_and_no_unknown_field(change: dict) -> None:
     with pytest.raises(UsageError) as refusal:
         GenerationRequest.from_message({**TINY.to_message(), **change})
     assert "\n" not in str(refusal.value)
+
+
+def test_the_scheduler_control_maps_onto_the_command_lines_scheduler() -> None:
+    assert TINY.settings(1).scheduler is None  # the model's own, as without --scheduler
+    assert tiny(scheduler="euler-ancestral").settings(1).scheduler == "euler-ancestral"
 
 
 def test_results_are_written_only_inside_the_output_folder_under_names_the_app_makes(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from distlin.app.coordinator import Coordinator, Job
-from distlin.app.request import GenerationRequest
+from distlin.app.request import SCHEDULER_CHOICES, GenerationRequest
 from distlin.app.results import SavedResult
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
@@ -74,7 +74,9 @@ class AppPage:
             controls["steps"] = gr.Number(start.steps, label="steps", precision=0, minimum=1)
             controls["guidance_scale"] = gr.Number(start.guidance_scale, label="guidance scale", minimum=0)
             controls["seed"] = gr.Number(start.seed, label="seed", precision=0, minimum=0)
-        controls["mode"] = gr.Radio(list(MODES), value=start.mode, label="mode")
+        with gr.Row():
+            controls["mode"] = gr.Radio(list(MODES), value=start.mode, label="mode")
+            controls["scheduler"] = gr.Dropdown(list(SCHEDULER_CHOICES), value=start.scheduler, label="scheduler")
         for name, control in controls.items():
             control.elem_id = name
         return controls

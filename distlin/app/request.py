@@ -15,7 +15,11 @@ from typing import Any, get_type_hints
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
 from distlin.presets import list_presets, load_preset
+from distlin.schedulers import SCHEDULERS
 from distlin.settings import RunSettings, build_settings
+
+MODEL_SCHEDULER = "model's own"  # the scheduler the model ships with (no --scheduler)
+SCHEDULER_CHOICES = (MODEL_SCHEDULER, *SCHEDULERS)
 
 # Limits that apply when the app listens beyond this machine and the operator set none.
 PUBLIC_MAX_PIXELS = 2048 * 2048
@@ -35,11 +39,12 @@ class GenerationRequest:
     guidance_scale: float
     seed: int
     mode: str
+    scheduler: str = MODEL_SCHEDULER  # a name of distlin.schedulers.SCHEDULERS, or the model's own
 
     @classmethod
     def for_preset(cls, preset: str) -> GenerationRequest:
         """The preset's own values, which the page shows when a preset is chosen."""
-        values = load_preset(_builtin_preset(preset))
+        values = {**load_preset(_builtin_preset(preset)), "scheduler": MODEL_SCHEDULER}
         return cls(preset=preset, **{f.name: values[f.name] for f in fields(cls) if f.name != "preset"})
 
     @classmethod
@@ -53,6 +58,8 @@ class GenerationRequest:
         _builtin_preset(values["preset"])
         if values["mode"] not in MODES:
             raise UsageError(f"unknown mode {values['mode']!r}; use one of {', '.join(MODES)}")
+        if values["scheduler"] not in SCHEDULER_CHOICES:
+            raise UsageError(f"unknown scheduler {values['scheduler']!r}; use one of {', '.join(SCHEDULER_CHOICES)}")
         return cls(**values)
 
     def to_message(self) -> dict[str, Any]:
@@ -62,6 +69,7 @@ class GenerationRequest:
     def settings(self, world_size: int, device: str | None = None) -> RunSettings:
         """The run's settings, exactly as the command line builds them for the same values."""
         overrides = {key: value for key, value in self.to_message().items() if key != "preset"}
+        overrides["scheduler"] = None if self.scheduler == MODEL_SCHEDULER else self.scheduler
         return build_settings(self.preset, {**overrides, "device": device}, world_size)
 
 
