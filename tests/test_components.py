@@ -119,7 +119,8 @@ def test_displaced_heun_is_finite_deterministic_and_close(single, two_ranks) -> 
     first, second = two_ranks["displaced-heun-twice"]
     exact = single["per-generation"][1 + list(SCHEDULERS).index("heun")]
     assert torch.isfinite(first).all() and torch.equal(first, second)  # the second generation starts afresh
-    assert (first - exact).abs().max().item() <= 0.5 * exact.abs().max().item()
+    relative = (first - exact).abs().max().item() / exact.abs().max().item()
+    assert relative <= 2e-3, relative
 
 
 def test_a_lora_for_another_base_is_one_usage_error(files) -> None:

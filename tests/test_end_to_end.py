@@ -71,11 +71,12 @@ def command(pipeline: str, mechanism: str | None, ranks: int) -> tuple[dict[str,
 
 CASES = [
     *[(p, None, 1) for p in PIPELINES],
-    *[(p, m, 1) for p in PIPELINES for m in [*MECHANISMS, ALL]],
-    *[(p, ALL, 2) for p in PIPELINES],
+    *[(p, m, n) for n in (1, 2) for p in PIPELINES for m in [*MECHANISMS, ALL]],
     ("t2i", None, 2),
-    ("t2i", "banded-kernels", 2),
 ]
+# On 2 ranks tiny-sd15's planned peak is set by weights and the direct band-parallel decode, below what any
+# saver reaches (the sequential decode of the whole image on rank 0 costs more): nothing for the planner to fit.
+CASES.remove(("t2i", "planner-savers", 2))
 
 
 @dataclass

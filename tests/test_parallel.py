@@ -102,8 +102,9 @@ def test_displaced_differs_from_exact_by_a_bounded_amount(single, multi) -> None
     assert torch.isfinite(out).all()
     diff = (out - ref).abs().max().item()
     naive = (multi[2]["naive"] - ref).abs().max().item()
-    assert 0 < diff < 0.5 * ref.abs().max().item(), diff
-    assert torch.isfinite(multi[2]["naive"]).all() and naive > 0
+    assert torch.isfinite(multi[2]["naive"]).all()
+    # measured: 2.7e-4 of the largest value (everything stale after one synchronous step); naive: 0.28
+    assert 0 < diff < 2e-3 * ref.abs().max().item() < naive, (diff, naive)
 
 
 def test_displaced_mode_is_deterministic_for_a_given_n_and_seed(multi) -> None:
@@ -156,4 +157,4 @@ def test_displaced_on_four_ranks_stays_finite_and_close(single, multi) -> None:
     """DistriFusion reports black images for SD at 512-768 px on 4+ GPUs with stale GroupNorm; here it is finite."""
     out, ref = multi[4]["sd15-displaced-4"], single["sd15-linear"]
     assert torch.isfinite(out).all()
-    assert (out - ref).abs().max().item() < 0.5 * ref.abs().max().item()
+    assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item()  # measured: 2.7e-4
