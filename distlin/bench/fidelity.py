@@ -21,9 +21,6 @@ import argparse
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ import torch
 
 from distlin.bench import options
 from distlin.bench.accounting import dry_run
+from distlin.bench.launch import run_ranks
 from distlin.bench.models import build
 from distlin.bench.project import GPUS, LINKS, comm_seconds, projected_seconds
 from distlin.bench.report import (
@@ -44,7 +42,6 @@ from distlin.bench.report import (
     new_figure,
     progress,
 )
-from distlin.bench.scaling import TORCHRUN_VARS
 from distlin.io import atomic_write
 from distlin.loading import mount_linfusion
 from distlin.models.tiny import build_pipeline
@@ -221,23 +218,7 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 def spawn(ranks: int, spec_path: Path, timeout_s: float, threads: int) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ranks}",
-        "-m",
-        "distlin.bench.fidelity",
-        "--spec",
-        str(spec_path),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    env["OMP_NUM_THREADS"] = str(threads)
-    progress("fidelity", " ".join(command))
-    done = subprocess.run(command, env=env, timeout=timeout_s, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"fidelity run on {ranks} ranks failed with exit code {done.returncode}")
+    run_ranks("fidelity", ranks, "distlin.bench.fidelity", ["--spec", str(spec_path)], threads, timeout_s)
 
 
 def projection(link: str) -> dict[str, Any]:

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import torch
 
 from distlin.bench import options
 from distlin.bench.accounting import TOTAL_KINDS, distrifusion_bytes, layer_shapes
+from distlin.bench.launch import run_ranks
 from distlin.bench.models import ATTENTIONS, build, model_name
 from distlin.bench.report import (
     Record,
@@ -38,7 +36,6 @@ from distlin.bench.report import (
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TARGET = {"model": "full-sd15", "height": 1024, "width": 1024, "ranks": 2, "speedup": 1.8}
 
 
@@ -70,49 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def spawn(ranks: int, result: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """One torchrun launch of ``ranks`` workers; raises with the exit code when it fails."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ranks}",
-        "-m",
-        "distlin.bench.worker",
-        "--model",
-        args.model,
-        "--height",
-        str(args.height),
-        "--width",
-        str(args.width or args.height),
-        "--modes",
-        ",".join(args.modes),
-        "--attention",
-        args.attention,
-        "--batch",
-        str(args.batch),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
-        "--device",
-        device.type,
-        "--dtype",
-        str(dtype).removeprefix("torch."),
-        "--timeout-s",
-        str(args.timeout_s),
-        "--result",
-        str(result),
+    worker_args = [
+        "--model", args.model, "--height", str(args.height), "--width", str(args.width or args.height),
+        "--modes", ",".join(args.modes), "--attention", args.attention, "--batch", str(args.batch),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+        "--device", device.type, "--dtype", str(dtype).removeprefix("torch."), "--timeout-s", str(args.timeout_s),
+        "--result", str(result),
         *(["--cfg-parallel"] if args.cfg_parallel else []),
         *(["--backend", args.backend] if args.backend else []),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    print(f"[scaling] {ranks} rank(s): {' '.join(command)}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, env=env, timeout=args.timeout_s, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"scaling run on {ranks} ranks failed with exit code {done.returncode}")
+    ]  # fmt: skip
+    run_ranks("scaling", ranks, "distlin.bench.worker", worker_args, args.threads, args.timeout_s)
 
 
 def load_results(folder: Path) -> list[dict[str, Any]]:
