@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -90,4 +96,7 @@ def init_runtime(backend: str | None = None, timeout_s: float = 300.0, device: s
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if backend == "nccl" else None,
         )
+        # A script using the Python API may simply end: the group is still torn down before the interpreter
+        # (gloo aborts the process when its threads outlive it).
+        atexit.register(_destroy_process_group)
     return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
