@@ -29,11 +29,11 @@ from distlin.parallel.comm import CommStats
 from distlin.parallel.pipeline import parallelize
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet
+from distlin.sampling.reference import SequentialVAE, SizedCoder
 from distlin.sampling.stages import Stage, StageClock
 from distlin.schedulers import build_scheduler, unet_calls
 from distlin.settings import RunSettings
 from distlin.vae.parallel import ParallelVAE, parallelize_vae
-from distlin.vae.sequential import decode_sequential
 
 # Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
 WEIGHTS_SEED = 0
@@ -218,9 +218,9 @@ def metadata(settings: RunSettings, runtime: Runtime) -> dict[str, Any]:
 def _sample(
     prepared: Prepared, settings: RunSettings, runtime: Runtime, on_stage: Callable[[int, Stage, float], None]
 ) -> torch.Tensor:
-    """The final latents of one pass or of the preset's cascade (SDXL: DemoFusion-style; SD: SDEdit), with the
-    scheduler asked for, from noise or from ``--init-image`` (inpainting where ``--mask`` is white), with a
-    ControlNet's control image if there is one."""
+    """The final latents of one pass or of the preset's cascade (SDXL: DemoFusion-style; SD: SDEdit; between
+    stages the VAE of :func:`_coder`), with the scheduler asked for, from noise or from ``--init-image``
+    (inpainting where ``--mask`` is white), with a ControlNet's control image if there is one."""
     pipe = prepared.pipe
     own = prepared.scheduler
     pipe.scheduler = own if settings.scheduler is None else build_scheduler(settings.scheduler, own.config)
@@ -257,7 +257,7 @@ def _sample(
         "stages": settings.stages,
         "steps": settings.steps,
         "seed": settings.seed,
-        "vae": prepared.vae,
+        "vae": _coder(prepared, settings, runtime),
         "handle": prepared.engine,
     }
     first = settings.stages[0]
@@ -270,10 +270,28 @@ def _sample(
     return run_demofusion(pipe, native=Stage(first.height // skipped, first.width // skipped), **cascade, **common)
 
 
-def _transfer_printer(moved: int, seconds: float) -> None:
-    """The sequential decode's one line: how much crossed between host RAM and the device, and how fast."""
+def _transfer_printer(what: str, moved: int, seconds: float) -> None:
+    """A sequential VAE pass's one line: how much crossed between host RAM and the device, and how fast."""
     rate = moved / seconds / 1e9 if seconds > 0 else float("inf")
-    print(f"VAE decoded band by band: {moved / 1e9:.2f} GB host<->device in {seconds:.1f} s ({rate:.2f} GB/s)")
+    print(f"VAE {what} band by band: {moved / 1e9:.2f} GB host<->device in {seconds:.1f} s ({rate:.2f} GB/s)")
+
+
+def _sequential_vae(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SequentialVAE:
+    """The VAE band by band through host RAM on rank 0, with the run's band rows and attention streaming."""
+    options = sequential_vae_settings(settings.vae_attention_rows, settings.thresholds.sequential_band_rows)
+    report = _transfer_printer if runtime.is_main else None
+    return SequentialVAE(prepared.pipe.vae, runtime, options, report)
+
+
+def _is_large(settings: RunSettings, runtime: Runtime) -> Callable[[int, int], bool]:
+    """Whether an image of (height, width) px goes through the sequential VAE (the planner's rule)."""
+    pixels = settings.thresholds.sequential_vae_pixels
+    return partial(sequential_vae, ranks=runtime.world_size, vae_decode=settings.vae_decode, pixels_per_rank=pixels)
+
+
+def _coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SizedCoder:
+    """What decodes and encodes between cascade stages: per image size, like the final decode."""
+    return SizedCoder(prepared.vae, _sequential_vae(prepared, settings, runtime), _is_large(settings, runtime))
 
 
 def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tuple[Callable | None, bool]:
@@ -282,14 +300,8 @@ def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tup
     Several ranks decode band-parallel (exact, seam-free), one rank directly; an image too large for
     the device(s) is decoded by rank 0 alone, band by band, with the activations in host RAM (same image).
     """
-    limits = settings.thresholds
-    sequential = sequential_vae(
-        settings.height, settings.width, runtime.world_size, settings.vae_decode, limits.sequential_vae_pixels
-    )
-    if sequential:
-        options = sequential_vae_settings(settings.vae_attention_rows, limits.sequential_band_rows)
-        report = _transfer_printer if runtime.is_main else None
-        return partial(decode_sequential, prepared.pipe.vae, store="cpu", on_done=report, **options), True
+    if _is_large(settings, runtime)(settings.height, settings.width):
+        return _sequential_vae(prepared, settings, runtime).decode, True
     return prepared.vae.decode, False
 
 

@@ -168,4 +168,7 @@ def test_forced_mechanism_gives_the_plain_image(runs: Scheduler, pipeline: str, 
     assert_same_image(run, reference)
     if mechanism == "planner-savers":  # the planner, not a flag, switched the savers on
         assert "note: to fit cpu, running with --micro-batch 1 --vae-decode sequential" in stdout, stdout
+    if pipeline != "t2i" and mechanism in ("sequential-vae", "streamed-vae-attention", "planner-savers", ALL):
+        # between the cascade's stages too: decoded and encoded band by band through host RAM on rank 0
+        assert "VAE encoded band by band" in stdout, stdout
     assert sorted(p.name for p in run.cwd.iterdir()) == ["out.png", "out.safetensors"]  # nothing else left behind

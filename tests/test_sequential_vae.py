@@ -1,4 +1,5 @@
-"""Sequential band decode equals the plain VAE decode, where diffusers' tiled decode does not."""
+"""Sequential band decode and encode equal the plain VAE's, where diffusers' tiled decode does not; the encode
+needs no more device memory than the decode the planner counts."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from distlin.errors import UsageError
 from distlin.models.architectures import load_architecture
 from distlin.models.tiny import build_pipeline
 from distlin.vae.peak import device_peak_elements
-from distlin.vae.sequential import UnsupportedDecoderError, _Streamer, decode_sequential
+from distlin.vae.sequential import UnsupportedDecoderError, _Streamer, decode_sequential, encode_sequential
 
 LATENT_H, LATENT_W = 24, 16
 TOL = 1e-4
@@ -262,3 +263,48 @@ def test_largest_tensor_is_a_band(vae) -> None:
         decode_sequential(vae, z, band_rows=4)
     print(f"\nlargest tensor, 256x128 px: plain {plain.largest} B, sequential (4-row bands) {banded.largest} B")
     assert banded.largest * 6 < plain.largest  # 8 bands, each with 2 halo rows
+
+
+def _image(batch: int = 1) -> torch.Tensor:
+    """Pixels of the size :func:`_latents` decodes to, in [-1, 1]."""
+    shape = (batch, 3, 8 * LATENT_H, 8 * LATENT_W)
+    return torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize(("band_rows", "attention_rows"), [(1, None), (5, None), (24, None), (5, 2)])
+def test_encode_equals_plain_encode(name: str, band_rows: int, attention_rows: int | None) -> None:
+    vae = build_pipeline(name).vae.eval()
+    image = _image(2)
+    with torch.no_grad():
+        plain = vae.encode(image).latent_dist
+    out = encode_sequential(vae, image, band_rows, query_chunk=20, attention_rows=attention_rows)
+    assert out.parameters.shape == plain.parameters.shape
+    assert (out.mean - plain.mean).abs().max().item() < TOL
+    assert (out.std - plain.std).abs().max().item() < TOL
+
+
+def test_encode_rejects_a_size_the_encoder_cannot_halve(vae) -> None:
+    with pytest.raises(UsageError, match="multiples of 8"):
+        encode_sequential(vae, torch.zeros(1, 3, 36, 64), band_rows=3)
+
+
+def test_unsupported_encoder_raises() -> None:
+    vae = build_pipeline("tiny-sd15").vae.eval()
+    vae.encoder.down_blocks[1].downsamplers[0].conv.stride = (3, 3)
+    with pytest.raises(UnsupportedDecoderError, match=r"down_blocks\[1\].downsamplers\[0\]"):
+        encode_sequential(vae, _image(), band_rows=3)
+
+
+def test_encode_compute_peak_is_below_the_decode_prediction(monkeypatch, vae) -> None:
+    """The planner counts the sequential decode's device peak; the encode between cascade stages, at the same
+    size and band rows, must stay under it (its widest maps are the decoder's last, at the same resolution)."""
+    tracker = ComputePeak()
+    tracker.patch(monkeypatch)
+    with tracker:
+        encode_sequential(vae, _image(), band_rows=5)
+    assert tracker.current == 0
+    measured = tracker.peak / 4
+    predicted = device_peak_elements(dict(vae.config), LATENT_H, LATENT_W, 5, None, dtype=torch.float32)
+    print(f"\nencode compute peak: measured {measured:.0f}, decode predicted {predicted} elements")
+    assert measured <= predicted

@@ -126,7 +126,9 @@ def plan(
     ``vae_decode`` picks the VAE path (:func:`sequential_vae`); ``vae_attention_rows`` streams the
     sequential decode's mid-block keys/values from host RAM. ``thresholds`` (a run's) set the token chunk of the
     transformers and the sequential VAE's switch-on size and band rows; without them the transformers are
-    planned unchunked (``ff_chunk`` alone sets their chunk).
+    planned unchunked (``ff_chunk`` alone sets their chunk). A cascade's encode between stages takes the VAE path
+    of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the decode's
+    term covers it.
     """
     chunk = thresholds.token_chunk if thresholds is not None else ff_chunk
     limits = thresholds or Thresholds()

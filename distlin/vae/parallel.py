@@ -13,6 +13,8 @@ the next band instead. Bands are exchanged synchronously (the VAE runs once, sta
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -52,11 +54,14 @@ class BandDownsample(nn.Module):
     times 2, 4 or 8), so a band needs exactly one row of the next band: its first.
     """
 
+    twin_of: ClassVar[type] = Downsample2D  # the same function: the sequential VAE reads it as the original
+
     def __init__(self, down: Downsample2D, ctx: ParallelContext):
         super().__init__()
         if not (down.use_conv and down.padding == 0 and down.norm is None):
             raise ValueError("BandDownsample replaces only the VAE's Downsample2D(use_conv, padding=0, no norm)")
         self.conv = down.conv
+        self.use_conv, self.padding, self.norm = down.use_conv, down.padding, down.norm
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Exact SD VAE decode on one device, one row band at a time: device memory bounded whatever the image size.
+"""Exact SD VAE decode (and encode) on one device, one row band at a time: device memory bounded whatever the
+image size.
 
 A 16384x8192 decode holds 256-channel full-resolution activations (68 GB each in fp16): no GPU fits the
 plain ``vae.decode``, and diffusers' ``enable_tiling()`` normalises every tile with its own GroupNorm
@@ -28,8 +29,10 @@ bands plus the attention's working set; the store holds about
 two full activations (see ``docs/HIGHRES.md``); :mod:`distlin.vae.peak` predicts the ``compute`` peak.
 Modules are recognised by the class they compute (:func:`~distlin.surgery.original_type`), so the
 memory-bounding twins of :mod:`distlin.lean` and the engine's banded layers are decoded like the originals.
-Anything this interpreter does not know (SpatialNorm decoders, attention up-blocks, transposed-conv
-upsamplers, mixed-dtype weights, ...) raises :class:`UnsupportedDecoderError` before any work is done.
+:func:`encode_sequential` walks the encoder with the same primitives (its stride-2 downsamplers are banded
+convolutions too), for the encode between cascade stages. Anything this interpreter does not know (SpatialNorm
+decoders, attention up-blocks, transposed-conv upsamplers, mixed-dtype weights, ...) raises
+:class:`UnsupportedDecoderError` before any work is done.
 """
 
 from __future__ import annotations
@@ -42,15 +45,16 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from diffusers.models.autoencoders.vae import Decoder
+from diffusers.models.autoencoders.vae import Decoder, DiagonalGaussianDistribution, Encoder
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, UpDecoderBlock2D
+from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from distlin.errors import UsageError
 from distlin.ops.group_norm import group_moments, normalize_with
-from distlin.ops.halo import halo_rows
+from distlin.ops.halo import conv_out_size, halo_rows
 from distlin.ops.softmax_attention import softmax_attention
 from distlin.surgery import original_type
 
@@ -145,18 +149,24 @@ class _Streamer:
         upsample: bool = False,
         post: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         consume: bool = False,
+        pad: tuple[int, int, int, int] | None = None,
     ) -> Bands:
-        """A stride-1 same-size convolution of ``upsample?(pre(x))``, band by band with exact halos.
+        """The convolution of ``upsample?(pre(x))``, band by band with exact halos.
 
         ``pre`` (pointwise) and the nearest x2 ``upsample`` run on the fetched rows before the zero padding,
         which exists only at the image border; ``post(r, out)`` finishes band ``r`` on compute (the residual
         add). With ``consume`` the input bands are released once the following bands' halos no longer reach
-        them.
+        them. ``pad`` (left, right, top, bottom) replaces the conv's own symmetric padding: the encoder's
+        stride-2 downsampler pads only right and bottom. Band ``r``'s output rows are its input rows over the
+        stride (bands start on multiples of it).
         """
         f = 2 if upsample else 1
         bounds = [f * b for b in x.bounds]
-        height = bounds[-1]
-        needs = halo_rows(tuple(bounds), tuple(bounds), conv.kernel_size[0], 1, conv.padding[0], conv.dilation[0])
+        height, stride = bounds[-1], conv.stride[0]
+        left, right, pad_top, pad_bottom = pad or (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
+        k, d = conv.kernel_size[0], conv.dilation[0]
+        out_bounds = [b // stride for b in bounds[:-1]] + [conv_out_size(height, k, stride, pad_top, pad_bottom, d)]
+        needs = halo_rows(tuple(bounds), tuple(out_bounds), k, stride, pad_top, d)
         parts: list[torch.Tensor | None] = []
         moments: dict[int, torch.Tensor] = {}
         for r, (top, bottom) in enumerate(needs):
@@ -168,8 +178,8 @@ class _Streamer:
                 t = pre(t)
             if upsample:
                 t = F.interpolate(t, scale_factor=2.0, mode="nearest")[:, :, lo_in - f * src_lo : hi_in - f * src_lo]
-            t = F.pad(t, (0, 0, lo_in - lo, hi - hi_in))
-            out = F.conv2d(t, conv.weight, conv.bias, 1, (0, conv.padding[1]), conv.dilation, conv.groups)
+            t = F.pad(t, (left, right, lo_in - lo, hi - hi_in))
+            out = F.conv2d(t, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
             del t  # compute memory (see device_peak_elements): the padded input is dead during post and keep
             if post is not None:
                 out = post(r, out)
@@ -177,7 +187,7 @@ class _Streamer:
             del out  # ... and this band's output while the next band is fetched
             if consume and r + 1 < len(needs):
                 x.release_before(max(bounds[r + 1] - needs[r + 1][0], 0) // f)
-        return Bands(parts, bounds, moments)
+        return Bands(parts, out_bounds, moments)
 
     def resnet(self, x: Bands, block: ResnetBlock2D) -> Bands:
         """norm1 → act → conv1 → norm2 → act → conv2, plus the (1x1) shortcut, over ``output_scale_factor``."""
@@ -267,7 +277,7 @@ class _Streamer:
 def _check(ok: bool, where: str, what: str) -> None:
     if not ok:
         raise UnsupportedDecoderError(
-            f"decode_sequential does not support {where}: {what}; use vae.decode or parallelize_vae for this VAE"
+            f"the sequential VAE does not support {where}: {what}; use vae.decode or parallelize_vae for this VAE"
         )
 
 
@@ -329,22 +339,29 @@ def _check_attention(attn: nn.Module, where: str) -> None:
     _check(not attn.training or attn.to_out[1].p == 0, where, "active dropout (call vae.eval())")
 
 
+def _check_weights(module: nn.Module, where: str) -> None:
+    dtypes = {p.dtype for p in module.parameters()}
+    _check(len(dtypes) == 1, where, f"weights in mixed dtypes {sorted(map(str, dtypes))} (upcast variant)")
+
+
+def _check_mid_block(mid: nn.Module, where: str) -> None:
+    _check_type(mid, UNetMidBlock2D, where)
+    for j, block in enumerate(mid.resnets):
+        _check_resnet(block, f"{where}.resnets[{j}]")
+    for j, attn in enumerate(mid.attentions):
+        if attn is not None:
+            _check_attention(attn, f"{where}.attentions[{j}]")
+
+
 def check_supported(vae: nn.Module) -> None:
     """Raise :class:`UnsupportedDecoderError` unless every module of ``vae``'s decode path is modelled."""
     decoder = vae.decoder
     _check_type(decoder, Decoder, "vae.decoder")
-    dtypes = {p.dtype for p in decoder.parameters()}
-    _check(len(dtypes) == 1, "vae.decoder", f"weights in mixed dtypes {sorted(map(str, dtypes))} (upcast variant)")
+    _check_weights(decoder, "vae.decoder")
     if vae.post_quant_conv is not None:
         _check_conv(vae.post_quant_conv, "vae.post_quant_conv", kernel=1)
     _check_conv(decoder.conv_in, "decoder.conv_in")
-    mid = decoder.mid_block
-    _check_type(mid, UNetMidBlock2D, "decoder.mid_block")
-    for j, block in enumerate(mid.resnets):
-        _check_resnet(block, f"decoder.mid_block.resnets[{j}]")
-    for j, attn in enumerate(mid.attentions):
-        if attn is not None:
-            _check_attention(attn, f"decoder.mid_block.attentions[{j}]")
+    _check_mid_block(decoder.mid_block, "decoder.mid_block")
     for i, up in enumerate(decoder.up_blocks):
         where = f"decoder.up_blocks[{i}]"
         _check_type(up, UpDecoderBlock2D, where)
@@ -363,6 +380,88 @@ def check_supported(vae: nn.Module) -> None:
             _check_conv(sampler.conv, f"{where}.upsamplers[{j}].conv")
     _check_norm_act(decoder.conv_norm_out, decoder.conv_act, "decoder.conv_norm_out")
     _check_conv(decoder.conv_out, "decoder.conv_out")
+
+
+def check_supported_encoder(vae: nn.Module) -> None:
+    """Raise :class:`UnsupportedDecoderError` unless every module of ``vae``'s encode path is modelled."""
+    encoder = vae.encoder
+    _check_type(encoder, Encoder, "vae.encoder")
+    _check_weights(encoder, "vae.encoder")
+    _check_conv(encoder.conv_in, "encoder.conv_in")
+    for i, down in enumerate(encoder.down_blocks):
+        where = f"encoder.down_blocks[{i}]"
+        _check_type(down, DownEncoderBlock2D, where)
+        for j, block in enumerate(down.resnets):
+            _check_resnet(block, f"{where}.resnets[{j}]")
+        for j, sampler in enumerate(down.downsamplers or []):
+            conv = sampler.conv
+            _check(
+                original_type(sampler) is Downsample2D
+                and sampler.use_conv
+                and sampler.norm is None
+                and isinstance(conv, nn.Conv2d)
+                and conv.kernel_size == (3, 3)
+                and conv.stride == (2, 2)
+                and conv.dilation == (1, 1)
+                and conv.padding_mode == "zeros"
+                and conv.padding in ((0, 0), (1, 1)),
+                f"{where}.downsamplers[{j}]",
+                "only a stride-2 3x3 conv, zero-padded right and bottom or on every side, is modelled",
+            )
+    _check_mid_block(encoder.mid_block, "encoder.mid_block")
+    _check_norm_act(encoder.conv_norm_out, encoder.conv_act, "encoder.conv_norm_out")
+    _check_conv(encoder.conv_out, "encoder.conv_out")
+    if vae.quant_conv is not None:
+        _check_conv(vae.quant_conv, "vae.quant_conv", kernel=1)
+
+
+def _downsample_padding(sampler: nn.Module) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of an encoder downsampler: diffusers pads ``padding=0`` ones
+    right and bottom only."""
+    p = sampler.conv.padding[0]
+    return (0, 1, 0, 1) if p == 0 else (p, p, p, p)
+
+
+def _streamer(
+    coder: nn.Module,
+    compute: torch.device | str | None,
+    store: torch.device | str,
+    store_dtype: torch.dtype | None,
+    band_rows: int,
+    query_chunk: int,
+    attention_rows: int | None,
+) -> _Streamer:
+    """The streamer for ``coder`` (the VAE's decoder or encoder), its arguments checked."""
+    if band_rows < 1 or query_chunk < 1:
+        raise UsageError(f"band_rows={band_rows}, query_chunk={query_chunk}: both must be at least 1")
+    if attention_rows is not None and attention_rows < 1:
+        raise UsageError(
+            f"attention_rows={attention_rows}: must be at least 1, or None to keep all keys/values on compute"
+        )
+    weight = coder.conv_in.weight
+    compute = torch.device(compute) if compute is not None else weight.device
+    if compute != weight.device:
+        raise UsageError(f"compute={compute} but the VAE's weights are on {weight.device}: move the VAE to {compute}")
+    groups = frozenset(m.num_groups for m in coder.modules() if isinstance(m, nn.GroupNorm))
+    return _Streamer(
+        compute, weight.dtype, torch.device(store), store_dtype or weight.dtype, groups, query_chunk, attention_rows
+    )
+
+
+def _mid_block(run: _Streamer, x: Bands, mid: nn.Module) -> Bands:
+    x = run.resnet(x, mid.resnets[0])
+    for attn, block in zip(mid.attentions, mid.resnets[1:], strict=True):
+        if attn is not None:
+            x = run.attention(x, attn)
+        x = run.resnet(x, block)
+    return x
+
+
+def _report(run: _Streamer, start: float, on_done: Callable[[int, float], None] | None) -> None:
+    if on_done is not None:
+        if run.compute.type == "cuda":
+            torch.cuda.synchronize(run.compute)
+        on_done(run.moved, time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -388,33 +487,15 @@ def decode_sequential(
     ``on_done(bytes, seconds)`` receives the bytes copied between store and compute and the decode's wall time.
     """
     start = time.perf_counter()
-    if band_rows < 1 or query_chunk < 1:
-        raise UsageError(f"band_rows={band_rows}, query_chunk={query_chunk}: both must be at least 1")
-    if attention_rows is not None and attention_rows < 1:
-        raise UsageError(
-            f"attention_rows={attention_rows}: must be at least 1, or None to keep all keys/values on compute"
-        )
     check_supported(vae)
-    weight = vae.decoder.conv_in.weight
-    compute = torch.device(compute) if compute is not None else weight.device
-    if compute != weight.device:
-        raise UsageError(f"compute={compute} but the VAE's weights are on {weight.device}: move the VAE to {compute}")
     decoder = vae.decoder
-    groups = frozenset(m.num_groups for m in decoder.modules() if isinstance(m, nn.GroupNorm))
-    run = _Streamer(
-        compute, weight.dtype, torch.device(store), store_dtype or weight.dtype, groups, query_chunk, attention_rows
-    )
+    run = _streamer(decoder, compute, store, store_dtype, band_rows, query_chunk, attention_rows)
     height = latents.shape[-2]
     bounds = [*range(0, height, band_rows), height]
     x = Bands([run.save(latents[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
 
     x = run.conv(x, decoder.conv_in, pre=vae.post_quant_conv)
-    mid = decoder.mid_block
-    x = run.resnet(x, mid.resnets[0])
-    for attn, block in zip(mid.attentions, mid.resnets[1:], strict=True):
-        if attn is not None:
-            x = run.attention(x, attn)
-        x = run.resnet(x, block)
+    x = _mid_block(run, x, decoder.mid_block)
     for up in decoder.up_blocks:
         for block in up.resnets:
             x = run.resnet(x, block)
@@ -423,8 +504,55 @@ def decode_sequential(
     pre = run.norm_act(x, decoder.conv_norm_out, decoder.conv_act)
     x = run.conv(x, decoder.conv_out, pre=pre, consume=True)
     image = torch.cat(x.parts, dim=2).to(run.dtype)
-    if on_done is not None:
-        if compute.type == "cuda":
-            torch.cuda.synchronize(compute)
-        on_done(run.moved, time.perf_counter() - start)
+    _report(run, start, on_done)
     return image
+
+
+@torch.no_grad()
+def encode_sequential(
+    vae: nn.Module,
+    image: torch.Tensor,
+    band_rows: int,
+    store: torch.device | str = "cpu",
+    compute: torch.device | str | None = None,
+    store_dtype: torch.dtype | None = None,
+    query_chunk: int = 4096,
+    attention_rows: int | None = None,
+    on_done: Callable[[int, float], None] | None = None,
+) -> DiagonalGaussianDistribution:
+    """``vae.encode(image).latent_dist`` computed ``band_rows`` latent rows (``8 * band_rows`` pixel rows) at a
+    time on ``compute``, the activations on ``store``: what a cascade needs between stages at 16K, where the
+    encoder's full-resolution maps (128 channels per pixel) do not fit a GPU.
+
+    The same interpreter as :func:`decode_sequential` (same arguments), walking the encoder: its stride-2
+    downsamplers are banded convolutions whose output bands are the input bands halved. ``image`` (values in
+    [-1, 1]) may be on any device; its sides must be multiples of 8. The posterior comes back on ``compute``.
+    """
+    start = time.perf_counter()
+    check_supported_encoder(vae)
+    encoder = vae.encoder
+    run = _streamer(encoder, compute, store, store_dtype, band_rows, query_chunk, attention_rows)
+    height, width = image.shape[-2:]
+    factor = 2 ** sum(len(down.downsamplers or []) for down in encoder.down_blocks)
+    if height % factor or width % factor:
+        raise UsageError(f"image of {width}x{height} px: both sides must be multiples of {factor} to encode")
+    bounds = [*range(0, height, band_rows * factor), height]
+    x = Bands([run.save(image[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
+
+    x = run.conv(x, encoder.conv_in, consume=True)
+    for down in encoder.down_blocks:
+        for block in down.resnets:
+            x = run.resnet(x, block)
+        for sampler in down.downsamplers or []:
+            x = run.conv(x, sampler.conv, consume=True, pad=_downsample_padding(sampler))
+    x = _mid_block(run, x, encoder.mid_block)
+    pre = run.norm_act(x, encoder.conv_norm_out, encoder.conv_act)
+    quant = vae.quant_conv
+
+    def quantized(r: int, out: torch.Tensor) -> torch.Tensor:
+        return quant(out) if quant is not None else out
+
+    x = run.conv(x, encoder.conv_out, pre=pre, post=quantized, consume=True)
+    moments = run.load(torch.cat(x.parts, dim=2))
+    _report(run, start, on_done)
+    return DiagonalGaussianDistribution(moments)
