@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "on the Hub, or a folder or Hub id laid out as h94/IP-Adapter (e.g. h94/IP-Adapter)",
     )
     own.add_argument("--ip-image", metavar="PATH", help="the IP-Adapter's reference picture (any size)")
-    own.add_argument("--ip-scale", type=float, help="how much the reference picture steers (0: none; default 1)")
+    own.add_argument(
+        "--ip-scale", type=float, metavar="S", help="how much the reference picture steers (0: none; default 1)"
+    )
     out = p.add_argument_group("outputs")
     out.add_argument(
         "--output",
