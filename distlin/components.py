@@ -1,5 +1,5 @@
-"""A user's own components on top of a base model: LoRAs, a ControlNet and its control image, an init image
-and an inpainting mask.
+"""A user's own components on top of a base model: LoRAs, a ControlNet and its control image, an IP-Adapter and
+its reference image, an init image and an inpainting mask.
 
 The specs and their cheap checks (files exist, a ControlNet's config fits the base UNet, image sizes) are
 torch-free, so bad input fails in a fraction of a second with one line; the functions that apply them to a
@@ -8,17 +8,21 @@ loaded pipeline import diffusers when called.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distlin.errors import UsageError
-from distlin.sources import local_path, read_json
+from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_family, local_path, read_json
 
 # UNet config keys a ControlNet copies from the UNet it was made for: equal ones mean it fits.
 CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type")
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+IP_ADAPTER_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,98 @@ def check_lora(lora: Lora) -> None:
         path = Path(lora.path)
     if path is not None and not path.exists():
         raise UsageError(f"LoRA {lora.path!r} does not exist; fix --lora (a .safetensors file, folder or Hub id)")
+
+
+@dataclass(frozen=True)
+class IpAdapterFiles:
+    """Where diffusers' ``load_ip_adapter`` reads an IP-Adapter: a folder or Hub repo (``local`` tells which),
+    the subfolder and name of its weights; its image encoder is the subfolder's ``image_encoder``."""
+
+    root: str
+    subfolder: str
+    weight_name: str
+    local: bool
+
+    @property
+    def weights(self) -> Path:
+        return Path(self.root, self.subfolder, self.weight_name)
+
+    @property
+    def image_encoder(self) -> Path:
+        return Path(self.root, self.subfolder, IMAGE_ENCODER_FOLDER)
+
+
+@dataclass(frozen=True)
+class IpAdapter:
+    """``--ip-adapter ID_OR_PATH --ip-image PATH --ip-scale S``: an IP-Adapter, its reference picture and weight.
+
+    ``ID_OR_PATH`` is one of: a weights file (``.safetensors`` or ``.bin``) on disk, its CLIP image encoder in
+    the ``image_encoder`` folder beside it; ``ORG/NAME/[SUBFOLDER/]FILE.safetensors`` not on disk, that file of
+    a Hub repo (image encoder in ``SUBFOLDER/image_encoder``); or a folder or Hub id laid out as h94/IP-Adapter,
+    whose ``models/ip-adapter_sd15.safetensors`` (SD) or ``sdxl_models/ip-adapter_sdxl.safetensors`` (SDXL)
+    is taken, with the image encoder beside it.
+    """
+
+    source: str
+    image: str
+    scale: float = 1.0
+
+    def files(self, family: str) -> IpAdapterFiles:
+        """The files for a base of ``family`` (``sd15`` or ``sdxl``: which weights a folder or repo offers)."""
+        source, path = self.source, Path(self.source).expanduser()
+        if source.endswith(IP_ADAPTER_SUFFIXES):
+            if path.exists() or source.startswith(("/", ".", "~")) or source.count("/") < 2:
+                return IpAdapterFiles(str(path.parent), "", path.name, local=True)
+            org, name, *folders, weight_name = source.split("/")
+            return IpAdapterFiles(f"{org}/{name}", "/".join(folders), weight_name, local=False)
+        subfolder, _, weight_name = IP_ADAPTER_WEIGHTS[family].rpartition("/")
+        folder = local_path(source)
+        return IpAdapterFiles(str(folder or source), subfolder, weight_name, local=folder is not None)
+
+
+def check_ip_adapter(ip_adapter: IpAdapter, unet: dict[str, Any] | None) -> None:
+    """A readable reference picture, a finite scale and, on disk, the weights, the image encoder and a text
+    width that fits the base UNet's config ``unet`` (when known). A Hub repo is checked when it is loaded."""
+    if not math.isfinite(ip_adapter.scale):
+        raise UsageError(f"IP-Adapter scale {ip_adapter.scale} is not a number; pass e.g. --ip-scale 0.6")
+    check_image(ip_adapter.image, "--ip-image")
+    if unet is None and not ip_adapter.source.endswith(IP_ADAPTER_SUFFIXES):
+        return  # which weights a folder offers depends on the base, known once the model is loaded
+    files = ip_adapter.files(base_family(unet or {}))
+    if not files.local:
+        return
+    if not files.weights.is_file():
+        raise UsageError(
+            f"IP-Adapter {ip_adapter.source!r}: {files.weights} does not exist; pass a weights file with its "
+            "image_encoder folder beside it, or a folder laid out as h94/IP-Adapter"
+        )
+    if not (files.image_encoder / "config.json").is_file():
+        raise UsageError(
+            f"missing IP-Adapter image encoder: {files.image_encoder} has no config.json; put the IP-Adapter's "
+            "CLIP image encoder there (as in h94/IP-Adapter)"
+        )
+    width = unet.get("cross_attention_dim") if unet is not None else None
+    if isinstance(width, int) and files.weight_name.endswith(".safetensors"):
+        theirs = _ip_adapter_text_width(files.weights, ip_adapter.source)
+        if theirs != width:
+            raise UsageError(
+                f"IP-Adapter {ip_adapter.source!r} was made for another base model (text width {theirs}, the "
+                f"model's UNet has {width}); pass an IP-Adapter trained for this model"
+            )
+
+
+def _ip_adapter_text_width(path: Path, source: str) -> int:
+    """The text width the IP-Adapter's first image key projection reads, from the file's header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    key = "ip_adapter.1.to_k_ip.weight"
+    try:
+        with safe_open(str(path), "numpy") as weights:
+            if key not in weights.keys():
+                raise UsageError(f"IP-Adapter {source!r} has no {key}: not an IP-Adapter; fix --ip-adapter")
+            return weights.get_slice(key).get_shape()[1]
+    except (SafetensorError, OSError) as err:
+        raise UsageError(f"IP-Adapter {source!r}: {path} is not a readable .safetensors file ({err})") from None
 
 
 def check_image(path: str, flag: str) -> tuple[int, int]:
@@ -109,6 +205,54 @@ def apply_loras(pipe: Any, loras: tuple[Lora, ...]) -> None:
     pipe.set_adapters(names, [lora.scale for lora in loras])
     pipe.fuse_lora(adapter_names=names)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+
+
+def apply_ip_adapter(pipe: Any, ip_adapter: IpAdapter) -> None:
+    """Load the IP-Adapter with diffusers' ``load_ip_adapter`` (its image encoder, image projection and the IP
+    processors of every ``attn2``) and set its scale; pass the picture as ``ip_adapter_image``.
+
+    Works with LinFusion and before or after :func:`~distlin.parallel.parallelize`: every ``attn1`` keeps its
+    own processor (:func:`kept_self_attention`). A load that fails is a UsageError naming the IP-Adapter.
+    """
+    files = ip_adapter.files(base_family(dict(pipe.unet.config)))
+    modeling = logging.getLogger("diffusers.models.modeling_utils")
+    level = modeling.level
+    modeling.setLevel(logging.ERROR)  # the loader's `unet.to(dtype)` warns of "fp32 modules" while listing none
+    try:
+        with kept_self_attention(pipe.unet):
+            pipe.load_ip_adapter(
+                files.root,
+                subfolder=files.subfolder,
+                weight_name=files.weight_name,
+                image_encoder_folder=IMAGE_ENCODER_FOLDER,
+            )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"IP-Adapter {ip_adapter.source!r} cannot be loaded for this model ({first})") from None
+    finally:
+        modeling.setLevel(level)
+    pipe.set_ip_adapter_scale(ip_adapter.scale)
+
+
+@contextmanager
+def kept_self_attention(unet: Any) -> Iterator[None]:
+    """Every ``attn1`` ends with the processor it had. diffusers' IP-Adapter loader rebuilds each processor it
+    does not replace as ``type(processor)()``: LinFusion's would lose its kernel and the engine's state
+    exchange, the engine's softmax one could not be built. So, meanwhile, each holds a plain one of its kind."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from distlin.linfusion.attention import LinFusionAttention, LinFusionAttnProcessor
+    from distlin.linfusion.model import self_attention_layers
+
+    layers = [attn for _, attn in self_attention_layers(unet)]
+    processors = [attn.processor for attn in layers]
+    for attn in layers:
+        attn.set_processor(LinFusionAttnProcessor() if isinstance(attn, LinFusionAttention) else AttnProcessor2_0())
+    try:
+        yield
+    finally:
+        for attn, processor in zip(layers, processors, strict=True):
+            attn.set_processor(processor)
 
 
 def load_controlnet(source: str, pipe: Any) -> Any:

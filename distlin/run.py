@@ -18,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import distlin
-from distlin.components import apply_loras, load_controlnet, load_rgb, pipeline_for
+from distlin.components import apply_ip_adapter, apply_loras, check_image, load_controlnet, load_rgb, pipeline_for
 from distlin.errors import Cancelled
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
@@ -78,6 +78,8 @@ def pipeline_key(settings: RunSettings) -> tuple:
         settings.thresholds,
         settings.loras,
         settings.controlnet,
+        settings.ip_adapter,
+        settings.ip_scale,
     )
 
 
@@ -91,9 +93,11 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
        loaded after patch parallelism, whose convs adopt the ones PEFT adds beside them;
     4. a ControlNet (``--controlnet``): the pipeline's ControlNet variant, the ControlNet on the whole image on
        every rank (the engine cuts its residuals into bands);
-    5. memory bounds: token-chunked transformers, in-place resnets, index-safe upsampling (UNet and VAE);
-    6. patch parallelism: the UNet's convs, GroupNorms and self-attention work on row bands;
-    7. the band-parallel VAE (decode and encode between cascade stages): bands on several ranks; on one rank
+    5. an IP-Adapter (``--ip-adapter``): its image encoder, and its processors on every cross-attention
+       (``attn2``, token by token: nothing to exchange); the self-attention keeps LinFusion's processors;
+    6. memory bounds: token-chunked transformers, in-place resnets, index-safe upsampling (UNet and VAE);
+    7. patch parallelism: the UNet's convs, GroupNorms and self-attention work on row bands;
+    8. the band-parallel VAE (decode and encode between cascade stages): bands on several ranks; on one rank
        the same layers keep every kernel call below the index limit.
     """
     limits = settings.thresholds
@@ -102,6 +106,8 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     apply_loras(pipe, settings.loras)
     if settings.controlnet is not None:
         pipe = pipeline_for("text-to-image", pipe, controlnet=load_controlnet(settings.controlnet, pipe))
+    if settings.ip_adapter_spec is not None:
+        apply_ip_adapter(pipe, settings.ip_adapter_spec)
     for model in (pipe.unet, pipe.vae):
         bound_memory(model, limits.token_chunk, limits.index_limit)
     engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
@@ -220,7 +226,8 @@ def _sample(
 ) -> torch.Tensor:
     """The final latents of one pass or of the preset's cascade (SDXL: DemoFusion-style; SD: SDEdit; between
     stages the VAE of :func:`_coder`), with the scheduler asked for, from noise or from ``--init-image``
-    (inpainting where ``--mask`` is white), with a ControlNet's control image if there is one."""
+    (inpainting where ``--mask`` is white), with a ControlNet's control image and an IP-Adapter's reference
+    picture (every stage) if there are."""
     pipe = prepared.pipe
     own = prepared.scheduler
     pipe.scheduler = own if settings.scheduler is None else build_scheduler(settings.scheduler, own.config)
@@ -229,6 +236,8 @@ def _sample(
         "negative_prompt": settings.negative_prompt or None,  # None lets SDXL use its zero embedding
         "guidance_scale": settings.guidance_scale,
     }
+    if settings.ip_image is not None:
+        common["ip_adapter_image"] = load_rgb(settings.ip_image, *check_image(settings.ip_image, "--ip-image"))
     if not settings.stages:
         height, width = settings.height, settings.width
         inputs: dict[str, Any] = {"height": height, "width": width}

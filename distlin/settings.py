@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distlin.components import Lora, check_controlnet, check_image, check_lora
+from distlin.components import IpAdapter, Lora, check_controlnet, check_image, check_ip_adapter, check_lora
 from distlin.errors import UsageError
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.topology import Topology, row_unit
@@ -80,6 +80,9 @@ class RunSettings:
     controlnet: str | None = None  # a ControlNet folder or Hub id
     control_image: str | None = None  # its conditioning image, at the output size
     control_scale: float = 1.0
+    ip_adapter: str | None = None  # an IP-Adapter: weights file, folder or Hub id (components.IpAdapter)
+    ip_image: str | None = None  # its reference picture
+    ip_scale: float = 1.0
 
     @property
     def guidance(self) -> bool:
@@ -90,6 +93,13 @@ class RunSettings:
     def sizes(self) -> list[tuple[int, int]]:
         """Every (height, width) the UNet denoises at: each cascade stage, or the one size."""
         return [(s.height, s.width) for s in self.stages] or [(self.height, self.width)]
+
+    @property
+    def ip_adapter_spec(self) -> IpAdapter | None:
+        """The IP-Adapter with its picture and scale, or None."""
+        if self.ip_adapter is None or self.ip_image is None:
+            return None
+        return IpAdapter(self.ip_adapter, self.ip_image, self.ip_scale)
 
     def topology(self, world_size: int, rank: int = 0) -> Topology:
         """Which ranks share rows in this run (guidance off: every rank is a patch rank)."""
@@ -117,6 +127,9 @@ class RunSettings:
             "controlnet": self.controlnet,
             "control_image": self.control_image,
             "control_scale": self.control_scale,
+            "ip_adapter": self.ip_adapter,
+            "ip_image": self.ip_image,
+            "ip_scale": self.ip_scale,
         }
 
 
@@ -200,10 +213,15 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
 
 
 def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None:
-    """The user's own components: LoRA files, scheduler name, init image, strength and mask, ControlNet (fitting
-    the base UNet ``unet`` when its config is known) and a control image at the output size."""
+    """The user's own components: LoRA files, scheduler name, init image, strength and mask, IP-Adapter and its
+    picture, ControlNet (fitting the base UNet ``unet`` when its config is known) and a control image at the
+    output size."""
     for lora in settings.loras:
         check_lora(lora)
+    if (settings.ip_adapter is None) != (settings.ip_image is None):
+        raise UsageError("--ip-adapter and --ip-image go together; pass both or neither")
+    if settings.ip_adapter_spec is not None:
+        check_ip_adapter(settings.ip_adapter_spec, unet)
     check_scheduler(settings.scheduler)
     if settings.strength is not None:
         if settings.init_image is None:

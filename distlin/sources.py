@@ -18,6 +18,11 @@ from distlin.models.architectures import is_builtin, load_architecture
 # LinFusion sources that are not a checkpoint: keep the softmax attention, or build new layers.
 NO_LINFUSION, FRESH_LINFUSION = "none", "fresh"
 
+# Where an IP-Adapter's weights sit in a folder or Hub repo laid out as h94/IP-Adapter, by base family; its CLIP
+# image encoder is the IMAGE_ENCODER_FOLDER beside the weights.
+IP_ADAPTER_WEIGHTS = {"sd15": "models/ip-adapter_sd15.safetensors", "sdxl": "sdxl_models/ip-adapter_sdxl.safetensors"}
+IMAGE_ENCODER_FOLDER = "image_encoder"
+
 # Hub ids of base models whose architecture ships in distlin/configs/architectures (for offline memory plans).
 ARCHITECTURE_FOR_MODEL: dict[str, str] = {
     "runwayml/stable-diffusion-v1-5": "full-sd15",
@@ -120,3 +125,8 @@ def architecture_of(model: str) -> dict[str, Any] | None:
         return load_architecture(model)
     name = ARCHITECTURE_FOR_MODEL.get(model)
     return load_architecture(name) if name else None
+
+
+def base_family(unet: dict[str, Any]) -> str:
+    """``sdxl`` for a UNet conditioned on SDXL's pooled text and size ids, else ``sd15`` (SD-1.x and 2.x)."""
+    return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd15"

@@ -3,6 +3,7 @@ init image and ControlNet on a patch-parallel pipeline with fresh LinFusion laye
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,14 +40,21 @@ def lora_latents(runtime: Runtime, path: str, when: str, fuse: str, mode: str = 
     return pipe(PROMPT, output_type="latent", generator=generator, **kwargs).images
 
 
-def run_latents(runtime: Runtime, preset: str, overrides: dict[str, Any], variations: list[dict]) -> list[torch.Tensor]:
+def run_latents(
+    runtime: Runtime,
+    preset: str,
+    overrides: dict[str, Any],
+    variations: list[dict],
+    environ: Mapping[str, str] | None = None,
+) -> list[torch.Tensor]:
     """Final latents of :func:`distlin.run.generate` for each variation of ``overrides`` (per-generation
     settings: scheduler, init image, ...), one after the other on one prepared pipeline; the run signals each
-    new generation to the engine."""
-    prepared = prepare_pipeline(build_settings(preset, overrides, runtime.world_size), runtime)
+    new generation to the engine. ``environ``: the ``DISTLIN_*`` thresholds (default: the process's)."""
+    limits = {} if environ is None else {"environ": environ}
+    prepared = prepare_pipeline(build_settings(preset, overrides, runtime.world_size, **limits), runtime)
     out = []
     for variation in variations:
-        settings = build_settings(preset, {**overrides, **variation}, runtime.world_size)
+        settings = build_settings(preset, {**overrides, **variation}, runtime.world_size, **limits)
         out.append(generate(settings, runtime, prepared).latents)
     return out
 

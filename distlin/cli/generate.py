@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--controlnet", metavar="PATH", help="a ControlNet folder or Hub id for this base model")
     own.add_argument("--control-image", metavar="PATH", help="the ControlNet's conditioning image, at the output size")
     own.add_argument("--control-scale", type=float, help="ControlNet conditioning scale (default 1)")
+    own.add_argument(
+        "--ip-adapter",
+        metavar="ID_OR_PATH",
+        help="an IP-Adapter: a .safetensors file with its image_encoder folder beside it, ORG/NAME/SUBFOLDER/FILE "
+        "on the Hub, or a folder or Hub id laid out as h94/IP-Adapter (e.g. h94/IP-Adapter)",
+    )
+    own.add_argument("--ip-image", metavar="PATH", help="the IP-Adapter's reference picture (any size)")
+    own.add_argument(
+        "--ip-scale", type=float, metavar="S", help="how much the reference picture steers (0: none; default 1)"
+    )
     out = p.add_argument_group("outputs")
     out.add_argument(
         "--output",
@@ -202,7 +212,7 @@ SETTING_FLAGS = (
     "model", "linfusion", "prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "dtype",
     "device", "mode", "warmup_steps", "stale", "cfg_parallel", "micro_batch", "attention_kernel", "backend",
     "timeout_s", "vae_decode", "vae_attention_rows", "loras", "scheduler", "init_image", "strength", "mask",
-    "controlnet", "control_image", "control_scale",
+    "controlnet", "control_image", "control_scale", "ip_adapter", "ip_image", "ip_scale",
 )  # fmt: skip
 
 

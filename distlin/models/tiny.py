@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -23,11 +24,14 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import save_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     PreTrainedModel,
 )
 
@@ -40,12 +44,14 @@ from distlin.models.architectures import (
     is_builtin,
     load_architecture,
 )
+from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_family
 
 __all__ = [
     "FULL_NAMES",
     "TINY_NAMES",
     "build_component",
     "build_controlnet",
+    "build_ip_adapter",
     "build_kohya_lora",
     "build_pipeline",
     "build_unet",
@@ -77,6 +83,18 @@ _LORA_TEXT_TARGETS = ("_proj", ".fc1", ".fc2")
 # widths are those of the released SD ControlNets.
 _TINY_CONTROLNET_COND_CHANNELS = (8, 8, 16, 16)
 _FULL_CONTROLNET_COND_CHANNELS = (16, 32, 96, 256)
+
+# A tiny CLIP image encoder for the built-in IP-Adapters: 32 px pictures in 8 px patches, 32-wide embeddings.
+_TINY_IMAGE_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+}
+IP_TOKENS = 4  # image tokens a plain IP-Adapter projects its image embedding to (diffusers' ImageProjection)
 
 Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
@@ -185,6 +203,45 @@ def build_kohya_lora(name: str = "tiny-sd15", rank: int = 2, seed: int = 0) -> d
             lora.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
             lora[f"{key}.alpha"] = torch.tensor(float(rank))
     return lora
+
+
+def build_ip_adapter(name: str, folder: str | Path, seed: int = 0) -> Path:
+    """An IP-Adapter for a built-in model, written under ``folder`` in the h94/IP-Adapter layout; returns its
+    weights file (``models/ip-adapter_sd15.safetensors`` or ``sdxl_models/ip-adapter_sdxl.safetensors``).
+
+    The weights hold ``image_proj.*`` (the image embedding to :data:`IP_TOKENS` tokens of the text width) and,
+    for the i-th cross-attention layer in ``attn_processors`` order, ``ip_adapter.{2i+1}.to_k_ip`` / ``to_v_ip``
+    (the keys and values of those tokens), as diffusers' ``load_ip_adapter`` numbers them; a tiny
+    ``CLIPVisionModelWithProjection`` sits beside them in ``image_encoder``. All weights are random.
+    """
+    architecture = load_architecture(canonical_name(name))
+    unet = build_component(architecture["unet"])  # on meta: only the shapes are read
+    text_width = unet.config.cross_attention_dim
+    config = CLIPVisionConfig(**_TINY_IMAGE_ENCODER)
+    generator = torch.Generator().manual_seed(seed)
+
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+
+    weights = {
+        "image_proj.proj.weight": linear(IP_TOKENS * text_width, config.projection_dim),
+        "image_proj.proj.bias": torch.zeros(IP_TOKENS * text_width),
+        "image_proj.norm.weight": torch.ones(text_width),
+        "image_proj.norm.bias": torch.zeros(text_width),
+    }
+    cross = [key.removesuffix(".processor") for key in unet.attn_processors if not key.endswith("attn1.processor")]
+    for index, module_name in enumerate(cross):
+        width = unet.get_submodule(module_name).to_k.out_features
+        for key in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{2 * index + 1}.{key}.weight"] = linear(width, text_width)
+    path = Path(folder) / IP_ADAPTER_WEIGHTS[base_family(architecture["unet"])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModelWithProjection(config).eval()
+    encoder.save_pretrained(path.parent / IMAGE_ENCODER_FOLDER)
+    return path
 
 
 @contextmanager

@@ -123,6 +123,7 @@ class _Conditioning:
     projection_dim: int
     cfg: bool
     guidance_scale: float
+    image_embeds: list[torch.Tensor] | None = None  # an IP-Adapter's, CFG halves concatenated like the text's
 
 
 def _predict(
@@ -131,6 +132,8 @@ def _predict(
     """The guided noise prediction for ``latents`` at ``t``."""
     model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cond.cfg else latents, t)
     added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+    if cond.image_embeds is not None:
+        added["image_embeds"] = cond.image_embeds
     eps = pipe.unet(model_input, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
     if not cond.cfg:
         return eps
@@ -208,6 +211,7 @@ def run_demofusion(
     on_stage: StageReport | None = None,
     init_image: torch.Tensor | None = None,
     native: Stage | None = None,
+    ip_adapter_image: Any = None,
 ) -> torch.Tensor:
     """The last stage's latents (scaled, as the UNet sees them), the same on every rank.
 
@@ -218,7 +222,8 @@ def run_demofusion(
 
     With ``init_image`` (``(1, 3, H, W)`` in [-1, 1], any size) stage 0 refines that picture, resized to its
     size, at its strength, like a later stage; its latents then anchor the per-channel statistics, and
-    ``native`` (default: stage 0) is the size dilations are measured from.
+    ``native`` (default: stage 0) is the size dilations are measured from. ``ip_adapter_image`` (with an
+    IP-Adapter loaded) steers every stage, encoded once.
     """
     check_stages(stages)
     native = native or stages[0]
@@ -232,6 +237,9 @@ def run_demofusion(
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt, device=pipe._execution_device, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt
     )
+    image_embeds = None
+    if ip_adapter_image is not None:
+        image_embeds = pipe.prepare_ip_adapter_image_embeds(ip_adapter_image, None, pipe._execution_device, 1, cfg)
     coder = vae or PlainVAE(pipe.vae)
     if init_image is not None:
         latents = encoded(pipe, coder, init_image, stages[0]).to(embeds.dtype)
@@ -247,6 +255,7 @@ def run_demofusion(
             guidance_scale=guidance_scale,
             generator=torch.Generator().manual_seed(seed),
             output_type="latent",
+            ip_adapter_image_embeds=image_embeds,
         ).images
         clock.lap(0, native, latents)
     anchor_mean, anchor_std = latents.mean(dim=(2, 3), keepdim=True), latents.std(dim=(2, 3), keepdim=True)
@@ -257,6 +266,7 @@ def run_demofusion(
         projection_dim=encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1]),
         cfg=cfg,
         guidance_scale=guidance_scale,
+        image_embeds=image_embeds,
     )
     for index, stage in refined:
         z0 = latents if index == 0 else upscaled_reference(pipe, coder, latents, stage)

@@ -31,17 +31,23 @@ def run_sdedit(
     handle: ParallelUNet | None = None,
     on_stage: StageReport | None = None,
     init_image: torch.Tensor | None = None,
+    ip_adapter_image: Any = None,
 ) -> torch.Tensor:
     """The final latents (scaled, as the pipeline returns them) on every rank; decode them as any pipeline's.
 
     Stage ``k`` runs ``int(steps * strength_k)`` denoising steps with the generator seeded ``seed + k``.
     ``on_stage`` gets each stage's wall time as it ends. With ``init_image`` (``(1, 3, H, W)`` in [-1, 1], any
     size) the first stage refines that picture, resized to its size, at its strength, instead of starting from
-    noise.
+    noise. ``ip_adapter_image`` (with an IP-Adapter loaded) steers every stage.
     """
     check_stages(stages)
     coder = vae or PlainVAE(pipe.vae)
-    common = {"guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "output_type": "latent"}
+    common = {
+        "guidance_scale": guidance_scale,
+        "negative_prompt": negative_prompt,
+        "output_type": "latent",
+        "ip_adapter_image": ip_adapter_image,
+    }
     first = stages[0]
     clock = StageClock(on_stage)
     from diffusers import StableDiffusionImg2ImgPipeline  # here: importing pipelines prints warnings

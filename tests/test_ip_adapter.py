@@ -1,0 +1,206 @@
+"""An IP-Adapter (diffusers' ``load_ip_adapter``) on the patch-parallel engine, SD-1.5 and SDXL, with LinFusion
+or softmax attention: two gloo ranks give what one process gives (exact mode), loading it keeps every
+self-attention's processor, and bad input is one clear line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from component_jobs import HEIGHT, WIDTH
+from ip_adapter_jobs import many
+from multirank import run_ranks
+from PIL import Image
+
+from distlin.cli import generate as cli
+from distlin.components import IpAdapter, IpAdapterFiles, apply_ip_adapter
+from distlin.errors import UsageError
+from distlin.models.tiny import build_ip_adapter, build_pipeline
+from distlin.parallel import Runtime
+from distlin.settings import build_settings
+
+TOL = 1e-5  # relative to the latents' largest magnitude: fp32 round-off
+BASE = {"height": HEIGHT, "width": WIDTH, "steps": 2, "guidance_scale": 5.0, "cfg_parallel": False}
+CHUNKED = {"DISTLIN_TOKEN_CHUNK": "16"}  # every transformer above 16 tokens runs in chunks
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A folder laid out as h94/IP-Adapter with tiny SD-1.5 and SDXL IP-Adapters, and two reference pictures."""
+    root = tmp_path_factory.mktemp("ip-adapter")
+    paths = {"folder": str(root / "h94")}
+    paths["sd15"] = str(build_ip_adapter("tiny-sd15", paths["folder"]))
+    paths["sdxl"] = str(build_ip_adapter("tiny-sdxl", paths["folder"]))
+    for name, seed in (("red.png", 1), ("noise.png", 2)):
+        pixels = torch.rand(50, 40, 3, generator=torch.Generator().manual_seed(seed))
+        Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
+    """Every case, by name; one list for one process group."""
+    ip = {"ip_adapter": files["folder"], "ip_image": files["red.png"], "ip_scale": 0.7}
+    sd15 = IpAdapter(files["sd15"], files["red.png"], 0.7)
+    # Two reference pictures one after the other on one prepared pipeline; micro-batches of one sample cut the
+    # image embeddings like the text's.
+    pictures = [{}, {"ip_image": files["noise.png"]}]
+    # The SD-1.5 cascade's first stage (64 px) is one 8-row unit: on 2 ranks the guidance halves split instead.
+    cascade = {**ip, "height": 256, "width": 128, "steps": 3, "cfg_parallel": True}
+    out = {
+        "sd15-chunked": ("run", ("tiny-sd15", {**BASE, **ip}, pictures, CHUNKED)),
+        "sdxl": ("run", ("tiny-sdxl", {**BASE, **ip, "micro_batch": 1}, pictures)),
+        "loaded-after-parallelize": ("api", (sd15, "after")),
+        "loaded-before-parallelize": ("api", (sd15, "before")),
+        "softmax-loaded-after-parallelize": ("api", (sd15, "after", False)),
+        "sd15-cascade": ("run", ("tiny-sd15-cascade", cascade, [{}])),
+        "sdxl-cascade": ("run", ("tiny-sdxl-cascade", {**cascade, "steps": 4, "cfg_parallel": False}, [{}])),
+    }
+    if world == 1:  # properties of the image itself, on one process
+        out["sd15"] = ("run", ("tiny-sd15", {**BASE, **ip}, pictures))
+        out["without"] = ("api", (None, "before"))
+        out["scale-0"] = ("api", (IpAdapter(files["sd15"], files["red.png"], 0.0), "before"))
+    return out
+
+
+def results(files: dict[str, str], world: int) -> dict[str, object]:
+    """Every case's result on ``world`` ranks (one: this process), by name; every rank holds rank 0's latents."""
+    named = cases(files, world)
+    if world == 1:
+        return dict(zip(named, many(Runtime(), list(named.values())), strict=True))
+    ranks = run_ranks(world, many, list(named.values()))
+    for mine, *theirs in zip(*ranks, strict=True):
+        assert all(torch.equal(_latents(mine), _latents(other)) for other in theirs)
+    return dict(zip(named, ranks[0], strict=True))
+
+
+@pytest.fixture(scope="module")
+def single(files: dict[str, str]) -> dict[str, object]:
+    return results(files, 1)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(files: dict[str, str]) -> dict[str, object]:
+    return results(files, 2)
+
+
+def _latents(result: object) -> torch.Tensor:
+    """The latents of a case: one per generation, or (latents, processors kept) of an API case."""
+    return torch.stack(list(result)) if isinstance(result, list) else result[0]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
+    return (a - b).abs().max().item() <= tol * b.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sd15-chunked",
+        "sdxl",
+        "loaded-after-parallelize",
+        "loaded-before-parallelize",
+        "softmax-loaded-after-parallelize",
+    ],
+)
+def test_two_ranks_equal_one_process(single, two_ranks, name: str) -> None:
+    assert _close(_latents(two_ranks[name]), _latents(single[name]))
+
+
+@pytest.mark.parametrize("name", ["sd15-cascade", "sdxl-cascade"])
+def test_a_cascade_on_two_ranks_equals_one_process(single, two_ranks, name: str) -> None:
+    # Between stages the band-parallel VAE sums over the whole image in fp32, as in tests/test_highres.py.
+    assert torch.isfinite(_latents(single[name])).all()
+    torch.testing.assert_close(_latents(two_ranks[name]), _latents(single[name]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["loaded-after-parallelize", "loaded-before-parallelize", "softmax-loaded-after-parallelize"]
+)
+def test_loading_keeps_every_self_attention_processor(single, two_ranks, name: str) -> None:
+    """LinFusion's processors, and the engine's (its state all-reduce, its K/V gather for softmax) after."""
+    assert single[name][1] and two_ranks[name][1]
+
+
+def test_loading_after_parallelize_equals_loading_before(single) -> None:
+    assert _close(single["loaded-after-parallelize"][0], single["loaded-before-parallelize"][0])
+
+
+def test_the_chunked_transformers_pass_the_image_embeddings_on(single) -> None:
+    assert _close(_latents(single["sd15-chunked"]), _latents(single["sd15"]))
+
+
+def test_an_ip_adapter_steers_the_image_and_scale_0_is_the_image_without_it(single) -> None:
+    without = single["without"][0]
+    with_it = single["loaded-before-parallelize"][0]
+    assert (with_it - without).abs().max().item() > 0.05 * without.abs().max().item()
+    assert _close(single["scale-0"][0], without)
+    first, second = single["sd15"]  # another reference picture, another image
+    assert (first - second).abs().max().item() > 0.01 * first.abs().max().item()
+
+
+def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:
+    sd15 = Path(files["sd15"])
+    assert IpAdapter(files["sd15"], "x").files("sdxl") == IpAdapterFiles(str(sd15.parent), "", sd15.name, True)
+    assert IpAdapter(files["folder"], "x").files("sdxl") == IpAdapterFiles(
+        files["folder"], "sdxl_models", "ip-adapter_sdxl.safetensors", True
+    )
+    assert IpAdapter("h94/IP-Adapter", "x").files("sd15") == IpAdapterFiles(
+        "h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors", False
+    )
+    hub_file = IpAdapter("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl_vit-h.safetensors", "x").files("sdxl")
+    assert hub_file == IpAdapterFiles("h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"ip_adapter": "NO_ENCODER"}, "missing IP-Adapter image encoder: "),
+        ({"ip_image": "missing.png"}, "--ip-image 'missing.png' does not exist"),
+        ({"ip_adapter": None}, "--ip-adapter and --ip-image go together"),
+        ({"ip_adapter": "SDXL"}, "was made for another base model (text width 64, the model's UNet has 32)"),
+        ({"ip_adapter": "EMPTY"}, "ip-adapter_sd15.safetensors does not exist"),
+        ({"ip_scale": float("nan")}, "IP-Adapter scale nan is not a number"),
+    ],
+)
+def test_bad_ip_adapter_input_is_one_usage_error(files, tmp_path: Path, overrides: dict, message: str) -> None:
+    no_encoder = tmp_path / "no-encoder" / "models"
+    no_encoder.mkdir(parents=True)
+    shutil.copy(files["sd15"], no_encoder)
+    (tmp_path / "empty").mkdir()
+    paths = {"NO_ENCODER": str(no_encoder.parent), "SDXL": files["sdxl"], "EMPTY": str(tmp_path / "empty")}
+    given = {key: paths.get(value, value) if isinstance(value, str) else value for key, value in overrides.items()}
+    settings = {**BASE, "ip_adapter": files["folder"], "ip_image": files["red.png"], **given}
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_settings("tiny-sd15", settings, world_size=1)
+
+
+def test_an_ip_adapter_for_another_base_is_one_usage_error_in_the_python_api(files) -> None:
+    with pytest.raises(UsageError, match="cannot be loaded for this model"):
+        apply_ip_adapter(build_pipeline("tiny-sd15"), IpAdapter(files["sdxl"], files["red.png"]))
+
+
+def test_a_missing_image_encoder_is_one_line_and_exit_2(files, tmp_path: Path, capsys) -> None:
+    weights = tmp_path / "lonely.safetensors"
+    shutil.copy(files["sd15"], weights)
+    assert cli.main(["--ip-adapter", str(weights), "--ip-image", files["red.png"], "--output", "x.png"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: missing IP-Adapter image encoder: "), lines
+
+
+def test_the_command_line_runs_an_ip_adapter(files, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    flags = ["--ip-adapter", files["folder"], "--ip-image", files["red.png"], "--ip-scale", "0.5"]
+    command = [sys.executable, str(REPO / "launch" / "generate.py"), *flags, "--steps", "2", "--output", "ip.png"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "ip.png") as image:
+        text = dict(image.text)
+    assert (text["ip_adapter"], text["ip_image"], text["ip_scale"]) == (files["folder"], files["red.png"], "0.5")
