@@ -3,6 +3,7 @@
 Alone it serves the page and generates on this process's device. Under ``torchrun --nproc-per-node N`` rank 0
 serves the page and every other rank waits for requests, which rank 0 broadcasts and all ranks run together.
 It listens on 127.0.0.1 unless ``--host`` says otherwise; there, ``--auth`` and the size and step limits apply.
+``--components DIR`` offers the operator's LoRAs and ControlNets by name (:mod:`distlin.app.library`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from distlin.app.auth import parse_credentials
+from distlin.app.library import LAYOUT, ComponentLibrary
 from distlin.app.request import Limits
 from distlin.app.tiles import TILE_SIZE
 from distlin.errors import USAGE_EXIT_CODE, UsageError
@@ -44,6 +46,7 @@ class AppOptions:
     device: str | None
     backend: str | None
     timeout_s: float
+    library: ComponentLibrary
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--backend", choices=("nccl", "gloo"), help="process-group backend (default: nccl on CUDA)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="bound on every collective (default 300)")
+    p.add_argument(
+        "--components",
+        metavar="DIR",
+        help=f"the components the page offers by name (a request names no path): {LAYOUT}",
+    )
     return p
 
 
@@ -96,6 +104,7 @@ def parse(argv: list[str] | None = None) -> AppOptions:
         device=args.device,
         backend=args.backend,
         timeout_s=args.timeout_s,
+        library=ComponentLibrary.scan(args.components) if args.components else ComponentLibrary(),
     )
 
 
@@ -110,7 +119,7 @@ def serve(options: AppOptions) -> int:
 
     quiet_third_party()
     runtime = init_runtime(options.backend, options.timeout_s, options.device)
-    session = GenerationSession(runtime, options.device)
+    session = GenerationSession(runtime, options.device, options.library)
     channel = RankChannel(runtime)
     try:
         if not runtime.is_main:
@@ -140,7 +149,7 @@ def _serve_http(coordinator: Coordinator, options: AppOptions) -> int:
         print(f"note: listening on {options.host} without --auth: anyone who reaches it can generate", flush=True)
     print(
         f"distlin app on http://{options.host}:{options.port} ({coordinator.session.runtime.world_size} rank(s)); "
-        f"results in {coordinator.store.root}",
+        f"results in {coordinator.store.root}; {coordinator.session.library.describe()}",
         flush=True,
     )
     try:
