@@ -218,6 +218,20 @@ def test_an_uploaded_photo_with_a_cascade_preset_starts_the_cascade_at_its_size(
     assert plan.startswith("cascade: on (192x128 -> 384x256)")  # from the photo's size up, its 96x64 stage skipped
 
 
+def test_the_page_sends_uploads_as_bytes_and_components_by_name(tmp_path: Path) -> None:
+    from distlin.app.page import CONTROLS, NO_CONTROLNET, request_from_controls
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(8, 8))
+    components = {"init_image": str(photo), "strength": 0, "mask": None, "loras": ["style", "ink"], "lora_scale": 0.5,
+                  "controlnet": NO_CONTROLNET, "control_image": None, "control_scale": 1}  # fmt: skip
+    values = {**TINY.to_message(), **components}
+    request = request_from_controls(tuple(values[name] for name in CONTROLS))
+    assert request.init_image == photo.read_bytes() and request.mask is None
+    assert request.strength is None  # the slider's 0: the preset's strength, as without --strength
+    assert request.loras == (("style", 0.5), ("ink", 0.5)) and request.controlnet is None
+
+
 @pytest.mark.parametrize(
     "change",
     [

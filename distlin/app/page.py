@@ -102,7 +102,7 @@ class AppPage:
                 0, 1, value=0, step=0.05, label="strength of the init image (0: the preset's)"
             )
             with gr.Row(visible=bool(library.loras)):
-                controls["loras"] = gr.Dropdown(list(library.loras), value=[], multiselect=True, label="LoRAs")
+                controls["loras"] = gr.Dropdown(list(library.loras), value=[], multiselect=True, label="LoRAs", scale=2)
                 controls["lora_scale"] = gr.Slider(-2, 2, value=1, step=0.05, label="LoRA scale (each)")
             with gr.Row(visible=bool(library.controlnets)):
                 choices = [NO_CONTROLNET, *library.controlnets]
@@ -113,29 +113,19 @@ class AppPage:
             )
         return controls
 
-    def _request(self, values: tuple[Any, ...]) -> GenerationRequest:
-        """The request for the controls' values: component names as chosen, uploaded pictures as their bytes."""
-        controls = dict(zip(CONTROLS, values, strict=True))
-        message = {name: controls[name] for name in ("preset", *PRESET_CONTROLS, "control_scale")}
-        message["loras"] = [[name, controls["lora_scale"]] for name in controls["loras"] or ()]
-        message["controlnet"] = None if controls["controlnet"] in (None, NO_CONTROLNET) else controls["controlnet"]
-        message["strength"] = controls["strength"] or None
-        message.update({name: Path(controls[name]).read_bytes() if controls[name] else None for name in UPLOADS})
-        return GenerationRequest.from_message(message)
-
     def _preset_values(self, preset: str) -> list[Any]:
         request = GenerationRequest.for_preset(preset)
         return [getattr(request, name) for name in PRESET_CONTROLS]
 
     def _plan(self, *values: Any) -> str:
         try:
-            return self.coordinator.plan(self._request(values))
+            return self.coordinator.plan(request_from_controls(values))
         except UsageError as err:
             return f"refused: {err}"
 
     def _run(self, request: gr.Request, *values: Any) -> Iterator[list[Any]]:
         try:
-            job = self.coordinator.submit(self._request(values))
+            job = self.coordinator.submit(request_from_controls(values))
         except UsageError as err:
             yield [f"refused: {err}", *[gr.skip()] * 4]
             return
@@ -179,6 +169,18 @@ class AppPage:
             f"Download PNG ({size} px, {result.image.stat().st_size / 2**20:.1f} MiB)</a>"
         )
         return [viewer, download, metadata]
+
+
+def request_from_controls(values: tuple[Any, ...]) -> GenerationRequest:
+    """The request for the values of :data:`CONTROLS`: component names as chosen, uploaded pictures (the files
+    Gradio received) as their bytes."""
+    controls = dict(zip(CONTROLS, values, strict=True))
+    message = {name: controls[name] for name in ("preset", *PRESET_CONTROLS, "control_scale")}
+    message["loras"] = [[name, controls["lora_scale"]] for name in controls["loras"] or ()]
+    message["controlnet"] = None if controls["controlnet"] in (None, NO_CONTROLNET) else controls["controlnet"]
+    message["strength"] = controls["strength"] or None
+    message.update({name: Path(controls[name]).read_bytes() if controls[name] else None for name in UPLOADS})
+    return GenerationRequest.from_message(message)
 
 
 def _progress_text(coordinator: Coordinator, job: Job) -> str:
