@@ -211,6 +211,18 @@ def test_an_uploaded_init_image_runs_image_to_image_like_generate_with_the_file_
     assert result.metadata["init_image"].startswith("upload sha256:") and result.metadata["mask"] is None
 
 
+def test_a_controlnet_by_name_and_its_uploaded_control_image_are_the_command_lines_flags(
+    components: Path, private_tmp: Path
+) -> None:
+    session = GenerationSession(Runtime(), library=ComponentLibrary.scan(components))
+    control = png_bytes(192, 128)
+    with session.settings(tiny(controlnet="edges", control_image=control, control_scale=0.5)) as settings:
+        assert settings.controlnet == str(components.resolve() / "controlnets" / "edges")
+        assert Path(settings.control_image).read_bytes() == control and settings.control_scale == 0.5
+        assert Path(settings.control_image).parent.parent == private_tmp
+    assert list(private_tmp.iterdir()) == []
+
+
 def test_an_uploaded_photo_with_a_cascade_preset_starts_the_cascade_at_its_size(tmp_path: Path) -> None:
     coordinator = Coordinator(RankChannel(Runtime()), GenerationSession(Runtime()), ResultStore(tmp_path))
     cascade = GenerationRequest.for_preset("tiny-sd15-cascade").to_message()
