@@ -353,6 +353,11 @@ def test_pyramid_tiles_reassemble_to_the_image(tmp_path: Path) -> None:
         {"height": "128; rm -rf /"},
         {"steps": 2.5},
         {"scheduler": "turbo-magic"},
+        {"init_image": "/etc/passwd"},  # a picture is an upload's bytes, never a path
+        {"mask": "../mask.png"},
+        {"loras": "style"},
+        {"loras": [["style"]]},
+        {"controlnet": 3},
     ],
 )
 def test_a_request_names_no_path_and_no_unknown_field(change: dict) -> None:
