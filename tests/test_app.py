@@ -23,7 +23,14 @@ from distlin.app import cli as app_cli
 from distlin.app.coordinator import Coordinator
 from distlin.app.library import ComponentLibrary
 from distlin.app.ranks import RankChannel, serve_worker
-from distlin.app.request import PUBLIC_MAX_PIXELS, PUBLIC_MAX_STEPS, UPLOADS, GenerationRequest, Limits
+from distlin.app.request import (
+    PUBLIC_MAX_PIXELS,
+    PUBLIC_MAX_STEPS,
+    PUBLIC_MAX_UPLOAD_MB,
+    UPLOADS,
+    GenerationRequest,
+    Limits,
+)
 from distlin.app.results import RESULT_ID, ResultStore
 from distlin.app.session import GenerationSession
 from distlin.app.tiles import dzi_descriptor, pyramid_levels, write_pyramid
@@ -407,7 +414,7 @@ def test_the_server_serves_only_result_files_and_asks_for_credentials(tmp_path: 
     (tmp_path / "secret.txt").write_text("secret")
     with gr.Blocks() as page:
         gr.Markdown("test")
-    client = TestClient(build_server(page, store, ("ann", "pa:ss")))
+    client = TestClient(build_server(page, store, ("ann", "pa:ss"), max_upload_mb=1))
     assert client.get(f"/results/{saved.id}/image.png").status_code == 401
     login = {"Authorization": "Basic " + base64.b64encode(b"ann:pa:ss").decode()}
     wrong = {"Authorization": "Basic " + base64.b64encode(b"ann:nope").decode()}
@@ -418,11 +425,15 @@ def test_the_server_serves_only_result_files_and_asks_for_credentials(tmp_path: 
     for escape in ("%2e%2e/secret.txt", f"{saved.id}/%2e%2e/%2e%2e/secret.txt", f"{saved.id}/../../secret.txt"):
         response = client.get(f"/results/{escape}", headers=login)
         assert response.status_code == 404 and b"secret" not in response.content
+    for size, status in ((2**20 - 1024, 200), (2**20 + 1, 413)):  # --max-upload-mb 1
+        upload = {"files": ("photo.png", b"\0" * size, "image/png")}
+        assert client.post("/gradio_api/upload", files=upload, headers=login).status_code == status
 
 
 def test_limits_apply_beyond_localhost_by_default() -> None:
-    assert Limits.for_host(local=True, max_pixels=None, max_steps=None) == Limits(None, None)
-    assert Limits.for_host(local=False, max_pixels=None, max_steps=None) == Limits(PUBLIC_MAX_PIXELS, PUBLIC_MAX_STEPS)
+    assert Limits.for_host(local=True, max_pixels=None, max_steps=None) == Limits(None, None, None)
+    public = Limits(PUBLIC_MAX_PIXELS, PUBLIC_MAX_STEPS, PUBLIC_MAX_UPLOAD_MB)
+    assert Limits.for_host(local=False, max_pixels=None, max_steps=None) == public
     with tiny().settings(world_size=1) as settings:
         Limits(max_pixels=128 * 192, max_steps=2).check(settings)
     with pytest.raises(UsageError, match="at most 100 pixels"):

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "2048x2048 on any other --host)",
     )
     p.add_argument("--max-steps", type=int, help="most steps a request may ask for (default: none locally, else 100)")
+    p.add_argument(
+        "--max-upload-mb", type=int, help="largest picture a page may upload, in MiB (default: none locally, else 64)"
+    )
     p.add_argument("--output-dir", default="distlin-results", help="where results go (default ./distlin-results)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset shown first (default {DEFAULT_PRESET})")
     p.add_argument("--tile-size", type=int, default=TILE_SIZE, help=f"viewer tile size in px (default {TILE_SIZE})")
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> AppOptions:
     args = build_parser().parse_args(argv)
-    for name in ("max_pixels", "max_steps", "tile_size"):
+    for name in ("max_pixels", "max_steps", "max_upload_mb", "tile_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
@@ -97,7 +100,7 @@ def parse(argv: list[str] | None = None) -> AppOptions:
         host=args.host,
         port=args.port,
         credentials=parse_credentials(args.auth) if args.auth else None,
-        limits=Limits.for_host(args.host in LOOPBACK_HOSTS, args.max_pixels, args.max_steps),
+        limits=Limits.for_host(args.host in LOOPBACK_HOSTS, args.max_pixels, args.max_steps, args.max_upload_mb),
         output_dir=output_dir,
         preset=args.preset,
         tile_size=args.tile_size,
@@ -137,7 +140,8 @@ def _serve_http(coordinator: Coordinator, options: AppOptions) -> int:
     from distlin.app.server import build_server, http_server
 
     page = AppPage(coordinator, options.preset).build()
-    server = http_server(build_server(page, coordinator.store, options.credentials, CSS), options.host, options.port)
+    app = build_server(page, coordinator.store, options.credentials, CSS, options.limits.max_upload_mb)
+    server = http_server(app, options.host, options.port)
 
     def run_ranks() -> None:
         coordinator.serve()

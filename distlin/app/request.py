@@ -36,6 +36,7 @@ UPLOADS = ("init_image", "mask", "control_image")  # the settings' picture field
 # Limits that apply when the app listens beyond this machine and the operator set none.
 PUBLIC_MAX_PIXELS = 2048 * 2048
 PUBLIC_MAX_STEPS = 100
+PUBLIC_MAX_UPLOAD_MB = 64
 
 
 @dataclass(frozen=True)
@@ -133,17 +134,23 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Limits:
-    """Most pixels (of the final image) and most steps one request may ask for; None: no limit."""
+    """Most pixels (of the final image) and most steps one request may ask for, and the largest file a page
+    may upload (Gradio refuses a larger one while it arrives); None: no limit."""
 
     max_pixels: int | None = None
     max_steps: int | None = None
+    max_upload_mb: int | None = None
 
     @classmethod
-    def for_host(cls, local: bool, max_pixels: int | None, max_steps: int | None) -> Limits:
+    def for_host(
+        cls, local: bool, max_pixels: int | None, max_steps: int | None, max_upload_mb: int | None = None
+    ) -> Limits:
         """The operator's limits, or, when the app listens beyond this machine, the public defaults."""
         if local:
-            return cls(max_pixels, max_steps)
-        return cls(max_pixels or PUBLIC_MAX_PIXELS, max_steps or PUBLIC_MAX_STEPS)
+            return cls(max_pixels, max_steps, max_upload_mb)
+        return cls(
+            max_pixels or PUBLIC_MAX_PIXELS, max_steps or PUBLIC_MAX_STEPS, max_upload_mb or PUBLIC_MAX_UPLOAD_MB
+        )
 
     def check(self, settings: RunSettings) -> None:
         """UsageError when the settings exceed a limit."""
