@@ -84,7 +84,7 @@ def _wait_until_served(url: str, process: subprocess.Popen, timeout_s: float = 2
     raise TimeoutError(f"the app did not answer on {url} within {timeout_s} s")
 
 
-def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> None:
+def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path], tmp_path: Path) -> None:
     url, output = app
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -157,4 +157,9 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> No
         page.locator("#cancel").click()
         expect(page.locator("#status")).to_contain_text("cancelled", timeout=60_000)
         assert [path.name for path in output.iterdir()] == results
+
+        # An uploaded mask reaches the server, which refuses it without an init image as the command line does.
+        Image.new("L", (192, 128), 255).save(tmp_path / "mask.png")
+        page.locator("#mask input[type=file]").set_input_files(tmp_path / "mask.png")
+        expect(page.locator("#plan textarea")).to_have_value(re.compile("^refused: --mask inpaints an --init-image"))
         browser.close()
