@@ -23,8 +23,10 @@ import playwright.sync_api as playwright  # the test extra installs it; .ci/run 
 import pytest
 from multirank import free_port
 from PIL import Image
+from safetensors.torch import save_file
 
 from distlin.app.results import RESULT_ID
+from distlin.models.tiny import build_kohya_lora
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -36,18 +38,21 @@ USER, PASSWORD = "tester", "s3cret:pass"
 TILE_SIZE = 64  # the tiny 192x128 image spans 3 x 2 tiles at full size, so zooming in loads only some
 
 
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """``torchrun --nproc-per-node 2 launch/app.py`` on CPU with basic auth; yields its URL and output folder."""
+    """``torchrun --nproc-per-node 2 launch/app.py`` on CPU with basic auth and one LoRA (``style``) in its
+    ``--components``; yields its URL and output folder."""
     output = tmp_path_factory.mktemp("results")
+    components = tmp_path_factory.mktemp("components")
+    (components / "loras").mkdir()
+    save_file(build_kohya_lora("tiny-sd15", rank=2), components / "loras" / "style.safetensors")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
         str(REPO / "launch" / "app.py"), "--port", str(port), "--output-dir", str(output), "--device", "cpu",
-        "--tile-size", str(TILE_SIZE), "--auth", f"{USER}:{PASSWORD}",
+        "--tile-size", str(TILE_SIZE), "--auth", f"{USER}:{PASSWORD}", "--components", str(components),
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -79,7 +84,7 @@ def _wait_until_served(url: str, process: subprocess.Popen, timeout_s: float = 2
     raise TimeoutError(f"the app did not answer on {url} within {timeout_s} s")
 
 
-def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> None:
+def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path], tmp_path: Path) -> None:
     url, output = app
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -93,9 +98,13 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> No
         expect = playwright.expect
         expect(page.locator("#plan textarea")).to_have_value(re.compile("predicted peak per rank"), timeout=60_000)
 
-        # A generation: progress, then the result in the viewer, its metadata and a download link.
+        # A generation with the operator's LoRA chosen by name: progress, then the result in the viewer, its
+        # metadata and a download link.
         page.locator("#steps input").fill("2")
         page.locator("#seed input").fill("7")
+        page.locator("#components").get_by_text("pictures and components").click()
+        page.locator("#loras input").click()
+        page.get_by_role("option", name="style").click()
         page.locator("#generate").click()
         expect(page.locator("#status")).to_contain_text("done:", timeout=120_000)
         results = [path.name for path in output.iterdir()]
@@ -109,6 +118,7 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> No
         image = Image.open(io.BytesIO(download.body()))
         assert image.size == (192, 128)
         assert image.text["seed"] == "7" and image.text["steps"] == "2" and image.text["world_size"] == "2"
+        assert image.text["loras"] == "[('style', 1.0)]"
 
         # The viewer in the page: the whole image, then zoomed in at the deepest level.
         viewer = page.frame_locator("#viewer iframe")
@@ -147,4 +157,9 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path]) -> No
         page.locator("#cancel").click()
         expect(page.locator("#status")).to_contain_text("cancelled", timeout=60_000)
         assert [path.name for path in output.iterdir()] == results
+
+        # An uploaded mask reaches the server, which refuses it without an init image as the command line does.
+        Image.new("L", (192, 128), 255).save(tmp_path / "mask.png")
+        page.locator("#mask input[type=file]").set_input_files(tmp_path / "mask.png")
+        expect(page.locator("#plan textarea")).to_have_value(re.compile("^refused: --mask inpaints an --init-image"))
         browser.close()

@@ -3,6 +3,7 @@
 Alone it serves the page and generates on this process's device. Under ``torchrun --nproc-per-node N`` rank 0
 serves the page and every other rank waits for requests, which rank 0 broadcasts and all ranks run together.
 It listens on 127.0.0.1 unless ``--host`` says otherwise; there, ``--auth`` and the size and step limits apply.
+``--components DIR`` offers the operator's LoRAs and ControlNets by name (:mod:`distlin.app.library`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from distlin.app.auth import parse_credentials
+from distlin.app.library import LAYOUT, ComponentLibrary
 from distlin.app.request import Limits
 from distlin.app.tiles import TILE_SIZE
 from distlin.errors import USAGE_EXIT_CODE, UsageError
@@ -44,6 +46,7 @@ class AppOptions:
     device: str | None
     backend: str | None
     timeout_s: float
+    library: ComponentLibrary
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,18 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
         "2048x2048 on any other --host)",
     )
     p.add_argument("--max-steps", type=int, help="most steps a request may ask for (default: none locally, else 100)")
+    p.add_argument(
+        "--max-upload-mb", type=int, help="largest picture a page may upload, in MiB (default: none locally, else 64)"
+    )
     p.add_argument("--output-dir", default="distlin-results", help="where results go (default ./distlin-results)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset shown first (default {DEFAULT_PRESET})")
     p.add_argument("--tile-size", type=int, default=TILE_SIZE, help=f"viewer tile size in px (default {TILE_SIZE})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--backend", choices=("nccl", "gloo"), help="process-group backend (default: nccl on CUDA)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="bound on every collective (default 300)")
+    p.add_argument(
+        "--components",
+        metavar="DIR",
+        help=f"the components the page offers by name (a request names no path): {LAYOUT}",
+    )
     return p
 
 
 def parse(argv: list[str] | None = None) -> AppOptions:
     args = build_parser().parse_args(argv)
-    for name in ("max_pixels", "max_steps", "tile_size"):
+    for name in ("max_pixels", "max_steps", "max_upload_mb", "tile_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
@@ -89,13 +100,14 @@ def parse(argv: list[str] | None = None) -> AppOptions:
         host=args.host,
         port=args.port,
         credentials=parse_credentials(args.auth) if args.auth else None,
-        limits=Limits.for_host(args.host in LOOPBACK_HOSTS, args.max_pixels, args.max_steps),
+        limits=Limits.for_host(args.host in LOOPBACK_HOSTS, args.max_pixels, args.max_steps, args.max_upload_mb),
         output_dir=output_dir,
         preset=args.preset,
         tile_size=args.tile_size,
         device=args.device,
         backend=args.backend,
         timeout_s=args.timeout_s,
+        library=ComponentLibrary.scan(args.components) if args.components else ComponentLibrary(),
     )
 
 
@@ -110,7 +122,7 @@ def serve(options: AppOptions) -> int:
 
     quiet_third_party()
     runtime = init_runtime(options.backend, options.timeout_s, options.device)
-    session = GenerationSession(runtime, options.device)
+    session = GenerationSession(runtime, options.device, options.library)
     channel = RankChannel(runtime)
     try:
         if not runtime.is_main:
@@ -128,7 +140,8 @@ def _serve_http(coordinator: Coordinator, options: AppOptions) -> int:
     from distlin.app.server import build_server, http_server
 
     page = AppPage(coordinator, options.preset).build()
-    server = http_server(build_server(page, coordinator.store, options.credentials, CSS), options.host, options.port)
+    app = build_server(page, coordinator.store, options.credentials, CSS, options.limits.max_upload_mb)
+    server = http_server(app, options.host, options.port)
 
     def run_ranks() -> None:
         coordinator.serve()
@@ -140,7 +153,7 @@ def _serve_http(coordinator: Coordinator, options: AppOptions) -> int:
         print(f"note: listening on {options.host} without --auth: anyone who reaches it can generate", flush=True)
     print(
         f"distlin app on http://{options.host}:{options.port} ({coordinator.session.runtime.world_size} rank(s)); "
-        f"results in {coordinator.store.root}",
+        f"results in {coordinator.store.root}; {coordinator.session.library.describe()}",
         flush=True,
     )
     try:

@@ -59,10 +59,10 @@ class Coordinator:
     def plan(self, request: GenerationRequest) -> str:
         """The request's memory plan if this server accepts it: within the limits and planned to fit the device;
         else UsageError with the reason."""
-        settings = self.session.settings(request)
-        self.limits.check(settings)
-        fitted = fit_settings(settings, self.session.runtime)
-        return describe_plan(settings, fitted, self.session.runtime)
+        with self.session.settings(request) as settings:
+            self.limits.check(settings)
+            fitted = fit_settings(settings, self.session.runtime)
+            return describe_plan(settings, fitted, self.session.runtime)
 
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a request; UsageError (one line for the user) if it is refused."""

@@ -1,17 +1,19 @@
-"""The Gradio page: the command line's controls, the memory plan before running, progress, cancel, the
-deep-zoom viewer of the result, its metadata and download link, and a gallery of past results."""
+"""The Gradio page: the command line's controls (the operator's components by name, uploaded pictures), the
+memory plan before running, progress, cancel, the deep-zoom viewer of the result, its metadata and download
+link, and a gallery of past results."""
 
 from __future__ import annotations
 
 import html
 from collections.abc import Iterator
-from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from distlin.app.coordinator import Coordinator, Job
-from distlin.app.request import SCHEDULER_CHOICES, GenerationRequest
+from distlin.app.library import ComponentLibrary
+from distlin.app.request import PRESET_FIELDS, SCHEDULER_CHOICES, UPLOADS, GenerationRequest
 from distlin.app.results import SavedResult
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
@@ -20,7 +22,12 @@ from distlin.presets import list_presets
 POLL_S = 0.25
 VIEWER_HEIGHT_PX = 520
 CSS = "#viewer iframe { width: 100%; border: 0; border-radius: 6px; background: #111; }"
-FIELDS = [f.name for f in fields(GenerationRequest)]
+NO_CONTROLNET = "none"
+PRESET_CONTROLS = [*PRESET_FIELDS, "scheduler"]  # what choosing a preset fills in
+COMPONENT_CONTROLS = ["init_image", "strength", "mask", "loras", "lora_scale", "controlnet", "control_image",
+                      "control_scale"]  # fmt: skip
+CONTROLS = ["preset", *PRESET_CONTROLS, *COMPONENT_CONTROLS]
+UPLOAD_CACHE_S = 3600  # Gradio's own copies of uploaded pictures are deleted after this long
 
 
 class AppPage:
@@ -34,11 +41,15 @@ class AppPage:
     def build(self) -> gr.Blocks:
         runtime = self.coordinator.session.runtime
         start = GenerationRequest.for_preset(self.preset)
-        with gr.Blocks(title="distlin", analytics_enabled=False) as page:
+        blocks = gr.Blocks(title="distlin", analytics_enabled=False, delete_cache=(UPLOAD_CACHE_S, UPLOAD_CACHE_S))
+        with blocks as page:
             gr.Markdown(f"## distlin · {runtime.world_size} rank(s) · {runtime.device.type}")
             with gr.Row():
                 with gr.Column(scale=1):
                     controls = self._controls(start)
+                    controls.update(self._component_controls(self.coordinator.session.library))
+                    for name, control in controls.items():
+                        control.elem_id = name
                     plan = gr.Textbox(label="memory plan", lines=6, interactive=False, elem_id="plan")
                     with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -53,8 +64,8 @@ class AppPage:
                 object_fit="contain", elem_id="gallery",
             )  # fmt: skip
             shown = [viewer, download, metadata]
-            inputs = [controls[name] for name in FIELDS]
-            controls["preset"].change(self._preset_values, controls["preset"], inputs[1:])
+            inputs = [controls[name] for name in CONTROLS]
+            controls["preset"].change(self._preset_values, controls["preset"], [controls[n] for n in PRESET_CONTROLS])
             gr.on([c.change for c in inputs] + [page.load], self._plan, inputs, plan)
             run.click(self._run, inputs, [status, *shown, gallery], concurrency_limit=None)
             cancel.click(self._cancel, None, None, concurrency_limit=None)  # the running request's status says it
@@ -77,26 +88,44 @@ class AppPage:
         with gr.Row():
             controls["mode"] = gr.Radio(list(MODES), value=start.mode, label="mode")
             controls["scheduler"] = gr.Dropdown(list(SCHEDULER_CHOICES), value=start.scheduler, label="scheduler")
-        for name, control in controls.items():
-            control.elem_id = name
         return controls
 
-    def _request(self, values: tuple[Any, ...]) -> GenerationRequest:
-        return GenerationRequest.from_message(dict(zip(FIELDS, values, strict=True)))
+    def _component_controls(self, library: ComponentLibrary) -> dict[str, gr.components.Component]:
+        """Uploads, and the operator's LoRAs and ControlNets by name (hidden when ``--components`` has none)."""
+        controls: dict[str, gr.components.Component] = {}
+        upload = {"type": "filepath", "image_mode": None, "sources": ["upload"], "height": 160}  # the file as sent
+        with gr.Accordion("pictures and components", open=False, elem_id="components"):
+            with gr.Row():
+                controls["init_image"] = gr.Image(label="init image (a cascade preset upscales it)", **upload)
+                controls["mask"] = gr.Image(label="mask (inpaint where white; one pass)", **upload)
+            controls["strength"] = gr.Slider(
+                0, 1, value=0, step=0.05, label="strength of the init image (0: the preset's)"
+            )
+            with gr.Row(visible=bool(library.loras)):
+                controls["loras"] = gr.Dropdown(list(library.loras), value=[], multiselect=True, label="LoRAs", scale=2)
+                controls["lora_scale"] = gr.Slider(-2, 2, value=1, step=0.05, label="LoRA scale (each)")
+            with gr.Row(visible=bool(library.controlnets)):
+                choices = [NO_CONTROLNET, *library.controlnets]
+                controls["controlnet"] = gr.Dropdown(choices, value=NO_CONTROLNET, label="ControlNet")
+                controls["control_scale"] = gr.Slider(0, 2, value=1, step=0.05, label="control scale")
+            controls["control_image"] = gr.Image(
+                label="control image (output size)", visible=bool(library.controlnets), **upload
+            )
+        return controls
 
     def _preset_values(self, preset: str) -> list[Any]:
         request = GenerationRequest.for_preset(preset)
-        return [getattr(request, name) for name in FIELDS[1:]]
+        return [getattr(request, name) for name in PRESET_CONTROLS]
 
     def _plan(self, *values: Any) -> str:
         try:
-            return self.coordinator.plan(self._request(values))
+            return self.coordinator.plan(request_from_controls(values))
         except UsageError as err:
             return f"refused: {err}"
 
     def _run(self, request: gr.Request, *values: Any) -> Iterator[list[Any]]:
         try:
-            job = self.coordinator.submit(self._request(values))
+            job = self.coordinator.submit(request_from_controls(values))
         except UsageError as err:
             yield [f"refused: {err}", *[gr.skip()] * 4]
             return
@@ -140,6 +169,18 @@ class AppPage:
             f"Download PNG ({size} px, {result.image.stat().st_size / 2**20:.1f} MiB)</a>"
         )
         return [viewer, download, metadata]
+
+
+def request_from_controls(values: tuple[Any, ...]) -> GenerationRequest:
+    """The request for the values of :data:`CONTROLS`: component names as chosen, uploaded pictures (the files
+    Gradio received) as their bytes."""
+    controls = dict(zip(CONTROLS, values, strict=True))
+    message = {name: controls[name] for name in ("preset", *PRESET_CONTROLS, "control_scale")}
+    message["loras"] = [[name, controls["lora_scale"]] for name in controls["loras"] or ()]
+    message["controlnet"] = None if controls["controlnet"] in (None, NO_CONTROLNET) else controls["controlnet"]
+    message["strength"] = controls["strength"] or None
+    message.update({name: Path(controls[name]).read_bytes() if controls[name] else None for name in UPLOADS})
+    return GenerationRequest.from_message(message)
 
 
 def _progress_text(coordinator: Coordinator, job: Job) -> str:

@@ -1,17 +1,27 @@
-"""What a browser may ask for: a preset by name and the generation values the command line offers.
+"""What a browser may ask for: a preset by name, the generation values the command line offers, components by
+name and uploaded pictures.
 
 A request travels to every rank as a plain dict (:meth:`GenerationRequest.to_message`), and each rank turns it
 into :class:`~distlin.settings.RunSettings` with the same :func:`~distlin.settings.build_settings` as the command
-line. It carries no paths: the preset must be a built-in one and the model, device and output file are the
+line. It carries no paths: the preset must be a built-in one, LoRAs and ControlNets are names looked up in the
+operator's :class:`~distlin.app.library.ComponentLibrary`, uploaded pictures travel as their bytes (each rank
+writes them into its own private temporary folder for the run), and the model, device and output file are the
 app's, never the request's. Torch-free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, get_type_hints
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any, get_args, get_type_hints
 
+from distlin.app.library import ComponentLibrary
+from distlin.components import Lora
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
 from distlin.presets import list_presets, load_preset
@@ -20,10 +30,13 @@ from distlin.settings import RunSettings, build_settings
 
 MODEL_SCHEDULER = "model's own"  # the scheduler the model ships with (no --scheduler)
 SCHEDULER_CHOICES = (MODEL_SCHEDULER, *SCHEDULERS)
+PRESET_FIELDS = ("prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "mode")
+UPLOADS = ("init_image", "mask", "control_image")  # the settings' picture fields, filled from uploaded bytes
 
 # Limits that apply when the app listens beyond this machine and the operator set none.
 PUBLIC_MAX_PIXELS = 2048 * 2048
 PUBLIC_MAX_STEPS = 100
+PUBLIC_MAX_UPLOAD_MB = 64
 
 
 @dataclass(frozen=True)
@@ -40,12 +53,19 @@ class GenerationRequest:
     seed: int
     mode: str
     scheduler: str = MODEL_SCHEDULER  # a name of distlin.schedulers.SCHEDULERS, or the model's own
+    loras: tuple[tuple[str, float], ...] = ()  # (a LoRA's name in the server's --components, scale), in order
+    controlnet: str | None = None  # a ControlNet's name in the server's --components
+    control_scale: float = 1.0
+    strength: float | None = None  # how far init_image is noised; None: the preset's (as without --strength)
+    init_image: bytes | None = None  # uploaded pictures: the files' bytes, never a path
+    mask: bytes | None = None
+    control_image: bytes | None = None
 
     @classmethod
     def for_preset(cls, preset: str) -> GenerationRequest:
         """The preset's own values, which the page shows when a preset is chosen."""
-        values = {**load_preset(_builtin_preset(preset)), "scheduler": MODEL_SCHEDULER}
-        return cls(preset=preset, **{f.name: values[f.name] for f in fields(cls) if f.name != "preset"})
+        values = load_preset(_builtin_preset(preset))
+        return cls(preset=preset, **{name: values[name] for name in PRESET_FIELDS})
 
     @classmethod
     def from_message(cls, message: Mapping[str, Any]) -> GenerationRequest:
@@ -66,26 +86,71 @@ class GenerationRequest:
         """The plain dict broadcast to every rank."""
         return asdict(self)
 
-    def settings(self, world_size: int, device: str | None = None) -> RunSettings:
-        """The run's settings, exactly as the command line builds them for the same values."""
-        overrides = {key: value for key, value in self.to_message().items() if key != "preset"}
-        overrides["scheduler"] = None if self.scheduler == MODEL_SCHEDULER else self.scheduler
-        return build_settings(self.preset, {**overrides, "device": device}, world_size)
+    @contextmanager
+    def settings(
+        self, world_size: int, device: str | None = None, library: ComponentLibrary | None = None
+    ) -> Iterator[RunSettings]:
+        """The run's settings, exactly as the command line builds them for the same values, with the component
+        names resolved in ``library`` and the uploaded pictures as files in a private temporary folder, which
+        is removed on leaving the block (after the run, whether it finished, failed or was cancelled)."""
+        with tempfile.TemporaryDirectory(prefix="distlin-uploads-") as folder:
+            overrides: dict[str, Any] = {key: getattr(self, key) for key in PRESET_FIELDS}
+            overrides.update(
+                scheduler=None if self.scheduler == MODEL_SCHEDULER else self.scheduler,
+                device=device,
+                **self._components(library or ComponentLibrary()),
+                **self._write_uploads(Path(folder)),
+            )
+            yield build_settings(self.preset, overrides, world_size)
+
+    def metadata(self) -> dict[str, Any]:
+        """What a result records of the components: their names and the uploads' digests, where the run's
+        metadata holds the server's paths (the operator's files, and temporary files that are gone)."""
+        return {
+            "loras": list(self.loras),
+            "controlnet": self.controlnet,
+            **{name: _upload_label(getattr(self, name)) for name in UPLOADS},
+        }
+
+    def _components(self, library: ComponentLibrary) -> dict[str, Any]:
+        """The command line's component settings for this request's names (UsageError for a name not offered)."""
+        return {
+            "loras": tuple(Lora(library.lora(name), scale) for name, scale in self.loras),
+            "controlnet": None if self.controlnet is None else library.controlnet(self.controlnet),
+            "control_scale": self.control_scale,
+            "strength": self.strength,
+        }
+
+    def _write_uploads(self, folder: Path) -> dict[str, str]:
+        """Each uploaded picture as a file in ``folder``; its path for the settings."""
+        paths = {}
+        for name in UPLOADS:
+            data = getattr(self, name)
+            if data is not None:
+                (folder / name).write_bytes(data)
+                paths[name] = str(folder / name)
+        return paths
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Most pixels (of the final image) and most steps one request may ask for; None: no limit."""
+    """Most pixels (of the final image) and most steps one request may ask for, and the largest file a page
+    may upload (Gradio refuses a larger one while it arrives); None: no limit."""
 
     max_pixels: int | None = None
     max_steps: int | None = None
+    max_upload_mb: int | None = None
 
     @classmethod
-    def for_host(cls, local: bool, max_pixels: int | None, max_steps: int | None) -> Limits:
+    def for_host(
+        cls, local: bool, max_pixels: int | None, max_steps: int | None, max_upload_mb: int | None = None
+    ) -> Limits:
         """The operator's limits, or, when the app listens beyond this machine, the public defaults."""
         if local:
-            return cls(max_pixels, max_steps)
-        return cls(max_pixels or PUBLIC_MAX_PIXELS, max_steps or PUBLIC_MAX_STEPS)
+            return cls(max_pixels, max_steps, max_upload_mb)
+        return cls(
+            max_pixels or PUBLIC_MAX_PIXELS, max_steps or PUBLIC_MAX_STEPS, max_upload_mb or PUBLIC_MAX_UPLOAD_MB
+        )
 
     def check(self, settings: RunSettings) -> None:
         """UsageError when the settings exceed a limit."""
@@ -101,15 +166,41 @@ class Limits:
 
 def _typed(key: str, value: Any) -> Any:
     """``value`` as the field's type: whole numbers from a browser may arrive as floats (``512.0``)."""
+    if key == "loras":
+        return _lora_choices(value)
     kind = get_type_hints(GenerationRequest)[key]
-    if kind is str and isinstance(value, str):
+    kinds = get_args(kind) if isinstance(kind, UnionType) else (kind,)
+    if value is None and NoneType in kinds:
+        return None
+    return _value(key.replace("_", " "), value, kinds[0])
+
+
+def _value(label: str, value: Any, kind: type) -> Any:
+    if kind in (str, bytes) and isinstance(value, kind):
         return value
     if kind in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
         if kind is int and value != int(value):
-            raise UsageError(f"{key.replace('_', ' ')} {value} must be a whole number")
+            raise UsageError(f"{label} {value} must be a whole number")
         return kind(value)
-    wanted = {str: "text", int: "a whole number", float: "a number"}[kind]
-    raise UsageError(f"{key.replace('_', ' ')} must be {wanted}, got {value!r}")
+    wanted = {str: "text", int: "a whole number", float: "a number", bytes: "an uploaded file"}[kind]
+    raise UsageError(f"{label} must be {wanted}, got {_short(value)}")
+
+
+def _lora_choices(value: Any) -> tuple[tuple[str, float], ...]:
+    """``[[name, scale], ...]`` as a tuple of pairs (the scale's range is the command line's check)."""
+    pairs = value if isinstance(value, list | tuple) else [value]
+    if not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs):
+        raise UsageError(f"loras must be a list of [name, scale] pairs, got {_short(value)}")
+    return tuple((_value("LoRA name", name, str), _value("LoRA scale", scale, float)) for name, scale in pairs)
+
+
+def _upload_label(data: bytes | None) -> str | None:
+    return None if data is None else f"upload sha256:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _builtin_preset(name: str) -> str:

@@ -25,9 +25,14 @@ RESULT_FILE = re.compile(r"image\.png|image\.dzi|metadata\.json|thumbnail\.jpg|i
 
 
 def build_server(
-    page: gr.Blocks, store: ResultStore, credentials: tuple[str, str] | None = None, css: str | None = None
+    page: gr.Blocks,
+    store: ResultStore,
+    credentials: tuple[str, str] | None = None,
+    css: str | None = None,
+    max_upload_mb: int | None = None,
 ) -> FastAPI:
-    """The ASGI app: viewer, results and the Gradio page, wrapped in basic auth when credentials are given."""
+    """The ASGI app: viewer, results and the Gradio page (uploads up to ``max_upload_mb`` MiB), wrapped in
+    basic auth when credentials are given."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/results/{result_id}/{name:path}")
@@ -44,8 +49,9 @@ def build_server(
 
     app.mount("/viewer", StaticFiles(directory=VIEWER_DIR, html=True), name="viewer")
     app = gr.mount_gradio_app(
-        app, page, path="/", allowed_paths=[str(store.root)], footer_links=[], run_history=False, css=css
-    )
+        app, page, path="/", allowed_paths=[str(store.root)], footer_links=[], run_history=False, css=css,
+        max_file_size=None if max_upload_mb is None else max_upload_mb * 2**20,
+    )  # fmt: skip
     if credentials is not None:
         app.add_middleware(BasicAuth, user=credentials[0], password=credentials[1])
     return app

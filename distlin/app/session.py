@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
+from distlin.app.library import ComponentLibrary
 from distlin.app.request import GenerationRequest
 from distlin.parallel.runtime import Runtime
 from distlin.run import Prepared, ProgressReport, Result, generate, pipeline_key, prepare_pipeline
@@ -17,16 +19,21 @@ from distlin.settings import RunSettings
 class GenerationSession:
     """Runs requests on this rank, reusing the prepared pipeline while :func:`~distlin.run.pipeline_key` holds.
 
-    ``device`` (the app's ``--device``) overrides the preset's, so every request runs where the ranks are.
+    ``device`` (the app's ``--device``) overrides the preset's, so every request runs where the ranks are;
+    ``library`` (the app's ``--components``) holds the components a request may name.
     """
 
-    def __init__(self, runtime: Runtime, device: str | None = None):
+    def __init__(self, runtime: Runtime, device: str | None = None, library: ComponentLibrary | None = None):
         self.runtime = runtime
         self.device = device
+        self.library = library or ComponentLibrary()
         self._prepared: Prepared | None = None
 
-    def settings(self, request: GenerationRequest) -> RunSettings:
-        return request.settings(self.runtime.world_size, self.device)
+    @contextmanager
+    def settings(self, request: GenerationRequest) -> Iterator[RunSettings]:
+        """The request's settings on this rank, its uploads existing as files until the block ends."""
+        with request.settings(self.runtime.world_size, self.device, self.library) as settings:
+            yield settings
 
     def run(
         self,
@@ -34,13 +41,15 @@ class GenerationSession:
         on_progress: ProgressReport | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Result:
-        """Generate on every rank together (each rank calls this with the same request)."""
-        settings = self.settings(request)
-        if self._prepared is None or self._prepared.key != pipeline_key(settings):
-            self._release()
-            self._prepared = prepare_pipeline(settings, self.runtime)
-        prepared = self._prepared
-        return generate(settings, self.runtime, prepared=prepared, on_progress=on_progress, should_stop=should_stop)
+        """Generate on every rank together (each rank calls this with the same request). The metadata names the
+        request's components and uploads, not the paths they had on this server."""
+        with self.settings(request) as settings:
+            if self._prepared is None or self._prepared.key != pipeline_key(settings):
+                self._release()
+                self._prepared = prepare_pipeline(settings, self.runtime)
+            result = generate(settings, self.runtime, self._prepared, on_progress, should_stop)
+        result.metadata.update(request.metadata())
+        return result
 
     def _release(self) -> None:
         """Free the previous pipeline before loading another: two large models may not fit together."""

@@ -1,0 +1,66 @@
+"""The operator's components (``distlin-app --components DIR``): the LoRAs and ControlNets a request may name.
+
+``DIR/loras/<name>.safetensors`` are LoRAs (kohya or diffusers layout) and ``DIR/controlnets/<name>/`` are
+diffusers ControlNet folders (``config.json`` + weights). The folder is listed once at start, on every rank
+alike; a request carries names only and each name is looked up in that list, so no request reaches a file the
+operator did not put there. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distlin.errors import UsageError
+
+LORA_FOLDER, CONTROLNET_FOLDER = "loras", "controlnets"
+LAYOUT = (
+    f"DIR/{LORA_FOLDER}/<name>.safetensors (LoRAs) and DIR/{CONTROLNET_FOLDER}/<name>/ (diffusers ControlNet "
+    "folders with a config.json)"
+)
+
+
+@dataclass(frozen=True)
+class ComponentLibrary:
+    """Names a request may use, each with the path it stands for; empty without ``--components``."""
+
+    loras: Mapping[str, str] = field(default_factory=dict)
+    controlnets: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls, root: str | Path) -> ComponentLibrary:
+        """The components in ``root``; UsageError when it is not a folder or holds none."""
+        folder = Path(root).expanduser().resolve()
+        if not folder.is_dir():
+            raise UsageError(f"--components {str(root)!r} is not a folder; pass a folder DIR holding {LAYOUT}")
+        loras, controlnets = folder / LORA_FOLDER, folder / CONTROLNET_FOLDER
+        library = cls(
+            {path.stem: str(path) for path in sorted(loras.glob("*.safetensors")) if path.is_file()},
+            {path.name: str(path) for path in sorted(controlnets.glob("*")) if (path / "config.json").is_file()},
+        )
+        if not library.loras and not library.controlnets:
+            raise UsageError(f"--components {str(root)!r} holds no component; pass a folder DIR holding {LAYOUT}")
+        return library
+
+    def lora(self, name: str) -> str:
+        """The file of the LoRA called ``name``; UsageError for any other name."""
+        return _look_up(self.loras, name, "LoRA")
+
+    def controlnet(self, name: str) -> str:
+        """The folder of the ControlNet called ``name``; UsageError for any other name."""
+        return _look_up(self.controlnets, name, "ControlNet")
+
+    def describe(self) -> str:
+        """One line for the log: what a request may name."""
+        return f"LoRAs: {_listed(self.loras)}; ControlNets: {_listed(self.controlnets)}"
+
+
+def _look_up(known: Mapping[str, str], name: str, kind: str) -> str:
+    if name not in known:
+        raise UsageError(f"unknown {kind} {name!r}; this server offers {_listed(known)}")
+    return known[name]
+
+
+def _listed(known: Mapping[str, str]) -> str:
+    return ", ".join(sorted(known)) or "none"
