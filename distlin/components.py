@@ -19,6 +19,11 @@ from distlin.sources import local_path, read_json
 # UNet config keys a ControlNet copies from the UNet it was made for: equal ones mean it fits.
 CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type")
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+# DemoFusion calls the UNet itself, with dilated convolutions: no ControlNet is wired into it.
+SDXL_CASCADE_CONTROLNET = (
+    "--controlnet with an SDXL cascade preset (DemoFusion) is not supported; use a single-size SDXL preset or the "
+    "SD-1.5 cascade"
+)
 
 
 @dataclass(frozen=True)
