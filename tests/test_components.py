@@ -4,7 +4,10 @@ LinFusion: two gloo ranks give what one process gives (exact mode), and bad inpu
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import torch
 from component_jobs import HEIGHT, WIDTH, many
 from multirank import run_ranks
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from distlin.components import Lora, apply_loras
 from distlin.errors import UsageError
@@ -21,6 +24,7 @@ from distlin.parallel import Runtime
 from distlin.schedulers import SCHEDULERS
 from distlin.settings import build_settings
 
+GENERATE = Path(__file__).resolve().parents[1] / "launch" / "generate.py"
 TOL = 1e-5  # relative to the latents' largest magnitude: fp32 round-off
 BASE = {"height": HEIGHT, "width": WIDTH, "steps": 2, "guidance_scale": 5.0, "cfg_parallel": False}
 DISPLACED = {**BASE, "mode": "displaced", "warmup_steps": 1}
@@ -143,6 +147,21 @@ def test_cascade_from_a_photo_on_two_ranks_equals_one_process(single, two_ranks,
     # Between stages the band-parallel VAE sums over the whole image in fp32, as in tests/test_highres.py.
     assert all(torch.isfinite(latents).all() for latents in single[name])
     torch.testing.assert_close(two_ranks[name], single[name], atol=1e-3, rtol=0)
+
+
+def test_two_controlnets_on_the_command_line_on_two_ranks_equal_one_process(files, single, tmp_path: Path) -> None:
+    argv = ["--preset", "tiny-sd15", "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", "2"]
+    argv += ["--guidance-scale", "5", "--no-cfg-parallel", "--nproc-per-node", "2"]
+    for net, image, scale in (("controlnet", "control.png", "0.7"), ("controlnet-2", "control-2.png", "0.5")):
+        argv += ["--controlnet", files[net], "--control-image", files[image], "--control-scale", scale]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(GENERATE), *argv, "--output", "out.png", "--save-latents", "out.safetensors"]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert _close(load_file(tmp_path / "out.safetensors")["latents"], single["two-controlnets"][0])
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.text["control_scale"] == "[0.7, 0.5]" and image.text["world_size"] == "2"
 
 
 def test_lora_loaded_after_parallelize_equals_lora_loaded_before(single) -> None:
