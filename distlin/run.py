@@ -287,6 +287,7 @@ def _control_images(settings: RunSettings, stage: Stage) -> Any:
 
 
 def _control_scale(settings: RunSettings) -> float | list[float]:
+    """The conditioning scale as the ControlNet pipelines take it: a number for one ControlNet, a list for several."""
     scales = list(settings.control_scales)
     return scales[0] if len(scales) == 1 else scales
 

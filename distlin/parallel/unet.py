@@ -146,6 +146,8 @@ class ParallelUNet:
             bounds = layout.boundaries_at_width(t.shape[-1])
             if t.shape[-2] == bounds[-1]:
                 return t[..., bounds[me] : bounds[me + 1], :]
+            if t.shape[-2:] == (1, 1):  # pooled over the image (global_pool_conditions): the same for every band
+                return t
             if t.shape[-2] != bounds[me + 1] - bounds[me]:
                 raise ValueError(
                     f"a ControlNet residual of {t.shape[-2]} rows is neither the image's {bounds[-1]} rows nor this "
