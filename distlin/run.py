@@ -18,8 +18,16 @@ import torch.distributed as dist
 from PIL import Image
 
 import distlin
-from distlin.components import apply_ip_adapter, apply_loras, check_image, load_controlnet, load_rgb, pipeline_for
-from distlin.errors import Cancelled
+from distlin.components import (
+    SDXL_CASCADE_CONTROLNET,
+    apply_ip_adapter,
+    apply_loras,
+    check_image,
+    load_controlnet,
+    load_rgb,
+    pipeline_for,
+)
+from distlin.errors import Cancelled, UsageError
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
 from distlin.memory.fit import fit_to_capacity, saver_flags
@@ -91,12 +99,13 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     2. LinFusion replaces every self-attention (``attn1``), or softmax stays (``--linfusion none``);
     3. LoRAs (``--lora``) fused into the UNet (LinFusion layers included) and text encoders; they may also be
        loaded after patch parallelism, whose convs adopt the ones PEFT adds beside them;
-    4. a ControlNet (``--controlnet``): the pipeline's ControlNet variant, the ControlNet on the whole image on
-       every rank (the engine cuts its residuals into bands);
+    4. ControlNets (``--controlnet``, one or several): the pipeline's ControlNet variant;
     5. an IP-Adapter (``--ip-adapter``): its image encoder, and its processors on every cross-attention
        (``attn2``, token by token: nothing to exchange); the self-attention keeps LinFusion's processors;
-    6. memory bounds: token-chunked transformers, in-place resnets, index-safe upsampling (UNet and VAE);
-    7. patch parallelism: the UNet's convs, GroupNorms and self-attention work on row bands;
+    6. memory bounds: token-chunked transformers, in-place resnets, index-safe upsampling (UNet, ControlNets and
+       VAE);
+    7. patch parallelism: the UNet's convs, GroupNorms and self-attention work on row bands, then every
+       ControlNet's on the same engine (its residuals come out as this rank's band);
     8. the band-parallel VAE (decode and encode between cascade stages): bands on several ranks; on one rank
        the same layers keep every kernel call below the index limit.
     """
@@ -104,13 +113,16 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     pipe = load_pipeline(settings.model, parse_dtype(settings.dtype), runtime.device, WEIGHTS_SEED)
     mount_linfusion(pipe, settings.linfusion, WEIGHTS_SEED, kernel=settings.attention_kernel)
     apply_loras(pipe, settings.loras)
-    if settings.controlnet is not None:
-        pipe = pipeline_for("text-to-image", pipe, controlnet=load_controlnet(settings.controlnet, pipe))
+    if settings.controlnet:
+        controlnets = [load_controlnet(source, pipe) for source in settings.controlnet]
+        controlnet = controlnets[0] if len(controlnets) == 1 else controlnets  # several: a MultiControlNetModel
+        pipe = pipeline_for("text-to-image", pipe, controlnet=controlnet)
     if settings.ip_adapter_spec is not None:
         apply_ip_adapter(pipe, settings.ip_adapter_spec)
-    for model in (pipe.unet, pipe.vae):
-        bound_memory(model, limits.token_chunk, limits.index_limit)
-    engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
+    for model in (pipe.unet, pipe.vae, getattr(pipe, "controlnet", None)):
+        if model is not None:
+            bound_memory(model, limits.token_chunk, limits.index_limit)
+    engine = parallelize(pipe, settings.engine, runtime)  # the ControlNets too; hides the sampling bar off rank 0
     vae_stats = CommStats()
     vae = parallelize_vae(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
     return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
@@ -246,10 +258,10 @@ def _sample(
             inputs = {"image": load_rgb(settings.init_image, width, height), "strength": settings.strength}
         if settings.mask is not None:
             inputs.update(mask_image=load_rgb(settings.mask, width, height), height=height, width=width)
-        if settings.control_image is not None:
+        if settings.controlnet:
             control = "control_image" if settings.init_image is not None else "image"
-            inputs[control] = load_rgb(settings.control_image, width, height)
-            inputs["controlnet_conditioning_scale"] = settings.control_scale
+            inputs[control] = _control_images(settings, Stage(height, width))
+            inputs["controlnet_conditioning_scale"] = _control_scale(settings)
         latents = pipe(
             num_inference_steps=settings.steps,
             generator=torch.Generator(device="cpu").manual_seed(settings.seed),
@@ -270,6 +282,11 @@ def _sample(
         "handle": prepared.engine,
     }
     first = settings.stages[0]
+    if settings.controlnet:
+        if hasattr(pipe, "text_encoder_2"):
+            raise UsageError(SDXL_CASCADE_CONTROLNET)
+        cascade["controls"] = [_control_images(settings, stage) for stage in settings.stages]
+        cascade["control_scale"] = _control_scale(settings)
     if settings.init_image is not None:
         picture = load_rgb(settings.init_image, first.width, first.height)
         cascade["init_image"] = pipe.image_processor.preprocess(picture)
@@ -277,6 +294,19 @@ def _sample(
         return run_sdedit(pipe, **cascade, **common)
     skipped = 2**settings.init_stage  # stages before the init image's, each half the next
     return run_demofusion(pipe, native=Stage(first.height // skipped, first.width // skipped), **cascade, **common)
+
+
+def _control_images(settings: RunSettings, stage: Stage) -> Any:
+    """The control image at ``stage``'s size, as the ControlNet pipelines take it: one picture for one ControlNet,
+    a list (in order) for several."""
+    images = [load_rgb(path, stage.width, stage.height) for path in settings.control_image]
+    return images[0] if len(images) == 1 else images
+
+
+def _control_scale(settings: RunSettings) -> float | list[float]:
+    """The conditioning scale as the ControlNet pipelines take it: a number for one ControlNet, a list for several."""
+    scales = list(settings.control_scales)
+    return scales[0] if len(scales) == 1 else scales
 
 
 def _transfer_printer(what: str, moved: int, seconds: float) -> None:

@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distlin.components import IpAdapter, Lora, check_controlnet, check_image, check_ip_adapter, check_lora
+from distlin.components import (
+    SDXL_CASCADE_CONTROLNET,
+    IpAdapter,
+    Lora,
+    check_controlnet,
+    check_image,
+    check_ip_adapter,
+    check_lora,
+)
 from distlin.errors import UsageError
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.topology import Topology, row_unit
@@ -77,9 +85,9 @@ class RunSettings:
     strength: float | None = None  # how far the init image is noised (the first stage's strength)
     init_stage: int = 0  # the preset cascade's stage the init image starts at (``stages`` begins there)
     mask: str | None = None  # inpaint the init image where this picture is white
-    controlnet: str | None = None  # a ControlNet folder or Hub id
-    control_image: str | None = None  # its conditioning image, at the output size
-    control_scale: float = 1.0
+    controlnet: tuple[str, ...] = ()  # ControlNet folders or Hub ids; several: their residuals are summed
+    control_image: tuple[str, ...] = ()  # one conditioning image per ControlNet, in order
+    control_scale: tuple[float, ...] = ()  # one conditioning scale per ControlNet, or none (1 each)
     ip_adapter: str | None = None  # an IP-Adapter: weights file, folder or Hub id (components.IpAdapter)
     ip_image: str | None = None  # its reference picture
     ip_scale: float = 1.0
@@ -100,6 +108,11 @@ class RunSettings:
         if self.ip_adapter is None or self.ip_image is None:
             return None
         return IpAdapter(self.ip_adapter, self.ip_image, self.ip_scale)
+
+    @property
+    def control_scales(self) -> tuple[float, ...]:
+        """The conditioning scale of every ControlNet (1 where none is given)."""
+        return self.control_scale or (1.0,) * len(self.controlnet)
 
     def topology(self, world_size: int, rank: int = 0) -> Topology:
         """Which ranks share rows in this run (guidance off: every rank is a patch rank)."""
@@ -124,9 +137,9 @@ class RunSettings:
             "strength": self.strength,
             "init_stage": self.init_stage,
             "mask": self.mask,
-            "controlnet": self.controlnet,
-            "control_image": self.control_image,
-            "control_scale": self.control_scale,
+            "controlnet": list(self.controlnet),
+            "control_image": list(self.control_image),
+            "control_scale": list(self.control_scales),
             "ip_adapter": self.ip_adapter,
             "ip_image": self.ip_image,
             "ip_scale": self.ip_scale,
@@ -160,6 +173,9 @@ def build_settings(
     thresholds = Thresholds.from_env(environ)
     engine = PatchParallelConfig(**engine_values, index_limit=thresholds.index_limit)
     stages = cascade_stages(values)
+    for key in ("controlnet", "control_image", "control_scale"):  # one value (the Python API's) or several
+        if key in given:
+            given[key] = tuple(given[key]) if isinstance(given[key], (list, tuple)) else (given[key],)
     if given.get("loras"):
         given["loras"] = tuple(lora if isinstance(lora, Lora) else Lora.parse(lora) for lora in given["loras"])
     if given.get("init_image") is not None:
@@ -214,8 +230,7 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
 
 def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None:
     """The user's own components: LoRA files, scheduler name, init image, strength and mask, IP-Adapter and its
-    picture, ControlNet (fitting the base UNet ``unet`` when its config is known) and a control image at the
-    output size."""
+    picture, ControlNets (fitting the base UNet ``unet`` when its config is known) and their control images."""
     for lora in settings.loras:
         check_lora(lora)
     if (settings.ip_adapter is None) != (settings.ip_image is None):
@@ -232,22 +247,41 @@ def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None
                 f"pass e.g. --strength 0.5 (and --steps {math.ceil(1 / max(settings.strength, 0.01))} or more)"
             )
     if settings.mask is not None:
-        if settings.init_image is None or settings.stages or settings.controlnet is not None:
+        if settings.init_image is None or settings.stages or settings.controlnet:
             raise UsageError("--mask inpaints an --init-image in one pass; without a cascade preset or ControlNet")
         check_image(settings.mask, "--mask")
-    if (settings.controlnet is None) != (settings.control_image is None):
-        raise UsageError("--controlnet and --control-image go together; pass both or neither")
-    if settings.controlnet is None:
-        return
-    if settings.stages:
-        raise UsageError("--controlnet with a cascade preset is not supported yet; use a single-size preset")
-    if not (math.isfinite(settings.control_scale) and settings.control_scale >= 0):
-        raise UsageError(f"control scale {settings.control_scale} must be a number >= 0; pass e.g. --control-scale 1")
-    check_controlnet(settings.controlnet, unet)
-    width, height = check_image(settings.control_image, "--control-image")
-    if (width, height) != (settings.width, settings.height):
+    check_control(settings, unet)
+
+
+def check_control(settings: RunSettings, unet: dict[str, Any] | None) -> None:
+    """ControlNets paired in order with their control images (and scales); each control image at the output
+    size, or with a cascade preset (every stage gets it resized) at the output's aspect ratio."""
+    nets, images, scales = settings.controlnet, settings.control_image, settings.control_scale
+    if len(images) != len(nets) or len(scales) not in (0, len(nets)):
         raise UsageError(
-            f"control image {settings.control_image!r} is {width}x{height} px but the output is "
-            f"{settings.width}x{settings.height}; pass --width {width} --height {height} or a control image "
-            "of the output size"
+            f"got {len(nets)} --controlnet, {len(images)} --control-image and {len(scales)} --control-scale; "
+            "pass one --control-image (and one --control-scale, or none for 1) per --controlnet, in the same order"
         )
+    if not nets:
+        return
+    if settings.stages and unet is not None and unet.get("addition_embed_type") == "text_time":
+        raise UsageError(SDXL_CASCADE_CONTROLNET)
+    for scale in scales:
+        if not (math.isfinite(scale) and scale >= 0):
+            raise UsageError(f"control scale {scale} must be a number >= 0; pass e.g. --control-scale 1")
+    for source in nets:
+        check_controlnet(source, unet)
+    for path in images:
+        width, height = check_image(path, "--control-image")
+        if settings.stages and abs(width * settings.height - height * settings.width) > 0.01 * width * settings.height:
+            raise UsageError(
+                f"control image {path!r} is {width}x{height} px, another aspect ratio than the output's "
+                f"{settings.width}x{settings.height}; pass a control image of the output's aspect ratio (each cascade "
+                "stage gets it resized)"
+            )
+        if not settings.stages and (width, height) != (settings.width, settings.height):
+            raise UsageError(
+                f"control image {path!r} is {width}x{height} px but the output is "
+                f"{settings.width}x{settings.height}; pass --width {width} --height {height} or a control image "
+                "of the output size"
+            )

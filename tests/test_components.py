@@ -4,6 +4,10 @@ LinFusion: two gloo ranks give what one process gives (exact mode), and bad inpu
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,7 @@ import torch
 from component_jobs import HEIGHT, WIDTH, many
 from multirank import run_ranks
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from distlin.components import Lora, apply_loras
 from distlin.errors import UsageError
@@ -20,6 +24,7 @@ from distlin.parallel import Runtime
 from distlin.schedulers import SCHEDULERS
 from distlin.settings import build_settings
 
+GENERATE = Path(__file__).resolve().parents[1] / "launch" / "generate.py"
 TOL = 1e-5  # relative to the latents' largest magnitude: fp32 round-off
 BASE = {"height": HEIGHT, "width": WIDTH, "steps": 2, "guidance_scale": 5.0, "cfg_parallel": False}
 DISPLACED = {**BASE, "mode": "displaced", "warmup_steps": 1}
@@ -29,11 +34,14 @@ DISPLACED = {**BASE, "mode": "displaced", "warmup_steps": 1}
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Local checkpoints in the official layouts and pictures: nothing is downloaded."""
     root = tmp_path_factory.mktemp("components")
-    paths = {name: str(root / name) for name in ("lora.safetensors", "sdxl-lora.safetensors", "controlnet")}
+    names = ("lora.safetensors", "sdxl-lora.safetensors", "controlnet", "controlnet-2", "sdxl-controlnet")
+    paths = {name: str(root / name) for name in names}
     save_file(build_kohya_lora("tiny-sd15", rank=2), paths["lora.safetensors"])
     save_file(build_kohya_lora("tiny-sdxl", rank=2), paths["sdxl-lora.safetensors"])
     build_controlnet("tiny-sd15").save_pretrained(paths["controlnet"])
-    for name, size in (("photo.png", (60, 100)), ("control.png", (WIDTH, HEIGHT))):
+    build_controlnet("tiny-sd15", seed=1).save_pretrained(paths["controlnet-2"])
+    build_controlnet("tiny-sdxl").save_pretrained(paths["sdxl-controlnet"])
+    for name, size in (("photo.png", (60, 100)), ("control.png", (WIDTH, HEIGHT)), ("control-2.png", (WIDTH, HEIGHT))):
         pixels = torch.rand(size[1], size[0], 3, generator=torch.Generator().manual_seed(len(name)))
         Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(root / name)
         paths[name] = str(root / name)
@@ -49,18 +57,31 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
     per_generation = [{}, *({"scheduler": name} for name in SCHEDULERS)]
     per_generation.append({"init_image": files["photo.png"], "strength": 0.6})
     per_generation.append({"init_image": files["photo.png"], "strength": 0.6, "mask": files["mask.png"]})
-    control = {**BASE, "controlnet": files["controlnet"], "control_image": files["control.png"]}
+    control = {"controlnet": files["controlnet"], "control_image": files["control.png"]}
+    two_controls = {
+        "controlnet": [files["controlnet"], files["controlnet-2"]],
+        "control_image": [files["control.png"], files["control-2.png"]],
+        "control_scale": [0.7, 0.5],
+    }
+    sdxl_control = {**BASE, "controlnet": files["sdxl-controlnet"], "control_image": files["control.png"]}
     cascade = {"height": 256, "width": 128, "steps": 3, "init_image": files["photo.png"], "cfg_parallel": False}
+    controlnet_variations = [{}, {"init_image": files["photo.png"], "strength": 0.6}, {"scheduler": "heun"}]
     out = {
         "lora-after-unfused": ("lora", (files["lora.safetensors"], "after", "unfuse")),
         "lora-before-fused": ("lora", (files["lora.safetensors"], "before", "fuse")),
         "per-generation": ("run", ("tiny-sd15", BASE, per_generation)),
-        "controlnet": ("run", ("tiny-sd15", control, [{}, {"init_image": files["photo.png"], "strength": 0.6}])),
+        "controlnet": ("run", ("tiny-sd15", {**BASE, **control}, controlnet_variations)),
+        "two-controlnets": ("run", ("tiny-sd15", {**BASE, **two_controls}, [{}])),
+        "sdxl-controlnet": ("run", ("tiny-sdxl", sdxl_control, [{}])),
+        "controlnet-banded": ("controlnet", (True,)),
+        "controlnet-whole": ("controlnet", (False,)),
         "cascade-from-photo": ("run", ("tiny-sd15-cascade", cascade, [{}])),
+        "cascade-controlnet": ("run", ("tiny-sd15-cascade", {**cascade, **control}, [{}])),
         "sdxl-cascade-from-photo": ("run", ("tiny-sdxl-cascade", {**cascade, "steps": 4}, [{}])),
     }
     if world > 1:  # displaced: not equal to one process by design; its own properties are checked
         out["displaced-heun-twice"] = ("run", ("tiny-sd15", DISPLACED, [{"scheduler": "heun"}] * 2))
+        out["displaced-controlnet"] = ("run", ("tiny-sd15", {**DISPLACED, **control}, [{"scheduler": "heun"}]))
     else:
         out["run-with-lora"] = ("run", ("tiny-sd15", {**BASE, "loras": [files["lora.safetensors"] + ":0.8"]}, [{}]))
     return out
@@ -81,21 +102,66 @@ def two_ranks(files: dict[str, str]) -> dict[str, object]:
 
 
 def _close(a: object, b: object, tol: float = TOL) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[key], b[key], tol) for key in a)
     if isinstance(a, list):
         return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
     return (a - b).abs().max().item() <= tol * b.abs().max().item()
 
 
-@pytest.mark.parametrize("name", ["lora-after-unfused", "lora-before-fused", "per-generation", "controlnet"])
+@pytest.mark.parametrize(
+    "name", ["lora-after-unfused", "lora-before-fused", "per-generation", "controlnet", "two-controlnets",
+             "sdxl-controlnet"]
+)  # fmt: skip
 def test_two_ranks_equal_one_process(single, two_ranks, name: str) -> None:
     assert _close(two_ranks[name], single[name])
 
 
-@pytest.mark.parametrize("name", ["cascade-from-photo", "sdxl-cascade-from-photo"])
+@pytest.mark.parametrize("name", ["controlnet-banded", "controlnet-whole"])
+def test_a_banded_or_a_whole_image_controlnet_on_two_ranks_equals_one_process(single, two_ranks, name: str) -> None:
+    assert _close(two_ranks[name]["latents"], single[name]["latents"])
+
+
+def test_the_controlnet_runs_on_row_bands_of_the_latent_and_of_the_control_image(single, two_ranks) -> None:
+    latent_rows, pixel_rows = single["controlnet-banded"]["rows"].tolist()
+    assert (latent_rows, pixel_rows) == (HEIGHT // 8, HEIGHT)
+    assert two_ranks["controlnet-banded"]["rows"].tolist() == [latent_rows // 2, pixel_rows // 2]  # 1/N per rank
+    assert two_ranks["controlnet-whole"]["rows"].tolist() == [latent_rows, pixel_rows]  # added after parallelize
+
+
+def test_a_controlnet_changes_the_image_and_a_second_one_changes_it_again(single) -> None:
+    plain, controlled, two = single["per-generation"][0], single["controlnet"][0], single["two-controlnets"][0]
+    for a, b in ((controlled, plain), (two, controlled)):
+        assert (a - b).abs().max().item() > 0.05 * b.abs().max().item()
+
+
+def test_a_displaced_controlnet_run_is_finite_and_close(single, two_ranks) -> None:
+    (displaced,), exact = two_ranks["displaced-controlnet"], single["controlnet"][2]
+    assert torch.isfinite(displaced).all()
+    relative = (displaced - exact).abs().max().item() / exact.abs().max().item()
+    assert 0 < relative <= 2e-3, relative
+
+
+@pytest.mark.parametrize("name", ["cascade-from-photo", "cascade-controlnet", "sdxl-cascade-from-photo"])
 def test_cascade_from_a_photo_on_two_ranks_equals_one_process(single, two_ranks, name: str) -> None:
     # Between stages the band-parallel VAE sums over the whole image in fp32, as in tests/test_highres.py.
     assert all(torch.isfinite(latents).all() for latents in single[name])
     torch.testing.assert_close(two_ranks[name], single[name], atol=1e-3, rtol=0)
+
+
+def test_two_controlnets_on_the_command_line_on_two_ranks_equal_one_process(files, single, tmp_path: Path) -> None:
+    argv = ["--preset", "tiny-sd15", "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", "2"]
+    argv += ["--guidance-scale", "5", "--no-cfg-parallel", "--nproc-per-node", "2"]
+    for net, image, scale in (("controlnet", "control.png", "0.7"), ("controlnet-2", "control-2.png", "0.5")):
+        argv += ["--controlnet", files[net], "--control-image", files[image], "--control-scale", scale]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(GENERATE), *argv, "--output", "out.png", "--save-latents", "out.safetensors"]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert _close(load_file(tmp_path / "out.safetensors")["latents"], single["two-controlnets"][0])
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.text["control_scale"] == "[0.7, 0.5]" and image.text["world_size"] == "2"
 
 
 def test_lora_loaded_after_parallelize_equals_lora_loaded_before(single) -> None:
@@ -151,6 +217,21 @@ def test_an_init_image_starts_the_cascade_at_the_first_stage_at_or_above_its_siz
 
 
 @pytest.mark.parametrize(
+    ("preset", "image", "message"),
+    [
+        ("tiny-sd15-cascade", "photo.png", "is 60x100 px, another aspect ratio than the output's 128x256; pass"),
+        ("tiny-sdxl-cascade", "control.png", "--controlnet with an SDXL cascade preset (DemoFusion) is not supported"),
+    ],
+)
+def test_a_cascade_controlnet_needs_the_outputs_aspect_ratio_and_the_sd15_cascade(
+    files, preset: str, image: str, message: str
+) -> None:
+    given = {"controlnet": files["controlnet"], "control_image": files[image], "height": 256, "width": 128}
+    with pytest.raises(UsageError, match=re.escape(message)):
+        build_settings(preset, given, world_size=1)
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"scheduler": "karras"}, "unknown scheduler 'karras'; use one of ddim, pndm, euler"),
@@ -159,7 +240,11 @@ def test_an_init_image_starts_the_cascade_at_the_first_stage_at_or_above_its_siz
         ({"strength": 0.5}, "--strength needs --init-image"),
         ({"mask": "PHOTO"}, "--mask inpaints an --init-image in one pass"),
         ({"mask": "missing.png", "init_image": "PHOTO"}, "--mask 'missing.png' does not exist"),
-        ({"controlnet": "CONTROLNET"}, "--controlnet and --control-image go together"),
+        ({"controlnet": "CONTROLNET"}, "got 1 --controlnet, 0 --control-image and 0 --control-scale; pass one"),
+        (
+            {"controlnet": ["CONTROLNET", "CONTROLNET"], "control_image": ["CONTROL", "CONTROL"], "control_scale": 1.0},
+            "got 2 --controlnet, 2 --control-image and 1 --control-scale",
+        ),
         ({"controlnet": "CONTROLNET", "control_image": "PHOTO"}, "is 60x100 px but the output is 64x128"),
         ({"controlnet": "OTHER", "control_image": "CONTROL"}, "was made for another base model"),
     ],

@@ -117,7 +117,7 @@ class GenerationRequest:
         return {
             "loras": tuple(Lora(library.lora(name), scale) for name, scale in self.loras),
             "controlnet": None if self.controlnet is None else library.controlnet(self.controlnet),
-            "control_scale": self.control_scale,
+            "control_scale": None if self.controlnet is None else self.control_scale,  # paired with its ControlNet
             "strength": self.strength,
         }
 

@@ -106,9 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="inpaint --init-image where this picture is white (one pass, no cascade or ControlNet)",
     )
-    own.add_argument("--controlnet", metavar="PATH", help="a ControlNet folder or Hub id for this base model")
-    own.add_argument("--control-image", metavar="PATH", help="the ControlNet's conditioning image, at the output size")
-    own.add_argument("--control-scale", type=float, help="ControlNet conditioning scale (default 1)")
+    own.add_argument(
+        "--controlnet",
+        metavar="PATH",
+        action="append",
+        help="a ControlNet folder or Hub id for this base model; repeatable (their residuals are summed)",
+    )
+    own.add_argument(
+        "--control-image",
+        metavar="PATH",
+        action="append",
+        help="the conditioning image of each --controlnet, in order: at the output size, or with a cascade preset "
+        "at the output's aspect ratio (resized per stage)",
+    )
+    own.add_argument(
+        "--control-scale",
+        type=float,
+        action="append",
+        help="the conditioning scale of each --controlnet, in order (default 1 each)",
+    )
     own.add_argument(
         "--ip-adapter",
         metavar="ID_OR_PATH",

@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "ParallelContext": "distlin.parallel.context",
+    "ParallelControlNet": "distlin.parallel.controlnet",
     "ParallelUNet": "distlin.parallel.unet",
     "PatchParallelConfig": "distlin.parallel.config",
     "RowLayout": "distlin.parallel.layout",
@@ -17,6 +18,7 @@ _EXPORTS = {
     "Topology": "distlin.parallel.topology",
     "init_runtime": "distlin.parallel.runtime",
     "parallelize": "distlin.parallel.pipeline",
+    "parallelize_controlnet": "distlin.parallel.controlnet",
     "parallelize_unet": "distlin.parallel.unet",
 }
 

@@ -2,8 +2,9 @@
 
 ``parallelize_unet`` swaps every convolution and GroupNorm for its band-aware twin (same
 parameters), gives every ``attn1`` a band-aware processor and wraps the UNet's forward with two hooks:
-before, split the CFG batch and cut this rank's rows out of ControlNet residuals (the latent stays whole:
-``conv_in`` cuts its band and halo rows from it, with no exchange); after, run the remaining micro-batches
+before, split the CFG batch and cut this rank's rows out of the residuals of a ControlNet that ran on the whole
+image (a band-parallel one, :mod:`distlin.parallel.controlnet`, hands over this band already; the latent stays
+whole: ``conv_in`` cuts its band and halo rows from it, with no exchange); after, run the remaining micro-batches
 (``PatchParallelConfig.micro_batch``) and gather the bands so every rank returns the full prediction and
 schedulers run unchanged.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -26,8 +27,11 @@ from distlin.parallel.conv import PatchConv2d
 from distlin.parallel.groupnorm import PatchGroupNorm
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
-from distlin.parallel.topology import row_unit
+from distlin.parallel.topology import Topology, row_unit
 from distlin.surgery import Swaps
+
+if TYPE_CHECKING:
+    from distlin.parallel.controlnet import ParallelControlNet
 
 RESIDUAL_KWARGS = (
     "down_block_additional_residuals",
@@ -59,11 +63,32 @@ def _batch_slice(arguments: dict[str, Any], batch: int, start: int, stop: int) -
     return {k: _map_tensors(v, take) for k, v in arguments.items()}
 
 
+def guidance_half(arguments: dict[str, Any], batch: int, topology: Topology) -> dict[str, Any]:
+    """This rank's half of a guidance batch the topology splits (every argument batched like the sample), or
+    ``arguments`` as they are."""
+    if not topology.cfg_split:
+        return arguments
+    half, side = batch // 2, topology.cfg_index
+    return _batch_slice(arguments, batch, side * half, (side + 1) * half)
+
+
 def _micro_batches(arguments: dict[str, Any], batch: int, size: int | None) -> list[dict[str, Any]]:
     """``arguments`` cut into consecutive batches of at most ``size`` samples."""
     if size is None or batch <= size:
         return [arguments]
     return [_batch_slice(arguments, batch, start, start + size) for start in range(0, batch, size)]
+
+
+def swap_band_layers(model: nn.Module, ctx: ParallelContext, swaps: Swaps) -> None:
+    """Every ``nn.Conv2d`` and ``nn.GroupNorm`` of ``model`` for its band twin and every ``attn1`` processor for
+    a band-aware one, all on ``ctx`` (the UNet's and a ControlNet's layers share one engine)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Conv2d:
+            swaps.module(name, PatchConv2d.from_conv(module, ctx))
+        elif type(module) is nn.GroupNorm:
+            swaps.module(name, PatchGroupNorm.from_norm(module, ctx))
+    for name, attn in self_attention_layers(model):
+        swaps.processor(name, parallel_processor(attn, ctx, ctx.config.attention_chunk))
 
 
 class ParallelUNet:
@@ -78,15 +103,10 @@ class ParallelUNet:
         self._split_cfg = False
         self._return_dict = True
         self._later_micro_batches: list[dict[str, Any]] = []
+        self.controlnets: list[ParallelControlNet] = []  # band-parallel ControlNets on this engine, undone with it
 
     def apply(self) -> ParallelUNet:
-        for name, module in list(self.unet.named_modules()):
-            if type(module) is nn.Conv2d:
-                self._swaps.module(name, PatchConv2d.from_conv(module, self.ctx))
-            elif type(module) is nn.GroupNorm:
-                self._swaps.module(name, PatchGroupNorm.from_norm(module, self.ctx))
-        for name, attn in self_attention_layers(self.unet):
-            self._swaps.processor(name, parallel_processor(attn, self.ctx, self.ctx.config.attention_chunk))
+        swap_band_layers(self.unet, self.ctx, self._swaps)
         self._hooks = [
             self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
             self.unet.register_forward_hook(self._after, with_kwargs=True),
@@ -98,7 +118,10 @@ class ParallelUNet:
         return self.ctx.topology_for(guidance).check_image(height, width, self.unit)
 
     def undo(self) -> None:
-        """Restore the original modules, processors and forward."""
+        """Restore the original modules, processors and forward (of the ControlNets on this engine too)."""
+        for controlnet in self.controlnets:
+            controlnet.undo()
+        self.controlnets = []
         for hook in self._hooks:
             hook.remove()
         self._swaps.restore()
@@ -113,16 +136,25 @@ class ParallelUNet:
         self._return_dict = arguments.get("return_dict", True)
         topology = ctx.use_topology(batch)
         self._split_cfg = topology.cfg_split
-        if self._split_cfg:
-            half, side = batch // 2, topology.cfg_index
-            arguments = _batch_slice(arguments, batch, side * half, (side + 1) * half)
+        arguments = guidance_half(arguments, batch, topology)
         layout = topology.layout(sample.shape[2], sample.shape[3], self.unit)
         ctx.begin_step(layout)
         me = ctx.patch.index
 
         def band(t: torch.Tensor) -> torch.Tensor:
-            start, stop = layout.band(me, t.shape[-1])
-            return t[..., start:stop, :]
+            """This band of a whole-image residual; a band-parallel ControlNet's is this band already."""
+            bounds = layout.boundaries_at_width(t.shape[-1])
+            if t.shape[-2] == bounds[-1]:
+                return t[..., bounds[me] : bounds[me + 1], :]
+            if t.shape[-2:] == (1, 1):  # pooled over the image (global_pool_conditions): the same for every band
+                return t
+            if t.shape[-2] != bounds[me + 1] - bounds[me]:
+                raise ValueError(
+                    f"a ControlNet residual of {t.shape[-2]} rows is neither the image's {bounds[-1]} rows nor this "
+                    f"band's {bounds[me + 1] - bounds[me]}: the ControlNet ran with another batch split than the UNet "
+                    "(guess mode with cfg_parallel); run it with cfg_parallel=False"
+                )
+            return t
 
         for key in RESIDUAL_KWARGS:
             if arguments.get(key) is not None:

@@ -32,13 +32,17 @@ def run_sdedit(
     on_stage: StageReport | None = None,
     init_image: torch.Tensor | None = None,
     ip_adapter_image: Any = None,
+    controls: Sequence[Any] = (),
+    control_scale: float | list[float] = 1.0,
 ) -> torch.Tensor:
     """The final latents (scaled, as the pipeline returns them) on every rank; decode them as any pipeline's.
 
     Stage ``k`` runs ``int(steps * strength_k)`` denoising steps with the generator seeded ``seed + k``.
     ``on_stage`` gets each stage's wall time as it ends. With ``init_image`` (``(1, 3, H, W)`` in [-1, 1], any
     size) the first stage refines that picture, resized to its size, at its strength, instead of starting from
-    noise. ``ip_adapter_image`` (with an IP-Adapter loaded) steers every stage.
+    noise. ``ip_adapter_image`` (with an IP-Adapter loaded) steers every stage. With a ControlNet pipeline,
+    ``controls`` holds every stage's control image (a list of them for several ControlNets) at that stage's size,
+    and each stage is conditioned on its own.
     """
     check_stages(stages)
     coder = vae or PlainVAE(pipe.vae)
@@ -50,11 +54,15 @@ def run_sdedit(
     }
     first = stages[0]
     clock = StageClock(on_stage)
-    from diffusers import StableDiffusionImg2ImgPipeline  # here: importing pipelines prints warnings
+    from diffusers import AutoPipelineForImage2Image  # here: importing pipelines prints warnings
 
-    refine = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    refine = AutoPipelineForImage2Image.from_pipe(pipe)  # the same components, ControlNet included
     refine.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # rank 0 only, as the pipeline
     refined = list(enumerate(stages))
+
+    def control(index: int, key: str) -> dict[str, Any]:
+        return {key: controls[index], "controlnet_conditioning_scale": control_scale} if controls else {}
+
     if init_image is None:
         latents = pipe(
             prompt,
@@ -62,6 +70,7 @@ def run_sdedit(
             width=first.width,
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(seed),
+            **control(0, "image"),
             **common,
         ).images
         clock.lap(0, first, latents)
@@ -79,6 +88,7 @@ def run_sdedit(
             strength=stage.strength,
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(seed + index),
+            **control(index, "control_image"),
             **common,
         ).images
         clock.lap(index, stage, latents)

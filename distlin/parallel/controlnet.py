@@ -1,0 +1,75 @@
+"""Patch parallelism applied to an unmodified diffusers ControlNet, on the UNet's engine.
+
+A ControlNet is the UNet's encoder plus a conditioning-image encoder, so it splits the same way: its convs,
+GroupNorms and ``attn1`` processors become the engine's band twins, on the UNet's
+:class:`~distlin.parallel.context.ParallelContext` (same layout, step counter, counters and displaced slots).
+A pre-hook picks the call's topology, keeps this rank's half of a split guidance batch (the control image is
+batched like the sample) and sets the layout. ``conv_in`` cuts its band from the whole latent and the
+conditioning encoder's first conv from the whole control image (pixel rows, 8x the latent's), both with halo
+rows and no exchange; every later conv exchanges halos. Its residuals come out as this rank's band of this
+rank's half of the batch, which :class:`~distlin.parallel.unet.ParallelUNet` takes as they are, so each rank
+computes ``1/N`` of the ControlNet as of the UNet. The UNet's post-hook ends the step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from distlin.parallel.unet import ParallelUNet, guidance_half, swap_band_layers
+from distlin.surgery import Swaps
+
+
+class ParallelControlNet:
+    """Handle of one band-parallel ``ControlNetModel``; ``undo()`` restores it (the UNet's ``undo()`` does)."""
+
+    def __init__(self, controlnet: nn.Module, engine: ParallelUNet):
+        self.controlnet, self.ctx, self.unit = controlnet, engine.ctx, engine.unit
+        self._signature = inspect.signature(controlnet.forward)
+        self._swaps = Swaps(controlnet)
+        self._hooks: list[Any] = []
+
+    def apply(self) -> ParallelControlNet:
+        swap_band_layers(self.controlnet, self.ctx, self._swaps)
+        self._hooks = [self.controlnet.register_forward_pre_hook(self._before, with_kwargs=True)]
+        return self
+
+    def undo(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._swaps.restore()
+        self._hooks = []
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ctx = self.ctx
+        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
+        sample = arguments["sample"]
+        batch = sample.shape[0]
+        topology = ctx.use_topology(batch)
+        arguments = guidance_half(arguments, batch, topology)
+        ctx.begin_step(topology.layout(sample.shape[2], sample.shape[3], self.unit))  # the UNet's, this step
+        return (), arguments
+
+
+def controlnet_members(controlnet: nn.Module) -> list[nn.Module]:
+    """The ControlNets of ``controlnet``: those a diffusers ``MultiControlNetModel`` sums, or itself."""
+    nets = getattr(controlnet, "nets", None)
+    return list(nets) if isinstance(nets, nn.ModuleList) else [controlnet]
+
+
+def parallelize_controlnet(controlnet: nn.Module, engine: ParallelUNet) -> list[ParallelControlNet]:
+    """Make ``controlnet`` (a ``ControlNetModel``, or each member of a ``MultiControlNetModel``) run on this
+    rank's rows on the UNet ``engine``; ``engine.undo()`` restores it too.
+
+    A ControlNet with ``global_pool_conditions`` (its residuals are means over the whole image) stays whole on
+    every rank: the UNet cuts its residuals as any whole-image ControlNet's.
+    """
+    handles = [
+        ParallelControlNet(member, engine).apply()
+        for member in controlnet_members(controlnet)
+        if not member.config.get("global_pool_conditions", False)
+    ]
+    engine.controlnets.extend(handles)
+    return handles
