@@ -8,6 +8,7 @@ typo or a damaged folder costs a fraction of a second; loading itself is :mod:`d
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,12 @@ def architecture_of(model: str) -> dict[str, Any] | None:
 def base_family(unet: dict[str, Any]) -> str:
     """``sdxl`` for a UNet conditioned on SDXL's pooled text and size ids, else ``sd15`` (SD-1.x and 2.x)."""
     return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def safetensors_parameters(path: Path) -> int:
+    """Elements of every tensor in a ``.safetensors`` file, from its JSON header alone (8-byte length, then
+    the header): nothing loaded."""
+    with path.open("rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")

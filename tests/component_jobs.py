@@ -19,9 +19,12 @@ PROMPT = "a lighthouse on a cliff at dawn"
 HEIGHT, WIDTH = 128, 64  # latent 16 x 8: two 8-row units, one per rank on two ranks
 
 
-def lora_latents(runtime: Runtime, path: str, when: str, fuse: str, mode: str = "exact") -> torch.Tensor:
-    """Final latents with a LoRA loaded ``when`` ("before" or "after" :func:`parallelize`) at scale 0.8;
-    ``fuse``: "no" (adapter layers run), "fuse" (merged into the weights) or "unfuse" (merged, then taken out)."""
+def lora_latents(
+    runtime: Runtime, path: str, when: str, fuse: str, mode: str = "exact", size: tuple[int, int] = (HEIGHT, WIDTH)
+) -> torch.Tensor:
+    """Final latents at ``size`` (height, width) with a LoRA loaded ``when`` ("before" or "after"
+    :func:`parallelize`) at scale 0.8; ``fuse``: "no" (adapter layers run), "fuse" (merged into the weights) or
+    "unfuse" (merged, then taken out)."""
     pipe = build_pipeline("tiny-sd15")
     torch.manual_seed(1)
     LinFusion.construct_for(pipe, load_pretrained=False, init="random")
@@ -37,7 +40,7 @@ def lora_latents(runtime: Runtime, path: str, when: str, fuse: str, mode: str = 
     if fuse == "unfuse":
         pipe.unfuse_lora()
     generator = torch.Generator().manual_seed(2)
-    kwargs: dict[str, Any] = {"height": HEIGHT, "width": WIDTH, "num_inference_steps": 2, "guidance_scale": 5.0}
+    kwargs: dict[str, Any] = {"height": size[0], "width": size[1], "num_inference_steps": 2, "guidance_scale": 5.0}
     return pipe(PROMPT, output_type="latent", generator=generator, **kwargs).images
 
 

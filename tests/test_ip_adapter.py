@@ -17,12 +17,14 @@ from ip_adapter_jobs import many
 from multirank import run_ranks
 from PIL import Image
 
+from distlin import LinFusion
 from distlin.cli import generate as cli
 from distlin.components import IpAdapter, IpAdapterFiles, apply_ip_adapter
 from distlin.errors import UsageError
 from distlin.models.tiny import build_ip_adapter, build_pipeline
-from distlin.parallel import Runtime
+from distlin.parallel import PatchParallelConfig, Runtime, parallelize
 from distlin.settings import build_settings
+from distlin.sources import IMAGE_ENCODER_FOLDER, base_family
 
 TOL = 1e-5  # relative to the latents' largest magnitude: fp32 round-off
 BASE = {"height": HEIGHT, "width": WIDTH, "steps": 2, "guidance_scale": 5.0, "cfg_parallel": False}
@@ -204,3 +206,19 @@ def test_the_command_line_runs_an_ip_adapter(files, tmp_path: Path) -> None:
     with Image.open(tmp_path / "ip.png") as image:
         text = dict(image.text)
     assert (text["ip_adapter"], text["ip_image"], text["ip_scale"]) == (files["folder"], files["red.png"], "0.5")
+
+
+def test_diffusers_own_loader_after_parallelize_is_one_clear_error_not_another_image(files) -> None:
+    """diffusers' ``load_ip_adapter`` rebuilds every self-attention processor, dropping the engine's exchange:
+    the next UNet call says so (on every rank alike) instead of silently giving another image."""
+    pipe = build_pipeline("tiny-sd15")
+    LinFusion.construct_for(pipe, load_pretrained=False, init="random")
+    parallelize(pipe, PatchParallelConfig("exact", cfg_parallel=False), Runtime())
+    located = IpAdapter(files["sd15"], files["red.png"]).files(base_family(dict(pipe.unet.config)))
+    pipe.load_ip_adapter(
+        located.root, subfolder=located.subfolder, weight_name=located.weight_name,
+        image_encoder_folder=IMAGE_ENCODER_FOLDER,
+    )  # fmt: skip
+    with pytest.raises(UsageError, match="was replaced after parallelize .* distlin.components.apply_ip_adapter"):
+        picture = Image.open(files["red.png"])
+        pipe("a lighthouse", height=HEIGHT, width=WIDTH, num_inference_steps=1, ip_adapter_image=picture)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPVisionModelWithProjection
 
 from distlin.errors import UsageError
 from distlin.memory import format_plan, plan, ranks_needed
+from distlin.memory.fit import plan_run
 from distlin.memory.measure import measured_unet_activation_peak
 from distlin.memory.planner import unet_activation_elements
-from distlin.models.tiny import load_architecture
+from distlin.models.tiny import build_controlnet, build_ip_adapter, load_architecture
 from distlin.settings import DTYPE_BYTES as DTYPES
+from distlin.settings import build_settings
 
 
 @pytest.mark.parametrize(
@@ -66,3 +71,31 @@ def test_ranks_needed_and_bad_input() -> None:
         plan("full-sd15", 1000, 1001)
     with pytest.raises(UsageError):
         ranks_needed(2**20, "full-sd15", 16384, 16384)
+
+
+def test_a_runs_own_controlnets_and_ip_adapter_count_in_the_plan(tmp_path) -> None:
+    """Their weights sit on every rank beside the model's: the plan counts each parameter, read offline from
+    their configs and the IP-Adapter file's header."""
+    build_controlnet("tiny-sd15").save_pretrained(tmp_path / "cn")
+    build_controlnet("tiny-sd15", seed=1).save_pretrained(tmp_path / "cn-2")
+    weights = build_ip_adapter("tiny-sd15", tmp_path / "h94")
+    Image.new("RGB", (64, 128)).save(tmp_path / "c.png")
+    pictures = {"control_image": [str(tmp_path / "c.png")] * 2, "ip_image": str(tmp_path / "c.png")}
+    overrides = {"height": 128, "width": 64, "controlnet": [str(tmp_path / "cn"), str(tmp_path / "cn-2")]}
+    overrides.update(pictures, ip_adapter=str(tmp_path / "h94"))
+    plain = plan_run(build_settings("tiny-sd15", {"height": 128, "width": 64}, 1), 1)
+    result = plan_run(build_settings("tiny-sd15", overrides, 1), 1)
+    size = 4  # tiny-sd15 runs in float32
+
+    def count(model) -> int:
+        return sum(p.numel() for p in model.parameters()) * size
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(weights.parent / "image_encoder")
+    expected = {
+        "weights_controlnet": count(build_controlnet("tiny-sd15")),
+        "weights_controlnet1": count(build_controlnet("tiny-sd15", seed=1)),
+        "weights_ip_image_encoder": count(encoder),
+        "weights_ip_adapter": sum(t.numel() for t in load_file(weights).values()) * size,
+    }
+    assert {key: result["breakdown"][key] for key in expected} == expected
+    assert result["peak_bytes_per_rank"] == plain["peak_bytes_per_rank"] + sum(expected.values())

@@ -12,9 +12,9 @@ from dataclasses import replace
 from typing import Any
 
 from distlin.errors import UsageError
-from distlin.memory.planner import plan, ranks_needed
+from distlin.memory.planner import component_parameters, plan, ranks_needed
 from distlin.settings import RunSettings
-from distlin.sources import architecture_of
+from distlin.sources import architecture_of, base_family, local_path, read_json, safetensors_parameters, unet_config
 
 # In this order: the guidance halves one after the other, the VAE decoded band by band through host RAM, then
 # its mid-block keys/values streamed from there too. The last two cost host transfers.
@@ -25,9 +25,29 @@ SAVERS: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+def component_configs(settings: RunSettings) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """The configs of a run's own components found on disk (each ControlNet, an IP-Adapter's image encoder) and
+    the parameter count of an IP-Adapter's weights file, read from its header; Hub ids are not looked up."""
+    configs: dict[str, dict[str, Any]] = {}
+    for index, source in enumerate(settings.controlnet):
+        path = local_path(source)
+        if path is not None and (path / "config.json").is_file():
+            configs[f"controlnet{index if index else ''}"] = read_json(path / "config.json", source, "--controlnet")
+    counts: dict[str, int] = {}
+    spec, unet = settings.ip_adapter_spec, unet_config(settings.model)
+    if spec is not None and unet is not None:
+        files = spec.files(base_family(unet))
+        if files.local and (files.image_encoder / "config.json").is_file():
+            configs["ip_image_encoder"] = read_json(files.image_encoder / "config.json", spec.source, "--ip-adapter")
+        if files.local and files.weights.suffix == ".safetensors" and files.weights.is_file():
+            counts["ip_adapter"] = safetensors_parameters(files.weights)
+    return configs, counts
+
+
 def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
     """The planner's keyword arguments for a run's settings (everything but the model, size and ranks)."""
     return {
+        "extra_parameters": component_parameters(*component_configs(settings)),
         "dtype": settings.dtype,
         "cfg": settings.guidance,
         "cfg_parallel": settings.engine.cfg_parallel,

@@ -116,6 +116,7 @@ def plan(
     vae_decode: str = "auto",
     thresholds: Thresholds | None = None,
     ff_chunk: int | None = None,
+    extra_parameters: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
@@ -126,7 +127,9 @@ def plan(
     ``vae_decode`` picks the VAE path (:func:`sequential_vae`); ``vae_attention_rows`` streams the
     sequential decode's mid-block keys/values from host RAM. ``thresholds`` (a run's) set the token chunk of the
     transformers and the sequential VAE's switch-on size and band rows; without them the transformers are
-    planned unchunked (``ff_chunk`` alone sets their chunk). A cascade's encode between stages takes the VAE path
+    planned unchunked (``ff_chunk`` alone sets their chunk). ``extra_parameters`` counts the parameters of a
+    run's own components by name (ControlNets, an IP-Adapter's image encoder: :func:`component_parameters`), held
+    on every rank beside the model's. A cascade's encode between stages takes the VAE path
     of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the decode's
     term covers it.
     """
@@ -156,6 +159,7 @@ def plan(
         vae_band = Topology.for_run(ranks, cfg_parallel=False, guidance=False).band_rows(rows, cols, 1)
         vae_elements = vae_decode_elements(arch["vae"], vae_band * cols * LATENT_FACTOR**2, rows * cols)
     weights = {name: _param_count(config) for name, config in arch.items() if name != "scheduler"}
+    weights.update(extra_parameters or {})
     breakdown = {
         **{f"weights_{name}": count * size for name, count in weights.items()},
         "unet_activations": unet_activation_elements(unet, unet_tokens, batch, chunk) * size,
@@ -217,3 +221,9 @@ def format_plan(result: dict[str, Any]) -> str:
     lines = [f"  {key:<24} {value / gib:9.3f} GiB" for key, value in result["breakdown"].items()]
     note = "  (UNet and VAE activations do not coexist: the peak counts the larger)"
     return "\n".join([head, *lines, note])
+
+
+def component_parameters(configs: dict[str, dict[str, Any]], counts: dict[str, int] | None = None) -> dict[str, int]:
+    """Parameters of each named component: from its config (counted on the meta device), or given as a count
+    (a weights file read from its header)."""
+    return {**{name: _param_count(config) for name, config in configs.items()}, **(counts or {})}

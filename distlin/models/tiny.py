@@ -64,10 +64,12 @@ __all__ = [
 _DIFFUSERS_MODELS: dict[str, type[ModelMixin]] = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "AutoencoderKL": AutoencoderKL,
+    "ControlNetModel": ControlNetModel,
 }
-_TEXT_MODELS: dict[str, type[PreTrainedModel]] = {
-    "CLIPTextModel": CLIPTextModel,
-    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+_TRANSFORMERS_MODELS: dict[str, tuple[type[PreTrainedModel], type]] = {  # (model, its config class)
+    "CLIPTextModel": (CLIPTextModel, CLIPTextConfig),
+    "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig),
+    "CLIPVisionModelWithProjection": (CLIPVisionModelWithProjection, CLIPVisionConfig),  # an IP-Adapter's encoder
 }
 _SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
 
@@ -287,4 +289,5 @@ def _instantiate(config: dict[str, Any]) -> torch.nn.Module:
     """Diffusers configs name their class in ``_class_name``, transformers configs in ``architectures``."""
     if "_class_name" in config:
         return _DIFFUSERS_MODELS[config["_class_name"]].from_config(config)
-    return _TEXT_MODELS[config["architectures"][0]](CLIPTextConfig.from_dict(config))
+    model, config_class = _TRANSFORMERS_MODELS[config["architectures"][0]]
+    return model(config_class.from_dict(config))

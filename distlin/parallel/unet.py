@@ -19,6 +19,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from distlin.errors import UsageError
 from distlin.linfusion.model import self_attention_layers
 from distlin.parallel.attention import parallel_processor
 from distlin.parallel.config import PatchParallelConfig
@@ -104,9 +105,11 @@ class ParallelUNet:
         self._return_dict = True
         self._later_micro_batches: list[dict[str, Any]] = []
         self.controlnets: list[ParallelControlNet] = []  # band-parallel ControlNets on this engine, undone with it
+        self._processors: list[tuple[str, nn.Module, object]] = []  # (name, attn1, the processor the engine set)
 
     def apply(self) -> ParallelUNet:
         swap_band_layers(self.unet, self.ctx, self._swaps)
+        self._processors = [(name, attn, attn.processor) for name, attn in self_attention_layers(self.unet)]
         self._hooks = [
             self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
             self.unet.register_forward_hook(self._after, with_kwargs=True),
@@ -128,7 +131,19 @@ class ParallelUNet:
         self._hooks = []
         self.ctx.reset()
 
+    def _check_processors(self) -> None:
+        """Every ``attn1`` still has the processor the engine gave it: diffusers' ``load_ip_adapter`` (and any
+        ``set_attn_processor``) rebuilds them without the exchange, which would silently give another image."""
+        for name, attn, processor in self._processors:
+            if attn.processor is not processor:
+                raise UsageError(
+                    f"the self-attention processor of {name} was replaced after parallelize (diffusers' "
+                    "load_ip_adapter or set_attn_processor do so); load an IP-Adapter with "
+                    "distlin.components.apply_ip_adapter, or call undo() and parallelize again after the change"
+                )
+
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._check_processors()
         ctx = self.ctx
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
         sample = arguments["sample"]
