@@ -224,9 +224,10 @@ def test_a_controlnet_by_name_and_its_uploaded_control_image_are_the_command_lin
     session = GenerationSession(Runtime(), library=ComponentLibrary.scan(components))
     control = png_bytes(192, 128)
     with session.settings(tiny(controlnet="edges", control_image=control, control_scale=0.5)) as settings:
-        assert settings.controlnet == str(components.resolve() / "controlnets" / "edges")
-        assert Path(settings.control_image).read_bytes() == control and settings.control_scale == 0.5
-        assert Path(settings.control_image).parent.parent == private_tmp
+        assert settings.controlnet == (str(components.resolve() / "controlnets" / "edges"),)
+        (image,) = settings.control_image
+        assert Path(image).read_bytes() == control and settings.control_scale == (0.5,)
+        assert Path(image).parent.parent == private_tmp
     assert list(private_tmp.iterdir()) == []
 
 

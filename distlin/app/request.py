@@ -106,10 +106,12 @@ class GenerationRequest:
     def metadata(self) -> dict[str, Any]:
         """What a result records of the components: their names and the uploads' digests, where the run's
         metadata holds the server's paths (the operator's files, and temporary files that are gone)."""
+        labels = {name: _upload_label(getattr(self, name)) for name in UPLOADS}
         return {
+            **labels,
             "loras": list(self.loras),
-            "controlnet": self.controlnet,
-            **{name: _upload_label(getattr(self, name)) for name in UPLOADS},
+            "controlnet": [] if self.controlnet is None else [self.controlnet],  # lists, as the command line's
+            "control_image": [] if labels["control_image"] is None else [labels["control_image"]],
         }
 
     def _components(self, library: ComponentLibrary) -> dict[str, Any]:
