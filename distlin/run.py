@@ -26,6 +26,7 @@ from distlin.memory.fit import fit_to_capacity, saver_flags
 from distlin.memory.planner import sequential_vae, sequential_vae_settings
 from distlin.ops.linear_attention import check_kernel
 from distlin.parallel.comm import CommStats
+from distlin.parallel.compile import compile_unet
 from distlin.parallel.pipeline import parallelize
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet
@@ -75,6 +76,7 @@ def pipeline_key(settings: RunSettings) -> tuple:
         settings.device,
         settings.engine,
         settings.attention_kernel,
+        settings.compile,
         settings.thresholds,
         settings.loras,
         settings.controlnet,
@@ -94,7 +96,9 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     5. memory bounds: token-chunked transformers, in-place resnets, index-safe upsampling (UNet and VAE);
     6. patch parallelism: the UNet's convs, GroupNorms and self-attention work on row bands;
     7. the band-parallel VAE (decode and encode between cascade stages): bands on several ranks; on one rank
-       the same layers keep every kernel call below the index limit.
+       the same layers keep every kernel call below the index limit;
+    8. ``--compile``: torch.compile of the UNet's pure-compute modules (feed-forwards, cross-attention,
+       LinFusion's projections); the engine's exchanges stay eager (:mod:`distlin.parallel.compile`).
     """
     limits = settings.thresholds
     pipe = load_pipeline(settings.model, parse_dtype(settings.dtype), runtime.device, WEIGHTS_SEED)
@@ -107,6 +111,8 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     engine = parallelize(pipe, settings.engine, runtime)  # also hides the sampling bar off rank 0
     vae_stats = CommStats()
     vae = parallelize_vae(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
+    if settings.compile:
+        compile_unet(pipe.unet)
     return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
 
 
