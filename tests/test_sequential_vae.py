@@ -18,7 +18,8 @@ from distlin.errors import UsageError
 from distlin.models.architectures import load_architecture
 from distlin.models.tiny import build_pipeline
 from distlin.vae.peak import device_peak_elements
-from distlin.vae.sequential import UnsupportedDecoderError, _Streamer, decode_sequential
+from distlin.vae.sequential import UnsupportedDecoderError, decode_sequential
+from distlin.vae.transfer import HostStore, ahead
 
 LATENT_H, LATENT_W = 24, 16
 TOL = 1e-4
@@ -46,8 +47,8 @@ class LargestTensor(TorchDispatchMode):
 class ComputePeak(TorchDispatchMode):
     """Peak bytes of live compute-side storages, with store and compute both the CPU.
 
-    Every storage an op creates goes to the side a real store/compute pair would put it on: ``load`` and
-    ``save`` (patched by :meth:`patch` to always copy, as a transfer between two devices does) create compute
+    Every storage an op creates goes to the side a real store/compute pair would put it on: the copies of
+    :class:`HostStore` (patched by :meth:`patch` to always copy, as a transfer between two devices does) create compute
     and store storages; any other op runs on the store exactly when all its tensor inputs are store storages
     (a band's rows cut across band borders, the final image), else on compute. A compute storage counts from
     its creation until Python frees it (a finalizer on the storage). Weights exist before and are not
@@ -70,16 +71,16 @@ class ComputePeak(TorchDispatchMode):
             self.side = None
 
     def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        def load(streamer: _Streamer, t: torch.Tensor) -> torch.Tensor:
+        def to_compute(host: HostStore, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             with self.on("compute"):
-                return t.to(streamer.compute, streamer.dtype, copy=True)
+                return t.to(host.compute, dtype, copy=True)
 
-        def save(streamer: _Streamer, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        def to_store(host: HostStore, t: torch.Tensor) -> torch.Tensor:
             with self.on("store"):
-                return t.to(streamer.store, dtype or streamer.store_dtype, copy=True)
+                return t.to(host.store, copy=True)
 
-        monkeypatch.setattr(_Streamer, "load", load)
-        monkeypatch.setattr(_Streamer, "save", save)
+        monkeypatch.setattr(HostStore, "_to_compute", to_compute)
+        monkeypatch.setattr(HostStore, "_to_store", to_store)
 
     def _free(self, nbytes: int) -> None:
         self.current -= nbytes
@@ -262,3 +263,53 @@ def test_largest_tensor_is_a_band(vae) -> None:
         decode_sequential(vae, z, band_rows=4)
     print(f"\nlargest tensor, 256x128 px: plain {plain.largest} B, sequential (4-row bands) {banded.largest} B")
     assert banded.largest * 6 < plain.largest  # 8 bands, each with 2 halo rows
+
+
+def test_next_band_is_fetched_before_this_band_computes() -> None:
+    """Double buffering: band r + 1's copy is queued before band r's compute, never later, never earlier."""
+    events: list[str] = []
+
+    def fetch(r: int) -> int:
+        events.append(f"fetch {r}")
+        return r
+
+    for r, fetched in ahead(3, fetch):
+        assert fetched == r
+        events.append(f"compute {r}")
+    assert events == ["fetch 0", "fetch 1", "compute 0", "fetch 2", "compute 1", "compute 2"]
+    assert list(ahead(0, fetch)) == []
+
+
+def test_cpu_store_copies_synchronously_and_counts_bytes() -> None:
+    """Without CUDA: no pinning, no side stream; every byte that crosses is counted once, in the store's dtype."""
+    host = HostStore(torch.device("cpu"), torch.device("cpu"))
+    assert not host.overlap and host.stream is None
+    band = torch.randn(2, 3, 4, 5)
+    stored = host.save(band, torch.float16)
+    assert stored.dtype == torch.float16 and not stored.is_pinned() and host.moved == band.numel() * 2
+    halves = [stored[:, :, :1], stored[:, :, 1:]]  # rows across a band border: joined on the host
+    fetched = host.fetch(halves, torch.float32)
+    assert fetched.copied is None and host.moved == 2 * band.numel() * 2
+    torch.testing.assert_close(fetched.get(), band.half().float(), rtol=0, atol=0)
+
+
+def test_decode_reports_every_byte_it_copies(monkeypatch, vae) -> None:
+    """``on_done``'s byte count (the timing line's GB) is the sum of the copies made, both ways."""
+    copied: list[int] = []
+    to_compute, to_store = HostStore._to_compute, HostStore._to_store
+
+    def counted_to_compute(host: HostStore, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        copied.append(t.numel() * t.element_size())
+        return to_compute(host, t, dtype)
+
+    def counted_to_store(host: HostStore, t: torch.Tensor) -> torch.Tensor:
+        copied.append(t.numel() * t.element_size())
+        return to_store(host, t)
+
+    monkeypatch.setattr(HostStore, "_to_compute", counted_to_compute)
+    monkeypatch.setattr(HostStore, "_to_store", counted_to_store)
+    reported: list[int] = []
+    decode_sequential(
+        vae, _latents(), 5, store_dtype=torch.float16, attention_rows=2, on_done=lambda b, s: reported.append(b)
+    )
+    assert reported == [sum(copied)] and sum(copied) > 0

@@ -89,23 +89,35 @@ def _conv_peak(
     Steps: the fetched rows (with halos) and the ``pre`` outputs (1x1 conv, or GroupNorm then activation);
     fetched and x``f`` upsampled copy; that and the zero-padded copy; padded input and conv output; the
     residual (conv output + loaded input + 1x1 shortcut, then + sum, then sum + quotient); the kept band
-    with its GroupNorm moments scratch.
+    with its GroupNorm moments scratch. Throughout, the next band's rows and skip band, fetched ahead (and
+    this band's skip band until the residual add).
     """
-    height, peak = bounds[-1], 0.0
-    for lo, hi in pairwise(bounds):
+    height = bounds[-1]
+
+    def fetched(lo: int, hi: int) -> float:
         lo_in, hi_in = max(lo - 1, 0), min(hi + 1, height)
-        fetched = c_in * ((hi_in - 1) // f + 1 - lo_in // f) * (width // f)
+        return c_in * ((hi_in - 1) // f + 1 - lo_in // f) * (width // f)
+
+    def skip(lo: int, hi: int) -> float:
+        return 0.0 if residual is None else residual * (hi - lo) * width
+
+    bands = list(pairwise(bounds))
+    peak = 0.0
+    for r, (lo, hi) in enumerate(bands):
+        ahead = fetched(*bands[r + 1]) + skip(*bands[r + 1]) if r + 1 < len(bands) else 0.0
+        rows = fetched(lo, hi)
         padded, out = c_in * (hi - lo + 2) * width, c_out * (hi - lo) * width
-        steps = [fetched * {None: 1, "conv": 2, "norm": 3}[pre]]
+        steps = [rows * {None: 1, "conv": 2, "norm": 3}[pre]]
         if f > 1:
-            steps.append(5 * fetched)
-            fetched *= 4
-        steps += [fetched + padded, padded + out]
+            steps.append(5 * rows)
+            rows *= 4
+        steps += [rows + padded, padded + out]
+        steps = [step + skip(lo, hi) for step in steps]
         if residual is not None:
             shortcut = out if residual != c_out else 0
-            steps += [out + residual * (hi - lo) * width + shortcut, 3 * out]
+            steps += [out + skip(lo, hi) + shortcut, 3 * out]
         steps.append(out + _moments_scratch(out, c_out, groups, batch, wide))
-        peak = max(peak, *steps)
+        peak = max(peak, *(step + ahead for step in steps))
     return batch * peak
 
 
