@@ -17,6 +17,7 @@ from multirank import run_ranks
 from torch._dynamo.backends.registry import lookup_backend
 
 import distlin.parallel.compile
+from distlin.cli.generate import parse
 from distlin.parallel import Runtime
 from distlin.parallel.compile import compiled_parts
 from distlin.run import generate, pipeline_key, prepare_pipeline
@@ -81,9 +82,8 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max().item() <= TOL * b.abs().max().item()
 
 
-def test_compile_is_part_of_the_prepared_pipeline() -> None:
-    settings = build_settings("tiny-sd15", BASE, 1)
-    compiled = build_settings("tiny-sd15", {**BASE, "compile": True}, 1)
+def test_compile_flag_is_a_setting_of_the_prepared_pipeline() -> None:
+    settings, compiled = (parse(["--preset", "tiny-sd15", *flag])[1] for flag in ([], ["--compile"]))
     assert compiled.compile and not settings.compile and compiled.metadata()["compile"] is True
     assert pipeline_key(compiled) != pipeline_key(settings)
 
