@@ -215,6 +215,18 @@ SHALLOW_VAE = {
 }
 
 
+def fetch_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA schedule on the CPU: the next band's rows fetched while one computes (copies stay synchronous)."""
+    monkeypatch.setattr(HostStore, "lookahead", property(lambda host: 1))
+
+
+def test_double_buffered_decode_equals_plain_decode(monkeypatch, vae, plain) -> None:
+    fetch_ahead(monkeypatch)
+    out = decode_sequential(vae, _latents(), 5, query_chunk=7)
+    assert (out - plain).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("ahead_of_compute", [False, True], ids=["cpu-schedule", "cuda-schedule"])
 @pytest.mark.parametrize(
     ("config", "latent", "band_rows", "attention_rows"),
     [
@@ -223,8 +235,11 @@ SHALLOW_VAE = {
     ],
     ids=["tiny-sd15-conv", "shallow-attention"],
 )
-def test_device_peak_prediction(monkeypatch, config: dict, latent: tuple[int, int], band_rows: int, attention_rows):
-    """device_peak_elements within 20 % of the compute-side peak measured by :class:`ComputePeak`.
+def test_device_peak_prediction(
+    monkeypatch, config: dict, latent: tuple[int, int], band_rows: int, attention_rows, ahead_of_compute: bool
+):
+    """device_peak_elements within 20 % of the compute-side peak measured by :class:`ComputePeak`, with the
+    next band fetched ahead (as on CUDA) or not (as on the CPU).
 
     Tiny shapes are meaningful: the prediction counts the same band-, group- and tile-sized tensors the code
     creates, so only per-channel vectors and GroupNorm moments (well under 1 %) separate the two.
@@ -233,11 +248,15 @@ def test_device_peak_prediction(monkeypatch, config: dict, latent: tuple[int, in
     z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(0))
     tracker = ComputePeak()
     tracker.patch(monkeypatch)
+    if ahead_of_compute:
+        fetch_ahead(monkeypatch)
     with tracker:
         decode_sequential(vae, z, band_rows, attention_rows=attention_rows)
     assert tracker.current == 0  # every compute storage was freed
     measured = tracker.peak / z.element_size()
-    predicted = device_peak_elements(config, *latent, band_rows, attention_rows, dtype=torch.float32)
+    predicted = device_peak_elements(
+        config, *latent, band_rows, attention_rows, dtype=torch.float32, fetch_ahead=ahead_of_compute
+    )
     print(f"\ncompute peak: measured {measured:.0f}, predicted {predicted} elements")
     assert abs(predicted / measured - 1) < 0.2
 
@@ -265,25 +284,32 @@ def test_largest_tensor_is_a_band(vae) -> None:
     assert banded.largest * 6 < plain.largest  # 8 bands, each with 2 halo rows
 
 
-def test_next_band_is_fetched_before_this_band_computes() -> None:
-    """Double buffering: band r + 1's copy is queued before band r's compute, never later, never earlier."""
+@pytest.mark.parametrize(
+    ("depth", "order"),
+    [
+        (1, ["fetch 0", "fetch 1", "compute 0", "fetch 2", "compute 1", "compute 2"]),  # CUDA: double buffering
+        (0, ["fetch 0", "compute 0", "fetch 1", "compute 1", "fetch 2", "compute 2"]),  # CPU: nothing to overlap
+    ],
+)
+def test_bands_are_fetched_depth_ahead_of_compute(depth: int, order: list[str]) -> None:
+    """Band r + depth's copy is queued before band r's compute: never later (no overlap), never earlier."""
     events: list[str] = []
 
     def fetch(r: int) -> int:
         events.append(f"fetch {r}")
         return r
 
-    for r, fetched in ahead(3, fetch):
+    for r, fetched in ahead(3, fetch, depth):
         assert fetched == r
         events.append(f"compute {r}")
-    assert events == ["fetch 0", "fetch 1", "compute 0", "fetch 2", "compute 1", "compute 2"]
-    assert list(ahead(0, fetch)) == []
+    assert events == order
+    assert list(ahead(0, fetch, depth)) == []
 
 
 def test_cpu_store_copies_synchronously_and_counts_bytes() -> None:
     """Without CUDA: no pinning, no side stream; every byte that crosses is counted once, in the store's dtype."""
     host = HostStore(torch.device("cpu"), torch.device("cpu"))
-    assert not host.overlap and host.stream is None
+    assert not host.overlap and host.stream is None and host.lookahead == 0
     band = torch.randn(2, 3, 4, 5)
     stored = host.save(band, torch.float16)
     assert stored.dtype == torch.float16 and not stored.is_pinned() and host.moved == band.numel() * 2

@@ -116,6 +116,7 @@ def plan(
     vae_decode: str = "auto",
     thresholds: Thresholds | None = None,
     ff_chunk: int | None = None,
+    vae_fetch_ahead: bool = True,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
@@ -126,7 +127,8 @@ def plan(
     ``vae_decode`` picks the VAE path (:func:`sequential_vae`); ``vae_attention_rows`` streams the
     sequential decode's mid-block keys/values from host RAM. ``thresholds`` (a run's) set the token chunk of the
     transformers and the sequential VAE's switch-on size and band rows; without them the transformers are
-    planned unchunked (``ff_chunk`` alone sets their chunk).
+    planned unchunked (``ff_chunk`` alone sets their chunk). ``vae_fetch_ahead``: the sequential decode holds
+    one band more on the device, where its copies overlap compute (a GPU; not on the CPU).
     """
     chunk = thresholds.token_chunk if thresholds is not None else ff_chunk
     limits = thresholds or Thresholds()
@@ -149,7 +151,9 @@ def plan(
         from distlin.vae.peak import device_peak_elements
 
         settings = sequential_vae_settings(vae_attention_rows, limits.sequential_band_rows)
-        vae_elements = device_peak_elements(arch["vae"], rows, cols, dtype=getattr(torch, dtype), **settings)
+        vae_elements = device_peak_elements(
+            arch["vae"], rows, cols, dtype=getattr(torch, dtype), fetch_ahead=vae_fetch_ahead, **settings
+        )
     else:
         vae_band = Topology.for_run(ranks, cfg_parallel=False, guidance=False).band_rows(rows, cols, 1)
         vae_elements = vae_decode_elements(arch["vae"], vae_band * cols * LATENT_FACTOR**2, rows * cols)

@@ -150,8 +150,9 @@ class _Streamer:
         ``pre`` (pointwise) and the nearest x2 ``upsample`` run on the fetched rows before the zero padding,
         which exists only at the image border. ``residual = (skip, add)`` finishes band ``r`` on compute as
         ``add(out, band r of skip)``, that band taken from the store. With ``consume`` the input bands are
-        released once the following bands' halos no longer reach them. Band ``r + 1``'s rows (and skip band)
-        are fetched before band ``r`` computes.
+        released once the following bands' halos no longer reach them. Where copies overlap compute, band
+        ``r + 1``'s rows are fetched before band ``r`` computes (``HostStore.lookahead``); band ``r``'s skip
+        band once its convolution is queued (on CUDA both copies run during the convolution).
         """
         f = 2 if upsample else 1
         bounds = [f * b for b in x.bounds]
@@ -160,12 +161,11 @@ class _Streamer:
         parts: list[torch.Tensor | None] = []
         moments: dict[int, torch.Tensor] = {}
 
-        def fetch(r: int) -> tuple[Fetch, Fetch | None]:
+        def fetch(r: int) -> Fetch:
             lo_in, hi_in = max(bounds[r] - needs[r][0], 0), min(bounds[r + 1] + needs[r][1], height)
-            rows = self.host.fetch(x.rows(lo_in // f, (hi_in - 1) // f + 1), self.dtype)
-            return rows, None if residual is None else self.host.fetch([residual[0].take(r)], self.dtype)
+            return self.host.fetch(x.rows(lo_in // f, (hi_in - 1) // f + 1), self.dtype)
 
-        for r, (rows, skip) in ahead(len(needs), fetch):
+        for r, rows in ahead(len(needs), fetch, self.host.lookahead):
             top, bottom = needs[r]
             lo, hi = bounds[r] - top, bounds[r + 1] + bottom
             lo_in, hi_in = max(lo, 0), min(hi, height)
@@ -179,9 +179,9 @@ class _Streamer:
             t = F.pad(t, (0, 0, lo_in - lo, hi - hi_in))
             out = F.conv2d(t, conv.weight, conv.bias, 1, (0, conv.padding[1]), conv.dilation, conv.groups)
             del t  # compute memory (see device_peak_elements): the padded input is dead during post and keep
-            if skip is not None:
-                out = residual[1](out, skip.get())
-            del skip
+            if residual is not None:
+                skip, add = residual
+                out = add(out, self.host.load([skip.take(r)], self.dtype))
             parts.append(self.keep(out, moments))
             del out  # ... and this band's output while the next band is fetched
             if consume and r + 1 < len(needs):

@@ -14,8 +14,9 @@ band computes. The ordering, with one CUDA event per copy:
   A copy from a stored buffer back to compute needs no wait: it is queued behind its writer on the same stream.
 
 Elsewhere (CPU compute, or the store on the compute device) the same calls copy synchronously: no pinning,
-no stream, no event. :func:`ahead` is the double buffering both use: band ``r + 1``'s copy is started before
-band ``r`` is handed over for compute.
+no stream, no event, and nothing to overlap, so :attr:`HostStore.lookahead` is 0 there: :func:`ahead` then
+fetches each band when it is needed, and the device holds one band less. With overlap it is 1: band
+``r + 1``'s copy is started before band ``r`` is handed over for compute (double buffering).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import torch
 T = TypeVar("T")
 
 
-def ahead(count: int, fetch: Callable[[int], T]) -> Iterator[tuple[int, T]]:
-    """``(r, fetch(r))`` for ``r < count``, calling ``fetch(r + 1)`` before yielding band ``r``: the next band's
-    copy is queued before the caller queues band ``r``'s compute, so on CUDA the two overlap."""
-    queued = [fetch(0)] if count > 0 else []
+def ahead(count: int, fetch: Callable[[int], T], depth: int) -> Iterator[tuple[int, T]]:
+    """``(r, fetch(r))`` for ``r < count``, with ``fetch(r + depth)`` called before band ``r`` is yielded: the
+    next ``depth`` bands' copies are queued before the caller queues band ``r``'s compute, so on CUDA they
+    overlap it."""
+    queued: list[T] = []
     for r in range(count):
-        if r + 1 < count:
-            queued.append(fetch(r + 1))
+        while len(queued) <= depth and r + len(queued) < count:
+            queued.append(fetch(r + len(queued)))
         yield r, queued.pop(0)  # held by the caller alone: it may free the band while computing
 
 
@@ -65,6 +67,11 @@ class HostStore:
         self.stream = torch.cuda.Stream(compute) if self.overlap else None
         self.moved = 0  # bytes copied between store and compute, both ways
         self._writes: dict[int, torch.cuda.Event] = {}  # host buffer address -> event of the copy writing it
+
+    @property
+    def lookahead(self) -> int:
+        """Bands fetched ahead of the one computing: 1 where copies overlap compute, else 0."""
+        return 1 if self.overlap else 0
 
     def ready(self, tensors: list[torch.Tensor]) -> None:
         """Wait until the copies writing ``tensors`` (stored buffers or views of them) are done: before the host
