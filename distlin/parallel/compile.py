@@ -2,8 +2,8 @@
 
 Compiling the whole patch-parallel UNet does not work well: measured on the tiny SD-1.5 model on 2 gloo ranks
 (4 steps, displaced mode, dynamo with the eager backend), dynamo split it into 76 graphs at 58 graph breaks
-(every halo exchange, all-reduce and the finite check), guarded the pieces on the engine's layout, and
-stopped compiling the chunked transformer when it hit its recompile limit (8), its bands changing shape
+(the point-to-point halo exchanges, the finite check's ``.item()``, a lock in the exchange code), and
+stopped compiling the chunked transformer when it hit its recompile limit (8), its input changing shape
 level by level; tracing alone took the first step from under a second to 83 s. So only modules that read no
 engine state and start no collective are compiled, each on its own:
 
