@@ -2,7 +2,7 @@
 
 Compiling the whole patch-parallel UNet does not work well: measured on the tiny SD-1.5 model on 2 gloo ranks
 (4 steps, displaced mode, dynamo with the eager backend), dynamo split it into 76 graphs at 58 graph breaks
-(the point-to-point halo exchanges, the finite check's ``.item()``, a lock in the exchange code), and
+(the point-to-point halo exchanges, the finite check's ``.item()``, an ``RLock`` context manager), and
 stopped compiling the chunked transformer when it hit its recompile limit (8), its input changing shape
 level by level; tracing alone took the first step from under a second to 83 s. So only modules that read no
 engine state and start no collective are compiled, each on its own:
