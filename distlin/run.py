@@ -34,6 +34,7 @@ from distlin.memory.fit import fit_to_capacity, saver_flags
 from distlin.memory.planner import sequential_vae, sequential_vae_settings
 from distlin.ops.linear_attention import check_kernel
 from distlin.parallel.comm import CommStats
+from distlin.parallel.compile import compile_unet
 from distlin.parallel.pipeline import parallelize
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet
@@ -83,6 +84,7 @@ def pipeline_key(settings: RunSettings) -> tuple:
         settings.device,
         settings.engine,
         settings.attention_kernel,
+        settings.compile,
         settings.thresholds,
         settings.loras,
         settings.controlnet,
@@ -107,7 +109,9 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     7. patch parallelism: the UNet's convs, GroupNorms and self-attention work on row bands, then every
        ControlNet's on the same engine (its residuals come out as this rank's band);
     8. the band-parallel VAE (decode and encode between cascade stages): bands on several ranks; on one rank
-       the same layers keep every kernel call below the index limit.
+       the same layers keep every kernel call below the index limit;
+    9. ``--compile``: torch.compile of the UNet's pure-compute modules (feed-forwards, cross-attention,
+       LinFusion's projections); the engine's exchanges stay eager (:mod:`distlin.parallel.compile`).
     """
     limits = settings.thresholds
     pipe = load_pipeline(settings.model, parse_dtype(settings.dtype), runtime.device, WEIGHTS_SEED)
@@ -125,6 +129,8 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     engine = parallelize(pipe, settings.engine, runtime)  # the ControlNets too; hides the sampling bar off rank 0
     vae_stats = CommStats()
     vae = parallelize_vae(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
+    if settings.compile:
+        compile_unet(pipe.unet)
     return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
 
 

@@ -76,6 +76,7 @@ class RunSettings:
     vae_decode: str = "auto"  # direct (plain / band-parallel), sequential (band by band via host RAM) or auto
     vae_attention_rows: int | None = None  # stream the sequential VAE's mid-block K/V from host RAM
     attention_kernel: str = "auto"  # LinFusion attention: auto, torch or triton
+    compile: bool = False  # torch.compile the UNet's pure-compute modules (distlin.parallel.compile)
     thresholds: Thresholds = field(default_factory=Thresholds)
     backend: str | None = None
     timeout_s: float = 300.0
@@ -128,6 +129,7 @@ class RunSettings:
             "stale": ",".join(sorted(self.engine.stale)) or "none",
             "cfg_parallel": self.engine.cfg_parallel,
             "micro_batch": self.engine.micro_batch,
+            "compile": self.compile,
             "stages": [(s.height, s.width, s.strength) for s in self.stages],
             "vae_decode": self.vae_decode,
             "vae_attention_rows": self.vae_attention_rows,

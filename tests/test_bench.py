@@ -200,3 +200,18 @@ def test_fidelity_suite(tmp_path: Path) -> None:
     assert exact["psnr_db"] is None or exact["psnr_db"] > 100
     assert naive["psnr_db"] < everything["psnr_db"] < default["psnr_db"]
     assert all(0 < r["projected_efficiency"] <= 1 + 1e-9 for r in (exact, default, everything))
+
+
+def test_gpu_suite_compile_and_vae_parts_run_on_cpu() -> None:
+    """The gpu suite's ``--compile`` comparison and sequential-VAE transfer rate, at tiny size on the CPU
+    (``aot_eager``: inductor's code generation is minutes on 2 cores; on a GPU the suite uses inductor)."""
+    from distlin.bench.gpu import compile_vae_markdown, measure_compile, measure_sequential_vae
+
+    cpu = torch.device("cpu")
+    compiled = measure_compile("tiny-sd15", 128, cpu, torch.float32, repeats=1, backend="aot_eager")
+    assert compiled["modules"] > 0 and compiled["eager_ms"] > 0 and compiled["compiled_ms"] > 0
+    assert compiled["max_rel_error"] <= 1e-5
+    vae = measure_sequential_vae("tiny-sd15", 128, 4, cpu, torch.float32)
+    assert vae["gb_moved"] > 0 and vae["gb_s"] == vae["gb_moved"] / vae["seconds"]
+    text = compile_vae_markdown([compiled, vae])
+    assert "`--compile`" in text and "GB/s" in text

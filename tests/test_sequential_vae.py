@@ -19,7 +19,8 @@ from distlin.errors import UsageError
 from distlin.models.architectures import load_architecture
 from distlin.models.tiny import build_pipeline
 from distlin.vae.peak import device_peak_elements
-from distlin.vae.sequential import UnsupportedDecoderError, _Streamer, decode_sequential, encode_sequential
+from distlin.vae.sequential import UnsupportedDecoderError, decode_sequential, encode_sequential
+from distlin.vae.transfer import HostStore, ahead
 
 LATENT_H, LATENT_W = 24, 16
 TOL = 1e-4
@@ -47,8 +48,8 @@ class LargestTensor(TorchDispatchMode):
 class ComputePeak(TorchDispatchMode):
     """Peak bytes of live compute-side storages, with store and compute both the CPU.
 
-    Every storage an op creates goes to the side a real store/compute pair would put it on: ``load`` and
-    ``save`` (patched by :meth:`patch` to always copy, as a transfer between two devices does) create compute
+    Every storage an op creates goes to the side a real store/compute pair would put it on: the copies of
+    :class:`HostStore` (patched by :meth:`patch` to always copy, as a transfer between two devices does) create compute
     and store storages; any other op runs on the store exactly when all its tensor inputs are store storages
     (a band's rows cut across band borders, the final image), else on compute. A compute storage counts from
     its creation until Python frees it (a finalizer on the storage). Weights exist before and are not
@@ -71,16 +72,16 @@ class ComputePeak(TorchDispatchMode):
             self.side = None
 
     def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        def load(streamer: _Streamer, t: torch.Tensor) -> torch.Tensor:
+        def to_compute(host: HostStore, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             with self.on("compute"):
-                return t.to(streamer.compute, streamer.dtype, copy=True)
+                return t.to(host.compute, dtype, copy=True)
 
-        def save(streamer: _Streamer, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        def to_store(host: HostStore, t: torch.Tensor) -> torch.Tensor:
             with self.on("store"):
-                return t.to(streamer.store, dtype or streamer.store_dtype, copy=True)
+                return t.to(host.store, copy=True)
 
-        monkeypatch.setattr(_Streamer, "load", load)
-        monkeypatch.setattr(_Streamer, "save", save)
+        monkeypatch.setattr(HostStore, "_to_compute", to_compute)
+        monkeypatch.setattr(HostStore, "_to_store", to_store)
 
     def _free(self, nbytes: int) -> None:
         self.current -= nbytes
@@ -215,6 +216,18 @@ SHALLOW_VAE = {
 }
 
 
+def fetch_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA schedule on the CPU: the next band's rows fetched while one computes (copies stay synchronous)."""
+    monkeypatch.setattr(HostStore, "lookahead", property(lambda host: 1))
+
+
+def test_double_buffered_decode_equals_plain_decode(monkeypatch, vae, plain) -> None:
+    fetch_ahead(monkeypatch)
+    out = decode_sequential(vae, _latents(), 5, query_chunk=7)
+    assert (out - plain).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("ahead_of_compute", [False, True], ids=["cpu-schedule", "cuda-schedule"])
 @pytest.mark.parametrize(
     ("config", "latent", "band_rows", "attention_rows"),
     [
@@ -223,8 +236,11 @@ SHALLOW_VAE = {
     ],
     ids=["tiny-sd15-conv", "shallow-attention"],
 )
-def test_device_peak_prediction(monkeypatch, config: dict, latent: tuple[int, int], band_rows: int, attention_rows):
-    """device_peak_elements within 20 % of the compute-side peak measured by :class:`ComputePeak`.
+def test_device_peak_prediction(
+    monkeypatch, config: dict, latent: tuple[int, int], band_rows: int, attention_rows, ahead_of_compute: bool
+):
+    """device_peak_elements within 20 % of the compute-side peak measured by :class:`ComputePeak`, with the
+    next band fetched ahead (as on CUDA) or not (as on the CPU).
 
     Tiny shapes are meaningful: the prediction counts the same band-, group- and tile-sized tensors the code
     creates, so only per-channel vectors and GroupNorm moments (well under 1 %) separate the two.
@@ -233,11 +249,15 @@ def test_device_peak_prediction(monkeypatch, config: dict, latent: tuple[int, in
     z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(0))
     tracker = ComputePeak()
     tracker.patch(monkeypatch)
+    if ahead_of_compute:
+        fetch_ahead(monkeypatch)
     with tracker:
         decode_sequential(vae, z, band_rows, attention_rows=attention_rows)
     assert tracker.current == 0  # every compute storage was freed
     measured = tracker.peak / z.element_size()
-    predicted = device_peak_elements(config, *latent, band_rows, attention_rows, dtype=torch.float32)
+    predicted = device_peak_elements(
+        config, *latent, band_rows, attention_rows, dtype=torch.float32, fetch_ahead=ahead_of_compute
+    )
     print(f"\ncompute peak: measured {measured:.0f}, predicted {predicted} elements")
     assert abs(predicted / measured - 1) < 0.2
 
@@ -308,3 +328,60 @@ def test_encode_compute_peak_is_below_the_decode_prediction(monkeypatch, vae) ->
     predicted = device_peak_elements(dict(vae.config), LATENT_H, LATENT_W, 5, None, dtype=torch.float32)
     print(f"\nencode compute peak: measured {measured:.0f}, decode predicted {predicted} elements")
     assert measured <= predicted
+
+
+@pytest.mark.parametrize(
+    ("depth", "order"),
+    [
+        (1, ["fetch 0", "fetch 1", "compute 0", "fetch 2", "compute 1", "compute 2"]),  # CUDA: double buffering
+        (0, ["fetch 0", "compute 0", "fetch 1", "compute 1", "fetch 2", "compute 2"]),  # CPU: nothing to overlap
+    ],
+)
+def test_bands_are_fetched_depth_ahead_of_compute(depth: int, order: list[str]) -> None:
+    """Band r + depth's copy is queued before band r's compute: never later (no overlap), never earlier."""
+    events: list[str] = []
+
+    def fetch(r: int) -> int:
+        events.append(f"fetch {r}")
+        return r
+
+    for r, fetched in ahead(3, fetch, depth):
+        assert fetched == r
+        events.append(f"compute {r}")
+    assert events == order
+    assert list(ahead(0, fetch, depth)) == []
+
+
+def test_cpu_store_copies_synchronously_and_counts_bytes() -> None:
+    """Without CUDA: no pinning, no side stream; every byte that crosses is counted once, in the store's dtype."""
+    host = HostStore(torch.device("cpu"), torch.device("cpu"))
+    assert not host.overlap and host.stream is None and host.lookahead == 0
+    band = torch.randn(2, 3, 4, 5)
+    stored = host.save(band, torch.float16)
+    assert stored.dtype == torch.float16 and not stored.is_pinned() and host.moved == band.numel() * 2
+    halves = [stored[:, :, :1], stored[:, :, 1:]]  # rows across a band border: joined on the host
+    fetched = host.fetch(halves, torch.float32)
+    assert fetched.copied is None and host.moved == 2 * band.numel() * 2
+    torch.testing.assert_close(fetched.get(), band.half().float(), rtol=0, atol=0)
+
+
+def test_decode_reports_every_byte_it_copies(monkeypatch, vae) -> None:
+    """``on_done``'s byte count (the timing line's GB) is the sum of the copies made, both ways."""
+    copied: list[int] = []
+    to_compute, to_store = HostStore._to_compute, HostStore._to_store
+
+    def counted_to_compute(host: HostStore, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        copied.append(t.numel() * t.element_size())
+        return to_compute(host, t, dtype)
+
+    def counted_to_store(host: HostStore, t: torch.Tensor) -> torch.Tensor:
+        copied.append(t.numel() * t.element_size())
+        return to_store(host, t)
+
+    monkeypatch.setattr(HostStore, "_to_compute", counted_to_compute)
+    monkeypatch.setattr(HostStore, "_to_store", counted_to_store)
+    reported: list[int] = []
+    decode_sequential(
+        vae, _latents(), 5, store_dtype=torch.float16, attention_rows=2, on_done=lambda b, s: reported.append(b)
+    )
+    assert reported == [sum(copied)] and sum(copied) > 0

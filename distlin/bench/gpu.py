@@ -11,7 +11,10 @@ runs micro-batched (the guidance halves one after the other, as ``--micro-batch 
 the reason when even that does not fit. ``generation``: the 16384x8192 SD-1.5 cascade (``--preset sd15-16k``
 with ``full-sd15`` random weights and fresh LinFusion layers) end to end through :func:`distlin.run.generate`,
 the function the command line runs: wall seconds per stage and for the decode, ``torch.cuda.max_memory_allocated``
-and the process's peak host RSS next to the planner's prediction for the settings it ran with.
+and the process's peak host RSS next to the planner's prediction for the settings it ran with. ``compile``: one
+UNet call eager and after :func:`~distlin.parallel.compile.compile_unet` (``--compile``) at one size: time
+of each, the first compiled call's seconds and the largest difference. ``vae``: the sequential decode through
+host RAM at one size: bytes moved between host and device, seconds and the achieved GB/s.
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ from functools import partial
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 
 from distlin.bench import options
 from distlin.bench.models import build, model_name, unet_inputs
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
-from distlin.bench.timing import peak_memory_mb, time_calls
+from distlin.bench.timing import peak_memory_mb, synchronize, time_calls
 from distlin.bench.unet import count_flops, device_peak
 from distlin.errors import UsageError
 from distlin.memory.fit import plan_run, saver_flags
 from distlin.memory.planner import plan
+from distlin.models.architectures import load_architecture
 from distlin.ops.linear_attention import apply_state, check_kernel, linear_attention, partial_state, select_kernel
+from distlin.parallel.compile import Backend, compile_unet
 from distlin.parallel.runtime import Runtime
 from distlin.run import generate
 from distlin.settings import build_settings
+from distlin.vae.sequential import decode_sequential
 
 DEFAULT_DTYPE = torch.float16
 KERNELS = ("torch", "triton")
@@ -71,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(
         parser, "--generation-size", "16384x8192", "4096x2048", "width x height of the end-to-end part", type=str
     )
+    options.add(parser, "--compile-size", 2048, 512, "square side in pixels of the eager vs --compile UNet", type=int)
+    options.add(parser, "--vae-size", 4096, 1024, "square side in pixels of the sequential VAE decode", type=int)
+    parser.add_argument("--vae-band-rows", type=int, default=64, help="latent rows per sequential VAE band (64)")
 
 
 def environment_record(device: torch.device) -> Record:
@@ -193,6 +203,71 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         del call
         torch.cuda.empty_cache()
     return records, source
+
+
+def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest ``|a - b|`` over the largest ``|b|``."""
+    return ((a - b).abs().max() / b.abs().max()).float().item()
+
+
+def measure_compile(
+    model: str, side: int, device: torch.device, dtype: torch.dtype, repeats: int, backend: Backend | None = None
+) -> Record:
+    """One UNet call (a CFG batch, LinFusion) eager, then with ``--compile``'s modules compiled: the time of each,
+    the first compiled call (tracing and code generation) and how far the outputs are apart."""
+    model = model_name(model)
+    unet = build(model, "linear", device, dtype)
+    call = partial(unet, timestep=999, return_dict=False, **unet_inputs(unet, CFG_BATCH, side, side))
+    record: Record = {"section": "compile", "model": model, "height": side, "width": side, "batch": CFG_BATCH}
+    with torch.inference_mode():
+        eager = call()[0]
+        record["eager_ms"] = _median_ms(call, device, repeats)
+        record["modules"] = compile_unet(unet, backend)
+        start = time.perf_counter()
+        compiled = call()[0]
+        synchronize(device)
+        record["first_call_s"] = time.perf_counter() - start
+        record["compiled_ms"] = _median_ms(call, device, repeats)
+    record["speedup"] = record["eager_ms"] / record["compiled_ms"]
+    record["max_rel_error"] = max_relative_difference(compiled, eager)
+    progress("gpu", f"compile {model} {side}x{side}: {record['speedup']:.2f}x")
+    return record
+
+
+def measure_sequential_vae(model: str, side: int, band_rows: int, device: torch.device, dtype: torch.dtype) -> Record:
+    """The sequential decode through host RAM (what ``--vae-decode sequential`` runs) at ``side`` px square: the
+    bytes it moves between host and device, its seconds, and the achieved rate (the decode's own timing line)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL.from_config(load_architecture(model_name(model))["vae"]).to(device, dtype).eval()
+    latent = side // 8
+    latents = torch.randn(1, vae.config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    reported: list[tuple[int, float]] = []
+    decode_sequential(vae, latents.to(device, dtype), band_rows, store="cpu", on_done=lambda *r: reported.append(r))
+    moved, seconds = reported[0]
+    record: Record = {"section": "vae", "model": model_name(model), "height": side, "width": side}
+    record |= {"band_rows": band_rows, "gb_moved": moved / 1e9, "seconds": seconds, "gb_s": moved / seconds / 1e9}
+    progress("gpu", f"sequential VAE {side}x{side}: {record['gb_s']:.1f} GB/s")
+    return record
+
+
+def compile_vae_markdown(records: list[Record]) -> str:
+    """The compiled UNet and the sequential VAE's transfer rate, as lines of ``gpu.md``."""
+    lines = []
+    for r in records:
+        if r["section"] == "compile":
+            lines.append(
+                f"- `--compile`, {r['model']} UNet at {r['width']}x{r['height']} (batch {r['batch']}, compiled "
+                f"modules: {r['modules']}): eager {fmt(r['eager_ms'])} ms, compiled {fmt(r['compiled_ms'])} ms "
+                f"({_times(r['speedup'])}); first compiled call {fmt(r['first_call_s'])} s; largest difference "
+                f"{fmt(r['max_rel_error'])} of the largest output"
+            )
+        if r["section"] == "vae":
+            lines.append(
+                f"- Sequential VAE, {r['model']} at {r['width']}x{r['height']} ({r['band_rows']}-row bands): "
+                f"{fmt(r['gb_moved'])} GB host<->device in {fmt(r['seconds'])} s ({fmt(r['gb_s'])} GB/s)"
+            )
+    return "\n".join(lines)
 
 
 def _times(value: float | None) -> str:
@@ -373,10 +448,15 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> S
     unet, source = measure_unet(args, device, dtype)
     records += unet
     torch.cuda.empty_cache()
+    records.append(measure_compile(args.model, args.compile_size, device, dtype, args.repeats))
+    torch.cuda.empty_cache()
+    records.append(measure_sequential_vae(args.model, args.vae_size, args.vae_band_rows, device, dtype))
+    torch.cuda.empty_cache()
     width, height = (int(side) for side in args.generation_size.split("x"))
     overrides = {"model": "full-sd15", "linfusion": "fresh", "width": width, "height": height, "dtype": "float16"}
     progress("gpu", f"end to end: {args.generation_preset} at {args.generation_size}")
     generation = measure_generation(args.generation_preset, overrides, device)
     records.append(generation)
-    text = markdown([r for r in records if r["section"] != "generation"], args, source)
-    return SuiteResult(records, f"{text}\n\n{generation_markdown(generation)}", plot(records))
+    text = markdown([r for r in records if r["section"] in ("environment", "attention", "unet")], args, source)
+    parts = [text, compile_vae_markdown(records), generation_markdown(generation)]
+    return SuiteResult(records, "\n\n".join(parts), plot(records))

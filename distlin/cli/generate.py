@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="LinFusion attention ops: triton (fused kernels, CUDA), torch, or auto (triton on CUDA; default)",
     )
+    eng.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet's pure-compute layers (feed-forwards, cross-attention, LinFusion's "
+        "projections; the exchanges stay eager): same image, faster steps after a first step that compiles",
+    )
     eng.add_argument("--backend", choices=BACKENDS, help="process-group backend (default: nccl on CUDA, else gloo)")
     eng.add_argument(
         "--timeout-s",
@@ -226,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that map one to one onto RunSettings / engine fields (argparse dest == field name).
 SETTING_FLAGS = (
     "model", "linfusion", "prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "dtype",
-    "device", "mode", "warmup_steps", "stale", "cfg_parallel", "micro_batch", "attention_kernel", "backend",
+    "device", "mode", "warmup_steps", "stale", "cfg_parallel", "micro_batch", "attention_kernel", "compile", "backend",
     "timeout_s", "vae_decode", "vae_attention_rows", "loras", "scheduler", "init_image", "strength", "mask",
     "controlnet", "control_image", "control_scale", "ip_adapter", "ip_image", "ip_scale",
 )  # fmt: skip

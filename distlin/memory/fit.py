@@ -55,6 +55,7 @@ def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
         "vae_attention_rows": settings.vae_attention_rows,
         "vae_decode": settings.vae_decode,
         "thresholds": settings.thresholds,
+        "vae_fetch_ahead": settings.device != "cpu",  # overlapped copies: a GPU, or auto (maybe one)
     }
 
 

@@ -117,6 +117,7 @@ def plan(
     thresholds: Thresholds | None = None,
     ff_chunk: int | None = None,
     extra_parameters: dict[str, int] | None = None,
+    vae_fetch_ahead: bool = True,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
@@ -129,9 +130,10 @@ def plan(
     transformers and the sequential VAE's switch-on size and band rows; without them the transformers are
     planned unchunked (``ff_chunk`` alone sets their chunk). ``extra_parameters`` counts the parameters of a
     run's own components by name (ControlNets, an IP-Adapter's image encoder: :func:`component_parameters`), held
-    on every rank beside the model's. A cascade's encode between stages takes the VAE path
-    of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the decode's
-    term covers it.
+    on every rank beside the model's. ``vae_fetch_ahead``: the sequential decode holds one band more on the device,
+    where its copies overlap compute (a GPU; not on the CPU). A cascade's encode between stages takes the VAE
+    path of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the
+    decode's term covers it.
     """
     chunk = thresholds.token_chunk if thresholds is not None else ff_chunk
     limits = thresholds or Thresholds()
@@ -154,7 +156,9 @@ def plan(
         from distlin.vae.peak import device_peak_elements
 
         settings = sequential_vae_settings(vae_attention_rows, limits.sequential_band_rows)
-        vae_elements = device_peak_elements(arch["vae"], rows, cols, dtype=getattr(torch, dtype), **settings)
+        vae_elements = device_peak_elements(
+            arch["vae"], rows, cols, dtype=getattr(torch, dtype), fetch_ahead=vae_fetch_ahead, **settings
+        )
     else:
         vae_band = Topology.for_run(ranks, cfg_parallel=False, guidance=False).band_rows(rows, cols, 1)
         vae_elements = vae_decode_elements(arch["vae"], vae_band * cols * LATENT_FACTOR**2, rows * cols)

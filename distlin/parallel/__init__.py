@@ -14,6 +14,7 @@ _EXPORTS = {
     "ParallelUNet": "distlin.parallel.unet",
     "PatchParallelConfig": "distlin.parallel.config",
     "RowLayout": "distlin.parallel.layout",
+    "compile_unet": "distlin.parallel.compile",
     "Runtime": "distlin.parallel.runtime",
     "Topology": "distlin.parallel.topology",
     "init_runtime": "distlin.parallel.runtime",

@@ -23,6 +23,7 @@ def device_peak_elements(
     batch: int = 1,
     query_chunk: int = 4096,
     dtype: torch.dtype = torch.float16,
+    fetch_ahead: bool = True,
 ) -> int:
     """Predicted peak of live activation elements on ``compute`` during :func:`decode_sequential`.
 
@@ -31,7 +32,9 @@ def device_peak_elements(
     :func:`check_supported` accepts (3x3 convs), with ``store_dtype`` equal to the compute ``dtype``. It
     follows what each ``_Streamer`` primitive keeps alive, band by band (``_conv_peak``,
     ``_attention_peak``). Float32 scratch (softmax state and score tile, GroupNorm moments of half-precision
-    bands) counts ``4 / dtype.itemsize`` elements, so ``elements * dtype.itemsize`` is bytes. Not counted:
+    bands) counts ``4 / dtype.itemsize`` elements, so ``elements * dtype.itemsize`` is bytes. ``fetch_ahead``:
+    the convolutions hold the next band's rows while one computes (CUDA with a host store,
+    :attr:`~distlin.vae.transfer.HostStore.lookahead`). Not counted:
     weights, kernel workspaces (cuDNN, fused SDPA), per-channel vectors, allocator fragmentation.
     """
     wide = 4 / dtype.itemsize
@@ -43,7 +46,8 @@ def device_peak_elements(
         scale: int, c_in: int, c_out: int, pre: str | None = "norm", f: int = 1, residual: int | None = None
     ) -> float:
         rows = [scale * f * b for b in bounds]
-        return _conv_peak(rows, scale * f * latent_width, c_in, c_out, pre, f, residual, groups, batch, wide)
+        width = scale * f * latent_width
+        return _conv_peak(rows, width, c_in, c_out, pre, f, residual, groups, batch, wide, fetch_ahead)
 
     def resnet(scale: int, c_in: int, c_out: int) -> float:
         return max(conv(scale, c_in, c_out), conv(scale, c_out, c_out, residual=c_in))
@@ -83,29 +87,37 @@ def _conv_peak(
     groups: int,
     batch: int,
     wide: float,
+    fetch_ahead: bool,
 ) -> float:
     """Largest live set of ``_Streamer.conv`` (3x3, output rows ``bounds``), over its bands and steps.
 
     Steps: the fetched rows (with halos) and the ``pre`` outputs (1x1 conv, or GroupNorm then activation);
     fetched and x``f`` upsampled copy; that and the zero-padded copy; padded input and conv output; the
     residual (conv output + loaded input + 1x1 shortcut, then + sum, then sum + quotient); the kept band
-    with its GroupNorm moments scratch.
+    with its GroupNorm moments scratch. Throughout, with ``fetch_ahead``, the next band's rows.
     """
-    height, peak = bounds[-1], 0.0
-    for lo, hi in pairwise(bounds):
+    height = bounds[-1]
+
+    def fetched(lo: int, hi: int) -> float:
         lo_in, hi_in = max(lo - 1, 0), min(hi + 1, height)
-        fetched = c_in * ((hi_in - 1) // f + 1 - lo_in // f) * (width // f)
+        return c_in * ((hi_in - 1) // f + 1 - lo_in // f) * (width // f)
+
+    bands = list(pairwise(bounds))
+    peak = 0.0
+    for r, (lo, hi) in enumerate(bands):
+        ahead = fetched(*bands[r + 1]) if fetch_ahead and r + 1 < len(bands) else 0.0
+        rows = fetched(lo, hi)
         padded, out = c_in * (hi - lo + 2) * width, c_out * (hi - lo) * width
-        steps = [fetched * {None: 1, "conv": 2, "norm": 3}[pre]]
+        steps = [rows * {None: 1, "conv": 2, "norm": 3}[pre]]
         if f > 1:
-            steps.append(5 * fetched)
-            fetched *= 4
-        steps += [fetched + padded, padded + out]
+            steps.append(5 * rows)
+            rows *= 4
+        steps += [rows + padded, padded + out]
         if residual is not None:
             shortcut = out if residual != c_out else 0
             steps += [out + residual * (hi - lo) * width + shortcut, 3 * out]
         steps.append(out + _moments_scratch(out, c_out, groups, batch, wide))
-        peak = max(peak, *steps)
+        peak = max(peak, *(step + ahead for step in steps))
     return batch * peak
 
 

@@ -57,6 +57,7 @@ from distlin.ops.group_norm import group_moments, normalize_with
 from distlin.ops.halo import conv_out_size, halo_rows
 from distlin.ops.softmax_attention import softmax_attention
 from distlin.surgery import original_type
+from distlin.vae.transfer import Fetch, HostStore, ahead
 
 POINTWISE_ACTIVATIONS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)
 Pre = Callable[[torch.Tensor], torch.Tensor]
@@ -79,14 +80,13 @@ class Bands:
     ):
         self.parts, self.bounds, self.moments = parts, bounds, moments or {}
 
-    def rows(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows ``lo:hi`` (inside the image) across band borders, on the store."""
-        pieces = [
+    def rows(self, lo: int, hi: int) -> list[torch.Tensor]:
+        """Rows ``lo:hi`` (inside the image) as views of the bands they cross, in order, on the store."""
+        return [
             part[:, :, max(lo, a) - a : min(hi, b) - a]
             for part, (a, b) in zip(self.parts, pairwise(self.bounds), strict=True)
             if a < hi and b > lo
         ]
-        return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
     def take(self, r: int) -> torch.Tensor:
         """Band ``r``, released from the store (its last reader is the caller)."""
@@ -101,7 +101,8 @@ class Bands:
 
 
 class _Streamer:
-    """Moves bands between the store and the compute device and runs the decoder primitives on them."""
+    """Moves bands between the store and the compute device (:class:`HostStore`) and runs the decoder primitives
+    on them; the convolutions fetch band ``r + 1`` while band ``r`` computes (:func:`ahead`)."""
 
     def __init__(
         self,
@@ -115,16 +116,14 @@ class _Streamer:
     ):
         self.compute, self.dtype, self.store, self.store_dtype = compute, dtype, store, store_dtype
         self.groups, self.query_chunk, self.attention_rows = groups, query_chunk, attention_rows
-        self.moved = 0  # bytes copied between store and compute, both ways
+        self.host = HostStore(compute, store)
 
-    def load(self, t: torch.Tensor) -> torch.Tensor:
-        self.moved += t.numel() * t.element_size()
-        return t.to(self.compute, self.dtype)
+    def load(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """Stored rows (``Bands.rows``, or one band) on compute, ready to use."""
+        return self.host.load(pieces, self.dtype)
 
     def save(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = t.to(self.store, dtype or self.store_dtype)
-        self.moved += out.numel() * out.element_size()
-        return out
+        return self.host.save(t, dtype or self.store_dtype)
 
     def keep(self, out: torch.Tensor, moments: dict[int, torch.Tensor]) -> torch.Tensor:
         """A finished band to the store, its GroupNorm moments (of the stored values) added to ``moments``."""
@@ -147,18 +146,21 @@ class _Streamer:
         conv: nn.Conv2d,
         pre: Pre | None = None,
         upsample: bool = False,
-        post: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        residual: tuple[Bands, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
         consume: bool = False,
         pad: tuple[int, int, int, int] | None = None,
     ) -> Bands:
         """The convolution of ``upsample?(pre(x))``, band by band with exact halos.
 
         ``pre`` (pointwise) and the nearest x2 ``upsample`` run on the fetched rows before the zero padding,
-        which exists only at the image border; ``post(r, out)`` finishes band ``r`` on compute (the residual
-        add). With ``consume`` the input bands are released once the following bands' halos no longer reach
-        them. ``pad`` (left, right, top, bottom) replaces the conv's own symmetric padding: the encoder's
-        stride-2 downsampler pads only right and bottom. Band ``r``'s output rows are its input rows over the
-        stride (bands start on multiples of it).
+        which exists only at the image border. ``residual = (skip, add)`` finishes band ``r`` on compute as
+        ``add(out, band r of skip)``, that band taken from the store. With ``consume`` the input bands are
+        released once the following bands' halos no longer reach them. Where copies overlap compute, band
+        ``r + 1``'s rows are fetched before band ``r`` computes (``HostStore.lookahead``); band ``r``'s skip
+        band once its convolution is queued (on CUDA both copies run during the convolution). ``pad`` (left,
+        right, top, bottom) replaces the conv's own symmetric padding: the encoder's stride-2 downsampler pads only
+        right and bottom. Band ``r``'s output rows are its input rows over the stride (bands start on multiples of
+        it).
         """
         f = 2 if upsample else 1
         bounds = [f * b for b in x.bounds]
@@ -169,11 +171,18 @@ class _Streamer:
         needs = halo_rows(tuple(bounds), tuple(out_bounds), k, stride, pad_top, d)
         parts: list[torch.Tensor | None] = []
         moments: dict[int, torch.Tensor] = {}
-        for r, (top, bottom) in enumerate(needs):
+
+        def fetch(r: int) -> Fetch:
+            lo_in, hi_in = max(bounds[r] - needs[r][0], 0), min(bounds[r + 1] + needs[r][1], height)
+            return self.host.fetch(x.rows(lo_in // f, (hi_in - 1) // f + 1), self.dtype)
+
+        for r, rows in ahead(len(needs), fetch, self.host.lookahead):
+            top, bottom = needs[r]
             lo, hi = bounds[r] - top, bounds[r + 1] + bottom
             lo_in, hi_in = max(lo, 0), min(hi, height)
             src_lo = lo_in // f
-            t = self.load(x.rows(src_lo, (hi_in - 1) // f + 1))
+            t = rows.get()
+            del rows  # compute memory: only ``t`` refers to the fetched rows, so ``pre`` can free them
             if pre is not None:
                 t = pre(t)
             if upsample:
@@ -181,8 +190,9 @@ class _Streamer:
             t = F.pad(t, (left, right, lo_in - lo, hi - hi_in))
             out = F.conv2d(t, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
             del t  # compute memory (see device_peak_elements): the padded input is dead during post and keep
-            if post is not None:
-                out = post(r, out)
+            if residual is not None:
+                skip, add = residual
+                out = add(out, self.host.load([skip.take(r)], self.dtype))
             parts.append(self.keep(out, moments))
             del out  # ... and this band's output while the next band is fetched
             if consume and r + 1 < len(needs):
@@ -194,10 +204,11 @@ class _Streamer:
         h = self.conv(x, block.conv1, self.norm_act(x, block.norm1, block.nonlinearity))
         shortcut = block.conv_shortcut if block.conv_shortcut is not None else nn.Identity()
 
-        def residual(r: int, out: torch.Tensor) -> torch.Tensor:
-            return (shortcut(self.load(x.take(r))) + out) / block.output_scale_factor
+        def add(out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+            return (shortcut(skip) + out) / block.output_scale_factor
 
-        return self.conv(h, block.conv2, self.norm_act(h, block.norm2, block.nonlinearity), post=residual, consume=True)
+        pre = self.norm_act(h, block.norm2, block.nonlinearity)
+        return self.conv(h, block.conv2, pre, residual=(x, add), consume=True)
 
     def attention(self, x: Bands, attn: Attention) -> Bands:
         """Exact softmax self-attention over the whole map: K and V of every band, then the queries.
@@ -217,7 +228,7 @@ class _Streamer:
             return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
         def keys_values(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            t = tokens(self.load(part))
+            t = tokens(self.load([part]))
             return attn.to_k(t), attn.to_v(t)
 
         batch, width, height = x.parts[0].shape[0], x.parts[0].shape[-1], x.bounds[-1]
@@ -271,6 +282,8 @@ class _Streamer:
                     pieces[r].append(self.keep(out[:, :, max(lo, a) - a : min(hi, b) - a], moments))
             del out  # not alive on compute while the next group is computed
             x.release_before(b)
+        for p in pieces:
+            self.host.ready(p)  # joined on the host below
         return Bands([torch.cat(p, dim=2) if len(p) > 1 else p[0] for p in pieces], x.bounds, moments)
 
 
@@ -458,10 +471,12 @@ def _mid_block(run: _Streamer, x: Bands, mid: nn.Module) -> Bands:
 
 
 def _report(run: _Streamer, start: float, on_done: Callable[[int, float], None] | None) -> None:
+    """``on_done(bytes copied, seconds)``, once every copy and kernel has finished."""
     if on_done is not None:
         if run.compute.type == "cuda":
             torch.cuda.synchronize(run.compute)
-        on_done(run.moved, time.perf_counter() - start)
+        run.host.finish()
+        on_done(run.host.moved, time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -503,6 +518,7 @@ def decode_sequential(
             x = run.conv(x, sampler.conv, upsample=True, consume=True)
     pre = run.norm_act(x, decoder.conv_norm_out, decoder.conv_act)
     x = run.conv(x, decoder.conv_out, pre=pre, consume=True)
+    run.host.ready(x.parts)
     image = torch.cat(x.parts, dim=2).to(run.dtype)
     _report(run, start, on_done)
     return image
@@ -547,12 +563,9 @@ def encode_sequential(
             x = run.conv(x, sampler.conv, consume=True, pad=_downsample_padding(sampler))
     x = _mid_block(run, x, encoder.mid_block)
     pre = run.norm_act(x, encoder.conv_norm_out, encoder.conv_act)
-    quant = vae.quant_conv
-
-    def quantized(r: int, out: torch.Tensor) -> torch.Tensor:
-        return quant(out) if quant is not None else out
-
-    x = run.conv(x, encoder.conv_out, pre=pre, post=quantized, consume=True)
-    moments = run.load(torch.cat(x.parts, dim=2))
+    x = run.conv(x, encoder.conv_out, pre=pre, consume=True)
+    if vae.quant_conv is not None:  # 1x1, at latent resolution: one more cheap pass
+        x = run.conv(x, vae.quant_conv, consume=True)
+    moments = run.load(list(x.parts))
     _report(run, start, on_done)
     return DiagonalGaussianDistribution(moments)
