@@ -12,7 +12,7 @@ from distlin.errors import UsageError
 from distlin.memory import format_plan, plan, ranks_needed
 from distlin.memory.fit import plan_run
 from distlin.memory.measure import measured_unet_activation_peak
-from distlin.memory.planner import unet_activation_elements
+from distlin.memory.planner import controlnet_residual_elements, unet_activation_elements
 from distlin.models.tiny import build_controlnet, build_ip_adapter, load_architecture
 from distlin.settings import DTYPE_BYTES as DTYPES
 from distlin.settings import build_settings
@@ -44,6 +44,17 @@ def test_bounded_memory_prediction_within_20_percent(name: str, rows: int, cols:
     predicted = unet_activation_elements(unet, rows * cols, batch, ff_chunk=chunk) * 2
     assert abs(predicted / bounded - 1) <= 0.2
     assert bounded < measured_unet_activation_peak(name, rows, cols, batch, torch.float16)
+
+
+@pytest.mark.parametrize(("name", "rows", "cols", "batch"), [("full-sd15", 64, 64, 2), ("full-sdxl", 64, 64, 1)])
+def test_controlnet_residuals_prediction_within_20_percent(name: str, rows: int, cols: int, batch: int) -> None:
+    """A ControlNet runs before the UNet call and its residuals live through it: the planner adds them."""
+    unet = load_architecture(name)["unet"]
+    measured = measured_unet_activation_peak(name, rows, cols, batch, torch.float16, controlnet=True)
+    tokens = rows * cols
+    predicted = unet_activation_elements(unet, tokens, batch) + controlnet_residual_elements(unet, tokens, batch)
+    assert abs(predicted * 2 / measured - 1) <= 0.2, (predicted * 2, measured)
+    assert measured > measured_unet_activation_peak(name, rows, cols, batch, torch.float16)
 
 
 def test_plan_shrinks_with_ranks_and_reports_breakdown() -> None:

@@ -48,6 +48,7 @@ def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
     """The planner's keyword arguments for a run's settings (everything but the model, size and ranks)."""
     return {
         "extra_parameters": component_parameters(*component_configs(settings)),
+        "controlnets": len(settings.controlnet),
         "dtype": settings.dtype,
         "cfg": settings.guidance,
         "cfg_parallel": settings.engine.cfg_parallel,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import ControlNetModel
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from distlin.lean import bound_memory
@@ -25,10 +26,12 @@ def measured_unet_activation_peak(
     dtype: torch.dtype = torch.float16,
     linfusion: bool = True,
     ff_chunk: int | None = None,
+    controlnet: bool = False,
 ) -> int:
     """Peak bytes of activations (parameters excluded) of one no-grad UNet call on a ``latent_height`` x
     ``latent_width`` latent, with LinFusion self-attention when ``linfusion``; ``ff_chunk`` applies
-    :func:`distlin.lean.bound_memory` (token-chunked transformers) as generate.py does."""
+    :func:`distlin.lean.bound_memory` (token-chunked transformers) as generate.py does. With ``controlnet`` a
+    ControlNet made from the UNet runs first, as the ControlNet pipelines do, and its residuals go in."""
     architecture = load_architecture(name)["unet"]
     unet = build_unet(name, torch_dtype=dtype, device="meta")
     if linfusion:
@@ -45,9 +48,20 @@ def measured_unet_activation_peak(
             "text_embeds": torch.empty(batch, pooled, **meta),
             "time_ids": torch.empty(batch, 6, **meta),
         }
+    timestep = torch.tensor(10.0, device="meta")
+    residuals: list[torch.Tensor] = []
+    if controlnet:  # its residuals' shapes; its own peak comes before the UNet's (meta SDPA is not fused: not here)
+        with torch.device("meta"), torch.no_grad():
+            net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+            image = torch.empty(batch, 3, 8 * latent_height, 8 * latent_width, **meta)
+            down, mid = net.to(dtype)(sample, timestep, context, controlnet_cond=image, return_dict=False, **kwargs)
+        residuals = [*down, mid]
     tracker = MemTracker()
     tracker.track_external(unet)
     with tracker, torch.no_grad():
-        unet(sample, torch.tensor(10.0, device="meta"), context, **kwargs)
+        if residuals:  # created while tracked: alive through the UNet call, as in the ControlNet pipelines
+            *down, mid = (torch.empty_like(t) for t in residuals)
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        unet(sample, timestep, context, **kwargs)
     peak = tracker.get_tracker_snapshot("peak")
     return int(sum(value for stats in peak.values() for kind, value in stats.items() if str(kind).endswith("ACT")))

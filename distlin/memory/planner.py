@@ -68,6 +68,21 @@ def unet_activation_elements(unet: dict[str, Any], tokens: int, batch: int, ff_c
     return int(batch * peak)
 
 
+def controlnet_residual_elements(unet: dict[str, Any], tokens: int, batch: int, controlnets: int = 1) -> int:
+    """Elements of the residuals ``controlnets`` ControlNets hand the UNet for ``tokens`` level-0 tokens: one
+    per skip connection of the UNet's encoder and one for its mid block, alive through the whole UNet call
+    (with several, their running sum and one ControlNet's own)."""
+    if controlnets == 0:
+        return 0
+    widths = list(unet["block_out_channels"])
+    layers = unet["layers_per_block"]
+    layers = layers if isinstance(layers, list) else [layers] * len(widths)
+    levels = enumerate(zip(widths, layers, strict=True))
+    skips = sum(tokens / 4**level * (depth + 1) * width for level, (width, depth) in levels)
+    mid = tokens / 4 ** (len(widths) - 1) * widths[-1]
+    return int(batch * (skips + mid) * min(controlnets, 2))
+
+
 def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) -> int:
     """Peak live elements of decoding a band of ``pixels`` pixels, plus the mid-block's gathered K and V."""
     widths = vae["block_out_channels"]
@@ -118,6 +133,7 @@ def plan(
     ff_chunk: int | None = None,
     extra_parameters: dict[str, int] | None = None,
     vae_fetch_ahead: bool = True,
+    controlnets: int = 0,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
@@ -130,7 +146,8 @@ def plan(
     transformers and the sequential VAE's switch-on size and band rows; without them the transformers are
     planned unchunked (``ff_chunk`` alone sets their chunk). ``extra_parameters`` counts the parameters of a
     run's own components by name (ControlNets, an IP-Adapter's image encoder: :func:`component_parameters`), held
-    on every rank beside the model's. ``vae_fetch_ahead``: the sequential decode holds one band more on the device,
+    on every rank beside the model's; ``controlnets`` ControlNets add their residuals to the UNet call's
+    activations. ``vae_fetch_ahead``: the sequential decode holds one band more on the device,
     where its copies overlap compute (a GPU; not on the CPU). A cascade's encode between stages takes the VAE
     path of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the
     decode's term covers it.
@@ -166,7 +183,11 @@ def plan(
     weights.update(extra_parameters or {})
     breakdown = {
         **{f"weights_{name}": count * size for name, count in weights.items()},
-        "unet_activations": unet_activation_elements(unet, unet_tokens, batch, chunk) * size,
+        "unet_activations": (
+            unet_activation_elements(unet, unet_tokens, batch, chunk)
+            + controlnet_residual_elements(unet, unet_tokens, batch, controlnets)
+        )
+        * size,
         "vae_decode_activations": vae_elements * size,
         "full_latents": 4 * unet["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (float32)
         "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
