@@ -36,7 +36,7 @@ from distlin.app.session import GenerationSession
 from distlin.app.tiles import dzi_descriptor, pyramid_levels, write_pyramid
 from distlin.cli import generate as cli
 from distlin.errors import Cancelled, UsageError
-from distlin.models.tiny import build_kohya_lora
+from distlin.models.tiny import build_ip_adapter, build_kohya_lora
 from distlin.parallel import Runtime
 from distlin.run import generate
 from distlin.settings import build_settings
@@ -60,7 +60,8 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def components(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An operator's ``--components`` folder: the LoRA ``style``, the ControlNet ``edges`` (its config only: no
-    test here loads it), and beside the folder a LoRA file no request may reach."""
+    test here loads it), the IP-Adapter ``likeness`` (h94's layout), and beside the folder a LoRA file no request
+    may reach."""
     root = tmp_path_factory.mktemp("components")
     lora = build_kohya_lora("tiny-sd15", rank=2)
     (root / "loras").mkdir()
@@ -70,6 +71,8 @@ def components(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "controlnets" / "edges").mkdir(parents=True)
     (root / "controlnets" / "edges" / "config.json").write_text("{}")
     (root / "controlnets" / "unfinished").mkdir()  # no config.json: not offered
+    build_ip_adapter("tiny-sd15", root / "ip-adapters" / "likeness")
+    (root / "ip-adapters" / "empty" / "models").mkdir(parents=True)  # no weights: not offered
     return root
 
 
@@ -204,6 +207,26 @@ def test_a_request_naming_an_allowed_lora_gives_the_command_lines_image(
     assert str(components) not in str(result.metadata)
 
 
+def test_a_request_naming_an_allowed_ip_adapter_with_an_uploaded_reference_gives_the_command_lines_image(
+    tmp_path: Path, components: Path, private_tmp: Path
+) -> None:
+    reference = tmp_path / "reference.png"
+    reference.write_bytes(png_bytes(50, 40, seed=3))
+    folder = components / "ip-adapters" / "likeness"
+    output = str(tmp_path / "cli.png")
+    flags = ["--preset", "tiny-sd15", "--steps", "2", "--seed", "5", "--ip-adapter", str(folder), "--ip-image",
+             str(reference), "--ip-scale", "0.7", "--output", output]  # fmt: skip
+    assert cli.main(flags) == 0
+    session = GenerationSession(Runtime(), library=ComponentLibrary.scan(components))
+    result = session.run(tiny(seed=5, ip_adapter="likeness", ip_image=reference.read_bytes(), ip_scale=0.7))
+    np.testing.assert_array_equal(np.asarray(result.image), np.asarray(Image.open(output)))
+    assert result.settings.ip_adapter == str(folder.resolve()) and result.settings.ip_scale == 0.7
+    assert result.settings.ip_image is not None and result.settings.ip_image.startswith(str(private_tmp))
+    assert list(private_tmp.iterdir()) == []  # the reference's folder went with the run
+    assert result.metadata["ip_adapter"] == "likeness" and result.metadata["ip_image"].startswith("upload sha256:")
+    assert str(components) not in str(result.metadata) and str(private_tmp) not in str(result.metadata)
+
+
 def test_an_uploaded_init_image_runs_image_to_image_like_generate_with_the_file_and_is_removed_after(
     tmp_path: Path, private_tmp: Path
 ) -> None:
@@ -239,17 +262,22 @@ def test_an_uploaded_photo_with_a_cascade_preset_starts_the_cascade_at_its_size(
 
 
 def test_the_page_sends_uploads_as_bytes_and_components_by_name(tmp_path: Path) -> None:
-    from distlin.app.page import CONTROLS, NO_CONTROLNET, request_from_controls
+    from distlin.app.page import CONTROLS, NO_COMPONENT, request_from_controls
 
-    photo = tmp_path / "photo.png"
+    photo, reference = tmp_path / "photo.png", tmp_path / "reference.png"
     photo.write_bytes(png_bytes(8, 8))
+    reference.write_bytes(png_bytes(8, 8, seed=1))
     components = {"init_image": str(photo), "strength": 0, "mask": None, "loras": ["style", "ink"], "lora_scale": 0.5,
-                  "controlnet": NO_CONTROLNET, "control_image": None, "control_scale": 1}  # fmt: skip
+                  "controlnet": NO_COMPONENT, "control_image": None, "control_scale": 1, "ip_adapter": "likeness",
+                  "ip_image": str(reference), "ip_scale": 0.6}  # fmt: skip
     values = {**TINY.to_message(), **components}
     request = request_from_controls(tuple(values[name] for name in CONTROLS))
     assert request.init_image == photo.read_bytes() and request.mask is None
     assert request.strength is None  # the slider's 0: the preset's strength, as without --strength
     assert request.loras == (("style", 0.5), ("ink", 0.5)) and request.controlnet is None
+    assert request.ip_adapter == "likeness" and request.ip_image == reference.read_bytes() and request.ip_scale == 0.6
+    values.update(ip_adapter=NO_COMPONENT, ip_image=None)
+    assert request_from_controls(tuple(values[name] for name in CONTROLS)).ip_adapter is None
 
 
 @pytest.mark.parametrize(
@@ -263,6 +291,9 @@ def test_the_page_sends_uploads_as_bytes_and_components_by_name(tmp_path: Path) 
         {"controlnet": "../controlnets/edges"},
         {"controlnet": "unfinished"},
         {"controlnet": "/etc"},
+        {"ip_adapter": "../ip-adapters/likeness"},
+        {"ip_adapter": "empty"},  # a folder without an IP-Adapter's weights is not offered
+        {"ip_adapter": "/etc", "ip_image": png_bytes(8, 8)},
     ],
 )
 def test_a_component_not_in_the_servers_list_is_refused(change: dict, components: Path, tmp_path: Path) -> None:
@@ -270,13 +301,16 @@ def test_a_component_not_in_the_servers_list_is_refused(change: dict, components
         RankChannel(Runtime()), GenerationSession(Runtime(), library=ComponentLibrary.scan(components)),
         ResultStore(tmp_path),
     )  # fmt: skip
-    with pytest.raises(UsageError, match=r"^unknown (LoRA|ControlNet) .*; this server offers (style|edges)$"):
+    offers = r"; this server offers (style|edges|likeness)$"
+    with pytest.raises(UsageError, match=r"^unknown (LoRA|ControlNet|IP-Adapter) .*" + offers):
         coordinator.submit(tiny(**change))
 
 
 def test_the_components_folder_offers_what_its_layout_holds(components: Path) -> None:
     library = ComponentLibrary.scan(components)
     assert list(library.loras) == ["style"] and list(library.controlnets) == ["edges"]
+    assert list(library.ip_adapters) == ["likeness"]
+    assert library.ip_adapter("likeness") == str(components.resolve() / "ip-adapters" / "likeness")
     assert library.lora("style") == str(components.resolve() / "loras" / "style.safetensors")
     with pytest.raises(UsageError, match="unknown LoRA 'style'; this server offers none$"):
         ComponentLibrary().lora("style")  # without --components a request may name nothing
@@ -288,6 +322,7 @@ def test_the_components_folder_offers_what_its_layout_holds(components: Path) ->
         ({"mask": "mask.png"}, ["--mask", "mask.png"]),
         ({"strength": 0.5}, ["--strength", "0.5"]),
         ({"control_image": "mask.png"}, ["--control-image", "mask.png"]),
+        ({"ip_image": "mask.png"}, ["--ip-image", "mask.png"]),
         ({"init_image": "mask.png", "mask": "mask.png", "preset": "tiny-sd15-cascade", "steps": 3},
          ["--init-image", "mask.png", "--mask", "mask.png", "--preset", "tiny-sd15-cascade"]),
     ],
@@ -366,6 +401,8 @@ def test_pyramid_tiles_reassemble_to_the_image(tmp_path: Path) -> None:
         {"loras": "style"},
         {"loras": [["style"]]},
         {"controlnet": 3},
+        {"ip_adapter": ["likeness"]},
+        {"ip_image": "/etc/passwd"},
     ],
 )
 def test_a_request_names_no_path_and_no_unknown_field(change: dict) -> None:

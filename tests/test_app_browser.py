@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from distlin.app.results import RESULT_ID
-from distlin.models.tiny import build_kohya_lora
+from distlin.models.tiny import build_ip_adapter, build_kohya_lora
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -40,12 +40,13 @@ TILE_SIZE = 64  # the tiny 192x128 image spans 3 x 2 tiles at full size, so zoom
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """``torchrun --nproc-per-node 2 launch/app.py`` on CPU with basic auth and one LoRA (``style``) in its
-    ``--components``; yields its URL and output folder."""
+    """``torchrun --nproc-per-node 2 launch/app.py`` on CPU with basic auth and one LoRA (``style``) and one
+    IP-Adapter (``likeness``) in its ``--components``; yields its URL and output folder."""
     output = tmp_path_factory.mktemp("results")
     components = tmp_path_factory.mktemp("components")
     (components / "loras").mkdir()
     save_file(build_kohya_lora("tiny-sd15", rank=2), components / "loras" / "style.safetensors")
+    build_ip_adapter("tiny-sd15", components / "ip-adapters" / "likeness")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1")
@@ -158,8 +159,14 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path], tmp_p
         expect(page.locator("#status")).to_contain_text("cancelled", timeout=60_000)
         assert [path.name for path in output.iterdir()] == results
 
-        # An uploaded mask reaches the server, which refuses it without an init image as the command line does.
+        # Uploads reach the server, which refuses what the command line refuses: an IP-Adapter's reference
+        # picture without an IP-Adapter (until one is chosen by name), a mask without an init image.
         Image.new("L", (192, 128), 255).save(tmp_path / "mask.png")
+        page.locator("#ip_image input[type=file]").set_input_files(tmp_path / "mask.png")
+        expect(page.locator("#plan textarea")).to_have_value(re.compile("^refused: --ip-adapter and --ip-image"))
+        page.locator("#ip_adapter input").click()
+        page.get_by_role("option", name="likeness").click()
+        expect(page.locator("#plan textarea")).to_have_value(re.compile("predicted peak per rank"))
         page.locator("#mask input[type=file]").set_input_files(tmp_path / "mask.png")
         expect(page.locator("#plan textarea")).to_have_value(re.compile("^refused: --mask inpaints an --init-image"))
         browser.close()

@@ -1,7 +1,10 @@
-"""The operator's components (``distlin-app --components DIR``): the LoRAs and ControlNets a request may name.
+"""The operator's components (``distlin-app --components DIR``): the LoRAs, ControlNets and IP-Adapters a request
+may name.
 
-``DIR/loras/<name>.safetensors`` are LoRAs (kohya or diffusers layout) and ``DIR/controlnets/<name>/`` are
-diffusers ControlNet folders (``config.json`` + weights). The folder is listed once at start, on every rank
+``DIR/loras/<name>.safetensors`` are LoRAs (kohya or diffusers layout), ``DIR/controlnets/<name>/`` are
+diffusers ControlNet folders (``config.json`` + weights) and ``DIR/ip-adapters/<name>/`` are folders laid out as
+h94/IP-Adapter (``models/ip-adapter_sd15.safetensors`` and/or ``sdxl_models/ip-adapter_sdxl.safetensors``, each
+with its ``image_encoder`` folder beside it). The folder is listed once at start, on every rank
 alike; a request carries names only and each name is looked up in that list, so no request reaches a file the
 operator did not put there. Torch-free.
 """
@@ -13,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distlin.errors import UsageError
+from distlin.sources import IP_ADAPTER_WEIGHTS
 
-LORA_FOLDER, CONTROLNET_FOLDER = "loras", "controlnets"
+LORA_FOLDER, CONTROLNET_FOLDER, IP_ADAPTER_FOLDER = "loras", "controlnets", "ip-adapters"
 LAYOUT = (
-    f"DIR/{LORA_FOLDER}/<name>.safetensors (LoRAs) and DIR/{CONTROLNET_FOLDER}/<name>/ (diffusers ControlNet "
-    "folders with a config.json)"
+    f"DIR/{LORA_FOLDER}/<name>.safetensors (LoRAs), DIR/{CONTROLNET_FOLDER}/<name>/ (diffusers ControlNet "
+    f"folders with a config.json) and DIR/{IP_ADAPTER_FOLDER}/<name>/ (IP-Adapter folders laid out as h94/IP-Adapter)"
 )
 
 
@@ -27,6 +31,7 @@ class ComponentLibrary:
 
     loras: Mapping[str, str] = field(default_factory=dict)
     controlnets: Mapping[str, str] = field(default_factory=dict)
+    ip_adapters: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def scan(cls, root: str | Path) -> ComponentLibrary:
@@ -34,12 +39,13 @@ class ComponentLibrary:
         folder = Path(root).expanduser().resolve()
         if not folder.is_dir():
             raise UsageError(f"--components {str(root)!r} is not a folder; pass a folder DIR holding {LAYOUT}")
-        loras, controlnets = folder / LORA_FOLDER, folder / CONTROLNET_FOLDER
+        loras, controlnets, ip_adapters = folder / LORA_FOLDER, folder / CONTROLNET_FOLDER, folder / IP_ADAPTER_FOLDER
         library = cls(
             {path.stem: str(path) for path in sorted(loras.glob("*.safetensors")) if path.is_file()},
             {path.name: str(path) for path in sorted(controlnets.glob("*")) if (path / "config.json").is_file()},
+            {path.name: str(path) for path in sorted(ip_adapters.glob("*")) if _holds_ip_adapter(path)},
         )
-        if not library.loras and not library.controlnets:
+        if not library.loras and not library.controlnets and not library.ip_adapters:
             raise UsageError(f"--components {str(root)!r} holds no component; pass a folder DIR holding {LAYOUT}")
         return library
 
@@ -51,9 +57,21 @@ class ComponentLibrary:
         """The folder of the ControlNet called ``name``; UsageError for any other name."""
         return _look_up(self.controlnets, name, "ControlNet")
 
+    def ip_adapter(self, name: str) -> str:
+        """The folder of the IP-Adapter called ``name``; UsageError for any other name."""
+        return _look_up(self.ip_adapters, name, "IP-Adapter")
+
     def describe(self) -> str:
         """One line for the log: what a request may name."""
-        return f"LoRAs: {_listed(self.loras)}; ControlNets: {_listed(self.controlnets)}"
+        return (
+            f"LoRAs: {_listed(self.loras)}; ControlNets: {_listed(self.controlnets)}; "
+            f"IP-Adapters: {_listed(self.ip_adapters)}"
+        )
+
+
+def _holds_ip_adapter(folder: Path) -> bool:
+    """Whether ``folder`` has the weights of an IP-Adapter for some base (which one runs is the model's choice)."""
+    return any((folder / weights).is_file() for weights in IP_ADAPTER_WEIGHTS.values())
 
 
 def _look_up(known: Mapping[str, str], name: str, kind: str) -> str:

@@ -5,7 +5,7 @@ link, and a gallery of past results."""
 from __future__ import annotations
 
 import html
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from distlin.presets import list_presets
 POLL_S = 0.25
 VIEWER_HEIGHT_PX = 520
 CSS = "#viewer iframe { width: 100%; border: 0; border-radius: 6px; background: #111; }"
-NO_CONTROLNET = "none"
+NO_COMPONENT = "none"  # the dropdown choice for no ControlNet or no IP-Adapter
 PRESET_CONTROLS = [*PRESET_FIELDS, "scheduler"]  # what choosing a preset fills in
 COMPONENT_CONTROLS = ["init_image", "strength", "mask", "loras", "lora_scale", "controlnet", "control_image",
-                      "control_scale"]  # fmt: skip
+                      "control_scale", "ip_adapter", "ip_image", "ip_scale"]  # fmt: skip
 CONTROLS = ["preset", *PRESET_CONTROLS, *COMPONENT_CONTROLS]
 UPLOAD_CACHE_S = 3600  # Gradio's own copies of uploaded pictures are deleted after this long
 
@@ -91,7 +91,8 @@ class AppPage:
         return controls
 
     def _component_controls(self, library: ComponentLibrary) -> dict[str, gr.components.Component]:
-        """Uploads, and the operator's LoRAs and ControlNets by name (hidden when ``--components`` has none)."""
+        """Uploads, and the operator's LoRAs, ControlNets and IP-Adapters by name (each hidden when
+        ``--components`` has none)."""
         controls: dict[str, gr.components.Component] = {}
         upload = {"type": "filepath", "image_mode": None, "sources": ["upload"], "height": 160}  # the file as sent
         with gr.Accordion("pictures and components", open=False, elem_id="components"):
@@ -104,13 +105,14 @@ class AppPage:
             with gr.Row(visible=bool(library.loras)):
                 controls["loras"] = gr.Dropdown(list(library.loras), value=[], multiselect=True, label="LoRAs", scale=2)
                 controls["lora_scale"] = gr.Slider(-2, 2, value=1, step=0.05, label="LoRA scale (each)")
-            with gr.Row(visible=bool(library.controlnets)):
-                choices = [NO_CONTROLNET, *library.controlnets]
-                controls["controlnet"] = gr.Dropdown(choices, value=NO_CONTROLNET, label="ControlNet")
-                controls["control_scale"] = gr.Slider(0, 2, value=1, step=0.05, label="control scale")
-            controls["control_image"] = gr.Image(
-                label="control image (output size)", visible=bool(library.controlnets), **upload
-            )
+            controls.update(
+                _one_of(library.controlnets, ("controlnet", "ControlNet"), ("control_scale", "control scale"),
+                        ("control_image", "control image (output size)"), upload)
+            )  # fmt: skip
+            controls.update(
+                _one_of(library.ip_adapters, ("ip_adapter", "IP-Adapter"), ("ip_scale", "IP-Adapter scale"),
+                        ("ip_image", "IP-Adapter reference picture (any size)"), upload)
+            )  # fmt: skip
         return controls
 
     def _preset_values(self, preset: str) -> list[Any]:
@@ -171,13 +173,32 @@ class AppPage:
         return [viewer, download, metadata]
 
 
+def _one_of(
+    offered: Mapping[str, str],
+    choice: tuple[str, str],
+    scale: tuple[str, str],
+    picture: tuple[str, str],
+    upload: dict[str, Any],
+) -> dict[str, gr.components.Component]:
+    """A dropdown of the operator's components of one kind (or none), its scale slider and its picture's upload,
+    each given as (control name, label); all hidden when the operator offers none of that kind."""
+    with gr.Row(visible=bool(offered)):
+        controls = {
+            choice[0]: gr.Dropdown([NO_COMPONENT, *offered], value=NO_COMPONENT, label=choice[1]),
+            scale[0]: gr.Slider(0, 2, value=1, step=0.05, label=scale[1]),
+        }
+    controls[picture[0]] = gr.Image(label=picture[1], visible=bool(offered), **upload)
+    return controls
+
+
 def request_from_controls(values: tuple[Any, ...]) -> GenerationRequest:
     """The request for the values of :data:`CONTROLS`: component names as chosen, uploaded pictures (the files
     Gradio received) as their bytes."""
     controls = dict(zip(CONTROLS, values, strict=True))
-    message = {name: controls[name] for name in ("preset", *PRESET_CONTROLS, "control_scale")}
+    message = {name: controls[name] for name in ("preset", *PRESET_CONTROLS, "control_scale", "ip_scale")}
     message["loras"] = [[name, controls["lora_scale"]] for name in controls["loras"] or ()]
-    message["controlnet"] = None if controls["controlnet"] in (None, NO_CONTROLNET) else controls["controlnet"]
+    for name in ("controlnet", "ip_adapter"):
+        message[name] = None if controls[name] in (None, NO_COMPONENT) else controls[name]
     message["strength"] = controls["strength"] or None
     message.update({name: Path(controls[name]).read_bytes() if controls[name] else None for name in UPLOADS})
     return GenerationRequest.from_message(message)

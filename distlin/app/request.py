@@ -3,10 +3,10 @@ name and uploaded pictures.
 
 A request travels to every rank as a plain dict (:meth:`GenerationRequest.to_message`), and each rank turns it
 into :class:`~distlin.settings.RunSettings` with the same :func:`~distlin.settings.build_settings` as the command
-line. It carries no paths: the preset must be a built-in one, LoRAs and ControlNets are names looked up in the
-operator's :class:`~distlin.app.library.ComponentLibrary`, uploaded pictures travel as their bytes (each rank
-writes them into its own private temporary folder for the run), and the model, device and output file are the
-app's, never the request's. Torch-free.
+line. It carries no paths: the preset must be a built-in one, LoRAs, ControlNets and the IP-Adapter are names
+looked up in the operator's :class:`~distlin.app.library.ComponentLibrary`, uploaded pictures (the IP-Adapter's
+reference picture among them) travel as their bytes (each rank writes them into its own private temporary folder
+for the run), and the model, device and output file are the app's, never the request's. Torch-free.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from distlin.settings import RunSettings, build_settings
 MODEL_SCHEDULER = "model's own"  # the scheduler the model ships with (no --scheduler)
 SCHEDULER_CHOICES = (MODEL_SCHEDULER, *SCHEDULERS)
 PRESET_FIELDS = ("prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "mode")
-UPLOADS = ("init_image", "mask", "control_image")  # the settings' picture fields, filled from uploaded bytes
+UPLOADS = ("init_image", "mask", "control_image", "ip_image")  # the settings' picture fields, from uploaded bytes
 
 # Limits that apply when the app listens beyond this machine and the operator set none.
 PUBLIC_MAX_PIXELS = 2048 * 2048
@@ -56,10 +56,13 @@ class GenerationRequest:
     loras: tuple[tuple[str, float], ...] = ()  # (a LoRA's name in the server's --components, scale), in order
     controlnet: str | None = None  # a ControlNet's name in the server's --components
     control_scale: float = 1.0
+    ip_adapter: str | None = None  # an IP-Adapter's name in the server's --components
+    ip_scale: float = 1.0
     strength: float | None = None  # how far init_image is noised; None: the preset's (as without --strength)
     init_image: bytes | None = None  # uploaded pictures: the files' bytes, never a path
     mask: bytes | None = None
     control_image: bytes | None = None
+    ip_image: bytes | None = None  # the IP-Adapter's reference picture
 
     @classmethod
     def for_preset(cls, preset: str) -> GenerationRequest:
@@ -112,6 +115,7 @@ class GenerationRequest:
             "loras": list(self.loras),
             "controlnet": [] if self.controlnet is None else [self.controlnet],  # lists, as the command line's
             "control_image": [] if labels["control_image"] is None else [labels["control_image"]],
+            "ip_adapter": self.ip_adapter,
         }
 
     def _components(self, library: ComponentLibrary) -> dict[str, Any]:
@@ -120,6 +124,8 @@ class GenerationRequest:
             "loras": tuple(Lora(library.lora(name), scale) for name, scale in self.loras),
             "controlnet": None if self.controlnet is None else library.controlnet(self.controlnet),
             "control_scale": None if self.controlnet is None else self.control_scale,  # paired with its ControlNet
+            "ip_adapter": None if self.ip_adapter is None else library.ip_adapter(self.ip_adapter),
+            "ip_scale": None if self.ip_adapter is None else self.ip_scale,  # the default 1 without an IP-Adapter
             "strength": self.strength,
         }
 
