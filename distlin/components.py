@@ -23,11 +23,6 @@ from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_famil
 CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type")
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 IP_ADAPTER_SUFFIXES = (".safetensors", ".bin")
-# DemoFusion calls the UNet itself, with dilated convolutions: no ControlNet is wired into it.
-SDXL_CASCADE_CONTROLNET = (
-    "--controlnet with an SDXL cascade preset (DemoFusion) is not supported; use a single-size SDXL preset or the "
-    "SD-1.5 cascade"
-)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from PIL import Image
 
 import distlin
 from distlin.components import (
-    SDXL_CASCADE_CONTROLNET,
     apply_ip_adapter,
     apply_loras,
     check_image,
@@ -27,7 +26,7 @@ from distlin.components import (
     load_rgb,
     pipeline_for,
 )
-from distlin.errors import Cancelled, UsageError
+from distlin.errors import Cancelled
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
 from distlin.memory.fit import fit_to_capacity, saver_flags
@@ -289,8 +288,6 @@ def _sample(
     }
     first = settings.stages[0]
     if settings.controlnet:
-        if hasattr(pipe, "text_encoder_2"):
-            raise UsageError(SDXL_CASCADE_CONTROLNET)
         cascade["controls"] = [_control_images(settings, stage) for stage in settings.stages]
         cascade["control_scale"] = _control_scale(settings)
     if settings.init_image is not None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distlin.components import (
-    SDXL_CASCADE_CONTROLNET,
     IpAdapter,
     Lora,
     check_controlnet,
@@ -266,8 +265,6 @@ def check_control(settings: RunSettings, unet: dict[str, Any] | None) -> None:
         )
     if not nets:
         return
-    if settings.stages and unet is not None and unet.get("addition_embed_type") == "text_time":
-        raise UsageError(SDXL_CASCADE_CONTROLNET)
     for scale in scales:
         if not (math.isfinite(scale) and scale >= 0):
             raise UsageError(f"control scale {scale} must be a number >= 0; pass e.g. --control-scale 1")

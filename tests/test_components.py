@@ -65,6 +65,8 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
     }
     sdxl_control = {**BASE, "controlnet": files["sdxl-controlnet"], "control_image": files["control.png"]}
     cascade = {"height": 256, "width": 128, "steps": 3, "init_image": files["photo.png"], "cfg_parallel": False}
+    sdxl_cascade_control = {"steps": 4, "controlnet": files["sdxl-controlnet"], "control_image": files["control.png"]}
+    from_noise_too = [{}, {"init_image": None}]  # stage 0 refines the photo, or the pipeline draws it from noise
     controlnet_variations = [{}, {"init_image": files["photo.png"], "strength": 0.6}, {"scheduler": "heun"}]
     out = {
         "lora-after-unfused": ("lora", (files["lora.safetensors"], "after", "unfuse")),
@@ -78,6 +80,7 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
         "cascade-from-photo": ("run", ("tiny-sd15-cascade", cascade, [{}])),
         "cascade-controlnet": ("run", ("tiny-sd15-cascade", {**cascade, **control}, [{}])),
         "sdxl-cascade-from-photo": ("run", ("tiny-sdxl-cascade", {**cascade, "steps": 4}, [{}])),
+        "sdxl-cascade-controlnet": ("run", ("tiny-sdxl-cascade", {**cascade, **sdxl_cascade_control}, from_noise_too)),
     }
     if world > 1:  # displaced: not equal to one process by design; its own properties are checked
         out["displaced-heun-twice"] = ("run", ("tiny-sd15", DISPLACED, [{"scheduler": "heun"}] * 2))
@@ -142,11 +145,18 @@ def test_a_displaced_controlnet_run_is_finite_and_close(single, two_ranks) -> No
     assert 0 < relative <= 2e-3, relative
 
 
-@pytest.mark.parametrize("name", ["cascade-from-photo", "cascade-controlnet", "sdxl-cascade-from-photo"])
-def test_cascade_from_a_photo_on_two_ranks_equals_one_process(single, two_ranks, name: str) -> None:
+@pytest.mark.parametrize(
+    "name", ["cascade-from-photo", "cascade-controlnet", "sdxl-cascade-from-photo", "sdxl-cascade-controlnet"]
+)
+def test_a_cascade_on_two_ranks_equals_one_process(single, two_ranks, name: str) -> None:
     # Between stages the band-parallel VAE sums over the whole image in fp32, as in tests/test_highres.py.
     assert all(torch.isfinite(latents).all() for latents in single[name])
     torch.testing.assert_close(two_ranks[name], single[name], atol=1e-3, rtol=0)
+
+
+def test_a_controlnet_changes_the_sdxl_cascades_image(single) -> None:
+    controlled, plain = single["sdxl-cascade-controlnet"][0], single["sdxl-cascade-from-photo"][0]
+    assert (controlled - plain).abs().max().item() > 0.05 * plain.abs().max().item()
 
 
 def test_two_controlnets_on_the_command_line_on_two_ranks_equal_one_process(files, single, tmp_path: Path) -> None:
@@ -217,16 +227,11 @@ def test_an_init_image_starts_the_cascade_at_the_first_stage_at_or_above_its_siz
 
 
 @pytest.mark.parametrize(
-    ("preset", "image", "message"),
-    [
-        ("tiny-sd15-cascade", "photo.png", "is 60x100 px, another aspect ratio than the output's 128x256; pass"),
-        ("tiny-sdxl-cascade", "control.png", "--controlnet with an SDXL cascade preset (DemoFusion) is not supported"),
-    ],
+    ("preset", "controlnet"), [("tiny-sd15-cascade", "controlnet"), ("tiny-sdxl-cascade", "sdxl-controlnet")]
 )
-def test_a_cascade_controlnet_needs_the_outputs_aspect_ratio_and_the_sd15_cascade(
-    files, preset: str, image: str, message: str
-) -> None:
-    given = {"controlnet": files["controlnet"], "control_image": files[image], "height": 256, "width": 128}
+def test_a_cascade_control_image_needs_the_outputs_aspect_ratio(files, preset: str, controlnet: str) -> None:
+    given = {"controlnet": files[controlnet], "control_image": files["photo.png"], "height": 256, "width": 128}
+    message = "is 60x100 px, another aspect ratio than the output's 128x256; pass"
     with pytest.raises(UsageError, match=re.escape(message)):
         build_settings(preset, given, world_size=1)
 

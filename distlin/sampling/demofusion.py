@@ -23,6 +23,14 @@ With a parallelized UNet both evaluations are patch-parallel: :class:`~distlin.p
 takes its halo widths from the mutated ``dilation``/``padding``/``pad_top``. The two evaluations see different
 convolutions, so neither may reuse the other's exchanges: in later stages each starts afresh (``ctx.reset``) and
 ``displaced`` mode runs synchronous exchanges there.
+
+With a ControlNet (``pipe`` a ``StableDiffusionXLControlNetPipeline``, one or several ControlNets) every
+evaluation is conditioned on the stage's control image, prepared at the stage's size as the pipeline prepares
+it. In the dilated branch the ControlNet's convs are dilated with the UNet's (it is a copy of the UNet's encoder,
+and its conditioning encoder then sees the control image at the native size's scale, as the UNet sees the
+latent), and it gets the same control image, not blurred: the blur fights the aliasing of the dilated UNet's
+latent, while the control image is the user's structure, which both branches follow alike. A ControlNet with
+``global_pool_conditions`` runs without guess mode in the upscaling stages (the pipeline's stage 0 uses it).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -72,13 +80,14 @@ def upscale_strengths(upscales: int, start: float = UPSCALE_STRENGTH) -> list[fl
 
 
 @contextmanager
-def dilated_convs(unet: nn.Module, ratio: int) -> Iterator[None]:
-    """Every conv of ``unet`` with a kernel larger than 1 gets ``dilation`` and ``padding`` (and a
-    :class:`PatchConv2d`'s ``pad_top``) times ``ratio``; restored exactly on exit, even on error.
+def dilated_convs(model: nn.Module, ratio: int) -> Iterator[None]:
+    """Every conv of ``model`` (a UNet, a ControlNet, or a module holding both) with a kernel larger than 1 gets
+    ``dilation`` and ``padding`` (and a :class:`PatchConv2d`'s ``pad_top``) times ``ratio``; restored exactly on
+    exit, even on error.
 
-    Padding grows with dilation, so every feature map keeps its size and the UNet runs unchanged.
+    Padding grows with dilation, so every feature map keeps its size and the model runs unchanged.
     """
-    convs = [m for m in unet.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
     for conv in convs:
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError(f"dilating a conv needs numeric zero padding, got {conv.padding!r} ({conv.padding_mode})")
@@ -124,21 +133,57 @@ class _Conditioning:
     cfg: bool
     guidance_scale: float
     image_embeds: list[torch.Tensor] | None = None  # an IP-Adapter's, CFG halves concatenated like the text's
+    control: Any = None  # this stage's control image(s) as the ControlNet pipeline prepares them (CFG-doubled)
+    control_scale: float | list[float] = 1.0
 
 
 def _predict(
     pipe: Any, cond: _Conditioning, latents: torch.Tensor, t: torch.Tensor, time_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The guided noise prediction for ``latents`` at ``t``."""
+    """The guided noise prediction for ``latents`` at ``t``; with a control image, the ControlNet's residuals on
+    the same input are added to the UNet's, as the ControlNet pipeline does."""
     model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cond.cfg else latents, t)
     added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+    residuals = {}
+    if cond.control is not None:
+        down, mid = pipe.controlnet(
+            model_input,
+            t,
+            encoder_hidden_states=cond.embeds,
+            controlnet_cond=cond.control,
+            conditioning_scale=cond.control_scale,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     if cond.image_embeds is not None:
-        added["image_embeds"] = cond.image_embeds
-    eps = pipe.unet(model_input, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
+        added = {**added, "image_embeds": cond.image_embeds}
+    eps = pipe.unet(
+        model_input, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False, **residuals
+    )[0]
     if not cond.cfg:
         return eps
     uncond, text = eps.chunk(2)
     return uncond + cond.guidance_scale * (text - uncond)
+
+
+def _prepared_control(pipe: Any, images: Any, stage: Stage, cfg: bool) -> Any:
+    """The control image (a list of them for several ControlNets) as the ControlNet pipeline prepares it at
+    ``stage``'s size: a tensor on the ControlNet's device and dtype, CFG halves concatenated."""
+
+    def prepare(image: Any) -> torch.Tensor:
+        return pipe.prepare_image(
+            image=image,
+            width=stage.width,
+            height=stage.height,
+            batch_size=1,
+            num_images_per_prompt=1,
+            device=pipe._execution_device,
+            dtype=pipe.controlnet.dtype,
+            do_classifier_free_guidance=cfg,
+        )
+
+    return [prepare(image) for image in images] if isinstance(images, list) else prepare(images)
 
 
 def _ratio(native: Stage, stage: Stage) -> int:
@@ -181,6 +226,7 @@ def _denoise_stage(
     ).to(z0.device)
     time_ids = time_ids.repeat(2, 1) if cond.cfg else time_ids
     train_timesteps = scheduler.config.num_train_timesteps
+    dilated_models = nn.ModuleList([pipe.unet] if cond.control is None else [pipe.unet, pipe.controlnet])
     latents = scheduler.add_noise(z0, noise, timesteps[:1])
     for t in pipe.progress_bar(timesteps):  # the pipeline's bar settings: shown on rank 0 only
         w = demofusion_weights(float(t), train_timesteps)
@@ -191,7 +237,7 @@ def _denoise_stage(
         _restart(handle)
         local = _predict(pipe, cond, latents, t, time_ids)
         _restart(handle)
-        with dilated_convs(pipe.unet, ratio):
+        with dilated_convs(dilated_models, ratio):
             dilated = _predict(pipe, cond, blurred(latents, ratio, w.sigma), t, time_ids)
         latents = scheduler.step((1 - w.c2) * local + w.c2 * dilated, t, latents, return_dict=False)[0]
     return latents
@@ -212,6 +258,8 @@ def run_demofusion(
     init_image: torch.Tensor | None = None,
     native: Stage | None = None,
     ip_adapter_image: Any = None,
+    controls: Sequence[Any] = (),
+    control_scale: float | list[float] = 1.0,
 ) -> torch.Tensor:
     """The last stage's latents (scaled, as the UNet sees them), the same on every rank.
 
@@ -223,7 +271,9 @@ def run_demofusion(
     With ``init_image`` (``(1, 3, H, W)`` in [-1, 1], any size) stage 0 refines that picture, resized to its
     size, at its strength, like a later stage; its latents then anchor the per-channel statistics, and
     ``native`` (default: stage 0) is the size dilations are measured from. ``ip_adapter_image`` (with an
-    IP-Adapter loaded) steers every stage, encoded once.
+    IP-Adapter loaded) steers every stage, encoded once. With a ControlNet pipeline, ``controls`` holds every
+    stage's control image (a list of them for several ControlNets), resized to that stage's size, and
+    ``control_scale`` its conditioning scale (a list for several ControlNets, or one number for all).
     """
     check_stages(stages)
     native = native or stages[0]
@@ -241,6 +291,8 @@ def run_demofusion(
     if ip_adapter_image is not None:
         image_embeds = pipe.prepare_ip_adapter_image_embeds(ip_adapter_image, None, pipe._execution_device, 1, cfg)
     coder = vae or PlainVAE(pipe.vae)
+    if controls and isinstance(controls[0], list) and not isinstance(control_scale, list):
+        control_scale = [control_scale] * len(controls[0])  # what diffusers' MultiControlNetModel takes
     if init_image is not None:
         latents = encoded(pipe, coder, init_image, stages[0]).to(embeds.dtype)
     else:
@@ -256,6 +308,7 @@ def run_demofusion(
             generator=torch.Generator().manual_seed(seed),
             output_type="latent",
             ip_adapter_image_embeds=image_embeds,
+            **({"image": controls[0], "controlnet_conditioning_scale": control_scale} if controls else {}),
         ).images
         clock.lap(0, native, latents)
     anchor_mean, anchor_std = latents.mean(dim=(2, 3), keepdim=True), latents.std(dim=(2, 3), keepdim=True)
@@ -267,9 +320,12 @@ def run_demofusion(
         cfg=cfg,
         guidance_scale=guidance_scale,
         image_embeds=image_embeds,
+        control_scale=control_scale,
     )
     for index, stage in refined:
         z0 = latents if index == 0 else upscaled_reference(pipe, coder, latents, stage)
+        if controls:
+            cond = replace(cond, control=_prepared_control(pipe, controls[index], stage, cfg))
         latents = _denoise_stage(pipe, cond, z0, stage, ratios[index], steps, seed + index, handle)
         latents = _renormalised(latents, anchor_mean, anchor_std)
         clock.lap(index, stage, latents)
