@@ -167,13 +167,13 @@ def build_controlnet(
     short = canonical_name(name)
     unet = build_unet(short, seed)
     widths = _TINY_CONTROLNET_COND_CHANNELS if short in TINY_NAMES else _FULL_CONTROLNET_COND_CHANNELS
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
-    zero_convs = [
-        controlnet.controlnet_cond_embedding.conv_out,
-        *controlnet.controlnet_down_blocks,
-        controlnet.controlnet_mid_block,
-    ]
-    with _seeded(seed, "controlnet"):
+    with _seeded(seed, "controlnet"):  # the conditioning encoder's fresh layers too: one seed, one ControlNet
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+        zero_convs = [
+            controlnet.controlnet_cond_embedding.conv_out,
+            *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block,
+        ]
         for conv in zero_convs:
             conv.reset_parameters()
     return _cast(controlnet, "cpu", torch_dtype)
