@@ -253,6 +253,7 @@ def test_controlnet_residuals_fit_the_tiny_unet_and_change_its_output():
 def test_a_controlnet_seed_gives_one_controlnet():
     """Tests compare runs that each build their ControlNet: the same seed must give the same weights."""
     first, again, other = build_controlnet("tiny-sd15"), build_controlnet("tiny-sd15"), build_controlnet(seed=1)
-    pairs = list(zip(first.state_dict().values(), again.state_dict().values(), other.state_dict().values(), strict=True))
+    weights = (model.state_dict().values() for model in (first, again, other))
+    pairs = list(zip(*weights, strict=True))
     assert all(torch.equal(a, b) for a, b, _ in pairs)
     assert not all(torch.equal(a, c) for a, _, c in pairs)
