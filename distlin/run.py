@@ -88,7 +88,6 @@ def pipeline_key(settings: RunSettings) -> tuple:
         settings.loras,
         settings.controlnet,
         settings.ip_adapter,
-        settings.ip_scale,
     )
 
 
@@ -253,7 +252,8 @@ def _sample(
         "negative_prompt": settings.negative_prompt or None,  # None lets SDXL use its zero embedding
         "guidance_scale": settings.guidance_scale,
     }
-    if settings.ip_image is not None:
+    if settings.ip_image is not None:  # the scale is per generation: a web app keeps the pipeline across scales
+        pipe.set_ip_adapter_scale(settings.ip_scale)
         common["ip_adapter_image"] = load_rgb(settings.ip_image, *check_image(settings.ip_image, "--ip-image"))
     if not settings.stages:
         height, width = settings.height, settings.width
