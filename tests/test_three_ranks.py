@@ -16,7 +16,9 @@ from distlin.parallel import Runtime
 
 RANKS = 3
 HEIGHT, WIDTH = 192, 64  # latent 24 x 8: three 8-row units, one per rank
-TOL = 1e-5  # relative to the latents' largest magnitude
+# Relative to the latents' largest magnitude: float32 round-off, summed over every component's exchanges and a
+# multistep sampler (measured up to 1.4e-5 here; a miswired band or component differs by over 1e-1).
+TOL = 5e-5
 BASE = {"height": HEIGHT, "width": WIDTH, "steps": 2, "guidance_scale": 5.0, "cfg_parallel": False}
 
 
