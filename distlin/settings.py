@@ -248,8 +248,8 @@ def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None
                 f"pass e.g. --strength 0.5 (and --steps {math.ceil(1 / max(settings.strength, 0.01))} or more)"
             )
     if settings.mask is not None:
-        if settings.init_image is None or settings.stages or settings.controlnet:
-            raise UsageError("--mask inpaints an --init-image in one pass; without a cascade preset or ControlNet")
+        if settings.init_image is None or settings.stages:
+            raise UsageError("--mask inpaints an --init-image in one pass; without a cascade preset")
         check_image(settings.mask, "--mask")
     check_control(settings, unet)
 

@@ -67,7 +67,8 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
     cascade = {"height": 256, "width": 128, "steps": 3, "init_image": files["photo.png"], "cfg_parallel": False}
     sdxl_cascade_control = {"steps": 4, "controlnet": files["sdxl-controlnet"], "control_image": files["control.png"]}
     from_noise_too = [{}, {"init_image": None}]  # stage 0 refines the photo, or the pipeline draws it from noise
-    controlnet_variations = [{}, {"init_image": files["photo.png"], "strength": 0.6}, {"scheduler": "heun"}]
+    from_photo = {"init_image": files["photo.png"], "strength": 0.6}
+    controlnet_variations = [{}, from_photo, {"scheduler": "heun"}, {**from_photo, "mask": files["mask.png"]}]
     out = {
         "lora-after-unfused": ("lora", (files["lora.safetensors"], "after", "unfuse")),
         "lora-before-fused": ("lora", (files["lora.safetensors"], "before", "fuse")),

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument(
         "--mask",
         metavar="PATH",
-        help="inpaint --init-image where this picture is white (one pass, no cascade or ControlNet)",
+        help="inpaint --init-image where this picture is white (one pass, not with a cascade preset)",
     )
     own.add_argument(
         "--controlnet",
