@@ -7,6 +7,7 @@ cascade) and decodes. Nothing here parses flags or writes files: callers do (:mo
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -412,14 +413,22 @@ def generate(
     return Result(latents, image if main else None, settings, comm, metadata(settings, runtime), timings)
 
 
+def _not_a_cast_notice(record: logging.LogRecord) -> bool:
+    """False for diffusers' notice on every ``ModelMixin.to(dtype)``, which the float32 VAE between cascade
+    stages (:func:`~distlin.sampling.reference.vae_in_float32_if_needed`) would print twice per stage."""
+    return "should be kept in float32" not in record.getMessage()
+
+
 def quiet_third_party() -> None:
     """Notices from libraries that a user cannot act on (transformers' optional torchvision, its over-long
-    prompt notice, which :func:`warn_long_prompt` replaces) stay out of a command-line run's output."""
+    prompt notice, which :func:`warn_long_prompt` replaces, diffusers' dtype-cast notice) stay out of a
+    command-line run's output."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_not_a_cast_notice)
 
 
 def warn_long_prompt(pipe: Any, settings: RunSettings, runtime: Runtime) -> None:

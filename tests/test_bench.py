@@ -215,3 +215,29 @@ def test_gpu_suite_compile_and_vae_parts_run_on_cpu() -> None:
     assert vae["gb_moved"] > 0 and vae["gb_s"] == pytest.approx(vae["gb_moved"] / vae["seconds"])
     text = compile_vae_markdown([compiled, vae])
     assert "`--compile`" in text and "GB/s" in text
+
+
+def test_gpu_suite_keeps_measuring_after_a_part_fails(tmp_path: Path) -> None:
+    """A GPU is lent for minutes: a part that fails is one line in ``gpu.md`` and the next part still runs, and
+    the suite's JSON holds what was measured so far after every part (what a run stopped at its limit leaves)."""
+    from argparse import Namespace
+
+    from distlin.bench.gpu import markdown, run_parts
+
+    checkpoint = tmp_path / "gpu.json"
+    vae: dict[str, Any] = {"section": "vae", "model": "full-sd15", "width": 4096, "height": 4096, "band_rows": 64}
+    vae |= {"gb_moved": 96.0, "seconds": 12.0, "gb_s": 8.0}
+    on_disk: list[Any] = []
+
+    def failing() -> list[dict[str, Any]]:
+        on_disk.append(json.loads(checkpoint.read_text()))
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+
+    records = run_parts({"vae": lambda: [vae], "generation": failing, "compile": lambda: []}, checkpoint)
+    assert on_disk == [[vae]]
+    assert [r["section"] for r in records] == ["vae", "error"]
+    assert json.loads(checkpoint.read_text()) == records
+    text = markdown(records, Namespace())
+    assert "(8 GB/s)" in text
+    assert "- generation: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB\n" in text
+    assert "more detail" not in text and text.rstrip().endswith("were not part of this run")

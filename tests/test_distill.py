@@ -251,6 +251,7 @@ def test_captions_from_metadata_files(tmp_path: Path) -> None:
 
 def test_hf_dataset_folder(tmp_path: Path) -> None:
     import datasets
+
     images = [Image.new("RGB", (16, 12), (i * 40, 0, 0)) for i in range(3)]
     datasets.Dataset.from_dict(
         {"image": images, "text": ["a", "b", "c"]},

@@ -21,8 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 GENERATE = REPO / "launch" / "generate.py"
 TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
 METADATA_KEYS = {
-    "prompt", "negative_prompt", "seed", "height", "width", "steps", "guidance_scale", "preset", "model",
-    "linfusion", "dtype", "mode", "world_size", "distlin_version", "torch_version", "diffusers_version",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "height",
+    "width",
+    "steps",
+    "guidance_scale",
+    "preset",
+    "model",
+    "linfusion",
+    "dtype",
+    "mode",
+    "world_size",
+    "distlin_version",
+    "torch_version",
+    "diffusers_version",
 }
 
 
@@ -60,8 +74,9 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Lau
     for name, args in LAUNCHES.items():
         cwd = tmp_path_factory.mktemp(name)
         command = [sys.executable, str(GENERATE), *args]
-        runs[name] = Launch(cwd, subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.PIPE))
+        runs[name] = Launch(
+            cwd, subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
     yield runs
     for run in runs.values():
         if run.process.poll() is None:
@@ -259,6 +274,17 @@ def test_an_over_long_prompt_is_said_in_one_line(
     out, err = capsys.readouterr()
     assert "note: the prompt is" in out and "the rest is ignored" in out
     assert "Token indices sequence length" not in err
+
+
+def test_a_half_precision_cascade_prints_no_library_notices(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The VAE runs in float32 between float16 cascade stages; diffusers' notice on each cast stays out."""
+    monkeypatch.chdir(workdir)
+    assert cli.main(["--preset", "tiny-sd15-cascade", "--dtype", "float16", "--steps", "3"]) == 0
+    out, err = capfd.readouterr()
+    assert "stage 3/3" in out
+    assert "should be kept in float32" not in out + err
 
 
 def test_module_entry_point_runs_the_command_line() -> None:

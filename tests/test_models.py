@@ -196,9 +196,7 @@ def test_full_size_vaes_downsample_by_8(name: str):
     "name,attn1_layers,parameters",
     [("full-sd15", 16, 860e6), ("full-sd21", 16, 865e6), ("full-sdxl", 70, 2.57e9)],
 )
-def test_full_size_unets_build_on_meta_with_the_published_size(
-    name: str, attn1_layers: int, parameters: float
-):
+def test_full_size_unets_build_on_meta_with_the_published_size(name: str, attn1_layers: int, parameters: float):
     unet = build_unet(name, device="meta")
     assert all(p.is_meta for p in unet.parameters())  # nothing allocated
     assert sum(1 for module_name, _ in unet.named_modules() if module_name.endswith("attn1")) == attn1_layers
@@ -212,8 +210,10 @@ def test_full_size_configs_carry_the_published_model_choices():
     assert sd21["unet"]["cross_attention_dim"] == sd21["text_encoder"]["hidden_size"] == 1024
     assert sd21["scheduler"]["prediction_type"] == "v_prediction"
     assert sd21["unet"]["sample_size"] * 8 == 768
-    assert sdxl["unet"]["cross_attention_dim"] == 768 + 1280 == sum(
-        sdxl[key]["hidden_size"] for key in ("text_encoder", "text_encoder_2")
+    assert (
+        sdxl["unet"]["cross_attention_dim"]
+        == 768 + 1280
+        == sum(sdxl[key]["hidden_size"] for key in ("text_encoder", "text_encoder_2"))
     )
     assert sdxl["unet"]["projection_class_embeddings_input_dim"] == 1280 + 6 * 256
     for architecture in (sd15, sd21, sdxl):

@@ -90,6 +90,36 @@ def check_apply_state_matches_the_pytorch_ops(d: int, dtype: torch.dtype, tokens
     assert_round_off(out, expected, dtype)
 
 
+@pytest.mark.parametrize("d", [40, 160])
+def check_every_tiling_the_gpu_check_times_computes_the_same(d: int) -> None:
+    """``launch/bench.py gpu`` times each of ``BLOCK_CANDIDATES``: each must be a valid, equal computation."""
+    from distlin.ops.triton_linear_attention import BLOCK_CANDIDATES, apply_state_triton, partial_state_triton
+
+    q, k, v = token_major_qkv(300, d, torch.float16)
+    expected = partial_state_torch(k, v)
+    for blocks in BLOCK_CANDIDATES:
+        state = partial_state_triton(k, v, blocks)
+        assert_round_off(state.kv, expected.kv, torch.float32)
+        assert_round_off(apply_state_triton(q, state, blocks), apply_state_torch(q, expected), torch.float16)
+
+
+def check_the_gpu_check_times_the_rule_against_every_tiling() -> None:
+    """``launch/bench.py gpu``'s tiling part: a record per width and phase naming the rule's and the fastest
+    tiling (run here on CPU tensors at tiny size; on a GPU it runs at a million tokens)."""
+    from argparse import Namespace
+
+    from distlin.bench.gpu import blocks_markdown, measure_blocks
+    from distlin.ops.triton_linear_attention import BLOCK_CANDIDATES
+
+    args = Namespace(channels=[80], tokens=[64, 200], heads=2, batch=1, warmup=1, repeats=1)
+    records = measure_blocks(args, torch.device("cpu"), torch.float16)
+    assert [(r["channels"], r["phase"], r["tokens"]) for r in records] == [(80, "partial", 200), (80, "apply", 200)]
+    for r in records:
+        assert set(r["times_ms"]) == {str(blocks) for blocks in BLOCK_CANDIDATES}
+        assert r["best_ms"] == min(r["times_ms"].values()) <= r["rule_ms"] == r["times_ms"][r["rule"]]
+    assert "| 64 tokens x 4 warps |" in blocks_markdown(records)  # the rule for head dim 40
+
+
 def check_head_major_inputs_give_the_same_output() -> None:
     q, k, v = token_major_qkv(100, 64, torch.float16)
     out = linear_attention(q, k, v, kernel="triton")
@@ -184,4 +214,20 @@ def test_gpu_benchmark_refuses_without_cuda(tmp_path: Path, capsys: pytest.Captu
     assert main(["gpu", "--out", str(tmp_path / "out"), "--device", "cpu"]) == USAGE_EXIT_CODE
     error = capsys.readouterr().err
     assert error.startswith("error:") and "CUDA" in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--parts", "unet,vea"], "'vea'"), (["--generation-size", "16384by8192"], "16384by8192")],
+)
+def test_gpu_benchmark_names_a_bad_option_before_looking_for_a_gpu(
+    flags: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distlin.bench.cli import main
+    from distlin.errors import USAGE_EXIT_CODE
+
+    assert main(["gpu", "--out", str(tmp_path / "out"), "--device", "cpu", *flags]) == USAGE_EXIT_CODE
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and named in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()

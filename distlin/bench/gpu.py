@@ -20,9 +20,13 @@ host RAM at one size: bytes moved between host and device, seconds and the achie
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
+import traceback
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown
 from distlin.bench.timing import peak_memory_mb, synchronize, time_calls
 from distlin.bench.unet import count_flops, device_peak
 from distlin.errors import UsageError
+from distlin.io import atomic_write
 from distlin.memory.fit import plan_run, saver_flags
 from distlin.memory.planner import plan
 from distlin.models.architectures import load_architecture
@@ -49,6 +54,7 @@ KERNELS = ("torch", "triton")
 CFG_BATCH = 2  # samples in one UNet call of a guided step
 GIB = 2**30
 FREE_MEMORY_SHARE = 0.9  # of the free memory, what a UNet call's predicted activations may take
+PARTS = ("environment", "attention", "blocks", "unet", "vae", "generation", "compile")  # cheapest, surest first
 TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5, "generation_seconds": 30.0}
 
 
@@ -81,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(parser, "--compile-size", 2048, 512, "square side in pixels of the eager vs --compile UNet", type=int)
     options.add(parser, "--vae-size", 4096, 1024, "square side in pixels of the sequential VAE decode", type=int)
     parser.add_argument("--vae-band-rows", type=int, default=64, help="latent rows per sequential VAE band (64)")
+    parser.add_argument(
+        "--parts",
+        type=lambda text: [part for part in text.split(",") if part],
+        default=list(PARTS),
+        help=f"comma-separated parts to run, in their order (default all: {','.join(PARTS)})",
+    )
 
 
 def environment_record(device: torch.device) -> Record:
@@ -147,6 +159,57 @@ def measure_attention(args: argparse.Namespace, device: torch.device, dtype: tor
     return records
 
 
+def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Record]:
+    """Each phase's kernel with every tiling of ``BLOCK_CANDIDATES`` at the largest token count, per width:
+    the rule's time, the fastest tiling and its time (what to change the rule to, from one run)."""
+    from distlin.ops.triton_linear_attention import (  # here: only once the suite has checked for triton
+        BLOCK_CANDIDATES,
+        apply_state_triton,
+        default_blocks,
+        partial_state_triton,
+    )
+
+    records: list[Record] = []
+    tokens = max(args.tokens)
+    torch.manual_seed(0)
+    for channels in args.channels:
+        q, k, v = (token_major_heads(args.batch, tokens, channels, args.heads, device, dtype) for _ in range(3))
+        head_dim = channels // args.heads
+        with torch.inference_mode():
+            state = partial_state_triton(k, v)
+            phases = {"partial": partial(partial_state_triton, k, v), "apply": partial(apply_state_triton, q, state)}
+            for phase, call in phases.items():
+                times = {}
+                for blocks in dict.fromkeys([default_blocks(head_dim), *BLOCK_CANDIDATES]):
+                    for _ in range(args.warmup):
+                        call(blocks=blocks)  # the first call compiles this tiling
+                    times[str(blocks)] = _median_ms(partial(call, blocks=blocks), device, args.repeats)
+                rule = str(default_blocks(head_dim))
+                best = min(times, key=times.__getitem__)
+                record: Record = {"section": "blocks", "channels": channels, "head_dim": head_dim, "tokens": tokens}
+                record |= {"phase": phase, "rule": rule, "rule_ms": times[rule], "best": best, "best_ms": times[best]}
+                record["times_ms"] = times
+                progress(
+                    "gpu", f"tilings C={channels} {phase}: rule {times[rule]:.3f} ms, best {best} {times[best]:.3f} ms"
+                )
+                records.append(record)
+        del q, k, v, state
+    return records
+
+
+def blocks_markdown(records: list[Record]) -> str:
+    rows = [
+        [r["channels"], r["head_dim"], r["tokens"], r["phase"], r["rule"], fmt(r["rule_ms"]), r["best"],
+         fmt(r["best_ms"]), _times(r["rule_ms"] / r["best_ms"])]
+        for r in records
+    ]  # fmt: skip
+    return (
+        "Kernel tilings (tokens per step x warps per program), each phase at the largest token count: the rule's "
+        "(`default_blocks`) median ms against the fastest of `BLOCK_CANDIDATES`.\n\n"
+        + markdown_table(["C", "d", "tokens", "phase", "rule", "rule ms", "fastest", "fastest ms", "gain"], rows)
+    )
+
+
 def planned_unet_bytes(model: str, side: int, batch: int, dtype: torch.dtype) -> tuple[int, int]:
     """The planner's ``(UNet weights, UNet activations)`` in bytes for one call on one rank.
 
@@ -158,7 +221,7 @@ def planned_unet_bytes(model: str, side: int, batch: int, dtype: torch.dtype) ->
     return breakdown["weights_unet"], breakdown["unet_activations"]
 
 
-def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[Record], str]:
+def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Record]:
     peak, source = device_peak(device, dtype)
     model = model_name(args.model)
     meta = build(model, "linear", "meta", dtype)
@@ -170,7 +233,7 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         fitting = [batch for batch, (_, activations) in plans.items() if activations <= FREE_MEMORY_SHARE * free]
         batch = fitting[0] if fitting else 1
         record: Record = {"section": "unet", "model": model, "height": side, "width": side, "batch": batch}
-        record |= {"planned_gib": sum(plans[batch]) / GIB, "skipped": None}
+        record |= {"planned_gib": sum(plans[batch]) / GIB, "skipped": None, "peak_source": source}
         if not fitting:
             planned = plans[batch][1] / GIB
             record["skipped"] = f"planned activations {planned:.1f} GiB at batch 1 > 90% of {free / GIB:.1f} GiB free"
@@ -202,7 +265,7 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         records.append(record)
         del call
         torch.cuda.empty_cache()
-    return records, source
+    return records
 
 
 def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -299,11 +362,16 @@ def targets(records: list[Record]) -> str:
     return "Targets:\n" + ("\n".join(lines) or "- none measured: the target sizes were not part of this run")
 
 
-def markdown(records: list[Record], args: argparse.Namespace, source: str) -> str:
-    env = next(r for r in records if r["section"] == "environment")
-    attention = [r for r in records if r["section"] == "attention"]
-    unet = [r for r in records if r["section"] == "unet"]
-    attention_rows = [
+def environment_markdown(env: Record) -> str:
+    return (
+        f"{env['gpu']} (compute capability {env['compute_capability']}, {env['multiprocessors']} SMs, "
+        f"{env['memory_gib']:.0f} GiB); torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}; "
+        f"attention kernel auto: {env['auto_kernel']}."
+    )
+
+
+def attention_markdown(records: list[Record], args: argparse.Namespace) -> str:
+    rows = [
         [
             r["channels"],
             r["head_dim"],
@@ -314,9 +382,20 @@ def markdown(records: list[Record], args: argparse.Namespace, source: str) -> st
             fmt(r["torch_peak_mb"]),
             fmt(r["triton_peak_mb"]),
         ]
-        for r in attention
+        for r in records
     ]
-    unet_rows = [
+    headers = ["C", "d", "tokens", "torch partial ms", "torch apply ms", "triton partial ms", "triton apply ms"]
+    headers += ["speed-up", "rel. error", "torch MiB", "triton MiB"]
+    return (
+        f"Attention: both phases of LinFusion's linear attention, batch {args.batch}, {args.heads} heads, "
+        f"token-major inputs; median ms of {args.repeats} calls. Error: largest |kernels − PyTorch ops| over the "
+        "largest |PyTorch ops| output. MiB: peak memory of one whole call above what was held before it.\n\n"
+        + markdown_table(headers, rows)
+    )
+
+
+def unet_markdown(records: list[Record], args: argparse.Namespace) -> str:
+    rows = [
         [
             f"{r['height']}x{r['width']}",
             r["batch"],
@@ -328,53 +407,46 @@ def markdown(records: list[Record], args: argparse.Namespace, source: str) -> st
             fmt(r.get("peak_gib")),
             fmt(r["planned_gib"]),
         ]
-        for r in unet
+        for r in records
     ]
-    skipped = [f"- {r['height']}x{r['width']}: {r['skipped']}" for r in unet if r["skipped"]]
-    parts = [
-        f"{env['gpu']} (compute capability {env['compute_capability']}, {env['multiprocessors']} SMs, "
-        f"{env['memory_gib']:.0f} GiB); torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}.",
-        f"Attention: both phases of LinFusion's linear attention, batch {args.batch}, {args.heads} heads, "
-        f"token-major inputs; median ms of {args.repeats} calls. Error: largest |kernels − PyTorch ops| over the "
-        "largest |PyTorch ops| output. MiB: peak memory of one whole call above what was held before it.",
-        markdown_table(
-            [
-                "C",
-                "d",
-                "tokens",
-                "torch partial ms",
-                "torch apply ms",
-                "triton partial ms",
-                "triton apply ms",
-                "speed-up",
-                "rel. error",
-                "torch MiB",
-                "triton MiB",
-            ],
-            attention_rows,
-        ),
-        f"UNet: {args.model} with LinFusion (attention kernel auto: {env['auto_kernel']}), one call of `batch` "
-        f"samples; median of {args.repeats} calls after {args.warmup} warm-up; ms per step: a CFG step of "
-        f"{CFG_BATCH} samples. "
-        f"TFLOP counted on the meta device. Peak: {source}. Measured GiB: `torch.cuda.max_memory_allocated` "
-        "during the calls; planned GiB: the memory planner's UNet weights plus activations.",
-        markdown_table(
-            [
-                "image",
-                "batch",
-                "ms [min–max]",
-                "ms per step",
-                "TFLOP",
-                "TFLOP/s",
-                "utilisation",
-                "measured GiB",
-                "planned GiB",
-            ],
-            unet_rows,
-        ),
-    ]
-    if skipped:
-        parts.append("Skipped:\n" + "\n".join(skipped))
+    headers = ["image", "batch", "ms [min–max]", "ms per step", "TFLOP", "TFLOP/s", "utilisation"]
+    headers += ["measured GiB", "planned GiB"]
+    text = (
+        f"UNet: {args.model} with LinFusion (attention kernel auto), one call of `batch` samples; median of "
+        f"{args.repeats} calls after {args.warmup} warm-up; ms per step: a CFG step of {CFG_BATCH} samples. TFLOP "
+        f"counted on the meta device. Peak: {records[0]['peak_source']}. Measured GiB: "
+        "`torch.cuda.max_memory_allocated` during the calls; planned GiB: the memory planner's UNet weights plus "
+        "activations.\n\n" + markdown_table(headers, rows)
+    )
+    skipped = [f"- {r['height']}x{r['width']}: {r['skipped']}" for r in records if r["skipped"]]
+    return text + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "")
+
+
+def errors_markdown(records: list[Record]) -> str:
+    return "Parts that failed (their traceback is in the run's output):\n" + "\n".join(
+        f"- {r['part']}: {r['error']}" for r in records
+    )
+
+
+SECTIONS: dict[str, Callable[..., str]] = {
+    "environment": lambda rs, args: environment_markdown(rs[0]),
+    "attention": attention_markdown,
+    "blocks": lambda rs, args: blocks_markdown(rs),
+    "unet": unet_markdown,
+    "vae": lambda rs, args: compile_vae_markdown(rs),
+    "generation": lambda rs, args: generation_markdown(rs[0]),
+    "compile": lambda rs, args: compile_vae_markdown(rs),
+    "error": lambda rs, args: errors_markdown(rs),
+}
+
+
+def markdown(records: list[Record], args: argparse.Namespace) -> str:
+    """``gpu.md``: each part that ran, in order, then the parts that failed, then the targets."""
+    parts = []
+    for section, describe in SECTIONS.items():
+        chosen = [r for r in records if r["section"] == section]
+        if chosen:
+            parts.append(describe(chosen, args))
     parts.append(targets(records))
     return "\n\n".join(parts)
 
@@ -403,6 +475,7 @@ def plot(records: list[Record]) -> Any:
 def measure_generation(preset: str, overrides: dict[str, Any], device: torch.device) -> Record:
     """One generation end to end, as the command line runs it, with its time, memory and the planner's word."""
     settings = build_settings(preset, {**overrides, "device": str(device)}, world_size=1)
+    progress("gpu", f"end to end: {preset} at {settings.width}x{settings.height}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -438,25 +511,55 @@ def generation_markdown(record: Record) -> str:
     )
 
 
+def run_parts(parts: dict[str, Callable[[], list[Record]]], checkpoint: Path) -> list[Record]:
+    """Each part in turn. One that raises becomes an ``error`` record (its traceback on stderr) and the others
+    still run: a GPU is lent for minutes, and one failure must not cost the other numbers. After every part the
+    records so far are written to ``checkpoint`` (the suite's JSON, which the full result replaces at the end),
+    so a run stopped at its time limit leaves what it measured."""
+    records: list[Record] = []
+    for name, measure in parts.items():
+        try:
+            records += measure()
+        except UsageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of a part is reported, the next part runs
+            traceback.print_exc()
+            records.append({"section": "error", "part": name, "error": f"{type(err).__name__}: {err}".split("\n")[0]})
+            progress("gpu", f"{name} failed: {records[-1]['error']}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(records, indent=1, default=str) + "\n"
+        atomic_write(checkpoint, lambda tmp, text=text: tmp.write_text(text))
+    return records
+
+
+def generation_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` as two positive multiples of 8."""
+    sides = text.split("x")
+    if len(sides) != 2 or not all(side.isdigit() and int(side) > 0 and int(side) % 8 == 0 for side in sides):
+        raise UsageError(f"--generation-size {text!r}: give WIDTHxHEIGHT in pixels, multiples of 8, e.g. 16384x8192")
+    return int(sides[0]), int(sides[1])
+
+
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown:
+        raise UsageError(f"--parts: no part {unknown[0]!r}; choose from {','.join(PARTS)}")
+    width, height = generation_size(args.generation_size)
     if device.type != "cuda":
         raise UsageError(f"the gpu suite measures the CUDA fast path and needs a CUDA device, not {device.type}")
     check_kernel("triton")
-    records = [environment_record(device)]
-    records += measure_attention(args, device, dtype)
-    torch.cuda.empty_cache()
-    unet, source = measure_unet(args, device, dtype)
-    records += unet
-    torch.cuda.empty_cache()
-    records.append(measure_compile(args.model, args.compile_size, device, dtype, args.repeats))
-    torch.cuda.empty_cache()
-    records.append(measure_sequential_vae(args.model, args.vae_size, args.vae_band_rows, device, dtype))
-    torch.cuda.empty_cache()
-    width, height = (int(side) for side in args.generation_size.split("x"))
     overrides = {"model": "full-sd15", "linfusion": "fresh", "width": width, "height": height, "dtype": "float16"}
-    progress("gpu", f"end to end: {args.generation_preset} at {args.generation_size}")
-    generation = measure_generation(args.generation_preset, overrides, device)
-    records.append(generation)
-    text = markdown([r for r in records if r["section"] in ("environment", "attention", "unet")], args, source)
-    parts = [text, compile_vae_markdown(records), generation_markdown(generation)]
-    return SuiteResult(records, "\n\n".join(parts), plot(records))
+    measures: dict[str, Callable[[], list[Record]]] = {
+        "environment": lambda: [environment_record(device)],
+        "attention": lambda: measure_attention(args, device, dtype),
+        "blocks": lambda: measure_blocks(args, device, dtype),
+        "unet": lambda: measure_unet(args, device, dtype),
+        "vae": lambda: [measure_sequential_vae(args.model, args.vae_size, args.vae_band_rows, device, dtype)],
+        "generation": lambda: [measure_generation(args.generation_preset, overrides, device)],
+        "compile": lambda: [measure_compile(args.model, args.compile_size, device, dtype, args.repeats)],
+    }
+    parts = {name: measures[name] for name in PARTS if name in args.parts or name == "environment"}
+    records = run_parts(parts, args.out / "gpu.json")
+    return SuiteResult(records, markdown(records, args), plot(records))

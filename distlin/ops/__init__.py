@@ -1,2 +1,1 @@
 """Pure tensor ops: linear and softmax attention, GroupNorm moments, halo arithmetic, index-safe kernels."""
-

@@ -9,10 +9,13 @@ would round to 8 bits, and Triton's CPU interpreter, which the tests run in, can
 
 Triton blocks are powers of two, so a head dim d pads up to ``BLOCK_D`` (40 -> 64, 80 -> 128, 160 -> 256) with
 masked loads, and the value dim is split into tiles of at most 64 columns to bound the accumulator's registers.
-Block sizes are chosen by rule, not tuned on hardware yet.
+Tokens per step and warps per program are chosen by rule (:func:`default_blocks`), not tuned on hardware yet;
+``launch/bench.py gpu`` times the rule against :data:`BLOCK_CANDIDATES` so one GPU run says what to change.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -140,16 +143,34 @@ def _apply_state_kernel(
     tl.store(out_ptrs, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & e_mask[None, :])
 
 
-def _blocks(d: int, e: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_D, BLOCK_E, value tiles)``: tl.dot needs every block side to be a power of two >= 16."""
-    block_d = max(16, triton.next_power_of_2(d))
+class KernelBlocks(NamedTuple):
+    """How a launch tiles its tokens: ``block_n`` tokens per step (a power of two >= 16, as tl.dot needs) and
+    ``num_warps`` per program."""
+
+    block_n: int
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"{self.block_n} tokens x {self.num_warps} warps"
+
+
+BLOCK_CANDIDATES = tuple(KernelBlocks(n, w) for n in (32, 64, 128) for w in (4, 8))  # what the gpu check times
+
+
+def _padded_head_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def default_blocks(d: int) -> KernelBlocks:
+    """The rule for head dim ``d``: fewer tokens per step and more warps as the padded head dim grows."""
+    block_d = _padded_head_dim(d)
+    return KernelBlocks(64 if block_d <= 128 else 32, 4 if block_d <= 64 else 8)
+
+
+def _value_tiles(e: int) -> tuple[int, int]:
+    """``(BLOCK_E, tiles)``: the value columns in tiles of at most :data:`MAX_BLOCK_E`."""
     block_e = min(max(16, triton.next_power_of_2(e)), MAX_BLOCK_E)
-    block_n = 64 if block_d <= 128 else 32
-    return block_n, block_d, block_e, triton.cdiv(e, block_e)
-
-
-def _num_warps(block_d: int) -> int:
-    return 4 if block_d <= 64 else 8
+    return block_e, triton.cdiv(e, block_e)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -164,42 +185,48 @@ def _program_budget(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def partial_state_triton(k: torch.Tensor, v: torch.Tensor) -> LinearAttentionState:
+def partial_state_triton(k: torch.Tensor, v: torch.Tensor, blocks: KernelBlocks | None = None) -> LinearAttentionState:
     """:func:`~distlin.ops.linear_attention.partial_state` as one kernel over token splits plus a float32 sum
-    of the per-split slots (a fixed order: the same inputs give the same state, run after run)."""
+    of the per-split slots (a fixed order: the same inputs give the same state, run after run). ``blocks``:
+    the tiling, :func:`default_blocks` unless given."""
     b, h, n, d = k.shape
     e = v.shape[-1]
     if n == 0:
         zeros = torch.zeros(b, h, d, e, dtype=torch.float32, device=k.device)
         return LinearAttentionState(zeros, zeros.new_zeros(b, h, d), 0.0)
-    block_n, block_d, block_e, e_tiles = _blocks(d, e)
-    blocks = triton.cdiv(n, block_n)
-    splits = max(1, min(blocks, _program_budget(k.device) // (b * h * e_tiles)))
-    tokens_per_split = triton.cdiv(blocks, splits) * block_n
+    block_n, num_warps = blocks or default_blocks(d)
+    block_e, e_tiles = _value_tiles(e)
+    token_blocks = triton.cdiv(n, block_n)
+    splits = max(1, min(token_blocks, _program_budget(k.device) // (b * h * e_tiles)))
+    tokens_per_split = triton.cdiv(token_blocks, splits) * block_n
     splits = triton.cdiv(n, tokens_per_split)
     kv = torch.empty(splits, b, h, d, e, dtype=torch.float32, device=k.device)
     ksum = torch.empty(splits, b, h, d, dtype=torch.float32, device=k.device)
     _partial_state_kernel[(splits * e_tiles, b * h)](
         k, v, kv, ksum, h, n, tokens_per_split, *k.stride(), *v.stride(),
-        D=d, E=e, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_E=block_e, E_TILES=e_tiles,
-        PRECISION=_precision(k.dtype), num_warps=_num_warps(block_d),
+        D=d, E=e, BLOCK_N=block_n, BLOCK_D=_padded_head_dim(d), BLOCK_E=block_e, E_TILES=e_tiles,
+        PRECISION=_precision(k.dtype), num_warps=num_warps,
     )  # fmt: skip
     return LinearAttentionState(kv.sum(0), ksum.sum(0), float(n))
 
 
-def apply_state_triton(q: torch.Tensor, state: LinearAttentionState) -> torch.Tensor:
-    """:func:`~distlin.ops.linear_attention.apply_state` in one kernel; the same token-major output layout."""
+def apply_state_triton(
+    q: torch.Tensor, state: LinearAttentionState, blocks: KernelBlocks | None = None
+) -> torch.Tensor:
+    """:func:`~distlin.ops.linear_attention.apply_state` in one kernel; the same token-major output layout.
+    ``blocks``: the tiling, :func:`default_blocks` unless given."""
     b, h, n, d = q.shape
     e = state.kv.shape[-1]
     out = torch.empty(b, n, h, e, dtype=q.dtype, device=q.device).transpose(1, 2)
     if n == 0:
         return out
-    block_n, block_d, block_e, e_tiles = _blocks(d, e)
+    block_n, num_warps = blocks or default_blocks(d)
+    block_e, e_tiles = _value_tiles(e)
     kv = state.kv.to(torch.float32).contiguous()
     ksum = state.k.to(torch.float32).contiguous()
     _apply_state_kernel[(triton.cdiv(n, block_n) * e_tiles, b * h)](
         q, kv, ksum, out, 1.0 / state.count, h, n, *q.stride(), *out.stride(),
-        D=d, E=e, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_E=block_e, E_TILES=e_tiles,
-        PRECISION=_precision(q.dtype), EPS=EPS, num_warps=_num_warps(block_d),
+        D=d, E=e, BLOCK_N=block_n, BLOCK_D=_padded_head_dim(d), BLOCK_E=block_e, E_TILES=e_tiles,
+        PRECISION=_precision(q.dtype), EPS=EPS, num_warps=num_warps,
     )  # fmt: skip
     return out

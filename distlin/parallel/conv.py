@@ -61,7 +61,13 @@ class PatchConv2d(nn.Conv2d):
 
     def _conv(self, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
         return conv2d_rows(
-            x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
             max_elements=self.ctx.config.index_limit,
         )
 

@@ -42,8 +42,6 @@ class PlainVAE:
         return self.vae.encode(image).latent_dist
 
 
-
-
 class SequentialVAE:
     """The decode/encode interface band by band through host RAM (:mod:`distlin.vae.sequential`) on rank 0
     alone, so no device holds a full-resolution activation.
@@ -91,9 +89,7 @@ class SizedCoder:
     """A run's coder between cascade stages: the direct one (band-parallel or plain), or :class:`SequentialVAE`
     for images that ``is_large(height, width)`` in pixels (the run's sequential-VAE rule, the decode's)."""
 
-    def __init__(
-        self, direct: ParallelVAE | PlainVAE, sequential: SequentialVAE, is_large: Callable[[int, int], bool]
-    ):
+    def __init__(self, direct: ParallelVAE | PlainVAE, sequential: SequentialVAE, is_large: Callable[[int, int], bool]):
         self.direct, self.sequential, self.is_large = direct, sequential, is_large
 
     def _for(self, height: int, width: int) -> ParallelVAE | PlainVAE | SequentialVAE:

@@ -73,8 +73,6 @@ def check_stages(stages: Sequence[Stage]) -> None:
             raise UsageError(f"stage {stage.height}x{stage.width}: strength must be in (0, 1], got {stage.strength}")
 
 
-
-
 def cascade_stages(values: dict[str, Any]) -> tuple[Stage, ...]:
     """A preset's ``cascade:`` section (a list of {height, width, strength}) rescaled so its last stage is
     ``values``' height and width, each stage half the next; empty when the preset has no cascade.
