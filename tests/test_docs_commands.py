@@ -28,6 +28,7 @@ NEEDS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\.\.\.|\bSUITE\b"), "nothing: a template with placeholders"),
     (re.compile(r"\bsbatch\b|--nnodes"), "a SLURM cluster / several nodes"),
     (re.compile(r"bench\.py gpu\b"), "a CUDA GPU"),
+    (re.compile(r"^pip download|--no-index"), "wheels carried to a GPU machine that has no package index"),
     (re.compile(r"from_pretrained\(\""), "real model weights from the Hugging Face Hub"),
     (re.compile(r"--preset (?!tiny-)\S+(?!.*--plan)"), "real model weights from the Hugging Face Hub"),
     (re.compile(r"^pip install [^&]*$"), "nothing new: an install, what .ci/run does"),
