@@ -46,15 +46,38 @@ def test_bounded_memory_prediction_within_20_percent(name: str, rows: int, cols:
     assert bounded < measured_unet_activation_peak(name, rows, cols, batch, torch.float16)
 
 
-@pytest.mark.parametrize(("name", "rows", "cols", "batch"), [("full-sd15", 64, 64, 2), ("full-sdxl", 64, 64, 1)])
-def test_controlnet_residuals_prediction_within_20_percent(name: str, rows: int, cols: int, batch: int) -> None:
-    """A ControlNet runs before the UNet call and its residuals live through it: the planner adds them."""
+@pytest.mark.parametrize(
+    ("name", "rows", "cols", "batch", "residual_batch"),
+    [
+        ("full-sd15", 64, 64, 2, 2),
+        ("full-sdxl", 64, 64, 1, 1),
+        ("full-sd15", 64, 64, 1, 2),  # micro_batch=1: each call takes its half of both halves' residuals
+    ],
+)
+def test_controlnet_residuals_prediction_within_20_percent(
+    name: str, rows: int, cols: int, batch: int, residual_batch: int
+) -> None:
+    """A ControlNet runs before the UNet call and its residuals live through it: the planner adds them, for
+    every sample of the guidance batch."""
     unet = load_architecture(name)["unet"]
-    measured = measured_unet_activation_peak(name, rows, cols, batch, torch.float16, controlnet=True)
+    measured = measured_unet_activation_peak(
+        name, rows, cols, batch, torch.float16, controlnet=True, residual_batch=residual_batch
+    )
     tokens = rows * cols
-    predicted = unet_activation_elements(unet, tokens, batch) + controlnet_residual_elements(unet, tokens, batch)
+    residuals = controlnet_residual_elements(unet, tokens, residual_batch)
+    predicted = unet_activation_elements(unet, tokens, batch) + residuals
     assert abs(predicted * 2 / measured - 1) <= 0.2, (predicted * 2, measured)
     assert measured > measured_unet_activation_peak(name, rows, cols, batch, torch.float16)
+
+
+def test_planned_controlnet_residuals_are_the_guidance_batchs_with_micro_batches() -> None:
+    """Micro-batches halve the UNet call's activations but not the residuals computed before it."""
+    whole, halves = (plan("full-sd15", 4096, 4096, 1, controlnets=1, micro_batch=m) for m in (None, 1))
+    plain = plan("full-sd15", 4096, 4096, 1, micro_batch=1)
+    unet = load_architecture("full-sd15")["unet"]
+    residuals = controlnet_residual_elements(unet, 512 * 512, 2) * 2
+    assert halves["breakdown"]["unet_activations"] == plain["breakdown"]["unet_activations"] + residuals
+    assert halves["breakdown"]["unet_activations"] < whole["breakdown"]["unet_activations"]
 
 
 def test_plan_shrinks_with_ranks_and_reports_breakdown() -> None:

@@ -45,6 +45,20 @@ CASES = {
             PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False, stale="all", micro_batch=1),
         ),
         "naive": ("tiny-sd15", True, PatchParallelConfig("naive", cfg_parallel=False)),
+        # The ControlNet's calls micro-batched like the UNet's, exact and displaced.
+        "controlnet-micro": (
+            "tiny-sd15",
+            True,
+            PatchParallelConfig("exact", cfg_parallel=False, micro_batch=1),
+            "controlnet",
+        ),
+        "controlnet-displaced": ("tiny-sd15", True, DISPLACED, "controlnet"),
+        "controlnet-displaced-micro": (
+            "tiny-sd15",
+            True,
+            PatchParallelConfig("displaced", warmup_steps=1, cfg_parallel=False, stale="all", micro_batch=1),
+            "controlnet",
+        ),
     },
     3: {
         "sd15-linear": ("tiny-sd15", True, EXACT_NO_CFG),
@@ -122,6 +136,48 @@ def test_displaced_micro_batches_keep_their_own_stale_halos(multi) -> None:
     """Each micro-batch reuses its own last-step halos, so displaced mode gives what the whole batch gives."""
     ref = multi[2]["displaced"]
     assert (multi[2]["displaced-micro"] - ref).abs().max().item() <= TOL * ref.abs().max().item()
+
+
+def test_micro_batched_controlnet_equals_the_whole_batch(single, multi) -> None:
+    """``micro_batch`` bounds the ControlNet's calls too (its residuals joined for the UNet): the same latents on
+    one rank and two, and in displaced mode each micro-batch keeps its own stale exchanges in the ControlNet."""
+    ref = single["controlnet"]
+    for out in (single["controlnet-micro"], multi[2]["controlnet-micro"]):
+        assert (out - ref).abs().max().item() <= TOL * ref.abs().max().item()
+    displaced = multi[2]["controlnet-displaced"]
+    diff = (multi[2]["controlnet-displaced-micro"] - displaced).abs().max().item()
+    assert diff <= TOL * displaced.abs().max().item()
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_micro_batch_bounds_each_controlnet_call(return_dict: bool) -> None:
+    """With ``micro_batch=1`` a guided batch of 2 reaches the ControlNet's layers one sample at a time, and its
+    residuals, joined, equal the plain ControlNet's, in the output type the caller asked for."""
+    from distlin.models.tiny import build_controlnet, build_unet
+    from distlin.parallel.controlnet import parallelize_controlnet
+    from distlin.parallel.unet import parallelize_unet
+
+    unet, controlnet, plain = build_unet("tiny-sd15"), build_controlnet("tiny-sd15"), build_controlnet("tiny-sd15")
+    engine = parallelize_unet(unet, PatchParallelConfig(micro_batch=1))
+    parallelize_controlnet(controlnet, engine)
+    batches: list[int] = []
+    controlnet.conv_in.register_forward_hook(lambda module, args, out: batches.append(out.shape[0]))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 8, generator=generator)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    image = torch.rand(2, 3, 128, 64, generator=generator)
+    call = {"timestep": 10, "encoder_hidden_states": context, "controlnet_cond": image, "return_dict": return_dict}
+    with torch.no_grad():
+        out = controlnet(sample, **call)
+        expected = plain(sample, **call)
+    assert batches == [1, 1]
+    if return_dict:
+        assert type(out) is type(expected)
+        out, expected = (out.down_block_res_samples, out.mid_block_res_sample), expected.to_tuple()
+    (down, mid), (expected_down, expected_mid) = out, expected
+    assert len(down) == len(expected_down)
+    for got, want in zip([*down, mid], [*expected_down, expected_mid], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_token_chunked_transformers_equal_whole_ones(single, multi) -> None:

@@ -27,11 +27,14 @@ def measured_unet_activation_peak(
     linfusion: bool = True,
     ff_chunk: int | None = None,
     controlnet: bool = False,
+    residual_batch: int | None = None,
 ) -> int:
     """Peak bytes of activations (parameters excluded) of one no-grad UNet call on a ``latent_height`` x
     ``latent_width`` latent, with LinFusion self-attention when ``linfusion``; ``ff_chunk`` applies
     :func:`distlin.lean.bound_memory` (token-chunked transformers) as generate.py does. With ``controlnet`` a
-    ControlNet made from the UNet runs first, as the ControlNet pipelines do, and its residuals go in."""
+    ControlNet made from the UNet runs first, as the ControlNet pipelines do, and its residuals go in;
+    ``residual_batch`` (default ``batch``) samples of them, of which the call takes the first ``batch``, as a
+    micro-batched call takes its slice of residuals computed for the whole guidance batch."""
     architecture = load_architecture(name)["unet"]
     unet = build_unet(name, torch_dtype=dtype, device="meta")
     if linfusion:
@@ -55,12 +58,13 @@ def measured_unet_activation_peak(
             net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
             image = torch.empty(batch, 3, 8 * latent_height, 8 * latent_width, **meta)
             down, mid = net.to(dtype)(sample, timestep, context, controlnet_cond=image, return_dict=False, **kwargs)
+        residual_batch = residual_batch or batch
         residuals = [*down, mid]
     tracker = MemTracker()
     tracker.track_external(unet)
     with tracker, torch.no_grad():
         if residuals:  # created while tracked: alive through the UNet call, as in the ControlNet pipelines
-            *down, mid = (torch.empty_like(t) for t in residuals)
+            *down, mid = (torch.empty(residual_batch, *t.shape[1:], **meta)[:batch] for t in residuals)
             kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         unet(sample, timestep, context, **kwargs)
     peak = tracker.get_tracker_snapshot("peak")

@@ -147,8 +147,10 @@ def plan(
     planned unchunked (``ff_chunk`` alone sets their chunk). ``extra_parameters`` counts the parameters of a
     run's own components by name (ControlNets, an IP-Adapter's image encoder: :func:`component_parameters`), held
     on every rank beside the model's; ``controlnets`` ControlNets add their residuals to the UNet call's
-    activations. ``vae_fetch_ahead``: the sequential decode holds one band more on the device,
-    where its copies overlap compute (a GPU; not on the CPU). A cascade's encode between stages takes the VAE
+    activations, for the whole guidance batch (micro-batches bound each call, ControlNet's and UNet's, but the
+    UNet's calls take their slices of residuals computed for every sample first). ``vae_fetch_ahead``: the
+    sequential decode holds one band more on the device, where its copies overlap compute (a GPU; not on the
+    CPU). A cascade's encode between stages takes the VAE
     path of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the
     decode's term covers it.
     """
@@ -166,7 +168,8 @@ def plan(
     unet = arch["unet"]
     topology = Topology.for_run(ranks, cfg_parallel=cfg_parallel, guidance=cfg)
     split_cfg = topology.cfg_split
-    batch = min(2 if cfg and not split_cfg else 1, micro_batch or 2)
+    guidance_batch = 2 if cfg and not split_cfg else 1  # samples of one UNet evaluation on this rank
+    batch = min(guidance_batch, micro_batch or 2)  # samples of one UNet call
     unet_tokens = topology.band_rows(rows, cols, row_unit(unet)) * cols
     sequential = sequential_vae(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
     if sequential:
@@ -185,7 +188,7 @@ def plan(
         **{f"weights_{name}": count * size for name, count in weights.items()},
         "unet_activations": (
             unet_activation_elements(unet, unet_tokens, batch, chunk)
-            + controlnet_residual_elements(unet, unet_tokens, batch, controlnets)
+            + controlnet_residual_elements(unet, unet_tokens, guidance_batch, controlnets)
         )
         * size,
         "vae_decode_activations": vae_elements * size,

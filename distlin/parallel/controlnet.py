@@ -8,7 +8,8 @@ batched like the sample) and sets the layout. ``conv_in`` cuts its band from the
 conditioning encoder's first conv from the whole control image (pixel rows, 8x the latent's), both with halo
 rows and no exchange; every later conv exchanges halos. Its residuals come out as this rank's band of this
 rank's half of the batch, which :class:`~distlin.parallel.unet.ParallelUNet` takes as they are, so each rank
-computes ``1/N`` of the ControlNet as of the UNet. The UNet's post-hook ends the step.
+computes ``1/N`` of the ControlNet as of the UNet. ``micro_batch`` bounds its calls as the UNet's: the
+guidance halves one after the other, their residuals joined. The UNet's post-hook ends the step.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from diffusers.models.controlnets.controlnet import ControlNetOutput
 from torch import nn
 
-from distlin.parallel.unet import ParallelUNet, guidance_half, swap_band_layers
+from distlin.parallel.unet import MicroBatches, ParallelUNet, concat_batches, guidance_half, swap_band_layers
 from distlin.surgery import Swaps
 
 
@@ -30,10 +32,15 @@ class ParallelControlNet:
         self._signature = inspect.signature(controlnet.forward)
         self._swaps = Swaps(controlnet)
         self._hooks: list[Any] = []
+        self._micro_batches = MicroBatches()
+        self._return_dict = True
 
     def apply(self) -> ParallelControlNet:
         swap_band_layers(self.controlnet, self.ctx, self._swaps)
-        self._hooks = [self.controlnet.register_forward_pre_hook(self._before, with_kwargs=True)]
+        self._hooks = [
+            self.controlnet.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.controlnet.register_forward_hook(self._after, with_kwargs=True),
+        ]
         return self
 
     def undo(self) -> None:
@@ -50,7 +57,17 @@ class ParallelControlNet:
         topology = ctx.use_topology(batch)
         arguments = guidance_half(arguments, batch, topology)
         ctx.begin_step(topology.layout(sample.shape[2], sample.shape[3], self.unit))  # the UNet's, this step
-        return (), arguments
+        self._return_dict = arguments.get("return_dict", True)
+        arguments["return_dict"] = False
+        return (), self._micro_batches.first(ctx, arguments)
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        down, mid = concat_batches(self._micro_batches.outputs(self.ctx, module, output))
+        return (
+            ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
+            if self._return_dict
+            else (down, mid)
+        )
 
 
 def controlnet_members(controlnet: nn.Module) -> list[nn.Module]:

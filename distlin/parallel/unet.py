@@ -80,6 +80,39 @@ def _micro_batches(arguments: dict[str, Any], batch: int, size: int | None) -> l
     return [_batch_slice(arguments, batch, start, start + size) for start in range(0, batch, size)]
 
 
+def concat_batches(outputs: list[Any]) -> Any:
+    """Micro-batches' outputs of one structure (tensors, tuples, lists of them) joined along the batch."""
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    return type(first)(concat_batches(list(parts)) for parts in zip(*outputs, strict=True))
+
+
+class MicroBatches:
+    """A hooked model call cut into micro-batches of at most ``ctx.config.micro_batch`` samples: the call the
+    hooks wrap runs the first, :meth:`outputs` the others, each on its own lane (its own displaced slots)."""
+
+    def __init__(self) -> None:
+        self._later: list[dict[str, Any]] = []
+
+    def first(self, ctx: ParallelContext, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Keep the later micro-batches of ``arguments``; the first one's, for the wrapped call."""
+        batches = _micro_batches(arguments, arguments["sample"].shape[0], ctx.config.micro_batch)
+        self._later, ctx.lane = batches[1:], 0
+        return batches[0]
+
+    def outputs(self, ctx: ParallelContext, module: nn.Module, first: Any) -> list[Any]:
+        """``first`` (the wrapped call's output) and the later micro-batches' outputs, in batch order."""
+        outputs = [first]
+        for lane, arguments in enumerate(self._later, start=1):
+            ctx.lane = lane
+            outputs.append(module.forward(**arguments))  # forward, not __call__: no hooks run again
+        self._later, ctx.lane = [], 0
+        return outputs
+
+
 def swap_band_layers(model: nn.Module, ctx: ParallelContext, swaps: Swaps) -> None:
     """Every ``nn.Conv2d`` and ``nn.GroupNorm`` of ``model`` for its band twin and every ``attn1`` processor for
     a band-aware one, all on ``ctx`` (the UNet's and a ControlNet's layers share one engine)."""
@@ -103,7 +136,7 @@ class ParallelUNet:
         self._hooks: list[Any] = []
         self._split_cfg = False
         self._return_dict = True
-        self._later_micro_batches: list[dict[str, Any]] = []
+        self._micro_batches = MicroBatches()
         self.controlnets: list[ParallelControlNet] = []  # band-parallel ControlNets on this engine, undone with it
         self._processors: list[tuple[str, nn.Module, object]] = []  # (name, attn1, the processor the engine set)
 
@@ -175,19 +208,11 @@ class ParallelUNet:
             if arguments.get(key) is not None:
                 arguments[key] = _map_tensors(arguments[key], band)
         arguments["return_dict"] = False
-        micro_batches = _micro_batches(arguments, arguments["sample"].shape[0], ctx.config.micro_batch)
-        self._later_micro_batches = micro_batches[1:]
-        ctx.lane = 0
-        return (), micro_batches[0]
+        return (), self._micro_batches.first(ctx, arguments)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ctx = self.ctx
-        outputs = [output[0]]
-        for lane, arguments in enumerate(self._later_micro_batches, start=1):
-            ctx.lane = lane
-            outputs.append(module.forward(**arguments)[0])  # forward, not __call__: no hooks run again
-        self._later_micro_batches, ctx.lane = [], 0
-        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        out = concat_batches([o[0] for o in self._micro_batches.outputs(ctx, module, output)])
         bands = ctx.patch.all_gather_rows(out, ctx.layout.sizes(), 2, "gather").wait()
         full = torch.cat(bands, dim=2) if len(bands) > 1 else bands[0]
         if self._split_cfg:
