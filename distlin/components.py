@@ -8,7 +8,6 @@ loaded pipeline import diffusers when called.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distlin.errors import UsageError
+from distlin.notices import without_cast_notice
 from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_family, local_path, read_json
 
 # UNet config keys a ControlNet copies from the UNet it was made for: equal ones mean it fits.
@@ -57,7 +57,7 @@ def check_lora(lora: Lora) -> None:
 @dataclass(frozen=True)
 class IpAdapterFiles:
     """Where diffusers' ``load_ip_adapter`` reads an IP-Adapter: a folder or Hub repo (``local`` tells which),
-    the subfolder and name of its weights; its image encoder is the subfolder's ``image_encoder``."""
+    the subfolder and name of its weights (its image encoder: :meth:`IpAdapter.encoder_location`)."""
 
     root: str
     subfolder: str
@@ -67,10 +67,6 @@ class IpAdapterFiles:
     @property
     def weights(self) -> Path:
         return Path(self.root, self.subfolder, self.weight_name)
-
-    @property
-    def image_encoder(self) -> Path:
-        return Path(self.root, self.subfolder, IMAGE_ENCODER_FOLDER)
 
 
 @dataclass(frozen=True)
@@ -87,6 +83,18 @@ class IpAdapter:
     source: str
     image: str
     scale: float = 1.0
+    image_encoder: str | None = None  # its CLIP image encoder's folder or Hub id; None: beside the weights
+
+    def encoder_location(self, files: IpAdapterFiles) -> tuple[str, str, bool]:
+        """``(folder or Hub repo, subfolder, on disk)`` of the image encoder: ``image_encoder`` (a folder, a Hub
+        id, or ``ORG/NAME/SUBFOLDER`` of a Hub repo) or the ``image_encoder`` folder beside the weights."""
+        if self.image_encoder is None:
+            return files.root, str(Path(files.subfolder, IMAGE_ENCODER_FOLDER)), files.local
+        path = Path(self.image_encoder).expanduser()
+        if path.exists() or self.image_encoder.startswith(("/", ".", "~")):
+            return str(path), "", True
+        org, name, *folders = self.image_encoder.split("/")
+        return f"{org}/{name}", "/".join(folders), False
 
     def files(self, family: str) -> IpAdapterFiles:
         """The files for a base of ``family`` (``sd15`` or ``sdxl``: which weights a folder or repo offers)."""
@@ -111,17 +119,14 @@ def check_ip_adapter(ip_adapter: IpAdapter, unet: dict[str, Any] | None) -> None
         return  # which weights a folder offers depends on the base, known once the model is loaded
     files = ip_adapter.files(base_family(unet or {}))
     if not files.local:
+        check_ip_image_encoder(ip_adapter, files)
         return
     if not files.weights.is_file():
         raise UsageError(
             f"IP-Adapter {ip_adapter.source!r}: {files.weights} does not exist; pass a weights file with its "
             "image_encoder folder beside it, or a folder laid out as h94/IP-Adapter"
         )
-    if not (files.image_encoder / "config.json").is_file():
-        raise UsageError(
-            f"missing IP-Adapter image encoder: {files.image_encoder} has no config.json; put the IP-Adapter's "
-            "CLIP image encoder there (as in h94/IP-Adapter)"
-        )
+    check_ip_image_encoder(ip_adapter, files)
     width = unet.get("cross_attention_dim") if unet is not None else None
     if isinstance(width, int) and files.weight_name.endswith(".safetensors"):
         theirs = _ip_adapter_text_width(files.weights, ip_adapter.source)
@@ -130,6 +135,23 @@ def check_ip_adapter(ip_adapter: IpAdapter, unet: dict[str, Any] | None) -> None
                 f"IP-Adapter {ip_adapter.source!r} was made for another base model (text width {theirs}, the "
                 f"model's UNet has {width}); pass an IP-Adapter trained for this model"
             )
+
+
+def check_ip_image_encoder(ip_adapter: IpAdapter, files: IpAdapterFiles) -> None:
+    """An image encoder on disk has its config.json (one on the Hub is checked when it is loaded)."""
+    root, subfolder, local = ip_adapter.encoder_location(files)
+    folder = Path(root, subfolder)
+    if not local or (folder / "config.json").is_file():
+        return
+    if ip_adapter.image_encoder is None:
+        raise UsageError(
+            f"missing IP-Adapter image encoder: {folder} has no config.json; put the IP-Adapter's CLIP image "
+            "encoder there (as in h94/IP-Adapter), or name it with --ip-image-encoder"
+        )
+    raise UsageError(
+        f"--ip-image-encoder {ip_adapter.image_encoder}: {folder} has no config.json; pass the folder of a CLIP "
+        "image encoder (e.g. h94/IP-Adapter's models/image_encoder)"
+    )
 
 
 def _ip_adapter_text_width(path: Path, source: str) -> int:
@@ -215,11 +237,10 @@ def apply_ip_adapter(pipe: Any, ip_adapter: IpAdapter) -> None:
     own processor (:func:`kept_self_attention`). A load that fails is a UsageError naming the IP-Adapter.
     """
     files = ip_adapter.files(base_family(dict(pipe.unet.config)))
-    modeling = logging.getLogger("diffusers.models.modeling_utils")
-    level = modeling.level
-    modeling.setLevel(logging.ERROR)  # the loader's `unet.to(dtype)` warns of "fp32 modules" while listing none
     try:
-        with kept_self_attention(pipe.unet):
+        if ip_adapter.image_encoder is not None and getattr(pipe, "image_encoder", None) is None:
+            pipe.register_modules(image_encoder=load_image_encoder(ip_adapter, files, pipe))  # the loader keeps it
+        with kept_self_attention(pipe.unet), without_cast_notice():  # the loader casts the UNet
             pipe.load_ip_adapter(
                 files.root,
                 subfolder=files.subfolder,
@@ -229,9 +250,16 @@ def apply_ip_adapter(pipe: Any, ip_adapter: IpAdapter) -> None:
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"IP-Adapter {ip_adapter.source!r} cannot be loaded for this model ({first})") from None
-    finally:
-        modeling.setLevel(level)
     pipe.set_ip_adapter_scale(ip_adapter.scale)
+
+
+def load_image_encoder(ip_adapter: IpAdapter, files: IpAdapterFiles, pipe: Any) -> Any:
+    """The CLIP image encoder ``--ip-image-encoder`` names, on the pipeline's device and in its dtype."""
+    from transformers import CLIPVisionModelWithProjection
+
+    root, subfolder, _ = ip_adapter.encoder_location(files)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(root, subfolder=subfolder, dtype=pipe.dtype)
+    return encoder.to(pipe.device)
 
 
 @contextmanager

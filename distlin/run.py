@@ -7,8 +7,6 @@ cascade) and decodes. Nothing here parses flags or writes files: callers do (:mo
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -89,6 +87,7 @@ def pipeline_key(settings: RunSettings) -> tuple:
         settings.loras,
         settings.controlnet,
         settings.ip_adapter,
+        settings.ip_image_encoder,
     )
 
 
@@ -411,24 +410,6 @@ def generate(
     comm = {"unet": prepared.unet_stats.summary(), "vae": prepared.vae_stats.totals()}
     main = runtime.is_main
     return Result(latents, image if main else None, settings, comm, metadata(settings, runtime), timings)
-
-
-def _not_a_cast_notice(record: logging.LogRecord) -> bool:
-    """False for diffusers' notice on every ``ModelMixin.to(dtype)``, which the float32 VAE between cascade
-    stages (:func:`~distlin.sampling.reference.vae_in_float32_if_needed`) would print twice per stage."""
-    return "should be kept in float32" not in record.getMessage()
-
-
-def quiet_third_party() -> None:
-    """Notices from libraries that a user cannot act on (transformers' optional torchvision, its over-long
-    prompt notice, which :func:`warn_long_prompt` replaces, diffusers' dtype-cast notice) stay out of a
-    command-line run's output."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-    logging.getLogger("diffusers.models.modeling_utils").addFilter(_not_a_cast_notice)
 
 
 def warn_long_prompt(pipe: Any, settings: RunSettings, runtime: Runtime) -> None:

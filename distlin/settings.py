@@ -91,6 +91,7 @@ class RunSettings:
     ip_adapter: str | None = None  # an IP-Adapter: weights file, folder or Hub id (components.IpAdapter)
     ip_image: str | None = None  # its reference picture
     ip_scale: float = 1.0
+    ip_image_encoder: str | None = None  # its CLIP image encoder, when not in the image_encoder folder beside it
 
     @property
     def guidance(self) -> bool:
@@ -107,7 +108,7 @@ class RunSettings:
         """The IP-Adapter with its picture and scale, or None."""
         if self.ip_adapter is None or self.ip_image is None:
             return None
-        return IpAdapter(self.ip_adapter, self.ip_image, self.ip_scale)
+        return IpAdapter(self.ip_adapter, self.ip_image, self.ip_scale, self.ip_image_encoder)
 
     @property
     def control_scales(self) -> tuple[float, ...]:
@@ -144,6 +145,7 @@ class RunSettings:
             "ip_adapter": self.ip_adapter,
             "ip_image": self.ip_image,
             "ip_scale": self.ip_scale,
+            "ip_image_encoder": self.ip_image_encoder,
         }
 
 
@@ -236,6 +238,8 @@ def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None
         check_lora(lora)
     if (settings.ip_adapter is None) != (settings.ip_image is None):
         raise UsageError("--ip-adapter and --ip-image go together; pass both or neither")
+    if settings.ip_image_encoder is not None and settings.ip_adapter is None:
+        raise UsageError("--ip-image-encoder is the image encoder of an --ip-adapter; pass one with it")
     if settings.ip_adapter_spec is not None:
         check_ip_adapter(settings.ip_adapter_spec, unet)
     check_scheduler(settings.scheduler)

@@ -39,6 +39,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     paths = {"folder": str(root / "h94")}
     paths["sd15"] = str(build_ip_adapter("tiny-sd15", paths["folder"]))
     paths["sdxl"] = str(build_ip_adapter("tiny-sdxl", paths["folder"]))
+    lonely, encoder = root / "lonely", root / "encoders" / "clip"  # the weights alone, their encoder elsewhere
+    lonely.mkdir()
+    shutil.copy(paths["sd15"], lonely)
+    shutil.copytree(Path(paths["sd15"]).parent / IMAGE_ENCODER_FOLDER, encoder)
+    paths["lonely-sd15"], paths["encoder"] = str(lonely / Path(paths["sd15"]).name), str(encoder)
     for name, seed in (("red.png", 1), ("noise.png", 2)):
         pixels = torch.rand(50, 40, 3, generator=torch.Generator().manual_seed(seed))
         Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(root / name)
@@ -68,6 +73,8 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
         out["sd15"] = ("run", ("tiny-sd15", {**BASE, **ip}, pictures))
         out["without"] = ("api", (None, "before"))
         out["scale-0"] = ("api", (IpAdapter(files["sd15"], files["red.png"], 0.0), "before"))
+        elsewhere = IpAdapter(files["lonely-sd15"], files["red.png"], 0.7, image_encoder=files["encoder"])
+        out["encoder-elsewhere"] = ("api", (elsewhere, "before"))
     return out
 
 
@@ -147,6 +154,24 @@ def test_an_ip_adapter_steers_the_image_and_scale_0_is_the_image_without_it(sing
     assert (first - second).abs().max().item() > 0.01 * first.abs().max().item()
 
 
+def test_an_image_encoder_elsewhere_gives_the_image_of_one_beside_the_weights(single, files, tmp_path, capsys) -> None:
+    """``--ip-image-encoder``: h94's SDXL vit-h weights use the encoder of its ``models`` folder, for example."""
+    assert _close(single["encoder-elsewhere"][0], single["loaded-before-parallelize"][0])
+    flags = ["--ip-adapter", files["lonely-sd15"], "--ip-image", files["red.png"], "--ip-image-encoder"]
+    flags += [files["encoder"], "--steps", "1", "--output", str(tmp_path / "ip.png"), "--plan"]
+    assert cli.main(flags) == 0
+    assert "ip_image_encoder" in capsys.readouterr().out  # the planner counts the encoder's weights
+
+
+def test_an_image_encoder_is_located_on_disk_or_on_the_hub(files) -> None:
+    weights = IpAdapter(files["folder"], "x").files("sd15")
+    assert IpAdapter(files["folder"], "x").encoder_location(weights) == (files["folder"], "models/image_encoder", True)
+    named = IpAdapter(files["folder"], "x", image_encoder=files["encoder"]).encoder_location(weights)
+    assert named == (files["encoder"], "", True)
+    hub = IpAdapter(files["folder"], "x", image_encoder="h94/IP-Adapter/models/image_encoder").encoder_location(weights)
+    assert hub == ("h94/IP-Adapter", "models/image_encoder", False)
+
+
 def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:
     sd15 = Path(files["sd15"])
     assert IpAdapter(files["sd15"], "x").files("sdxl") == IpAdapterFiles(str(sd15.parent), "", sd15.name, True)
@@ -169,6 +194,8 @@ def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:
         ({"ip_adapter": "SDXL"}, "was made for another base model (text width 64, the model's UNet has 32)"),
         ({"ip_adapter": "EMPTY"}, "ip-adapter_sd15.safetensors does not exist"),
         ({"ip_scale": float("nan")}, "IP-Adapter scale nan is not a number"),
+        ({"ip_image_encoder": "EMPTY"}, "--ip-image-encoder EMPTY_PATH: EMPTY_PATH has no config.json"),
+        ({"ip_adapter": None, "ip_image": None, "ip_image_encoder": "EMPTY"}, "--ip-image-encoder is the image "),
     ],
 )
 def test_bad_ip_adapter_input_is_one_usage_error(files, tmp_path: Path, overrides: dict, message: str) -> None:
@@ -179,6 +206,7 @@ def test_bad_ip_adapter_input_is_one_usage_error(files, tmp_path: Path, override
     paths = {"NO_ENCODER": str(no_encoder.parent), "SDXL": files["sdxl"], "EMPTY": str(tmp_path / "empty")}
     given = {key: paths.get(value, value) if isinstance(value, str) else value for key, value in overrides.items()}
     settings = {**BASE, "ip_adapter": files["folder"], "ip_image": files["red.png"], **given}
+    message = message.replace("EMPTY_PATH", paths["EMPTY"])
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_settings("tiny-sd15", settings, world_size=1)
 

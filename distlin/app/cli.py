@@ -117,8 +117,8 @@ def serve(options: AppOptions) -> int:
     from distlin.app.ranks import RankChannel, serve_worker
     from distlin.app.results import ResultStore
     from distlin.app.session import GenerationSession
+    from distlin.notices import quiet_third_party
     from distlin.parallel.runtime import init_runtime
-    from distlin.run import quiet_third_party
 
     quiet_third_party()
     runtime = init_runtime(options.backend, options.timeout_s, options.device)

@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     own.add_argument("--ip-image", metavar="PATH", help="the IP-Adapter's reference picture (any size)")
     own.add_argument(
+        "--ip-image-encoder",
+        metavar="ID_OR_PATH",
+        help="the IP-Adapter's CLIP image encoder when it is not the image_encoder folder beside its weights: a "
+        "folder, a Hub id or ORG/NAME/SUBFOLDER (e.g. h94/IP-Adapter/models/image_encoder for the SDXL vit-h files)",
+    )
+    own.add_argument(
         "--ip-scale", type=float, metavar="S", help="how much the reference picture steers (0: none; default 1)"
     )
     out = p.add_argument_group("outputs")
@@ -236,6 +242,7 @@ SETTING_FLAGS = (
     "device", "mode", "warmup_steps", "stale", "cfg_parallel", "micro_batch", "attention_kernel", "compile", "backend",
     "timeout_s", "vae_decode", "vae_attention_rows", "loras", "scheduler", "init_image", "strength", "mask",
     "controlnet", "control_image", "control_scale", "ip_adapter", "ip_image", "ip_scale",
+    "ip_image_encoder",
 )  # fmt: skip
 
 
@@ -288,8 +295,9 @@ def print_plan(settings: RunSettings, outputs: Outputs, ranks: int) -> None:
 def run(settings: RunSettings, outputs: Outputs) -> None:
     """Start the ranks, generate, and write the outputs on rank 0."""
     from distlin.io import save_image, save_latents
+    from distlin.notices import quiet_third_party
     from distlin.parallel.runtime import init_runtime
-    from distlin.run import generate, quiet_third_party
+    from distlin.run import generate
 
     quiet_third_party()
     runtime = init_runtime(settings.backend, settings.timeout_s, settings.device)

@@ -9,6 +9,7 @@ refused with one line naming how many ranks would do. The capacity is the GPU's 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from distlin.errors import UsageError
@@ -37,8 +38,10 @@ def component_configs(settings: RunSettings) -> tuple[dict[str, dict[str, Any]],
     spec, unet = settings.ip_adapter_spec, unet_config(settings.model)
     if spec is not None and unet is not None:
         files = spec.files(base_family(unet))
-        if files.local and (files.image_encoder / "config.json").is_file():
-            configs["ip_image_encoder"] = read_json(files.image_encoder / "config.json", spec.source, "--ip-adapter")
+        root, subfolder, local = spec.encoder_location(files)
+        encoder_config = Path(root, subfolder, "config.json")
+        if local and encoder_config.is_file():
+            configs["ip_image_encoder"] = read_json(encoder_config, spec.source, "--ip-adapter")
         if files.local and files.weights.suffix == ".safetensors" and files.weights.is_file():
             counts["ip_adapter"] = safetensors_parameters(files.weights)
     return configs, counts

@@ -1,0 +1,41 @@
+"""Library notices a user cannot act on, kept out of a run's output."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_CAST_LOGGER = "diffusers.models.modeling_utils"
+
+
+def _not_a_cast_notice(record: logging.LogRecord) -> bool:
+    """False for diffusers' notice on every ``ModelMixin.to(dtype)`` of a model without float32 modules (it lists
+    none): the float32 VAE between cascade stages would print it twice per stage, the IP-Adapter loader once."""
+    return "should be kept in float32" not in record.getMessage()
+
+
+@contextmanager
+def without_cast_notice() -> Iterator[None]:
+    """diffusers' dtype-cast notice dropped meanwhile (and still after, where :func:`quiet_third_party` ran)."""
+    logger = logging.getLogger(_CAST_LOGGER)
+    added = _not_a_cast_notice not in logger.filters
+    logger.addFilter(_not_a_cast_notice)
+    try:
+        yield
+    finally:
+        if added:
+            logger.removeFilter(_not_a_cast_notice)
+
+
+def quiet_third_party() -> None:
+    """For a command-line run or the web app: transformers' notices (its optional torchvision, its over-long
+    prompt notice, which :func:`distlin.run.warn_long_prompt` replaces), diffusers' FutureWarnings and its
+    dtype-cast notice stay out of the output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+    logging.getLogger(_CAST_LOGGER).addFilter(_not_a_cast_notice)
