@@ -9,7 +9,7 @@ loaded pipeline import diffusers when called.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,30 @@ def check_ip_image_encoder(ip_adapter: IpAdapter, files: IpAdapterFiles) -> None
     )
 
 
+ENCODER_SHAPE_KEYS = ("hidden_size", "projection_dim", "image_size", "patch_size", "num_hidden_layers")
+
+
+def check_shared_image_encoder(ip_adapters: Sequence[IpAdapter], unet: dict[str, Any] | None) -> None:
+    """Several IP-Adapters run with the first one's image encoder (a pipeline holds one): those whose own encoder
+    is on disk must have one of the same shape (ViT-H and ViT-bigG adapters cannot be mixed)."""
+    if len(ip_adapters) < 2 or ip_adapters[0].image_encoder is not None or unet is None:
+        return
+    shapes = {}
+    for adapter in ip_adapters:
+        root, subfolder, local = adapter.encoder_location(adapter.files(base_family(unet)))
+        config = Path(root, subfolder, "config.json")
+        if local and config.is_file():
+            values = read_json(config, adapter.source, "--ip-adapter")
+            shapes[adapter.source] = tuple(values.get("vision_config", values).get(key) for key in ENCODER_SHAPE_KEYS)
+    if len(set(shapes.values())) > 1:
+        first, *others = shapes
+        other = next(name for name in others if shapes[name] != shapes[first])
+        raise UsageError(
+            f"IP-Adapters {first!r} and {other!r} were made for different image encoders, and a pipeline holds "
+            "one; pass IP-Adapters made for the same encoder (or one --ip-image-encoder both were made for)"
+        )
+
+
 def _ip_adapter_text_width(path: Path, source: str) -> int:
     """The text width the IP-Adapter's first image key projection reads, from the file's header alone."""
     from safetensors import SafetensorError, safe_open
@@ -229,28 +253,40 @@ def apply_loras(pipe: Any, loras: tuple[Lora, ...]) -> None:
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
 
 
-def apply_ip_adapter(pipe: Any, ip_adapter: IpAdapter) -> None:
-    """Load the IP-Adapter with diffusers' ``load_ip_adapter`` (its image encoder, image projection and the IP
-    processors of every ``attn2``) and set its scale; pass the picture as ``ip_adapter_image``.
+def apply_ip_adapter(pipe: Any, ip_adapters: IpAdapter | Sequence[IpAdapter]) -> None:
+    """Load one IP-Adapter or several with diffusers' ``load_ip_adapter`` (the image encoder, of the first, or
+    the one they name, their image projections and IP processors in every ``attn2``) and set their scales; pass
+    the pictures as ``ip_adapter_image`` (a list, one per IP-Adapter; :func:`ip_adapter_scales` for each
+    generation's scales).
 
     Works with LinFusion and before or after :func:`~distlin.parallel.parallelize`: every ``attn1`` keeps its
-    own processor (:func:`kept_self_attention`). A load that fails is a UsageError naming the IP-Adapter.
+    own processor (:func:`kept_self_attention`). A load that fails is a UsageError naming the IP-Adapters.
     """
-    files = ip_adapter.files(base_family(dict(pipe.unet.config)))
+    adapters = [ip_adapters] if isinstance(ip_adapters, IpAdapter) else list(ip_adapters)
+    family = base_family(dict(pipe.unet.config))
+    files = [adapter.files(family) for adapter in adapters]
     try:
-        if ip_adapter.image_encoder is not None and getattr(pipe, "image_encoder", None) is None:
-            pipe.register_modules(image_encoder=load_image_encoder(ip_adapter, files, pipe))  # the loader keeps it
+        if adapters[0].image_encoder is not None and getattr(pipe, "image_encoder", None) is None:
+            encoder = load_image_encoder(adapters[0], files[0], pipe)
+            pipe.register_modules(image_encoder=encoder)  # the loader keeps it
         with kept_self_attention(pipe.unet), without_cast_notice():  # the loader casts the UNet
             pipe.load_ip_adapter(
-                files.root,
-                subfolder=files.subfolder,
-                weight_name=files.weight_name,
+                [f.root for f in files],
+                subfolder=[f.subfolder for f in files],
+                weight_name=[f.weight_name for f in files],
                 image_encoder_folder=IMAGE_ENCODER_FOLDER,
             )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"IP-Adapter {ip_adapter.source!r} cannot be loaded for this model ({first})") from None
-    pipe.set_ip_adapter_scale(ip_adapter.scale)
+        names = ", ".join(repr(adapter.source) for adapter in adapters)
+        raise UsageError(f"IP-Adapter {names} cannot be loaded for this model ({first})") from None
+    pipe.set_ip_adapter_scale(ip_adapter_scales(adapters))
+
+
+def ip_adapter_scales(ip_adapters: Sequence[IpAdapter]) -> float | list[float]:
+    """``set_ip_adapter_scale``'s argument: one IP-Adapter's scale, or the list of several's."""
+    scales = [adapter.scale for adapter in ip_adapters]
+    return scales[0] if len(scales) == 1 else scales
 
 
 def load_image_encoder(ip_adapter: IpAdapter, files: IpAdapterFiles, pipe: Any) -> Any:

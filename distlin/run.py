@@ -21,6 +21,7 @@ from distlin.components import (
     apply_ip_adapter,
     apply_loras,
     check_image,
+    ip_adapter_scales,
     load_controlnet,
     load_rgb,
     pipeline_for,
@@ -119,8 +120,8 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
         controlnets = [load_controlnet(source, pipe) for source in settings.controlnet]
         controlnet = controlnets[0] if len(controlnets) == 1 else controlnets  # several: a MultiControlNetModel
         pipe = pipeline_for("text-to-image", pipe, controlnet=controlnet)
-    if settings.ip_adapter_spec is not None:
-        apply_ip_adapter(pipe, settings.ip_adapter_spec)
+    if settings.ip_adapter:
+        apply_ip_adapter(pipe, settings.ip_adapters)
     for model in (pipe.unet, pipe.vae, getattr(pipe, "controlnet", None)):
         if model is not None:
             bound_memory(model, limits.token_chunk, limits.index_limit)
@@ -252,9 +253,9 @@ def _sample(
         "negative_prompt": settings.negative_prompt or None,  # None lets SDXL use its zero embedding
         "guidance_scale": settings.guidance_scale,
     }
-    if settings.ip_image is not None:  # the scale is per generation: a web app keeps the pipeline across scales
-        pipe.set_ip_adapter_scale(settings.ip_scale)
-        common["ip_adapter_image"] = load_rgb(settings.ip_image, *check_image(settings.ip_image, "--ip-image"))
+    if settings.ip_image:  # the scales are per generation: a web app keeps the pipeline across scales
+        pipe.set_ip_adapter_scale(ip_adapter_scales(settings.ip_adapters))
+        common["ip_adapter_image"] = [load_rgb(path, *check_image(path, "--ip-image")) for path in settings.ip_image]
     if not settings.stages:
         height, width = settings.height, settings.width
         inputs: dict[str, Any] = {"height": height, "width": width}

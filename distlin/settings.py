@@ -23,6 +23,7 @@ from distlin.components import (
     check_image,
     check_ip_adapter,
     check_lora,
+    check_shared_image_encoder,
 )
 from distlin.errors import UsageError
 from distlin.parallel.config import PatchParallelConfig
@@ -88,10 +89,10 @@ class RunSettings:
     controlnet: tuple[str, ...] = ()  # ControlNet folders or Hub ids; several: their residuals are summed
     control_image: tuple[str, ...] = ()  # one conditioning image per ControlNet, in order
     control_scale: tuple[float, ...] = ()  # one conditioning scale per ControlNet, or none (1 each)
-    ip_adapter: str | None = None  # an IP-Adapter: weights file, folder or Hub id (components.IpAdapter)
-    ip_image: str | None = None  # its reference picture
-    ip_scale: float = 1.0
-    ip_image_encoder: str | None = None  # its CLIP image encoder, when not in the image_encoder folder beside it
+    ip_adapter: tuple[str, ...] = ()  # IP-Adapters: weights files, folders or Hub ids (components.IpAdapter)
+    ip_image: tuple[str, ...] = ()  # one reference picture per IP-Adapter, in order
+    ip_scale: tuple[float, ...] = ()  # one scale per IP-Adapter, or none (1 each)
+    ip_image_encoder: str | None = None  # their CLIP image encoder, when not in the image_encoder folder beside them
 
     @property
     def guidance(self) -> bool:
@@ -104,11 +105,18 @@ class RunSettings:
         return [(s.height, s.width) for s in self.stages] or [(self.height, self.width)]
 
     @property
-    def ip_adapter_spec(self) -> IpAdapter | None:
-        """The IP-Adapter with its picture and scale, or None."""
-        if self.ip_adapter is None or self.ip_image is None:
-            return None
-        return IpAdapter(self.ip_adapter, self.ip_image, self.ip_scale, self.ip_image_encoder)
+    def ip_scales(self) -> tuple[float, ...]:
+        """The scale of every IP-Adapter (1 where none is given)."""
+        return self.ip_scale or (1.0,) * len(self.ip_adapter)
+
+    @property
+    def ip_adapters(self) -> tuple[IpAdapter, ...]:
+        """Each IP-Adapter with its picture, scale and the image encoder they share, in order."""
+        encoder = self.ip_image_encoder
+        return tuple(
+            IpAdapter(source, image, scale, encoder)
+            for source, image, scale in zip(self.ip_adapter, self.ip_image, self.ip_scales, strict=True)
+        )
 
     @property
     def control_scales(self) -> tuple[float, ...]:
@@ -142,9 +150,9 @@ class RunSettings:
             "controlnet": list(self.controlnet),
             "control_image": list(self.control_image),
             "control_scale": list(self.control_scales),
-            "ip_adapter": self.ip_adapter,
-            "ip_image": self.ip_image,
-            "ip_scale": self.ip_scale,
+            "ip_adapter": list(self.ip_adapter),
+            "ip_image": list(self.ip_image),
+            "ip_scale": list(self.ip_scales),
             "ip_image_encoder": self.ip_image_encoder,
         }
 
@@ -176,7 +184,7 @@ def build_settings(
     thresholds = Thresholds.from_env(environ)
     engine = PatchParallelConfig(**engine_values, index_limit=thresholds.index_limit)
     stages = cascade_stages(values)
-    for key in ("controlnet", "control_image", "control_scale"):  # one value (the Python API's) or several
+    for key in ("controlnet", "control_image", "control_scale", "ip_adapter", "ip_image", "ip_scale"):  # 1 or more
         if key in given:
             given[key] = tuple(given[key]) if isinstance(given[key], (list, tuple)) else (given[key],)
     if given.get("loras"):
@@ -236,12 +244,7 @@ def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None
     picture, ControlNets (fitting the base UNet ``unet`` when its config is known) and their control images."""
     for lora in settings.loras:
         check_lora(lora)
-    if (settings.ip_adapter is None) != (settings.ip_image is None):
-        raise UsageError("--ip-adapter and --ip-image go together; pass both or neither")
-    if settings.ip_image_encoder is not None and settings.ip_adapter is None:
-        raise UsageError("--ip-image-encoder is the image encoder of an --ip-adapter; pass one with it")
-    if settings.ip_adapter_spec is not None:
-        check_ip_adapter(settings.ip_adapter_spec, unet)
+    check_ip_adapters(settings, unet)
     check_scheduler(settings.scheduler)
     if settings.strength is not None:
         if settings.init_image is None:
@@ -256,6 +259,22 @@ def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None
             raise UsageError("--mask inpaints an --init-image in one pass; without a cascade preset")
         check_image(settings.mask, "--mask")
     check_control(settings, unet)
+
+
+def check_ip_adapters(settings: RunSettings, unet: dict[str, Any] | None) -> None:
+    """IP-Adapters paired in order with their reference pictures (and scales), each checked, sharing one image
+    encoder (a pipeline holds one)."""
+    adapters, images, scales = settings.ip_adapter, settings.ip_image, settings.ip_scale
+    if len(images) != len(adapters) or len(scales) not in (0, len(adapters)):
+        raise UsageError(
+            f"got {len(adapters)} --ip-adapter, {len(images)} --ip-image and {len(scales)} --ip-scale; pass one "
+            "--ip-image (and one --ip-scale, or none for 1) per --ip-adapter, in the same order"
+        )
+    if settings.ip_image_encoder is not None and not adapters:
+        raise UsageError("--ip-image-encoder is the image encoder of an --ip-adapter; pass one with it")
+    for ip_adapter in settings.ip_adapters:
+        check_ip_adapter(ip_adapter, unet)
+    check_shared_image_encoder(settings.ip_adapters, unet)
 
 
 def check_control(settings: RunSettings, unet: dict[str, Any] | None) -> None:

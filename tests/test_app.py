@@ -220,10 +220,11 @@ def test_a_request_naming_an_allowed_ip_adapter_with_an_uploaded_reference_gives
     session = GenerationSession(Runtime(), library=ComponentLibrary.scan(components))
     result = session.run(tiny(seed=5, ip_adapter="likeness", ip_image=reference.read_bytes(), ip_scale=0.7))
     np.testing.assert_array_equal(np.asarray(result.image), np.asarray(Image.open(output)))
-    assert result.settings.ip_adapter == str(folder.resolve()) and result.settings.ip_scale == 0.7
-    assert result.settings.ip_image is not None and result.settings.ip_image.startswith(str(private_tmp))
+    assert result.settings.ip_adapter == (str(folder.resolve()),) and result.settings.ip_scale == (0.7,)
+    (picture,) = result.settings.ip_image
+    assert picture.startswith(str(private_tmp))
     assert list(private_tmp.iterdir()) == []  # the reference's folder went with the run
-    assert result.metadata["ip_adapter"] == "likeness" and result.metadata["ip_image"].startswith("upload sha256:")
+    assert result.metadata["ip_adapter"] == ["likeness"] and result.metadata["ip_image"][0].startswith("upload sha256:")
     assert str(components) not in str(result.metadata) and str(private_tmp) not in str(result.metadata)
 
 

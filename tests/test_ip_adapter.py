@@ -44,6 +44,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     shutil.copy(paths["sd15"], lonely)
     shutil.copytree(Path(paths["sd15"]).parent / IMAGE_ENCODER_FOLDER, encoder)
     paths["lonely-sd15"], paths["encoder"] = str(lonely / Path(paths["sd15"]).name), str(encoder)
+    paths["second"] = str(build_ip_adapter("tiny-sd15", root / "second", seed=1))  # other weights, same encoder
     for name, seed in (("red.png", 1), ("noise.png", 2)):
         pixels = torch.rand(50, 40, 3, generator=torch.Generator().manual_seed(seed))
         Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(root / name)
@@ -60,6 +61,7 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
     pictures = [{}, {"ip_image": files["noise.png"]}]
     # The SD-1.5 cascade's first stage (64 px) is one 8-row unit: on 2 ranks the guidance halves split instead.
     cascade = {**ip, "height": 256, "width": 128, "steps": 3, "cfg_parallel": True}
+    two = {"ip_adapter": [files["folder"], files["second"]], "ip_image": [files["red.png"], files["noise.png"]]}
     out = {
         "sd15-chunked": ("run", ("tiny-sd15", {**BASE, **ip}, pictures, CHUNKED)),
         "sdxl": ("run", ("tiny-sdxl", {**BASE, **ip, "micro_batch": 1}, pictures)),
@@ -68,6 +70,8 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
         "softmax-loaded-after-parallelize": ("api", (sd15, "after", False)),
         "sd15-cascade": ("run", ("tiny-sd15-cascade", cascade, [{}])),
         "sdxl-cascade": ("run", ("tiny-sdxl-cascade", {**cascade, "steps": 4, "cfg_parallel": False}, [{}])),
+        # Two at once, the second at scale 0.5 and then 0 (one prepared pipeline: the scales are per generation).
+        "two": ("run", ("tiny-sd15", {**BASE, **two}, [{"ip_scale": [0.7, 0.5]}, {"ip_scale": [0.7, 0.0]}])),
     }
     if world == 1:  # properties of the image itself, on one process
         out["sd15"] = ("run", ("tiny-sd15", {**BASE, **ip}, pictures))
@@ -116,6 +120,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
         "loaded-after-parallelize",
         "loaded-before-parallelize",
         "softmax-loaded-after-parallelize",
+        "two",
     ],
 )
 def test_two_ranks_equal_one_process(single, two_ranks, name: str) -> None:
@@ -172,6 +177,13 @@ def test_an_image_encoder_is_located_on_disk_or_on_the_hub(files) -> None:
     assert hub == ("h94/IP-Adapter", "models/image_encoder", False)
 
 
+def test_two_ip_adapters_steer_together_and_a_second_at_scale_0_changes_nothing(single) -> None:
+    both, second_off = single["two"]
+    first_alone = single["sd15"][0]
+    assert _close(second_off, first_alone)
+    assert (both - first_alone).abs().max().item() > 0.01 * first_alone.abs().max().item()
+
+
 def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:
     sd15 = Path(files["sd15"])
     assert IpAdapter(files["sd15"], "x").files("sdxl") == IpAdapterFiles(str(sd15.parent), "", sd15.name, True)
@@ -190,12 +202,17 @@ def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:
     [
         ({"ip_adapter": "NO_ENCODER"}, "missing IP-Adapter image encoder: "),
         ({"ip_image": "missing.png"}, "--ip-image 'missing.png' does not exist"),
-        ({"ip_adapter": None}, "--ip-adapter and --ip-image go together"),
+        ({"ip_adapter": None}, "got 0 --ip-adapter, 1 --ip-image and 0 --ip-scale"),
         ({"ip_adapter": "SDXL"}, "was made for another base model (text width 64, the model's UNet has 32)"),
         ({"ip_adapter": "EMPTY"}, "ip-adapter_sd15.safetensors does not exist"),
         ({"ip_scale": float("nan")}, "IP-Adapter scale nan is not a number"),
         ({"ip_image_encoder": "EMPTY"}, "--ip-image-encoder EMPTY_PATH: EMPTY_PATH has no config.json"),
         ({"ip_adapter": None, "ip_image": None, "ip_image_encoder": "EMPTY"}, "--ip-image-encoder is the image "),
+        ({"ip_adapter": ["FOLDER", "FOLDER"]}, "got 2 --ip-adapter, 1 --ip-image and 0 --ip-scale; pass one"),
+        (
+            {"ip_adapter": ["FOLDER", "OTHER_ENCODER"], "ip_image": ["RED", "RED"]},
+            "were made for different image encoders",
+        ),
     ],
 )
 def test_bad_ip_adapter_input_is_one_usage_error(files, tmp_path: Path, overrides: dict, message: str) -> None:
@@ -203,8 +220,20 @@ def test_bad_ip_adapter_input_is_one_usage_error(files, tmp_path: Path, override
     no_encoder.mkdir(parents=True)
     shutil.copy(files["sd15"], no_encoder)
     (tmp_path / "empty").mkdir()
+    other_encoder = tmp_path / "other-encoder"  # the same IP-Adapter with a wider image encoder
+    shutil.copytree(Path(files["sd15"]).parent, other_encoder)
+    config = other_encoder / IMAGE_ENCODER_FOLDER / "config.json"
+    config.write_text(config.read_text().replace('"hidden_size": ', '"hidden_size": 1'))
     paths = {"NO_ENCODER": str(no_encoder.parent), "SDXL": files["sdxl"], "EMPTY": str(tmp_path / "empty")}
-    given = {key: paths.get(value, value) if isinstance(value, str) else value for key, value in overrides.items()}
+    paths |= {"FOLDER": files["folder"], "RED": files["red.png"], "OTHER_ENCODER": str(other_encoder / "x.safetensors")}
+    shutil.move(other_encoder / Path(files["sd15"]).name, other_encoder / "x.safetensors")
+
+    def given_value(value: object) -> object:
+        if isinstance(value, list):
+            return [paths.get(item, item) for item in value]
+        return paths.get(value, value) if isinstance(value, str) else value
+
+    given = {key: given_value(value) for key, value in overrides.items()}
     settings = {**BASE, "ip_adapter": files["folder"], "ip_image": files["red.png"], **given}
     message = message.replace("EMPTY_PATH", paths["EMPTY"])
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -233,7 +262,11 @@ def test_the_command_line_runs_an_ip_adapter(files, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     with Image.open(tmp_path / "ip.png") as image:
         text = dict(image.text)
-    assert (text["ip_adapter"], text["ip_image"], text["ip_scale"]) == (files["folder"], files["red.png"], "0.5")
+    assert (text["ip_adapter"], text["ip_image"], text["ip_scale"]) == (
+        str([files["folder"]]),
+        str([files["red.png"]]),
+        "[0.5]",
+    )
 
 
 def test_diffusers_own_loader_after_parallelize_is_one_clear_error_not_another_image(files) -> None:

@@ -115,7 +115,8 @@ class GenerationRequest:
             "loras": list(self.loras),
             "controlnet": [] if self.controlnet is None else [self.controlnet],  # lists, as the command line's
             "control_image": [] if labels["control_image"] is None else [labels["control_image"]],
-            "ip_adapter": self.ip_adapter,
+            "ip_adapter": [] if self.ip_adapter is None else [self.ip_adapter],
+            "ip_image": [] if labels["ip_image"] is None else [labels["ip_image"]],
         }
 
     def _components(self, library: ComponentLibrary) -> dict[str, Any]:

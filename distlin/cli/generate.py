@@ -128,18 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument(
         "--ip-adapter",
         metavar="ID_OR_PATH",
+        action="append",
         help="an IP-Adapter: a .safetensors file with its image_encoder folder beside it, ORG/NAME/SUBFOLDER/FILE "
-        "on the Hub, or a folder or Hub id laid out as h94/IP-Adapter (e.g. h94/IP-Adapter)",
+        "on the Hub, or a folder or Hub id laid out as h94/IP-Adapter (e.g. h94/IP-Adapter); repeatable, each "
+        "with its --ip-image (several share the first one's image encoder)",
     )
-    own.add_argument("--ip-image", metavar="PATH", help="the IP-Adapter's reference picture (any size)")
+    own.add_argument(
+        "--ip-image", metavar="PATH", action="append", help="the reference picture of each --ip-adapter, in order"
+    )
+    own.add_argument(
+        "--ip-scale",
+        type=float,
+        metavar="S",
+        action="append",
+        help="how much each --ip-adapter's picture steers, in order (0: none; default 1 each)",
+    )
     own.add_argument(
         "--ip-image-encoder",
         metavar="ID_OR_PATH",
-        help="the IP-Adapter's CLIP image encoder when it is not the image_encoder folder beside its weights: a "
+        help="the IP-Adapters' CLIP image encoder when it is not the image_encoder folder beside their weights: a "
         "folder, a Hub id or ORG/NAME/SUBFOLDER (e.g. h94/IP-Adapter/models/image_encoder for the SDXL vit-h files)",
-    )
-    own.add_argument(
-        "--ip-scale", type=float, metavar="S", help="how much the reference picture steers (0: none; default 1)"
     )
     out = p.add_argument_group("outputs")
     out.add_argument(

@@ -35,15 +35,15 @@ def component_configs(settings: RunSettings) -> tuple[dict[str, dict[str, Any]],
         if path is not None and (path / "config.json").is_file():
             configs[f"controlnet{index if index else ''}"] = read_json(path / "config.json", source, "--controlnet")
     counts: dict[str, int] = {}
-    spec, unet = settings.ip_adapter_spec, unet_config(settings.model)
-    if spec is not None and unet is not None:
+    unet = unet_config(settings.model)
+    for index, spec in enumerate(settings.ip_adapters if unet is not None else ()):
         files = spec.files(base_family(unet))
         root, subfolder, local = spec.encoder_location(files)
         encoder_config = Path(root, subfolder, "config.json")
-        if local and encoder_config.is_file():
+        if index == 0 and local and encoder_config.is_file():  # several share the first one's
             configs["ip_image_encoder"] = read_json(encoder_config, spec.source, "--ip-adapter")
         if files.local and files.weights.suffix == ".safetensors" and files.weights.is_file():
-            counts["ip_adapter"] = safetensors_parameters(files.weights)
+            counts[f"ip_adapter{index if index else ''}"] = safetensors_parameters(files.weights)
     return configs, counts
 
 
