@@ -41,7 +41,7 @@ def _param_count(config: dict[str, Any]) -> int:
 def _param_count_of(config_json: str) -> int:
     from distlin.models.tiny import build_component  # here: it imports diffusers' pipelines, which print warnings
 
-    model = build_component(json.loads(config_json), "meta")
+    model = build_component(json.loads(config_json))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -254,9 +254,11 @@ def _seeded(seed: int, component: str) -> Iterator[None]:
         yield
 
 
-def build_component(config: dict[str, Any], device: str | torch.device = "meta") -> torch.nn.Module:
-    """One model from its config (``_class_name`` or ``architectures``), on ``device`` (meta: nothing allocated)."""
-    return _build_model(config, 0, "component", torch.float32, device)
+def build_component(config: dict[str, Any]) -> torch.nn.Module:
+    """One model from its config (``_class_name`` or ``architectures``) on the meta device: its shapes, nothing
+    allocated (for counting parameters and naming layers)."""
+    with torch.device("meta"):
+        return _instantiate(config).eval()
 
 
 def _build_model(
