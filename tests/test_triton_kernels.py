@@ -93,14 +93,19 @@ def check_apply_state_matches_the_pytorch_ops(d: int, dtype: torch.dtype, tokens
 @pytest.mark.parametrize("d", [40, 160])
 def check_every_tiling_the_gpu_check_times_computes_the_same(d: int) -> None:
     """``launch/bench.py gpu`` times each of ``BLOCK_CANDIDATES``: each must be a valid, equal computation."""
-    from distlin.ops.triton_linear_attention import BLOCK_CANDIDATES, apply_state_triton, partial_state_triton
+    from distlin.ops.triton_linear_attention import (
+        APPLY_CANDIDATES,
+        BLOCK_CANDIDATES,
+        apply_state_triton,
+        partial_state_triton,
+    )
 
-    q, k, v = token_major_qkv(300, d, torch.float16)
+    q, k, v = token_major_qkv(300, d, torch.float16)  # with 4 steps of 32: a program's last steps are past the end
     expected = partial_state_torch(k, v)
     for blocks in BLOCK_CANDIDATES:
-        state = partial_state_triton(k, v, blocks)
-        assert_round_off(state.kv, expected.kv, torch.float32)
-        assert_round_off(apply_state_triton(q, state, blocks), apply_state_torch(q, expected), torch.float16)
+        assert_round_off(partial_state_triton(k, v, blocks).kv, expected.kv, torch.float32)
+    for blocks in APPLY_CANDIDATES:
+        assert_round_off(apply_state_triton(q, expected, blocks), apply_state_torch(q, expected), torch.float16)
 
 
 def check_the_gpu_check_times_the_rule_against_every_tiling() -> None:
@@ -109,15 +114,17 @@ def check_the_gpu_check_times_the_rule_against_every_tiling() -> None:
     from argparse import Namespace
 
     from distlin.bench.gpu import blocks_markdown, measure_blocks
-    from distlin.ops.triton_linear_attention import BLOCK_CANDIDATES
+    from distlin.ops.triton_linear_attention import APPLY_CANDIDATES, BLOCK_CANDIDATES
 
     args = Namespace(channels=[80], tokens=[64, 200], heads=2, batch=1, warmup=1, repeats=1)
     records = measure_blocks(args, torch.device("cpu"), torch.float16)
     assert [(r["channels"], r["phase"], r["tokens"]) for r in records] == [(80, "partial", 200), (80, "apply", 200)]
+    candidates = {"partial": BLOCK_CANDIDATES, "apply": APPLY_CANDIDATES}
     for r in records:
-        assert set(r["times_ms"]) == {str(blocks) for blocks in BLOCK_CANDIDATES}
+        assert set(r["times_ms"]) == {str(blocks) for blocks in candidates[r["phase"]]}
         assert r["best_ms"] == min(r["times_ms"].values()) <= r["rule_ms"] == r["times_ms"][r["rule"]]
-    assert "| 64 tokens x 4 warps |" in blocks_markdown(records)  # the rule for head dim 40
+    text = blocks_markdown(records)  # the rules for head dim 40:
+    assert "| partial | 64 tokens x 4 warps |" in text and "| apply | 64 tokens x 4 warps x 4 steps |" in text
 
 
 def check_head_major_inputs_give_the_same_output() -> None:

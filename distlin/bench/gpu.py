@@ -160,9 +160,10 @@ def measure_attention(args: argparse.Namespace, device: torch.device, dtype: tor
 
 
 def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Record]:
-    """Each phase's kernel with every tiling of ``BLOCK_CANDIDATES`` at the largest token count, per width:
-    the rule's time, the fastest tiling and its time (what to change the rule to, from one run)."""
+    """Each phase's kernel with every tiling of ``BLOCK_CANDIDATES`` (``APPLY_CANDIDATES`` for apply) at the largest
+    token count, per width: the rule's time, the fastest tiling and its time (what to change the rule to)."""
     from distlin.ops.triton_linear_attention import (  # here: only once the suite has checked for triton
+        APPLY_CANDIDATES,
         BLOCK_CANDIDATES,
         apply_state_triton,
         default_blocks,
@@ -177,14 +178,17 @@ def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.
         head_dim = channels // args.heads
         with torch.inference_mode():
             state = partial_state_triton(k, v)
-            phases = {"partial": partial(partial_state_triton, k, v), "apply": partial(apply_state_triton, q, state)}
-            for phase, call in phases.items():
+            phases = {
+                "partial": (partial(partial_state_triton, k, v), BLOCK_CANDIDATES),
+                "apply": (partial(apply_state_triton, q, state), APPLY_CANDIDATES),
+            }
+            for phase, (call, candidates) in phases.items():
                 times = {}
-                for blocks in dict.fromkeys([default_blocks(head_dim), *BLOCK_CANDIDATES]):
+                rule = str(default_blocks(head_dim, phase))
+                for blocks in dict.fromkeys([default_blocks(head_dim, phase), *candidates]):
                     for _ in range(args.warmup):
                         call(blocks=blocks)  # the first call compiles this tiling
                     times[str(blocks)] = _median_ms(partial(call, blocks=blocks), device, args.repeats)
-                rule = str(default_blocks(head_dim))
                 best = min(times, key=times.__getitem__)
                 record: Record = {"section": "blocks", "channels": channels, "head_dim": head_dim, "tokens": tokens}
                 record |= {"phase": phase, "rule": rule, "rule_ms": times[rule], "best": best, "best_ms": times[best]}

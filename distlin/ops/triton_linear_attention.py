@@ -9,8 +9,9 @@ would round to 8 bits, and Triton's CPU interpreter, which the tests run in, can
 
 Triton blocks are powers of two, so a head dim d pads up to ``BLOCK_D`` (40 -> 64, 80 -> 128, 160 -> 256) with
 masked loads, and the value dim is split into tiles of at most 64 columns to bound the accumulator's registers.
-Tokens per step and warps per program are chosen by rule (:func:`default_blocks`), not tuned on hardware yet;
-``launch/bench.py gpu`` times the rule against :data:`BLOCK_CANDIDATES` so one GPU run says what to change.
+Tokens per step, warps and (``apply_state``) token blocks per program are chosen by rule (:func:`default_blocks`),
+not tuned on hardware yet; ``launch/bench.py gpu`` times the rule against :data:`BLOCK_CANDIDATES` and
+:data:`APPLY_CANDIDATES`, so one GPU run says what to change.
 """
 
 from __future__ import annotations
@@ -115,56 +116,67 @@ def _apply_state_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     E_TILES: tl.constexpr,
+    STEPS: tl.constexpr,
     PRECISION: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    """One (token block, value tile) of one (batch, head): ``phi(q) S / (phi(q) . kbar + EPS)``, S loaded once."""
-    n_block = tl.program_id(0) // E_TILES
+    """``STEPS`` consecutive token blocks and one value tile of one (batch, head): ``phi(q) S / (phi(q) . kbar +
+    EPS)``, the tile of S loaded once for all of them."""
+    first_block = (tl.program_id(0) // E_TILES) * STEPS
     e_tile = tl.program_id(0) % E_TILES
     bh = tl.program_id(1)
     batch, head = bh // heads, bh % heads
-    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
-    n_mask, d_mask, e_mask = offs_n < tokens, offs_d < D, offs_e < E
+    d_mask, e_mask = offs_d < D, offs_e < E
     state = bh.to(tl.int64)
     s_ptrs = kv_ptr + state * D * E + offs_d[:, None] * E + offs_e[None, :]
     s = tl.load(s_ptrs, mask=d_mask[:, None] & e_mask[None, :], other=0.0) * inv_count
     kbar = tl.load(ksum_ptr + state * D + offs_d, mask=d_mask, other=0.0) * inv_count
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    q_mask = n_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    phi = tl.where(q_mask, _feature_map(q.to(tl.float32)), 0.0)
-    num = tl.dot(phi, s, input_precision=PRECISION)
-    den = tl.sum(phi * kbar[None, :], axis=1) + EPS
     out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    out_ptrs = out_base + rows[:, None] * stride_on + offs_e[None, :] * stride_oe
-    tl.store(out_ptrs, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & e_mask[None, :])
+    for step in range(STEPS):
+        offs_n = (first_block + step) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)
+        n_mask = offs_n < tokens
+        q_mask = n_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        phi = tl.where(q_mask, _feature_map(q.to(tl.float32)), 0.0)
+        num = tl.dot(phi, s, input_precision=PRECISION)
+        den = tl.sum(phi * kbar[None, :], axis=1) + EPS
+        out_ptrs = out_base + rows[:, None] * stride_on + offs_e[None, :] * stride_oe
+        out = (num / den[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, out, mask=n_mask[:, None] & e_mask[None, :])
 
 
 class KernelBlocks(NamedTuple):
-    """How a launch tiles its tokens: ``block_n`` tokens per step (a power of two >= 16, as tl.dot needs) and
-    ``num_warps`` per program."""
+    """How a launch tiles its tokens: ``block_n`` tokens per step (a power of two >= 16, as tl.dot needs),
+    ``num_warps`` per program and, in ``apply_state``, ``steps`` token blocks per program (its tile of the state
+    loaded once for all of them; ``partial_state`` sizes its programs' token ranges by the device instead)."""
 
     block_n: int
     num_warps: int
+    steps: int = 1
 
     def __str__(self) -> str:
-        return f"{self.block_n} tokens x {self.num_warps} warps"
+        return f"{self.block_n} tokens x {self.num_warps} warps" + (f" x {self.steps} steps" if self.steps > 1 else "")
 
 
-BLOCK_CANDIDATES = tuple(KernelBlocks(n, w) for n in (32, 64, 128) for w in (4, 8))  # what the gpu check times
+# What the gpu check times: for both phases, and with 4 steps per program for apply_state alone.
+BLOCK_CANDIDATES = tuple(KernelBlocks(n, w) for n in (32, 64, 128) for w in (4, 8))
+APPLY_CANDIDATES = BLOCK_CANDIDATES + tuple(blocks._replace(steps=4) for blocks in BLOCK_CANDIDATES)
 
 
 def _padded_head_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def default_blocks(d: int) -> KernelBlocks:
-    """The rule for head dim ``d``: fewer tokens per step and more warps as the padded head dim grows."""
+def default_blocks(d: int, phase: str = "partial") -> KernelBlocks:
+    """The rule for head dim ``d``: fewer tokens per step and more warps as the padded head dim grows; in the
+    ``apply`` phase, 4 token blocks per program, so each program reads its tile of the state once per 4 blocks."""
     block_d = _padded_head_dim(d)
-    return KernelBlocks(64 if block_d <= 128 else 32, 4 if block_d <= 64 else 8)
+    steps = 4 if phase == "apply" else 1
+    return KernelBlocks(64 if block_d <= 128 else 32, 4 if block_d <= 64 else 8, steps)
 
 
 def _value_tiles(e: int) -> tuple[int, int]:
@@ -194,7 +206,7 @@ def partial_state_triton(k: torch.Tensor, v: torch.Tensor, blocks: KernelBlocks 
     if n == 0:
         zeros = torch.zeros(b, h, d, e, dtype=torch.float32, device=k.device)
         return LinearAttentionState(zeros, zeros.new_zeros(b, h, d), 0.0)
-    block_n, num_warps = blocks or default_blocks(d)
+    block_n, num_warps, _ = blocks or default_blocks(d)
     block_e, e_tiles = _value_tiles(e)
     token_blocks = triton.cdiv(n, block_n)
     splits = max(1, min(token_blocks, _program_budget(k.device) // (b * h * e_tiles)))
@@ -220,13 +232,13 @@ def apply_state_triton(
     out = torch.empty(b, n, h, e, dtype=q.dtype, device=q.device).transpose(1, 2)
     if n == 0:
         return out
-    block_n, num_warps = blocks or default_blocks(d)
+    block_n, num_warps, steps = blocks or default_blocks(d, "apply")
     block_e, e_tiles = _value_tiles(e)
     kv = state.kv.to(torch.float32).contiguous()
     ksum = state.k.to(torch.float32).contiguous()
-    _apply_state_kernel[(triton.cdiv(n, block_n) * e_tiles, b * h)](
+    _apply_state_kernel[(triton.cdiv(n, block_n * steps) * e_tiles, b * h)](
         q, kv, ksum, out, 1.0 / state.count, h, n, *q.stride(), *out.stride(),
-        D=d, E=e, BLOCK_N=block_n, BLOCK_D=_padded_head_dim(d), BLOCK_E=block_e, E_TILES=e_tiles,
+        D=d, E=e, BLOCK_N=block_n, BLOCK_D=_padded_head_dim(d), BLOCK_E=block_e, E_TILES=e_tiles, STEPS=steps,
         PRECISION=_precision(q.dtype), EPS=EPS, num_warps=num_warps,
     )  # fmt: skip
     return out
