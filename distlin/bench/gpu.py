@@ -184,8 +184,9 @@ def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.
             }
             for phase, (call, candidates) in phases.items():
                 times = {}
-                rule = str(default_blocks(head_dim, phase))
-                for blocks in dict.fromkeys([default_blocks(head_dim, phase), *candidates]):
+                rule_blocks = default_blocks(head_dim, phase)
+                rule = str(rule_blocks)
+                for blocks in dict.fromkeys([rule_blocks, *candidates]):
                     for _ in range(args.warmup):
                         call(blocks=blocks)  # the first call compiles this tiling
                     times[str(blocks)] = _median_ms(partial(call, blocks=blocks), device, args.repeats)
