@@ -203,9 +203,9 @@ def test_fidelity_suite(tmp_path: Path) -> None:
 
 
 def test_gpu_suite_compile_and_vae_parts_run_on_cpu() -> None:
-    """The gpu suite's ``--compile`` comparison and sequential-VAE transfer rate, at tiny size on the CPU
-    (``aot_eager``: inductor's code generation is minutes on 2 cores; on a GPU the suite uses inductor)."""
-    from distlin.bench.gpu import compile_vae_markdown, measure_compile, measure_sequential_vae
+    """The gpu suite's ``--compile`` and channels_last comparisons and sequential-VAE transfer rate, at tiny size
+    on the CPU (``aot_eager``: inductor's code generation is minutes on 2 cores; on a GPU the suite uses inductor)."""
+    from distlin.bench.gpu import compile_vae_markdown, measure_compile, measure_memory_format, measure_sequential_vae
 
     cpu = torch.device("cpu")
     compiled = measure_compile("tiny-sd15", 128, cpu, torch.float32, repeats=1, backend="aot_eager")
@@ -213,8 +213,10 @@ def test_gpu_suite_compile_and_vae_parts_run_on_cpu() -> None:
     assert compiled["max_rel_error"] <= 1e-5
     vae = measure_sequential_vae("tiny-sd15", 128, 4, cpu, torch.float32)
     assert vae["gb_moved"] > 0 and vae["gb_s"] == pytest.approx(vae["gb_moved"] / vae["seconds"])
-    text = compile_vae_markdown([compiled, vae])
-    assert "`--compile`" in text and "GB/s" in text
+    layout = measure_memory_format("tiny-sd15", 128, cpu, torch.float32, repeats=1)
+    assert layout["nchw_ms"] > 0 and layout["channels_last_ms"] > 0 and layout["max_rel_error"] <= 1e-5
+    text = compile_vae_markdown([compiled, layout, vae])
+    assert "`--compile`" in text and "channels_last" in text and "GB/s" in text
 
 
 def test_gpu_suite_keeps_measuring_after_a_part_fails(tmp_path: Path) -> None:

@@ -1,20 +1,22 @@
 """Suite ``gpu``: one prepared check of the CUDA fast path, under 8 minutes on one H100/H200 (CUDA only).
 
-Four parts, told apart by each record's ``section``. ``environment``: the GPU, torch, CUDA and triton.
-``attention``: LinFusion's two attention phases, fused Triton kernels against the PyTorch ops, on token-major
-``(batch, tokens, C)`` activations as the layer hands them over: the time of each phase, the speed-up, the
-largest difference between the two outputs relative to the output's largest value, and peak memory.
+Parts (:data:`PARTS`, cheapest and surest first; ``--parts`` picks some), told apart by each record's ``section``:
+``environment``: the GPU, torch, CUDA and triton. ``attention``: LinFusion's two attention phases, fused Triton
+kernels against the PyTorch ops, on token-major ``(batch, tokens, C)`` activations as the layer hands them over:
+the time of each phase, the speed-up, the largest difference relative to the output's largest value, and peak
+memory. ``blocks``: each kernel's tiling rule against the candidate tilings at the largest token count.
 ``unet``: one UNet call with LinFusion (kernel ``auto``, so Triton) per image size: time per CFG step, TFLOP/s
-achieved against the device's dense fp16/bf16 peak, and ``torch.cuda.max_memory_allocated`` next to the memory
-planner's prediction (UNet weights plus activations). A size whose predicted activations exceed the free memory
-runs micro-batched (the guidance halves one after the other, as ``--micro-batch 1`` does), or is skipped with
-the reason when even that does not fit. ``generation``: the 16384x8192 SD-1.5 cascade (``--preset sd15-16k``
-with ``full-sd15`` random weights and fresh LinFusion layers) end to end through :func:`distlin.run.generate`,
-the function the command line runs: wall seconds per stage and for the decode, ``torch.cuda.max_memory_allocated``
-and the process's peak host RSS next to the planner's prediction for the settings it ran with. ``compile``: one
-UNet call eager and after :func:`~distlin.parallel.compile.compile_unet` (``--compile``) at one size: time
-of each, the first compiled call's seconds and the largest difference. ``vae``: the sequential decode through
-host RAM at one size: bytes moved between host and device, seconds and the achieved GB/s.
+against the device's dense fp16/bf16 peak, and ``torch.cuda.max_memory_allocated`` next to the memory planner's
+prediction (UNet weights plus activations); a size whose predicted activations exceed the free memory runs
+micro-batched (the guidance halves one after the other, as ``--micro-batch 1`` does), or is skipped with the
+reason. ``layout``: one UNet call with NCHW and with ``channels_last`` activations. ``vae``: the sequential
+decode through host RAM: bytes moved between host and device, seconds and GB/s. ``generation``: the 16384x8192
+SD-1.5 cascade (``--preset sd15-16k`` with ``full-sd15`` random weights and fresh LinFusion layers) end to end
+through :func:`distlin.run.generate`, the function the command line runs: wall seconds per stage and for the
+decode, ``torch.cuda.max_memory_allocated`` and the peak host RSS next to the planner's prediction.
+``compile``: one UNet call eager and after :func:`~distlin.parallel.compile.compile_unet` (``--compile``): time
+of each, the first compiled call's seconds and the largest difference. A part that fails is reported and the
+next one runs (:func:`run_parts`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ KERNELS = ("torch", "triton")
 CFG_BATCH = 2  # samples in one UNet call of a guided step
 GIB = 2**30
 FREE_MEMORY_SHARE = 0.9  # of the free memory, what a UNet call's predicted activations may take
-PARTS = ("environment", "attention", "blocks", "unet", "vae", "generation", "compile")  # cheapest, surest first
+PARTS = ("environment", "attention", "blocks", "unet", "layout", "vae", "generation", "compile")  # surest first
 TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5, "generation_seconds": 30.0}
 
 
@@ -85,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "--generation-size", "16384x8192", "4096x2048", "width x height of the end-to-end part", type=str
     )
     options.add(parser, "--compile-size", 2048, 512, "square side in pixels of the eager vs --compile UNet", type=int)
+    options.add(parser, "--layout-size", 4096, 512, "square side in pixels of the NCHW vs channels_last UNet", type=int)
     options.add(parser, "--vae-size", 4096, 1024, "square side in pixels of the sequential VAE decode", type=int)
     parser.add_argument("--vae-band-rows", type=int, default=64, help="latent rows per sequential VAE band (64)")
     parser.add_argument(
@@ -302,6 +305,29 @@ def measure_compile(
     return record
 
 
+def measure_memory_format(model: str, side: int, device: torch.device, dtype: torch.dtype, repeats: int) -> Record:
+    """One UNet call (a CFG batch, LinFusion) with NCHW activations, then with the UNet and its input in
+    ``channels_last`` (the layout cuDNN's half-precision convolutions prefer): the time of each and how far the
+    outputs are apart; whether the engine should carry activations in that layout."""
+    model = model_name(model)
+    unet = build(model, "linear", device, dtype)
+    inputs = unet_inputs(unet, CFG_BATCH, side, side)
+    call = partial(unet, timestep=999, return_dict=False, **inputs)
+    record: Record = {"section": "layout", "model": model, "height": side, "width": side, "batch": CFG_BATCH}
+    with torch.inference_mode():
+        nchw = call()[0]
+        record["nchw_ms"] = _median_ms(call, device, repeats)
+        unet.to(memory_format=torch.channels_last)
+        sample = inputs["sample"].to(memory_format=torch.channels_last)
+        call = partial(unet, timestep=999, return_dict=False, **{**inputs, "sample": sample})
+        channels_last = call()[0]
+        record["channels_last_ms"] = _median_ms(call, device, repeats)
+    record["speedup"] = record["nchw_ms"] / record["channels_last_ms"]
+    record["max_rel_error"] = max_relative_difference(channels_last, nchw)
+    progress("gpu", f"channels_last {model} {side}x{side}: {record['speedup']:.2f}x")
+    return record
+
+
 def measure_sequential_vae(model: str, side: int, band_rows: int, device: torch.device, dtype: torch.dtype) -> Record:
     """The sequential decode through host RAM (what ``--vae-decode sequential`` runs) at ``side`` px square: the
     bytes it moves between host and device, its seconds, and the achieved rate (the decode's own timing line)."""
@@ -320,7 +346,7 @@ def measure_sequential_vae(model: str, side: int, band_rows: int, device: torch.
 
 
 def compile_vae_markdown(records: list[Record]) -> str:
-    """The compiled UNet and the sequential VAE's transfer rate, as lines of ``gpu.md``."""
+    """The compiled UNet, the channels_last UNet and the sequential VAE's transfer rate, as lines of ``gpu.md``."""
     lines = []
     for r in records:
         if r["section"] == "compile":
@@ -329,6 +355,12 @@ def compile_vae_markdown(records: list[Record]) -> str:
                 f"modules: {r['modules']}): eager {fmt(r['eager_ms'])} ms, compiled {fmt(r['compiled_ms'])} ms "
                 f"({_times(r['speedup'])}); first compiled call {fmt(r['first_call_s'])} s; largest difference "
                 f"{fmt(r['max_rel_error'])} of the largest output"
+            )
+        if r["section"] == "layout":
+            lines.append(
+                f"- channels_last, {r['model']} UNet at {r['width']}x{r['height']} (batch {r['batch']}): NCHW "
+                f"{fmt(r['nchw_ms'])} ms, channels_last {fmt(r['channels_last_ms'])} ms ({_times(r['speedup'])}); "
+                f"largest difference {fmt(r['max_rel_error'])} of the largest output"
             )
         if r["section"] == "vae":
             lines.append(
@@ -438,6 +470,7 @@ SECTIONS: dict[str, Callable[..., str]] = {
     "attention": attention_markdown,
     "blocks": lambda rs, args: blocks_markdown(rs),
     "unet": unet_markdown,
+    "layout": lambda rs, args: compile_vae_markdown(rs),
     "vae": lambda rs, args: compile_vae_markdown(rs),
     "generation": lambda rs, args: generation_markdown(rs[0]),
     "compile": lambda rs, args: compile_vae_markdown(rs),
@@ -561,6 +594,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> S
         "attention": lambda: measure_attention(args, device, dtype),
         "blocks": lambda: measure_blocks(args, device, dtype),
         "unet": lambda: measure_unet(args, device, dtype),
+        "layout": lambda: [measure_memory_format(args.model, args.layout_size, device, dtype, args.repeats)],
         "vae": lambda: [measure_sequential_vae(args.model, args.vae_size, args.vae_band_rows, device, dtype)],
         "generation": lambda: [measure_generation(args.generation_preset, overrides, device)],
         "compile": lambda: [measure_compile(args.model, args.compile_size, device, dtype, args.repeats)],
