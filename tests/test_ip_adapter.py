@@ -45,6 +45,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     shutil.copytree(Path(paths["sd15"]).parent / IMAGE_ENCODER_FOLDER, encoder)
     paths["lonely-sd15"], paths["encoder"] = str(lonely / Path(paths["sd15"]).name), str(encoder)
     paths["second"] = str(build_ip_adapter("tiny-sd15", root / "second", seed=1))  # other weights, same encoder
+    paths["plus"] = str(build_ip_adapter("tiny-sd15", root / "plus", plus=True))  # a Resampler image projection
     for name, seed in (("red.png", 1), ("noise.png", 2)):
         pixels = torch.rand(50, 40, 3, generator=torch.Generator().manual_seed(seed))
         Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(root / name)
@@ -72,6 +73,7 @@ def cases(files: dict[str, str], world: int) -> dict[str, tuple[str, tuple]]:
         "sdxl-cascade": ("run", ("tiny-sdxl-cascade", {**cascade, "steps": 4, "cfg_parallel": False}, [{}])),
         # Two at once, the second at scale 0.5 and then 0 (one prepared pipeline: the scales are per generation).
         "two": ("run", ("tiny-sd15", {**BASE, **two}, [{"ip_scale": [0.7, 0.5]}, {"ip_scale": [0.7, 0.0]}])),
+        "plus": ("run", ("tiny-sd15", {**BASE, **ip, "ip_adapter": files["plus"]}, [{}])),
     }
     if world == 1:  # properties of the image itself, on one process
         out["sd15"] = ("run", ("tiny-sd15", {**BASE, **ip}, pictures))
@@ -121,6 +123,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
         "loaded-before-parallelize",
         "softmax-loaded-after-parallelize",
         "two",
+        "plus",
     ],
 )
 def test_two_ranks_equal_one_process(single, two_ranks, name: str) -> None:
@@ -182,6 +185,14 @@ def test_two_ip_adapters_steer_together_and_a_second_at_scale_0_changes_nothing(
     first_alone = single["sd15"][0]
     assert _close(second_off, first_alone)
     assert (both - first_alone).abs().max().item() > 0.01 * first_alone.abs().max().item()
+
+
+def test_ip_adapter_plus_steers_through_its_resampler(single) -> None:
+    """IP-Adapter Plus (image tokens from the encoder's hidden states through a Resampler) loads from its original
+    layout and steers otherwise than the plain IP-Adapter given the same picture and scale."""
+    plus, plain = single["plus"][0], single["sd15"][0]
+    assert torch.isfinite(plus).all()
+    assert (plus - plain).abs().max().item() > 0.01 * plain.abs().max().item()
 
 
 def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:

@@ -7,7 +7,7 @@ SD-2.1 and SDXL architectures exactly (for memory and speed measurements), all w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,6 +97,7 @@ _TINY_IMAGE_ENCODER = {
     "projection_dim": 32,
 }
 IP_TOKENS = 4  # image tokens a plain IP-Adapter projects its image embedding to (diffusers' ImageProjection)
+PLUS_TOKENS, PLUS_WIDTH = 8, 32  # IP-Adapter Plus: its Resampler's queries (image tokens) and their width
 
 Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
@@ -207,14 +208,16 @@ def build_kohya_lora(name: str = "tiny-sd15", rank: int = 2, seed: int = 0) -> d
     return lora
 
 
-def build_ip_adapter(name: str, folder: str | Path, seed: int = 0) -> Path:
+def build_ip_adapter(name: str, folder: str | Path, seed: int = 0, plus: bool = False) -> Path:
     """An IP-Adapter for a built-in model, written under ``folder`` in the h94/IP-Adapter layout; returns its
-    weights file (``models/ip-adapter_sd15.safetensors`` or ``sdxl_models/ip-adapter_sdxl.safetensors``).
+    weights file (``models/ip-adapter_sd15.safetensors`` or ``sdxl_models/ip-adapter_sdxl.safetensors``; with
+    ``plus``, ``ip-adapter-plus_*``).
 
-    The weights hold ``image_proj.*`` (the image embedding to :data:`IP_TOKENS` tokens of the text width) and,
-    for the i-th cross-attention layer in ``attn_processors`` order, ``ip_adapter.{2i+1}.to_k_ip`` / ``to_v_ip``
-    (the keys and values of those tokens), as diffusers' ``load_ip_adapter`` numbers them; a tiny
-    ``CLIPVisionModelWithProjection`` sits beside them in ``image_encoder``. All weights are random.
+    The weights hold ``image_proj.*`` (plain: the image embedding to :data:`IP_TOKENS` tokens of the text width;
+    ``plus``: the original Resampler, :func:`_plus_image_proj`) and, for the i-th cross-attention layer in
+    ``attn_processors`` order, ``ip_adapter.{2i+1}.to_k_ip`` / ``to_v_ip`` (the keys and values of those
+    tokens), as diffusers' ``load_ip_adapter`` numbers them; a tiny ``CLIPVisionModelWithProjection`` sits beside
+    them in ``image_encoder``. All weights are random.
     """
     architecture = load_architecture(canonical_name(name))
     unet = build_component(architecture["unet"])  # on meta: only the shapes are read
@@ -225,18 +228,23 @@ def build_ip_adapter(name: str, folder: str | Path, seed: int = 0) -> Path:
     def linear(out_features: int, in_features: int) -> torch.Tensor:
         return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
 
-    weights = {
-        "image_proj.proj.weight": linear(IP_TOKENS * text_width, config.projection_dim),
-        "image_proj.proj.bias": torch.zeros(IP_TOKENS * text_width),
-        "image_proj.norm.weight": torch.ones(text_width),
-        "image_proj.norm.bias": torch.zeros(text_width),
-    }
+    if plus:
+        weights = {f"image_proj.{key}": value for key, value in _plus_image_proj(config, text_width, linear).items()}
+    else:
+        weights = {
+            "image_proj.proj.weight": linear(IP_TOKENS * text_width, config.projection_dim),
+            "image_proj.proj.bias": torch.zeros(IP_TOKENS * text_width),
+            "image_proj.norm.weight": torch.ones(text_width),
+            "image_proj.norm.bias": torch.zeros(text_width),
+        }
     cross = [key.removesuffix(".processor") for key in unet.attn_processors if not key.endswith("attn1.processor")]
     for index, module_name in enumerate(cross):
         width = unet.get_submodule(module_name).to_k.out_features
         for key in ("to_k_ip", "to_v_ip"):
             weights[f"ip_adapter.{2 * index + 1}.{key}.weight"] = linear(width, text_width)
     path = Path(folder) / IP_ADAPTER_WEIGHTS[base_family(architecture["unet"])]
+    if plus:
+        path = path.with_name(path.name.replace("ip-adapter_", "ip-adapter-plus_"))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(path))
     with torch.random.fork_rng(devices=[]):
@@ -244,6 +252,35 @@ def build_ip_adapter(name: str, folder: str | Path, seed: int = 0) -> Path:
         encoder = CLIPVisionModelWithProjection(config).eval()
     encoder.save_pretrained(path.parent / IMAGE_ENCODER_FOLDER)
     return path
+
+
+def _plus_image_proj(
+    encoder: CLIPVisionConfig, text_width: int, linear: Callable[[int, int], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """IP-Adapter Plus's image projection in its original (Resampler) names: :data:`PLUS_TOKENS` learned queries
+    attending to the image encoder's penultimate hidden states through 4 layers of one 64-wide head each."""
+    width, inner = PLUS_WIDTH, 64  # diffusers reads the heads as to_q's rows / 64
+
+    def norm(prefix: str, size: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": torch.ones(size), f"{prefix}.bias": torch.zeros(size)}
+
+    weights = {
+        "latents": torch.randn(1, PLUS_TOKENS, width, generator=torch.Generator().manual_seed(1)) / width**0.5,
+        "proj_in.weight": linear(width, encoder.hidden_size),
+        "proj_in.bias": torch.zeros(width),
+        "proj_out.weight": linear(text_width, width),
+        "proj_out.bias": torch.zeros(text_width),
+        **norm("norm_out", text_width),
+    }
+    for i in range(4):
+        weights |= {**norm(f"layers.{i}.0.norm1", width), **norm(f"layers.{i}.0.norm2", width)}
+        weights[f"layers.{i}.0.to_q.weight"] = linear(inner, width)
+        weights[f"layers.{i}.0.to_kv.weight"] = linear(2 * inner, width)
+        weights[f"layers.{i}.0.to_out.weight"] = linear(width, inner)
+        weights |= norm(f"layers.{i}.1.0", width)
+        weights[f"layers.{i}.1.1.weight"] = linear(4 * width, width)
+        weights[f"layers.{i}.1.3.weight"] = linear(width, 4 * width)
+    return weights
 
 
 @contextmanager
