@@ -91,8 +91,8 @@ class IpAdapter:
         if self.image_encoder is None:
             return files.root, str(Path(files.subfolder, IMAGE_ENCODER_FOLDER)), files.local
         path = Path(self.image_encoder).expanduser()
-        if path.exists() or self.image_encoder.startswith(("/", ".", "~")):
-            return str(path), "", True
+        if path.exists() or self.image_encoder.startswith(("/", ".", "~")) or "/" not in self.image_encoder:
+            return str(path), "", True  # a Hub id has an org
         org, name, *folders = self.image_encoder.split("/")
         return f"{org}/{name}", "/".join(folders), False
 

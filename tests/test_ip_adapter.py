@@ -218,6 +218,7 @@ def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:
         ({"ip_adapter": "EMPTY"}, "ip-adapter_sd15.safetensors does not exist"),
         ({"ip_scale": float("nan")}, "IP-Adapter scale nan is not a number"),
         ({"ip_image_encoder": "EMPTY"}, "--ip-image-encoder EMPTY_PATH: EMPTY_PATH has no config.json"),
+        ({"ip_image_encoder": "clip"}, "--ip-image-encoder clip: clip has no config.json"),
         ({"ip_adapter": None, "ip_image": None, "ip_image_encoder": "EMPTY"}, "--ip-image-encoder is the image "),
         ({"ip_adapter": ["FOLDER", "FOLDER"]}, "got 2 --ip-adapter, 1 --ip-image and 0 --ip-scale; pass one"),
         (
