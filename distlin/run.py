@@ -148,8 +148,9 @@ def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
     if capacity is None:
         return settings
     fitted = fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
-    if fitted != settings and runtime.is_main:
-        print(f"note: to fit {runtime.device}, running with {saver_flags(settings, fitted)} (same image)", flush=True)
+    flags = saver_flags(settings, fitted)
+    if flags and runtime.is_main:
+        print(f"note: to fit {runtime.device}, running with {flags} (same image)", flush=True)
     return fitted
 
 
@@ -319,11 +320,19 @@ def _transfer_printer(what: str, moved: int, seconds: float) -> None:
     print(f"VAE {what} band by band: {moved / 1e9:.2f} GB host<->device in {seconds:.1f} s ({rate:.2f} GB/s)")
 
 
+def _on_device_printer(what: str, moved: int, seconds: float) -> None:
+    """A sequential VAE pass's one line when its activations stay on the device: nothing crossed to the host."""
+    print(f"VAE {what} band by band on the device (activations kept there, --vae-store device) in {seconds:.1f} s")
+
+
 def _sequential_vae(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SequentialVAE:
-    """The VAE band by band through host RAM on rank 0, with the run's band rows and attention streaming."""
+    """The VAE band by band on rank 0, its full-size activations in host RAM or (``vae_store`` device) on the
+    device, with the run's band rows and attention streaming."""
     options = sequential_vae_settings(settings.vae_attention_rows, settings.thresholds.sequential_band_rows)
-    report = _transfer_printer if runtime.is_main else None
-    return SequentialVAE(prepared.pipe.vae, runtime, options, report)
+    on_device = settings.vae_store == "device"
+    report = (_on_device_printer if on_device else _transfer_printer) if runtime.is_main else None
+    store = runtime.device if on_device else torch.device("cpu")
+    return SequentialVAE(prepared.pipe.vae, runtime, options, report, store)
 
 
 def _is_large(settings: RunSettings, runtime: Runtime) -> Callable[[int, int], bool]:

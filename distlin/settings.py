@@ -45,6 +45,7 @@ DTYPE_ALIASES = {
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 VAE_DECODES = ("auto", "direct", "sequential")
+VAE_STORES = ("auto", "host", "device")  # where the sequential VAE keeps full-size activations
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -75,6 +76,7 @@ class RunSettings:
     stages: tuple[Stage, ...] = ()  # a cascade's resolutions, ending at (height, width); empty: one pass
     vae_decode: str = "auto"  # direct (plain / band-parallel), sequential (band by band via host RAM) or auto
     vae_attention_rows: int | None = None  # stream the sequential VAE's mid-block K/V from host RAM
+    vae_store: str = "auto"  # the sequential VAE's activations: host RAM, the device, or auto (the device if they fit)
     attention_kernel: str = "auto"  # LinFusion attention: auto, torch or triton
     compile: bool = False  # torch.compile the UNet's pure-compute modules (distlin.parallel.compile)
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -141,6 +143,7 @@ class RunSettings:
             "stages": [(s.height, s.width, s.strength) for s in self.stages],
             "vae_decode": self.vae_decode,
             "vae_attention_rows": self.vae_attention_rows,
+            "vae_store": self.vae_store,
             "loras": [(lora.path, lora.scale) for lora in self.loras],
             "scheduler": self.scheduler,
             "init_image": self.init_image,
@@ -225,6 +228,8 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
         raise UsageError(f"unknown device {settings.device!r}; use cpu, cuda, cuda:N or auto")
     if settings.vae_decode not in VAE_DECODES:
         raise UsageError(f"unknown VAE decode {settings.vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
+    if settings.vae_store not in VAE_STORES:
+        raise UsageError(f"unknown VAE store {settings.vae_store!r}; use one of {', '.join(VAE_STORES)}")
     if settings.vae_attention_rows is not None and settings.vae_attention_rows < 1:
         raise UsageError(f"VAE attention rows {settings.vae_attention_rows} must be at least 1")
     if not settings.timeout_s > 0:

@@ -35,6 +35,7 @@ MECHANISMS: dict[str, tuple[dict[str, str], list[str]]] = {  # environment, flag
     "sequential-vae": (SEQUENTIAL_VAE, []),
     "micro-batch": ({}, ["--micro-batch", "1"]),
     "streamed-vae-attention": (SEQUENTIAL_VAE, ["--vae-attention-rows", "2"]),
+    "vae-store-on-device": (SEQUENTIAL_VAE, ["--vae-store", "device"]),
     "planner-savers": ({}, []),  # DISTLIN_DEVICE_MEMORY: set per run, between the plain and the saved plan
 }
 ALL = "all"
@@ -168,7 +169,10 @@ def test_forced_mechanism_gives_the_plain_image(runs: Scheduler, pipeline: str, 
     assert_same_image(run, reference)
     if mechanism == "planner-savers":  # the planner, not a flag, switched the savers on
         assert "note: to fit cpu, running with --micro-batch 1 --vae-decode sequential" in stdout, stdout
-    if pipeline != "t2i" and mechanism in ("sequential-vae", "streamed-vae-attention", "planner-savers", ALL):
-        # between the cascade's stages too: decoded and encoded band by band through host RAM on rank 0
+    sequential = ("sequential-vae", "streamed-vae-attention", "vae-store-on-device", "planner-savers", ALL)
+    if pipeline != "t2i" and mechanism in sequential:
+        # between the cascade's stages too: decoded and encoded band by band (via host RAM) on rank 0
         assert "VAE encoded band by band" in stdout, stdout
+    if mechanism in ("vae-store-on-device", ALL):
+        assert "VAE decoded band by band on the device (activations kept there" in stdout, stdout
     assert sorted(p.name for p in run.cwd.iterdir()) == ["out.png", "out.safetensors"]  # nothing else left behind

@@ -10,7 +10,7 @@ from transformers import CLIPVisionModelWithProjection
 
 from distlin.errors import UsageError
 from distlin.memory import format_plan, plan, ranks_needed
-from distlin.memory.fit import plan_run
+from distlin.memory.fit import fit_to_capacity, plan_run
 from distlin.memory.measure import measured_unet_activation_peak
 from distlin.memory.planner import controlnet_residual_elements, unet_activation_elements
 from distlin.models.tiny import build_controlnet, build_ip_adapter, load_architecture
@@ -133,3 +133,29 @@ def test_a_runs_own_controlnets_and_ip_adapter_count_in_the_plan(tmp_path) -> No
     }
     assert {key: result["breakdown"][key] for key in expected} == expected
     assert result["peak_bytes_per_rank"] == plain["peak_bytes_per_rank"] + sum(expected.values())
+
+
+def test_a_vae_store_on_the_device_moves_the_full_size_activations_there() -> None:
+    """The sequential VAE's store on the device: no host RAM for it and no host transfers, its bytes (and the
+    image) counted on the device instead."""
+    host, device = (plan("full-sd15", 8192, 16384, 1, vae_decode="sequential", vae_store=s) for s in ("host", "device"))
+    stored = host["breakdown"]["vae_host_ram_not_on_device"]
+    assert (
+        device["breakdown"]["vae_store_on_device"] == stored and "vae_host_ram_not_on_device" not in device["breakdown"]
+    )
+    vae = device["breakdown"]["vae_decode_activations"] + stored
+    assert vae > device["breakdown"]["unet_activations"]  # at 16384x8192 the store sets the peak
+    image = device["breakdown"]["full_image"]
+    assert (
+        device["peak_bytes_per_rank"] - host["peak_bytes_per_rank"]
+        == vae + image - host["breakdown"]["unet_activations"]
+    )
+
+
+@pytest.mark.parametrize(("gib", "store"), [(140, "device"), (80, "host")])
+def test_auto_puts_the_vae_store_on_the_device_where_it_fits(gib: int, store: str) -> None:
+    """SD-1.5 at 16384x8192 on one GPU: an H200's 140 GiB hold the store beside the rest, an 80 GB GPU's do not."""
+    settings = build_settings("sd15-16k", {"model": "full-sd15", "linfusion": "fresh", "device": "cpu"}, 1)
+    assert fit_to_capacity(settings, 1, gib * 2**30, "cuda:0").vae_store == store
+    forced = build_settings("sd15-16k", {"model": "full-sd15", "linfusion": "fresh", "vae_store": "host"}, 1)
+    assert fit_to_capacity(forced, 1, gib * 2**30, "cuda:0").vae_store == "host"  # what the user set stays

@@ -530,6 +530,7 @@ def measure_generation(preset: str, overrides: dict[str, Any], device: torch.dev
         "seconds": seconds,
         "part_seconds": result.seconds,
         "savers": saver_flags(settings, result.settings),
+        "vae_store": result.settings.vae_store,
         "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
         "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # Linux: KiB
         "planned_gib": planned["peak_bytes_per_rank"] / GIB if planned else None,
@@ -542,7 +543,8 @@ def generation_markdown(record: Record) -> str:
     return (
         f"End to end: `--preset {record['preset']} --model {record['model']} --linfusion fresh` at "
         f"{record['width']}x{record['height']}, {record['seconds']:.1f} s ({parts}); memory savers chosen: "
-        f"{record['savers'] or 'none'}. Peak device memory {fmt(record['peak_gib'])} GiB measured vs "
+        f"{record['savers'] or 'none'}; sequential VAE store: {record['vae_store']}. Peak device memory "
+        f"{fmt(record['peak_gib'])} GiB measured vs "
         f"{fmt(record['planned_gib'])} GiB planned (ratio {fmt(ratio)}; target within ±20 %); peak host RSS "
         f"{fmt(record['host_rss_gib'])} GiB. Target: ≤ 30 s end to end on one H200 at 16384x8192 — "
         f"{_met(record['seconds'] <= TARGET['generation_seconds'])}."

@@ -22,7 +22,7 @@ from distlin.io import IMAGE_SUFFIXES, atomic_write, check_output_path
 from distlin.parallel.config import BACKENDS, MODES
 from distlin.presets import list_presets
 from distlin.schedulers import SCHEDULERS
-from distlin.settings import VAE_DECODES, RunSettings, build_settings, world_size_from_env
+from distlin.settings import VAE_DECODES, VAE_STORES, RunSettings, build_settings, world_size_from_env
 
 DEFAULT_PRESET = "tiny-sd15"
 INTERRUPTED_EXIT_CODE = 130
@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or when the device needs it",
     )
     mem.add_argument(
+        "--vae-store",
+        choices=VAE_STORES,
+        default="auto",
+        help="where a band-by-band VAE keeps its full-size activations: host RAM (least device memory), the device "
+        "(no host transfers), or auto: the device when they fit beside the rest",
+    )
+    mem.add_argument(
         "--vae-attention-rows",
         type=int,
         metavar="N",
@@ -248,9 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 SETTING_FLAGS = (
     "model", "linfusion", "prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "dtype",
     "device", "mode", "warmup_steps", "stale", "cfg_parallel", "micro_batch", "attention_kernel", "compile", "backend",
-    "timeout_s", "vae_decode", "vae_attention_rows", "loras", "scheduler", "init_image", "strength", "mask",
-    "controlnet", "control_image", "control_scale", "ip_adapter", "ip_image", "ip_scale",
-    "ip_image_encoder",
+    "timeout_s", "vae_decode", "vae_attention_rows", "vae_store", "loras", "scheduler", "init_image", "strength",
+    "mask", "controlnet", "control_image", "control_scale", "ip_adapter", "ip_image", "ip_scale", "ip_image_encoder",
 )  # fmt: skip
 
 

@@ -59,7 +59,8 @@ def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
         "vae_attention_rows": settings.vae_attention_rows,
         "vae_decode": settings.vae_decode,
         "thresholds": settings.thresholds,
-        "vae_fetch_ahead": settings.device != "cpu",  # overlapped copies: a GPU, or auto (maybe one)
+        "vae_fetch_ahead": settings.device != "cpu" and settings.vae_store != "device",  # copies overlap compute
+        "vae_store": "device" if settings.vae_store == "device" else "host",  # auto: host until placed
     }
 
 
@@ -88,12 +89,24 @@ def saver_flags(before: RunSettings, after: RunSettings) -> str:
     return " ".join(flag for name, _, flag in SAVERS if _saver(before, name) != _saver(after, name))
 
 
+def place_vae_store(settings: RunSettings, ranks: int, capacity: int) -> RunSettings:
+    """``vae_store`` auto made ``device`` where the sequential VAE's activations fit the device beside the rest
+    (no host transfers), else ``host``."""
+    if settings.vae_store != "auto":
+        return settings
+    on_device = replace(settings, vae_store="device")
+    planned = plan_run(on_device, ranks)
+    fits = planned is not None and planned["peak_bytes_per_rank"] <= capacity
+    return on_device if fits else replace(settings, vae_store="host")
+
+
 def fit_to_capacity(settings: RunSettings, ranks: int, capacity: int, device: str) -> RunSettings:
-    """``settings`` with savers switched on until the plan fits ``capacity`` bytes per rank; UsageError if
-    none suffices (the same on every rank: it depends on the settings alone)."""
+    """``settings`` with savers switched on until the plan fits ``capacity`` bytes per rank, then the
+    sequential VAE's store placed (:func:`place_vae_store`); UsageError if no saver suffices (the same on every
+    rank: it depends on the settings alone)."""
     result = plan_run(settings, ranks)
     if result is None or result["peak_bytes_per_rank"] <= capacity:
-        return settings
+        return place_vae_store(settings, ranks, capacity)
     fitted = settings
     for name, value, _ in SAVERS:
         if _saver(fitted, name) is not None:
@@ -101,7 +114,7 @@ def fit_to_capacity(settings: RunSettings, ranks: int, capacity: int, device: st
         fitted = _with(fitted, name, value)
         planned = plan_run(fitted, ranks)
         if planned is not None and planned["peak_bytes_per_rank"] <= capacity:
-            return fitted
+            return place_vae_store(fitted, ranks, capacity)
     kwargs = plan_kwargs(fitted)
     try:
         needed = ranks_needed(capacity, architecture_of(settings.model), settings.height, settings.width, **kwargs)

@@ -134,6 +134,7 @@ def plan(
     extra_parameters: dict[str, int] | None = None,
     vae_fetch_ahead: bool = True,
     controlnets: int = 0,
+    vae_store: str = "host",
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank for generating ``height`` x ``width`` px on ``ranks`` ranks.
 
@@ -152,7 +153,8 @@ def plan(
     sequential decode holds one band more on the device, where its copies overlap compute (a GPU; not on the
     CPU). A cascade's encode between stages takes the VAE
     path of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the
-    decode's term covers it.
+    decode's term covers it. ``vae_store``: where the sequential VAE keeps its full-size activations, ``host``
+    RAM or the ``device`` (no host transfers; they then count on the device, beside the decode's bands).
     """
     chunk = thresholds.token_chunk if thresholds is not None else ff_chunk
     limits = thresholds or Thresholds()
@@ -195,14 +197,19 @@ def plan(
         "full_latents": 4 * unet["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (float32)
         "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
     }
-    if sequential:  # the decoder's full activations live in host RAM (float16 store), not on the device:
+    if sequential:  # the decoder's full activations live in the store (float16), host RAM or the device:
         widths = arch["vae"]["block_out_channels"]  # at worst the last block's input and its hidden map
-        breakdown["vae_host_ram_not_on_device"] = (widths[0] + widths[min(1, len(widths) - 1)]) * height * width * 2
-        breakdown["full_image"] = 0  # assembled in host RAM too
+        stored = (widths[0] + widths[min(1, len(widths) - 1)]) * height * width * 2
+        if vae_store == "device":
+            breakdown["vae_store_on_device"] = stored
+        else:
+            breakdown["vae_host_ram_not_on_device"] = stored
+            breakdown["full_image"] = 0  # assembled in host RAM too
     weights_total = sum(v for k, v in breakdown.items() if k.startswith("weights_"))
+    vae_total = breakdown["vae_decode_activations"] + breakdown.get("vae_store_on_device", 0)
     peak = (
         weights_total
-        + max(breakdown["unet_activations"], breakdown["vae_decode_activations"])
+        + max(breakdown["unet_activations"], vae_total)
         + breakdown["full_latents"]
         + breakdown["full_image"]
     )
@@ -219,6 +226,7 @@ def plan(
         "vae_attention_rows": vae_attention_rows if sequential else None,
         "unet_band_tokens": unet_tokens,
         "vae": "sequential" if sequential else ("banded" if ranks > 1 else "plain"),
+        "vae_store": vae_store if sequential else None,
         "breakdown": breakdown,
     }
 

@@ -54,8 +54,15 @@ class SequentialVAE:
     bytes moved and seconds.
     """
 
-    def __init__(self, vae: Any, runtime: Runtime, options: dict[str, Any], on_done: TransferReport | None = None):
-        self.vae, self.runtime, self.options, self.on_done = vae, runtime, options, on_done
+    def __init__(
+        self,
+        vae: Any,
+        runtime: Runtime,
+        options: dict[str, Any],
+        on_done: TransferReport | None = None,
+        store: torch.device | str = "cpu",
+    ):
+        self.vae, self.runtime, self.options, self.on_done, self.store = vae, runtime, options, on_done, store
 
     def _report(self, what: str) -> Callable[[int, float], None] | None:
         on_done = self.on_done
@@ -67,13 +74,13 @@ class SequentialVAE:
         if not self.runtime.is_main:
             shape = (batch, self.vae.config.out_channels, rows * LATENT_FACTOR, cols * LATENT_FACTOR)
             return torch.empty(shape, device="meta", dtype=latents.dtype)
-        return decode_sequential(self.vae, latents, store="cpu", on_done=self._report("decoded"), **self.options)
+        return decode_sequential(self.vae, latents, store=self.store, on_done=self._report("decoded"), **self.options)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> DiagonalGaussianDistribution:
         if self.runtime.is_main:
             report = self._report("encoded")
-            posterior = encode_sequential(self.vae, image, store="cpu", on_done=report, **self.options)
+            posterior = encode_sequential(self.vae, image, store=self.store, on_done=report, **self.options)
             moments = posterior.parameters.contiguous()  # a collective sends the storage as it lies in memory
         else:
             batch, _, height, width = image.shape
