@@ -272,8 +272,9 @@ def check_ip_adapters(settings: RunSettings, unet: dict[str, Any] | None) -> Non
     adapters, images, scales = settings.ip_adapter, settings.ip_image, settings.ip_scale
     if len(images) != len(adapters) or len(scales) not in (0, len(adapters)):
         raise UsageError(
-            f"got {len(adapters)} --ip-adapter, {len(images)} --ip-image and {len(scales)} --ip-scale; pass one "
-            "--ip-image (and one --ip-scale, or none for 1) per --ip-adapter, in the same order"
+            f"--ip-adapter and --ip-image go together: got {len(adapters)} --ip-adapter, {len(images)} --ip-image and "
+            f"{len(scales)} --ip-scale; pass one --ip-image (and one --ip-scale, or none for 1) per --ip-adapter, in "
+            "the same order"
         )
     if settings.ip_image_encoder is not None and not adapters:
         raise UsageError("--ip-image-encoder is the image encoder of an --ip-adapter; pass one with it")

@@ -213,7 +213,7 @@ def test_id_or_path_names_a_file_a_hub_file_or_an_h94_layout(files) -> None:
     [
         ({"ip_adapter": "NO_ENCODER"}, "missing IP-Adapter image encoder: "),
         ({"ip_image": "missing.png"}, "--ip-image 'missing.png' does not exist"),
-        ({"ip_adapter": None}, "got 0 --ip-adapter, 1 --ip-image and 0 --ip-scale"),
+        ({"ip_adapter": None}, "--ip-adapter and --ip-image go together: got 0 --ip-adapter, 1 --ip-image and 0"),
         ({"ip_adapter": "SDXL"}, "was made for another base model (text width 64, the model's UNet has 32)"),
         ({"ip_adapter": "EMPTY"}, "ip-adapter_sd15.safetensors does not exist"),
         ({"ip_scale": float("nan")}, "IP-Adapter scale nan is not a number"),
