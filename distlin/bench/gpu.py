@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 import traceback
@@ -41,6 +42,7 @@ from distlin.bench.timing import peak_memory_mb, synchronize, time_calls
 from distlin.bench.unet import count_flops, device_peak
 from distlin.errors import UsageError
 from distlin.io import atomic_write
+from distlin.lean import bound_memory
 from distlin.memory.fit import plan_run, saver_flags
 from distlin.memory.planner import plan
 from distlin.models.architectures import load_architecture
@@ -49,6 +51,7 @@ from distlin.parallel.compile import Backend, compile_unet
 from distlin.parallel.runtime import Runtime
 from distlin.run import generate
 from distlin.settings import build_settings
+from distlin.thresholds import Thresholds
 from distlin.vae.sequential import decode_sequential
 
 DEFAULT_DTYPE = torch.float16
@@ -218,26 +221,34 @@ def blocks_markdown(records: list[Record]) -> str:
     )
 
 
-def planned_unet_bytes(model: str, side: int, batch: int, dtype: torch.dtype) -> tuple[int, int]:
-    """The planner's ``(UNet weights, UNet activations)`` in bytes for one call on one rank.
+def planned_unet_bytes(
+    model: str, side: int, batch: int, dtype: torch.dtype, thresholds: Thresholds | None = None
+) -> tuple[int, int]:
+    """The planner's ``(UNet weights, UNet activations)`` in bytes for one call on one rank, with the token
+    chunk of ``thresholds`` (a run's; None: unchunked).
 
     ``micro_batch`` sets the samples per call; the VAE path does not enter the UNet's share, so the cheaper
     direct-decode plan serves.
     """
     name = str(dtype).removeprefix("torch.")
-    breakdown = plan(model, side, side, 1, dtype=name, cfg=True, micro_batch=batch, vae_decode="direct")["breakdown"]
+    options = {"dtype": name, "cfg": True, "micro_batch": batch, "vae_decode": "direct", "thresholds": thresholds}
+    breakdown = plan(model, side, side, 1, **options)["breakdown"]
     return breakdown["weights_unet"], breakdown["unet_activations"]
 
 
 def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Record]:
+    """Each size's UNet call as a run makes it (:func:`~distlin.lean.bound_memory` with the run's thresholds:
+    token-chunked transformers, index-safe upsampling); a size that fails is recorded as skipped, with why."""
     peak, source = device_peak(device, dtype)
     model = model_name(args.model)
+    thresholds = Thresholds.from_env(os.environ)
     meta = build(model, "linear", "meta", dtype)
     unet = build(model, "linear", device, dtype)
+    bound_memory(unet, thresholds.token_chunk, thresholds.index_limit)
     records: list[Record] = []
     for side in sorted(args.sizes):
         free = torch.cuda.mem_get_info(device)[0]
-        plans = {batch: planned_unet_bytes(model, side, batch, dtype) for batch in (CFG_BATCH, 1)}
+        plans = {batch: planned_unet_bytes(model, side, batch, dtype, thresholds) for batch in (CFG_BATCH, 1)}
         fitting = [batch for batch, (_, activations) in plans.items() if activations <= FREE_MEMORY_SHARE * free]
         batch = fitting[0] if fitting else 1
         record: Record = {"section": "unet", "model": model, "height": side, "width": side, "batch": batch}
@@ -247,19 +258,23 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
             record["skipped"] = f"planned activations {planned:.1f} GiB at batch 1 > 90% of {free / GIB:.1f} GiB free"
             records.append(record)
             continue
-        flops = count_flops(meta, side, side, batch)
-        call = partial(unet, timestep=999, return_dict=False, **unet_inputs(unet, batch, side, side))
         torch.cuda.reset_peak_memory_stats(device)
         try:
+            flops = count_flops(meta, side, side, batch)
+            call = partial(unet, timestep=999, return_dict=False, **unet_inputs(unet, batch, side, side))
             with torch.inference_mode():
                 for _ in range(args.warmup):
                     call()
                 record["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
                 timing = time_calls(call, device, args.repeats).fields()
-        except torch.cuda.OutOfMemoryError:
-            record["skipped"] = f"out of memory at batch {batch} (planned {record['planned_gib']:.1f} GiB)"
+        except RuntimeError as err:  # out of memory, or a kernel's limit: this size's line says which
+            first = str(err).strip().split("\n")[0][:200]
+            record["skipped"] = (
+                f"{type(err).__name__} at batch {batch} (planned {record['planned_gib']:.1f} GiB): {first}"
+            )
+            progress("gpu", f"unet {model} {side}x{side}: {record['skipped']}")
             records.append(record)
-            del call
+            call = None
             torch.cuda.empty_cache()
             continue
         rate = flops / (timing["ms"] / 1e3)
