@@ -189,20 +189,23 @@ def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.
                 "apply": (partial(apply_state_triton, q, state), APPLY_CANDIDATES),
             }
             for phase, (call, candidates) in phases.items():
-                times = {}
+                times: dict[str, float] = {}
+                failed: dict[str, str] = {}  # a tiling that does not compile or launch (e.g. out of shared memory)
                 rule_blocks = default_blocks(head_dim, phase)
                 rule = str(rule_blocks)
                 for blocks in dict.fromkeys([rule_blocks, *candidates]):
-                    for _ in range(args.warmup):
-                        call(blocks=blocks)  # the first call compiles this tiling
-                    times[str(blocks)] = _median_ms(partial(call, blocks=blocks), device, args.repeats)
-                best = min(times, key=times.__getitem__)
+                    try:
+                        for _ in range(args.warmup):
+                            call(blocks=blocks)  # the first call compiles this tiling
+                        times[str(blocks)] = _median_ms(partial(call, blocks=blocks), device, args.repeats)
+                    except Exception as err:  # noqa: BLE001 - triton's errors are not RuntimeErrors
+                        failed[str(blocks)] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"
+                best = min(times, key=times.__getitem__) if times else None
                 record: Record = {"section": "blocks", "channels": channels, "head_dim": head_dim, "tokens": tokens}
-                record |= {"phase": phase, "rule": rule, "rule_ms": times[rule], "best": best, "best_ms": times[best]}
-                record["times_ms"] = times
-                progress(
-                    "gpu", f"tilings C={channels} {phase}: rule {times[rule]:.3f} ms, best {best} {times[best]:.3f} ms"
-                )
+                record |= {"phase": phase, "rule": rule, "rule_ms": times.get(rule), "best": best}
+                record |= {"best_ms": times.get(best), "times_ms": times, "failed": failed}
+                progress("gpu", f"tilings C={channels} {phase}: rule {fmt(times.get(rule))} ms, best {best} "
+                         f"{fmt(times.get(best))} ms, {len(failed)} failed")  # fmt: skip
                 records.append(record)
         del q, k, v, state
     return records
@@ -211,13 +214,17 @@ def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.
 def blocks_markdown(records: list[Record]) -> str:
     rows = [
         [r["channels"], r["head_dim"], r["tokens"], r["phase"], r["rule"], fmt(r["rule_ms"]), r["best"],
-         fmt(r["best_ms"]), _times(r["rule_ms"] / r["best_ms"])]
+         fmt(r["best_ms"]), _times(r["rule_ms"] / r["best_ms"] if r["rule_ms"] and r["best_ms"] else None)]
         for r in records
     ]  # fmt: skip
+    failures = [
+        f"- C={r['channels']} {r['phase']}, {name}: {why}" for r in records for name, why in r["failed"].items()
+    ]
     return (
         "Kernel tilings (tokens per step x warps per program), each phase at the largest token count: the rule's "
-        "(`default_blocks`) median ms against the fastest of `BLOCK_CANDIDATES`.\n\n"
+        "(`default_blocks`) median ms against the fastest of `BLOCK_CANDIDATES` (`APPLY_CANDIDATES` for apply).\n\n"
         + markdown_table(["C", "d", "tokens", "phase", "rule", "rule ms", "fastest", "fastest ms", "gain"], rows)
+        + ("\n\nTilings that failed:\n" + "\n".join(failures) if failures else "")
     )
 
 
