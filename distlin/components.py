@@ -90,23 +90,33 @@ class IpAdapter:
         id, or ``ORG/NAME/SUBFOLDER`` of a Hub repo) or the ``image_encoder`` folder beside the weights."""
         if self.image_encoder is None:
             return files.root, str(Path(files.subfolder, IMAGE_ENCODER_FOLDER)), files.local
-        path = Path(self.image_encoder).expanduser()
-        if path.exists() or self.image_encoder.startswith(("/", ".", "~")) or "/" not in self.image_encoder:
-            return str(path), "", True  # a Hub id has an org
-        org, name, *folders = self.image_encoder.split("/")
+        parts = _hub_parts(self.image_encoder, slashes=1)
+        if parts is None:
+            return str(Path(self.image_encoder).expanduser()), "", True
+        org, name, *folders = parts
         return f"{org}/{name}", "/".join(folders), False
 
     def files(self, family: str) -> IpAdapterFiles:
         """The files for a base of ``family`` (``sd15`` or ``sdxl``: which weights a folder or repo offers)."""
-        source, path = self.source, Path(self.source).expanduser()
+        source = self.source
         if source.endswith(IP_ADAPTER_SUFFIXES):
-            if path.exists() or source.startswith(("/", ".", "~")) or source.count("/") < 2:
+            parts = _hub_parts(source, slashes=2)
+            if parts is None:
+                path = Path(source).expanduser()
                 return IpAdapterFiles(str(path.parent), "", path.name, local=True)
-            org, name, *folders, weight_name = source.split("/")
+            org, name, *folders, weight_name = parts
             return IpAdapterFiles(f"{org}/{name}", "/".join(folders), weight_name, local=False)
         subfolder, _, weight_name = IP_ADAPTER_WEIGHTS[family].rpartition("/")
         folder = local_path(source)
         return IpAdapterFiles(str(folder or source), subfolder, weight_name, local=folder is not None)
+
+
+def _hub_parts(source: str, slashes: int) -> list[str] | None:
+    """``ORG``, ``NAME`` and the path inside a Hub repo that ``source`` names, or None for a path on disk: one
+    that exists, starts with ``/``, ``.`` or ``~``, or has fewer than ``slashes`` slashes (a repo has an org)."""
+    if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")) or source.count("/") < slashes:
+        return None
+    return source.split("/")
 
 
 def check_ip_adapter(ip_adapter: IpAdapter, unet: dict[str, Any] | None) -> None:
