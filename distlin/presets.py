@@ -1,8 +1,9 @@
 """Presets: YAML files giving every default of a generation (model, LinFusion layers, prompt, size, steps,
 dtype, device and the engine settings), so a command line only names what it changes.
 
-Built-in presets ship inside the package (``distlin/configs/*.yaml``); a path to a user's own ``.yaml`` file
-is validated the same way. Torch-free, so a bad preset is reported before any heavy import.
+Built-in presets live in the repository's top-level ``configs/*.yaml``, which a wheel installs as
+``distlin/configs``; a path to a user's own ``.yaml`` file is validated the same way. Torch-free, so a bad preset
+is reported before any heavy import.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import yaml
 
 from distlin.errors import UsageError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+def _config_dir() -> Path:
+    """The built-in presets: ``distlin/configs`` in an installed wheel, else a checkout's top-level ``configs/``."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 # Every key a preset must give, with the type its value must have (an int is accepted where a float is due).
 PRESET_SCHEMA: dict[str, type] = {

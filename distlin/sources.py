@@ -24,7 +24,7 @@ NO_LINFUSION, FRESH_LINFUSION = "none", "fresh"
 IP_ADAPTER_WEIGHTS = {"sd15": "models/ip-adapter_sd15.safetensors", "sdxl": "sdxl_models/ip-adapter_sdxl.safetensors"}
 IMAGE_ENCODER_FOLDER = "image_encoder"
 
-# Hub ids of base models whose architecture ships in distlin/configs/architectures (for offline memory plans).
+# Hub ids of base models whose architecture ships in configs/architectures (for offline memory plans).
 ARCHITECTURE_FOR_MODEL: dict[str, str] = {
     "runwayml/stable-diffusion-v1-5": "full-sd15",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "full-sd15",

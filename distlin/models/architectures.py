@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from distlin.errors import UsageError
+from distlin.presets import CONFIG_DIR
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
-ARCHITECTURES_DIR = Path(__file__).resolve().parents[1] / "configs" / "architectures"
+ARCHITECTURES_DIR = CONFIG_DIR / "architectures"
 
 NAME_PREFIX = "distlin/"
 TINY_NAMES: tuple[str, ...] = ("tiny-sd15", "tiny-sdxl")
