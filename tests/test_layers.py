@@ -17,7 +17,7 @@ LAYERS = [  # (layer, modules matching): the first match wins
     (1, r"(presets|sources|io|sampling\.stages|models\.architectures)$"),
     (0, r"(thresholds|errors|notices)$"),
     (4, r"sampling\b"),
-    (3, r"(parallel|lean|vae|linfusion|models)\b"),
+    (3, r"(parallel|lean|vae|linfusion|models|families)\b"),
     (2, r"(ops|surgery)\b"),
 ]
 

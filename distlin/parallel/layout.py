@@ -19,13 +19,15 @@ class RowLayout:
 
     ``unit`` is ``2**L`` for a network with ``L`` downsamplings, so every level splits exactly. Bands
     differ by at most one unit; the last band also takes the rows that do not fill a whole unit.
-    ``width`` is the latent width, used to recognise a tensor's level from its width.
+    ``width`` is the latent width, used to recognise a tensor's level from its width. ``factor``: image pixels
+    per latent row, for messages in pixels.
     """
 
     height: int
     width: int
     unit: int
     ranks: int
+    factor: int = 8
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -34,9 +36,9 @@ class RowLayout:
         if self.ranks > 1 and self.ranks > units:
             most = max_ranks(self.height, self.unit)
             raise UsageError(
-                f"{self.ranks} ranks cannot split a latent of {self.height} rows ({self.height * 8} px) into bands "
-                f"of {self.unit}-row units: at most {most} {'rank works' if most == 1 else 'ranks work'} for this "
-                f"height; use fewer ranks or a height of at least {self.ranks * self.unit * 8} px"
+                f"{self.ranks} ranks cannot split a latent of {self.height} rows ({self.height * self.factor} px) "
+                f"into bands of {self.unit}-row units: at most {most} {'rank works' if most == 1 else 'ranks work'} "
+                f"for this height; use fewer ranks or a height of at least {self.ranks * self.unit * self.factor} px"
             )
 
     @cached_property

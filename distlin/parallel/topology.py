@@ -72,10 +72,11 @@ class Topology:
         first = self.cfg_index * self.patch_ranks
         return list(range(first, first + self.patch_ranks))
 
-    def layout(self, latent_height: int, latent_width: int, unit: int) -> RowLayout:
-        """The row bands of a latent (raises a UsageError naming the fix when the ranks cannot split it)."""
+    def layout(self, latent_height: int, latent_width: int, unit: int, factor: int = LATENT_FACTOR) -> RowLayout:
+        """The row bands of a latent (raises a UsageError naming the fix when the ranks cannot split it);
+        ``factor``: image pixels per latent pixel (the model family's)."""
         try:
-            return RowLayout(latent_height, latent_width, unit, self.patch_ranks)
+            return RowLayout(latent_height, latent_width, unit, self.patch_ranks, factor)
         except UsageError as err:
             if not self.cfg_split:
                 raise
@@ -88,6 +89,6 @@ class Topology:
         """Rows of the tallest band: what sizes a rank's activations."""
         return max(self.layout(latent_height, latent_width, unit).sizes())
 
-    def check_image(self, height: int, width: int, unit: int) -> RowLayout:
-        """The layout of an image of ``height`` x ``width`` px (sizes already multiples of 8)."""
-        return self.layout(height // LATENT_FACTOR, width // LATENT_FACTOR, unit)
+    def check_image(self, height: int, width: int, unit: int, factor: int = LATENT_FACTOR) -> RowLayout:
+        """The layout of an image of ``height`` x ``width`` px (sizes already multiples of ``factor``)."""
+        return self.layout(height // factor, width // factor, unit, factor)

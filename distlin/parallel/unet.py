@@ -97,9 +97,10 @@ class MicroBatches:
     def __init__(self) -> None:
         self._later: list[dict[str, Any]] = []
 
-    def first(self, ctx: ParallelContext, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Keep the later micro-batches of ``arguments``; the first one's, for the wrapped call."""
-        batches = _micro_batches(arguments, arguments["sample"].shape[0], ctx.config.micro_batch)
+    def first(self, ctx: ParallelContext, arguments: dict[str, Any], latent: str = "sample") -> dict[str, Any]:
+        """Keep the later micro-batches of ``arguments``; the first one's, for the wrapped call (``latent``: the
+        argument whose first dim is the batch)."""
+        batches = _micro_batches(arguments, arguments[latent].shape[0], ctx.config.micro_batch)
         self._later, ctx.lane = batches[1:], 0
         return batches[0]
 
@@ -123,6 +124,26 @@ def swap_band_layers(model: nn.Module, ctx: ParallelContext, swaps: Swaps) -> No
             swaps.module(name, PatchGroupNorm.from_norm(module, ctx))
     for name, attn in self_attention_layers(model):
         swaps.processor(name, parallel_processor(attn, ctx, ctx.config.attention_chunk))
+
+
+def gather_prediction(ctx: ParallelContext, band: torch.Tensor, split_cfg: bool, what: str) -> torch.Tensor:
+    """Every band of this step's prediction (``(B, C, rows, W)``, rows at ``ctx.layout``'s width or a multiple),
+    and both guidance halves when split: the whole prediction on every rank, so schedulers run unchanged. Checks
+    it is finite and ends the step."""
+    bands = ctx.patch.all_gather_rows(band, ctx.layout.sizes(band.shape[-1]), 2, "gather").wait()
+    full = torch.cat(bands, dim=2) if len(bands) > 1 else bands[0]
+    if split_cfg:
+        halves = ctx.cfg.all_gather_rows(full, [full.shape[0]] * 2, 0, "gather").wait()
+        full = torch.cat(halves, dim=0)
+    # Every rank holds the same gathered prediction, so every rank stops at the same step: no extra collective.
+    if ctx.config.check_finite and not bool(torch.isfinite(full).all()):
+        dtype = str(full.dtype).replace("torch.", "")
+        raise NonFiniteError(
+            f"non-finite values in the {what} output at step {ctx.step} (dtype {dtype}); "
+            "run in bfloat16 or float32 (LinFusion-2-1 is known to overflow in float16)"
+        )
+    ctx.end_step()
+    return full
 
 
 class ParallelUNet:
@@ -211,21 +232,8 @@ class ParallelUNet:
         return (), self._micro_batches.first(ctx, arguments)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        ctx = self.ctx
-        out = concat_batches([o[0] for o in self._micro_batches.outputs(ctx, module, output)])
-        bands = ctx.patch.all_gather_rows(out, ctx.layout.sizes(), 2, "gather").wait()
-        full = torch.cat(bands, dim=2) if len(bands) > 1 else bands[0]
-        if self._split_cfg:
-            halves = ctx.cfg.all_gather_rows(full, [full.shape[0]] * 2, 0, "gather").wait()
-            full = torch.cat(halves, dim=0)
-        # Every rank holds the same gathered prediction, so every rank stops at the same step: no extra collective.
-        if ctx.config.check_finite and not bool(torch.isfinite(full).all()):
-            dtype = str(full.dtype).replace("torch.", "")
-            raise NonFiniteError(
-                f"non-finite values in the UNet output at step {ctx.step} (dtype {dtype}); "
-                "run in bfloat16 or float32 (LinFusion-2-1 is known to overflow in float16)"
-            )
-        ctx.end_step()
+        out = concat_batches([o[0] for o in self._micro_batches.outputs(self.ctx, module, output)])
+        full = gather_prediction(self.ctx, out, self._split_cfg, "UNet")
         return UNet2DConditionOutput(sample=full) if self._return_dict else (full,)
 
 

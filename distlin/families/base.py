@@ -1,0 +1,57 @@
+"""What a model family tells the rest of distlin: the one seam between the engine and a kind of model.
+
+The engine core (runtime, topology, layout, exchanges, counters, the sequential band interpreter) works on row
+bands of a latent and knows no model. Everything that differs between model families (which attribute of the
+pipeline denoises, what its latent argument is called, how latent rows map to tokens, how its layers are split,
+its VAE, its cascade sampler, its memory formula) is one :class:`Family`, registered in
+:mod:`distlin.families`. Torch-free: the model-side parts are named as ``module:function`` and imported on use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+
+def load(target: str) -> Any:
+    """The object a ``module:name`` string names (imported on first use, so this module stays torch-free)."""
+    module, _, name = target.partition(":")
+    return getattr(import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family, as the engine, the planner, the run and the command line need it.
+
+    ``denoiser``: the pipeline attribute that is called once per step (``unet``, ``transformer``);
+    ``latent_argument``: its argument holding the ``(B, C, H, W)`` latent; ``residual_arguments``: conditioning
+    residuals a ControlNet hands it (cut into bands when whole); ``row_unit(denoiser_config)``: the latent rows a
+    band boundary must be a multiple of (2**downsamplings for a UNet, the patch size for a DiT);
+    ``latent_factor(vae_config)``: image pixels per latent pixel; ``parallelize``: ``module:function`` making the
+    pipeline's denoiser (and its ControlNets) patch-parallel, ``(pipe, config, runtime) -> handle`` with
+    ``.ctx``, ``.check_size``, ``.undo``; ``parallelize_vae``: ``module:function`` giving the band-parallel
+    coder, ``(vae, runtime, stats, index_limit) -> coder``; ``planner``: whether ``--plan`` and the automatic
+    savers model it; ``unsupported``: features that refuse in one line, name → why.
+    """
+
+    name: str
+    denoiser: str
+    latent_argument: str
+    row_unit: Callable[[dict], int]
+    latent_factor: Callable[[dict], int]
+    parallelize: str
+    parallelize_vae: str
+    residual_arguments: tuple[str, ...] = ()
+    planner: bool = True
+    linfusion: bool = True
+    unsupported: tuple[tuple[str, str], ...] = ()
+
+    def denoiser_of(self, pipe: Any) -> Any:
+        """The pipeline's denoiser module."""
+        return getattr(pipe, self.denoiser)
+
+    def refusal(self, feature: str) -> str | None:
+        """Why ``feature`` does not work with this family (one line), or None when it does."""
+        return dict(self.unsupported).get(feature)

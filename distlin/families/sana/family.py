@@ -1,0 +1,33 @@
+"""The SANA family (diffusers ``SanaPipeline``): a linear-attention DiT over a 32x DC-AE latent. Torch-free."""
+
+from __future__ import annotations
+
+from distlin.families.base import Family
+
+
+def token_row_unit(transformer_config: dict) -> int:
+    """Latent rows per token row (the patch size): any token row may start a band, since no layer downsamples."""
+    return int(transformer_config.get("patch_size", 1))
+
+
+def dc_ae_factor(vae_config: dict) -> int:
+    """Image pixels per latent pixel of a DC-AE: one x2 per decoder level after the first (32 for SANA's)."""
+    return 2 ** (len(vae_config["decoder_block_out_channels"]) - 1)
+
+
+SANA = Family(
+    name="sana",
+    denoiser="transformer",
+    latent_argument="hidden_states",
+    row_unit=token_row_unit,
+    latent_factor=dc_ae_factor,
+    parallelize="distlin.families.sana.transformer:parallelize_sana",
+    parallelize_vae="distlin.families.sana.vae:parallelize_dc_ae",
+    planner=False,
+    linfusion=False,
+    unsupported=(
+        ("controlnet", "a SANA ControlNet is not split into row bands yet; drop --controlnet"),
+        ("ip_adapter", "SANA has no IP-Adapter; drop --ip-adapter"),
+        ("plan", "the memory planner models Stable Diffusion UNets only; drop --plan for SANA"),
+    ),
+)

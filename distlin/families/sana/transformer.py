@@ -1,0 +1,199 @@
+"""SANA's transformer (diffusers ``SanaTransformer2DModel``) on row bands of its token grid, exact.
+
+Every layer of a SANA block is token-local except two, so a band of token rows needs only:
+
+- each linear self-attention's state ``Σ_j [v_j; 1] relu(k_j)ᵀ`` (``B·h·(d+1)·d`` floats, whatever the image
+  size) all-reduced (:class:`BandLinearAttnProcessor`): diffusers' ``SanaLinearAttnProcessor2_0`` is exactly
+  that state applied to ``relu(q_i)``, so no distillation is needed;
+- the Mix-FFN's depthwise 3x3 conv, the engine's :class:`~distlin.parallel.conv.PatchConv2d` (one halo row from
+  each neighbouring band; its 1x1 convs exchange nothing).
+
+Cross-attention, AdaLN modulation, the layer and RMS norms and the output projection stay local. A pre-hook cuts
+this rank's latent rows (and guidance half), so the model's own forward patch-embeds (:class:`BandPatchEmbed`
+adds the band's rows of the positional embedding where the config has one) and unpatchifies a band; a post-hook
+gathers the bands (:func:`~distlin.parallel.unet.gather_prediction`). The layout is in latent rows with a unit
+of one patch (the family's row unit), so the token grid is a level of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed_from_grid
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+from distlin.errors import UsageError
+from distlin.families.sana.family import SANA
+from distlin.ops.linear_attention import LinearAttentionState
+from distlin.parallel.attention import StateAllReduce
+from distlin.parallel.config import PatchParallelConfig
+from distlin.parallel.context import ParallelContext
+from distlin.parallel.conv import PatchConv2d
+from distlin.parallel.layout import RowLayout
+from distlin.parallel.runtime import Runtime
+from distlin.parallel.unet import MicroBatches, concat_batches, gather_prediction, guidance_half
+from distlin.surgery import Swaps, bound_class, twin
+
+
+class BandLinearAttnProcessor:
+    """``SanaLinearAttnProcessor2_0`` on a band of tokens: the band's state, all-reduced, applied to its queries.
+
+    Same operations in the same order as diffusers' processor; only the sum over tokens is split over ranks.
+    """
+
+    def __init__(self, ctx: ParallelContext):
+        self.reduce = StateAllReduce(ctx)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("band-parallel SANA attention handles unmasked self-attention (attn1) only")
+        dtype = hidden_states.dtype
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = F.relu(query.transpose(1, 2).unflatten(1, (attn.heads, -1))).float()
+        key = F.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)).float()
+        value = F.pad(value.transpose(1, 2).unflatten(1, (attn.heads, -1)).float(), (0, 0, 0, 1), value=1.0)
+        band = LinearAttentionState(torch.matmul(value, key), key.new_zeros(0), hidden_states.shape[1])
+        out = torch.matmul(self.reduce(band).kv, query)
+        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
+        out = out.flatten(1, 2).transpose(1, 2).to(dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out.clip(-65504, 65504) if dtype == torch.float16 else out
+
+
+def band_pos_embed(embed: PatchEmbed, height: int, width: int, start: int, stop: int, device: Any) -> torch.Tensor:
+    """Token rows ``[start, stop)`` of the sin-cos positional embedding of a ``height`` x ``width`` token grid, the
+    values ``PatchEmbed`` computes for the whole grid (same elementwise operations, then only the band's rows)."""
+    if (height, width) == (embed.height, embed.width):
+        return embed.pos_embed[:, start * width : stop * width]
+    arange = torch.arange(height, device=device, dtype=torch.float32)
+    grid_h = (arange / (height / embed.base_size) / embed.interpolation_scale)[start:stop]
+    grid_w = torch.arange(width, device=device, dtype=torch.float32) / (width / embed.base_size)
+    grid = torch.stack(torch.meshgrid(grid_w / embed.interpolation_scale, grid_h, indexing="xy"), dim=0)
+    return get_2d_sincos_pos_embed_from_grid(embed.pos_embed.shape[-1], grid, output_type="pt").float().unsqueeze(0)
+
+
+class BandPatchEmbed(PatchEmbed):
+    """``PatchEmbed`` on this rank's latent rows: its convolution as is (band boundaries fall on whole patches)
+    and the band's rows of the whole image's positional embedding."""
+
+    twin_of: ClassVar[type] = PatchEmbed
+    ctx: ClassVar[ParallelContext]
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(latent)
+        if self.flatten:
+            tokens = tokens.flatten(2).transpose(1, 2)
+        if self.layer_norm:
+            tokens = self.norm(tokens)
+        if self.pos_embed is None:
+            return tokens
+        layout, p = self.ctx.layout, self.patch_size
+        height, width = layout.height // p, layout.width // p
+        start, stop = layout.band(self.ctx.patch.index, width)
+        return (tokens + band_pos_embed(self, height, width, start, stop, latent.device)).to(tokens.dtype)
+
+
+class ParallelSanaTransformer:
+    """Handle of a band-parallel ``SanaTransformer2DModel``: its context, ``check_size`` and ``undo()``."""
+
+    def __init__(self, transformer: nn.Module, ctx: ParallelContext, factor: int):
+        self.transformer, self.ctx, self.factor = transformer, ctx, factor  # factor: image px per latent px
+        self.unit = SANA.row_unit(transformer.config)
+        self.controlnets: list[Any] = []
+        self._signature = inspect.signature(transformer.forward)
+        self._swaps = Swaps(transformer)
+        self._hooks: list[Any] = []
+        self._micro_batches = MicroBatches()
+        self._split_cfg, self._return_dict = False, True
+
+    def apply(self) -> ParallelSanaTransformer:
+        model = self.transformer
+        if model.patch_embed.pos_embed_max_size:
+            raise UsageError(
+                "a SANA transformer with a cropped positional embedding (pos_embed_max_size) is not "
+                "split into bands; run it on one rank"
+            )
+        self._swaps.module("patch_embed", twin(model.patch_embed, bound_class(BandPatchEmbed, ctx=self.ctx)))
+        for name, module in list(model.transformer_blocks.named_modules()):
+            if type(module) is nn.Conv2d:
+                self._swaps.module(f"transformer_blocks.{name}", PatchConv2d.from_conv(module, self.ctx))
+            elif name.split(".")[-1] == "attn1" and isinstance(module, Attention):
+                if not isinstance(module.processor, SanaLinearAttnProcessor2_0):
+                    raise UsageError(
+                        f"the self-attention of {name} runs {type(module.processor).__name__}, not SANA's linear "
+                        "attention; restore it (set_attn_processor) before parallelize"
+                    )
+                self._swaps.processor(f"transformer_blocks.{name}", BandLinearAttnProcessor(self.ctx))
+        self._hooks = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        return self
+
+    def check_size(self, height: int, width: int, guidance: bool = True) -> RowLayout:
+        """Validate an image size against the ranks before any exchange (raises UsageError naming the fix)."""
+        return self.ctx.topology_for(guidance).check_image(height, width, self.unit, self.factor)
+
+    def undo(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._swaps.restore()
+        self._hooks = []
+        self.ctx.reset()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ctx = self.ctx
+        arguments = dict(self._signature.bind(*args, **kwargs).arguments)
+        for unsupported in ("controlnet_block_samples", "attention_mask"):
+            if arguments.get(unsupported) is not None:
+                raise UsageError(f"band-parallel SANA takes no {unsupported}; run without it or on one rank")
+        latent = arguments["hidden_states"]
+        batch = latent.shape[0]
+        topology = ctx.use_topology(batch)
+        self._split_cfg = topology.cfg_split
+        self._return_dict = arguments.get("return_dict", True)
+        arguments = guidance_half(arguments, batch, topology)
+        layout = topology.layout(latent.shape[2], latent.shape[3], self.unit, self.factor)
+        ctx.begin_step(layout)
+        start, stop = layout.band(ctx.patch.index)
+        arguments["hidden_states"] = arguments["hidden_states"][:, :, start:stop]
+        arguments["return_dict"] = False
+        return (), self._micro_batches.first(ctx, arguments, "hidden_states")
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        out = concat_batches([o[0] for o in self._micro_batches.outputs(self.ctx, module, output)])
+        full = gather_prediction(self.ctx, out, self._split_cfg, "transformer")
+        return Transformer2DModelOutput(sample=full) if self._return_dict else (full,)
+
+
+def parallelize_transformer(
+    transformer: nn.Module,
+    config: PatchParallelConfig | None = None,
+    runtime: Runtime | None = None,
+    latent_factor: int = 32,
+) -> ParallelSanaTransformer:
+    """Make a ``SanaTransformer2DModel`` patch-parallel over the ranks of ``runtime`` (one rank: no exchange)."""
+    ctx = ParallelContext(runtime or Runtime(), config or PatchParallelConfig())
+    return ParallelSanaTransformer(transformer, ctx, latent_factor).apply()
+
+
+def parallelize_sana(pipe: Any, config: PatchParallelConfig | None, runtime: Runtime) -> ParallelSanaTransformer:
+    """The family's ``parallelize``: the pipeline's transformer on row bands (a SANA ControlNet refuses)."""
+    if getattr(pipe, "controlnet", None) is not None:
+        raise UsageError(SANA.refusal("controlnet"))
+    return parallelize_transformer(pipe.transformer, config, runtime, SANA.latent_factor(pipe.vae.config))
