@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distlin.errors import UsageError
+from distlin.families import family_of_builtin, load
 from distlin.linfusion import LinFusion, LinFusionAttnProcessor
 from distlin.models.architectures import is_builtin
 from distlin.settings import canonical_dtype
@@ -79,6 +80,9 @@ def load_pipeline(model: str, dtype: torch.dtype, device: torch.device | str, se
 
     ``from_pretrained`` honours the user's HF cache, ``HF_HOME`` and ``HF_HUB_OFFLINE``.
     """
+    family = family_of_builtin(model)
+    if family is not None:
+        return load(family.build)(model, seed=seed, torch_dtype=dtype).to(device)
     if is_builtin(model):
         from distlin.models.tiny import build_pipeline
 

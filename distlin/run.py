@@ -27,6 +27,7 @@ from distlin.components import (
     pipeline_for,
 )
 from distlin.errors import Cancelled
+from distlin.families import family_of_pipeline, load
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
 from distlin.memory.fit import fit_to_capacity, saver_flags
@@ -41,7 +42,8 @@ from distlin.sampling.reference import SequentialVAE, SizedCoder
 from distlin.sampling.stages import Stage, StageClock
 from distlin.schedulers import build_scheduler, unet_calls
 from distlin.settings import RunSettings
-from distlin.vae.parallel import ParallelVAE, parallelize_vae
+from distlin.sources import NO_LINFUSION
+from distlin.vae.parallel import ParallelVAE
 
 # Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
 WEIGHTS_SEED = 0
@@ -114,6 +116,14 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
     """
     limits = settings.thresholds
     pipe = load_pipeline(settings.model, parse_dtype(settings.dtype), runtime.device, WEIGHTS_SEED)
+    family = family_of_pipeline(pipe)
+    for feature, used in (
+        ("linfusion", settings.linfusion != NO_LINFUSION),
+        ("compile", settings.compile),
+        ("controlnet", bool(settings.controlnet)),
+        ("ip_adapter", bool(settings.ip_adapter)),
+    ):
+        family.refuse(feature, used)
     mount_linfusion(pipe, settings.linfusion, WEIGHTS_SEED, kernel=settings.attention_kernel)
     apply_loras(pipe, settings.loras)
     if settings.controlnet:
@@ -122,12 +132,12 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
         pipe = pipeline_for("text-to-image", pipe, controlnet=controlnet)
     if settings.ip_adapter:
         apply_ip_adapter(pipe, settings.ip_adapters)
-    for model in (pipe.unet, pipe.vae, getattr(pipe, "controlnet", None)):
+    for model in (family.denoiser_of(pipe), pipe.vae, getattr(pipe, "controlnet", None)):
         if model is not None:
             bound_memory(model, limits.token_chunk, limits.index_limit)
     engine = parallelize(pipe, settings.engine, runtime)  # the ControlNets too; hides the sampling bar off rank 0
     vae_stats = CommStats()
-    vae = parallelize_vae(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
+    vae = load(family.parallelize_vae)(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
     if settings.compile:
         compile_unet(pipe.unet)
     return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
@@ -249,9 +259,13 @@ def _sample(
     pipe = prepared.pipe
     own = prepared.scheduler
     pipe.scheduler = own if settings.scheduler is None else build_scheduler(settings.scheduler, own.config)
+    family = family_of_pipeline(pipe)
+    family.refuse("init_image", settings.init_image is not None)
+    family.refuse("cascade", bool(settings.stages))
     common = {
+        **dict(family.call_options),
         "prompt": settings.prompt,
-        "negative_prompt": settings.negative_prompt or None,  # None lets SDXL use its zero embedding
+        "negative_prompt": settings.negative_prompt or family.no_negative_prompt,
         "guidance_scale": settings.guidance_scale,
     }
     if settings.ip_image:  # the scales are per generation: a web app keeps the pipeline across scales
@@ -352,7 +366,9 @@ def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tup
     Several ranks decode band-parallel (exact, seam-free), one rank directly; an image too large for
     the device(s) is decoded by rank 0 alone, band by band, with the activations in host RAM (same image).
     """
-    if _is_large(settings, runtime)(settings.height, settings.width):
+    if family_of_pipeline(prepared.pipe).sequential_vae and _is_large(settings, runtime)(
+        settings.height, settings.width
+    ):
         return _sequential_vae(prepared, settings, runtime).decode, True
     return prepared.vae.decode, False
 
@@ -403,7 +419,7 @@ def generate(
     prepared.unet_stats.reset()
     prepared.vae_stats.reset()
     engine.ctx.reset()
-    hook = pipe.unet.register_forward_hook(monitor)
+    hook = family_of_pipeline(pipe).denoiser_of(pipe).register_forward_hook(monitor)
     clock = StageClock(None)
     try:
         latents = _sample(prepared, settings, runtime, on_stage)

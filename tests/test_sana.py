@@ -3,12 +3,21 @@ exchange is one linear-attention state whose size does not grow with the image."
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from diffusers import SanaTransformer2DModel
+from diffusers import AutoencoderDC, SanaTransformer2DModel
 from multirank import run_ranks
+from PIL import Image
 
 from distlin.families import FAMILIES, family_of_pipeline
+from distlin.families.sana.tiny import TINY_SANA
 from distlin.parallel.config import PatchParallelConfig
 
 # patch size 2 with a sin-cos positional embedding: every band cuts whole patches and takes its rows of it.
@@ -29,6 +38,7 @@ CONFIG = {
 # latent rows x columns: the model's native grid (its cached positional embedding) and another (recomputed)
 SIZES = [(16, 16), (12, 20)]
 STEPS = 3
+GENERATE = Path(__file__).resolve().parents[1] / "launch" / "generate.py"
 
 
 def transformer() -> SanaTransformer2DModel:
@@ -46,25 +56,43 @@ def inputs(height: int, width: int) -> dict[str, torch.Tensor]:
     }
 
 
-def on_ranks(runtime, mode: str) -> list:
+def dc_ae() -> AutoencoderDC:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoencoderDC.from_config(TINY_SANA["vae"]).eval()
+
+
+def coder_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent of 12x10 rows and columns and an image of its size (the tiny DC-AE's factor is 4)."""
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(1, 8, 12, 10, generator=generator), torch.rand(1, 3, 48, 40, generator=generator) * 2 - 1
+
+
+def on_ranks(runtime) -> dict:
+    """On every rank: the transformer's outputs and bytes per step at each size, the DC-AE's decode and encode."""
     from distlin.families.sana.transformer import parallelize_transformer
+    from distlin.families.sana.vae import parallelize_dc_ae
 
     model = transformer()
-    handle = parallelize_transformer(model, PatchParallelConfig(mode=mode, warmup_steps=1), runtime)
-    results = []
+    handle = parallelize_transformer(model, PatchParallelConfig(), runtime)
+    results: dict = {"transformer": []}
     with torch.no_grad():
         for height, width in SIZES:
             handle.ctx.reset()
             handle.ctx.stats.reset()
             outputs = [model(**inputs(height, width)).sample for _ in range(STEPS)]
-            results.append((outputs, handle.ctx.stats.summary()["bytes_per_step"]))
+            results["transformer"].append((outputs, handle.ctx.stats.summary()["bytes_per_step"]))
     handle.undo()
+    coder = parallelize_dc_ae(dc_ae(), runtime)
+    latent, image = coder_inputs()
+    results["decoded"], results["encoded"] = coder.decode(latent), coder.encode(image)
+    results["vae_bytes"] = coder.ctx.stats.totals()["bytes"]
     return results
 
 
 @pytest.fixture(scope="module")
-def three_ranks() -> list:
-    return run_ranks(3, on_ranks, "exact")[0]
+def three_ranks() -> dict:
+    return run_ranks(3, on_ranks)[0]
 
 
 def test_sana_pipelines_find_their_family() -> None:
@@ -75,7 +103,7 @@ def test_sana_pipelines_find_their_family() -> None:
 
 def test_transformer_on_three_ranks_equals_one_process(three_ranks) -> None:
     model = transformer()
-    for (height, width), (outputs, _) in zip(SIZES, three_ranks, strict=True):
+    for (height, width), (outputs, _) in zip(SIZES, three_ranks["transformer"], strict=True):
         with torch.no_grad():
             reference = model(**inputs(height, width)).sample
         for output in outputs:
@@ -83,7 +111,44 @@ def test_transformer_on_three_ranks_equals_one_process(three_ranks) -> None:
 
 
 def test_attention_bytes_do_not_grow_with_the_image(three_ranks) -> None:
-    (_, small), (_, large) = three_ranks
+    (_, small), (_, large) = three_ranks["transformer"]
     # per layer and step: B * h * (d + 1) * d float32 (2 layers, batch 2, 2 heads of 8)
     assert small["attention"] == large["attention"] == 2 * 2 * 2 * 9 * 8 * 4
     assert large["halo"] > small["halo"]  # the Mix-FFN conv's halo rows grow with the width
+
+
+def test_dc_ae_on_three_ranks_equals_one_process(three_ranks) -> None:
+    vae = dc_ae()
+    latent, image = coder_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(three_ranks["decoded"], vae.decode(latent).sample, rtol=0, atol=1e-5)
+        torch.testing.assert_close(three_ranks["encoded"], vae.encode(image).latent, rtol=0, atol=1e-5)
+    assert three_ranks["vae_bytes"]["attention"] > 0  # its linear attention's state, all-reduced
+
+
+def generate(tmp: Path, ranks: int, *flags: str) -> subprocess.Popen:
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    argv = [sys.executable, *launcher, str(GENERATE), "--preset", "tiny-sana", "--output", "out.png", *flags]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTLIN_") and k not in ("RANK", "WORLD_SIZE")}
+    folder = tmp / str(ranks)
+    folder.mkdir()
+    return subprocess.Popen(
+        argv, cwd=folder, env={**env, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def test_generate_tiny_sana_on_two_and_three_ranks_writes_the_one_process_image(tmp_path: Path) -> None:
+    runs = {ranks: generate(tmp_path, ranks, "--report-comm") for ranks in (1, 2, 3)}
+    images, reports = {}, {}
+    for ranks, run in runs.items():
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+        reports[ranks] = json.loads(stdout[stdout.index("{") :])
+        with Image.open(tmp_path / str(ranks) / "out.png") as image:
+            images[ranks] = np.asarray(image).astype(np.int16)
+    for ranks in (2, 3):
+        difference = np.abs(images[ranks] - images[1])
+        assert difference.max() <= 1 and difference.mean() < 0.01, (ranks, difference.max(), difference.mean())
+    # 2 ranks: one guidance half each, nothing to exchange but the gather; 3 ranks: one state per layer and step
+    assert reports[2]["unet"]["bytes_per_step"]["attention"] == 0
+    assert reports[3]["unet"]["bytes_per_step"]["attention"] == 2 * 2 * 2 * 9 * 8 * 4

@@ -17,11 +17,13 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SANA)}
 # Pipeline and denoiser class names of each family (diffusers' own), so a loaded pipeline finds its family.
 _CLASS_PREFIXES = {"Sana": "sana"}
 
-__all__ = ["FAMILIES", "Family", "family_named", "family_of_class", "family_of_pipeline", "load"]
+__all__ = ["FAMILIES", "Family", "family_of_builtin", "family_of_class", "family_of_pipeline", "load"]
 
 
-def family_named(name: str) -> Family:
-    return FAMILIES[name]
+def family_of_builtin(model: str) -> Family | None:
+    """The family whose offline builder makes ``model`` (``tiny-sana``, with or without ``distlin/``), or None."""
+    short = model.removeprefix("distlin/")
+    return next((family for family in FAMILIES.values() if short in family.builtin), None)
 
 
 def family_of_class(class_name: str | None) -> Family:

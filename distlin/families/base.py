@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
+from distlin.errors import UsageError
+
 
 def load(target: str) -> Any:
     """The object a ``module:name`` string names (imported on first use, so this module stays torch-free)."""
@@ -33,7 +35,13 @@ class Family:
     pipeline's denoiser (and its ControlNets) patch-parallel, ``(pipe, config, runtime) -> handle`` with
     ``.ctx``, ``.check_size``, ``.undo``; ``parallelize_vae``: ``module:function`` giving the band-parallel
     coder, ``(vae, runtime, stats, index_limit) -> coder``; ``planner``: whether ``--plan`` and the automatic
-    savers model it; ``unsupported``: features that refuse in one line, name → why.
+    savers model it; ``sequential_vae``: whether
+    its VAE decodes band by band through host RAM above the size threshold; ``linfusion``: whether LinFusion
+    layers mount on it (SANA's attention is linear already);
+    ``builtin``: offline model names, built by ``build`` (``module:function``, ``(name, seed, torch_dtype)``);
+    ``call_options``: keyword arguments every pipeline call of a run adds; ``no_negative_prompt``: what the
+    pipeline takes for an empty one; ``unsupported``: features that refuse
+    in one line, name → why.
     """
 
     name: str
@@ -45,7 +53,12 @@ class Family:
     parallelize_vae: str
     residual_arguments: tuple[str, ...] = ()
     planner: bool = True
+    sequential_vae: bool = True
     linfusion: bool = True
+    builtin: tuple[str, ...] = ()
+    build: str = ""
+    call_options: tuple[tuple[str, Any], ...] = ()
+    no_negative_prompt: str | None = None  # None lets SDXL use its zero embedding
     unsupported: tuple[tuple[str, str], ...] = ()
 
     def denoiser_of(self, pipe: Any) -> Any:
@@ -55,3 +68,9 @@ class Family:
     def refusal(self, feature: str) -> str | None:
         """Why ``feature`` does not work with this family (one line), or None when it does."""
         return dict(self.unsupported).get(feature)
+
+    def refuse(self, feature: str, used: bool) -> None:
+        """Raise the one-line :class:`UsageError` of ``feature`` when it is ``used`` and this family refuses it."""
+        why = self.refusal(feature)
+        if used and why is not None:
+            raise UsageError(f"{self.name}: {why}")

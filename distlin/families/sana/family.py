@@ -24,8 +24,18 @@ SANA = Family(
     parallelize="distlin.families.sana.transformer:parallelize_sana",
     parallelize_vae="distlin.families.sana.vae:parallelize_dc_ae",
     planner=False,
+    sequential_vae=False,  # the DC-AE decodes band-parallel on every rank at any size
     linfusion=False,
+    builtin=("tiny-sana",),
+    build="distlin.families.sana.tiny:build_sana_pipeline",
+    # run at the size asked for: SANA's pipeline otherwise snaps it to its 1K/2K/4K aspect-ratio bins
+    call_options=(("use_resolution_binning", False),),
+    no_negative_prompt="",
     unsupported=(
+        ("linfusion", "SANA's self-attention is linear already; pass --linfusion none"),
+        ("compile", "--compile covers Stable Diffusion UNets only; drop it for SANA"),
+        ("init_image", "SANA has no image-to-image pipeline here yet; drop --init-image"),
+        ("cascade", "a SANA cascade is not supported yet; use a one-pass preset"),
         ("controlnet", "a SANA ControlNet is not split into row bands yet; drop --controlnet"),
         ("ip_adapter", "SANA has no IP-Adapter; drop --ip-adapter"),
         ("plan", "the memory planner models Stable Diffusion UNets only; drop --plan for SANA"),
