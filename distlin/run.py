@@ -7,6 +7,7 @@ cascade) and decodes. Nothing here parses flags or writes files: callers do (:mo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +27,7 @@ from distlin.components import (
     load_rgb,
     pipeline_for,
 )
-from distlin.errors import Cancelled
+from distlin.errors import Cancelled, UsageError
 from distlin.families import family_of_pipeline, load
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
@@ -268,6 +269,10 @@ def _sample(
         "negative_prompt": settings.negative_prompt or family.no_negative_prompt,
         "guidance_scale": settings.guidance_scale,
     }
+    if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:  # SANA-Sprint: guidance is an embedding
+        if settings.negative_prompt:
+            raise UsageError(f"{type(pipe).__name__} takes no negative prompt; drop --negative-prompt")
+        del common["negative_prompt"]
     if settings.ip_image:  # the scales are per generation: a web app keeps the pipeline across scales
         pipe.set_ip_adapter_scale(ip_adapter_scales(settings.ip_adapters))
         common["ip_adapter_image"] = [load_rgb(path, *check_image(path, "--ip-image")) for path in settings.ip_image]
