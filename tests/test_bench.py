@@ -19,6 +19,7 @@ from distlin.bench.accounting import LayerShapes, distrifusion_bytes, dry_run, l
 from distlin.bench.cli import main
 from distlin.bench.models import build
 from distlin.parallel import PatchParallelConfig
+from distlin.parallel.config import STALE_KINDS
 
 KINDS = {"attention", "halo", "groupnorm", "gather", "total"}
 ENV_KEYS = {"device", "dtype", "torch", "threads", "date", "command"}
@@ -119,18 +120,30 @@ def test_cascade_suite(tmp_path: Path) -> None:
 
 
 def test_scaling_suite_and_dry_run_equals_real_counters(tmp_path: Path, softmax_worker: Launch) -> None:
-    """The spawned 2-rank run's counters (rank 1) are exactly what the dry run on meta counts for rank 1 of 2."""
-    records = run_suite(tmp_path, "scaling", "--ranks", "1,2", "--modes", "exact,displaced")
-    assert {(r["ranks"], r["mode"]) for r in records} == {(1, "exact"), (2, "exact"), (2, "displaced")}
+    """Every stale set is timed beside exact, interleaved over rounds, and reports what it hides: exactly the
+    bytes of its stale kinds. The spawned 2-rank run's counters (rank 1) are what the dry run on meta counts."""
+    records = run_suite(
+        tmp_path, "scaling", "--ranks", "1,2", "--modes", "exact,displaced", "--stale-sets", "attention,all",
+        "--steps", "1", "--rounds", "2",
+    )  # fmt: skip
+    settings = {(r["ranks"], r["setting"]) for r in records}
+    assert settings == {(1, "exact"), (2, "exact"), (2, "displaced attention"), (2, "displaced all")}
     for r in records:
         assert {"model", "height", "width", "ranks", "mode", "ms_per_step", "speedup", "efficiency"} <= r.keys()
         assert KINDS == r["bytes_per_step"].keys() == r["distrifusion_bytes_per_step"].keys()
+        assert KINDS == r["hidden_bytes_per_step"].keys() == r["wait_ms_per_step"].keys()
+        assert r["rounds"] == 2 and r["steps"] == 2 and r["vs_exact"] > 0
+        hidden = {k for k in STALE_KINDS if r["hidden_bytes_per_step"][k]}
+        assert hidden == set(r["stale"] or ()) and r["hidden_bytes_per_step"]["gather"] == 0
+        for kind in hidden:
+            assert r["hidden_bytes_per_step"][kind] == r["bytes_per_step"][kind]
+    assert "displaced all on 2 ranks" not in (tmp_path / "out" / "scaling.md").read_text()  # targets: 1024² only
     meta = build(TINY["model"], "linear", "meta")
     dry = dry_run(meta, TINY["height"], TINY["width"], 2)
-    for mode in ("exact", "displaced"):
-        real = next(r for r in records if r["ranks"] == 2 and r["mode"] == mode)
-        assert real["bytes_per_step"] == dry.bytes_per_step
-        assert real["calls_per_step"] == dry.calls_per_step
+    for r in records:
+        if r["ranks"] == 2:
+            assert r["bytes_per_step"] == dry.bytes_per_step
+            assert r["calls_per_step"] == dry.calls_per_step
     displaced = PatchParallelConfig(mode="displaced", warmup_steps=1, cfg_parallel=False)
     assert dry_run(meta, TINY["height"], TINY["width"], 2, config=displaced, steps=2) == dry
 

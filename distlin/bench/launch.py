@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from distlin.bench.report import progress
+from distlin.parallel.runtime import rank_environment
 
 # Variables of an enclosing torchrun that must not leak into the one a suite starts.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -17,7 +18,7 @@ def run_ranks(suite: str, ranks: int, module: str, args: list[str], threads: int
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     command += ["-m", module, *args]
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    env["OMP_NUM_THREADS"] = str(threads)
+    env.update(rank_environment({}, threads))  # the setting stated, whatever the caller's shell has
     progress(suite, f"{ranks} rank(s): {' '.join(command)}")
     done = subprocess.run(command, env=env, timeout=timeout_s, check=False)
     if done.returncode != 0:

@@ -1,8 +1,10 @@
 """One rank of a ``scaling`` run, started by torchrun (the suite spawns it; ``launch/slurm/bench.sbatch`` too).
 
-Every rank builds the same seeded UNet, then for each mode parallelizes it, runs ``--warmup`` untimed steps
-(the synchronous warm-up of ``displaced``) and ``--steps`` timed ones with decreasing timesteps; a step's
-time is the slowest rank's. Rank 0 writes ``--result``: the step times and every rank's engine counters.
+Every rank builds the same seeded UNet, then for each setting (``exact``, ``displaced`` with each stale set of
+``--stale-sets``, ``naive``; in that order, the whole sequence ``--rounds`` times, so that a change of load
+touches every setting alike) parallelizes it, runs ``--warmup`` untimed steps (the synchronous warm-up of
+``displaced``) and ``--steps`` timed ones with decreasing timesteps; a step's time is the slowest rank's.
+Rank 0 writes ``--result``: per setting, the step times and every rank's engine counters of each round.
 
     python -m torch.distributed.run --nproc_per_node N -m distlin.bench.worker --result ranks-N.json ...
 """
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distlin.bench.fidelity import stale_label, stale_sets
 from distlin.bench.models import ATTENTIONS, build, unet_inputs
 from distlin.bench.options import str_list
 from distlin.bench.report import describe_device, progress
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-parallel", action="store_true", help="split the CFG batch over two rank groups")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--stale-sets", default="every", help="displaced mode's stale sets (as the fidelity suite)")
+    parser.add_argument("--rounds", type=int, default=1, help="times the whole sequence of settings runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
@@ -95,6 +100,20 @@ def time_mode(
     return {"step_ms": step_ms, "cpu_ms": cpu_ms, "counters_by_rank": counters}
 
 
+def settings(args: argparse.Namespace) -> dict[str, PatchParallelConfig]:
+    """Every engine setting to time, by label: exact, displaced for each stale set, naive (those in ``--modes``).
+
+    The untimed steps are the warm-up (steps 0..W synchronous): displaced from the first timed one."""
+    warmup = max(args.warmup - 1, 0)
+    out = {}
+    for mode in args.modes:
+        for stale in stale_sets(args.stale_sets) if mode == "displaced" else [None]:
+            label = mode if stale is None else f"displaced {stale_label(stale)}"
+            extra = {} if stale is None else {"stale": stale}
+            out[label] = PatchParallelConfig(mode, warmup_steps=warmup, cfg_parallel=args.cfg_parallel, **extra)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,7 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         unet = build(args.model, args.attention, runtime.device, dtype)
         inputs = unet_inputs(unet, args.batch, args.height, args.width)
-        modes = args.modes if runtime.world_size > 1 else ["exact"]  # one rank: every mode is the same code
+        if runtime.world_size == 1:
+            args.modes = ["exact"]  # one rank: every mode is the same code
+        configs = settings(args)
+        runs: dict[str, dict[str, Any]] = {
+            label: {"mode": c.mode, "stale": sorted(c.stale) if c.mode == "displaced" else None}
+            for label, c in configs.items()
+        }
+        for _ in range(args.rounds):
+            for label, config in configs.items():
+                timed = time_mode(unet, inputs, config, args, runtime)
+                run = runs[label]
+                for key in ("step_ms", "cpu_ms"):
+                    run.setdefault(key, []).extend(timed[key])
+                run.setdefault("counters_by_round", []).append(timed["counters_by_rank"])
+                run["counters_by_rank"] = timed["counters_by_rank"]
         result = {
             "model": args.model,
             "height": args.height,
@@ -119,17 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             "backend": runtime.backend,
             "threads_per_rank": torch.get_num_threads(),
             "warmup": args.warmup,
-            "modes": {
-                mode: time_mode(
-                    unet,
-                    inputs,
-                    # the untimed steps are the warm-up (steps 0..W synchronous): displaced from the first timed one
-                    PatchParallelConfig(mode, warmup_steps=max(args.warmup - 1, 0), cfg_parallel=args.cfg_parallel),
-                    args,
-                    runtime,
-                )
-                for mode in modes
-            },
+            "rounds": args.rounds,
+            "modes": runs,
         }
         if runtime.is_main:
             atomic_write(args.result, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))

@@ -344,10 +344,13 @@ def start_ranks(ranks: int, argv: list[str]) -> NoReturn:
             continue
         if not arg.startswith("--nproc-per-node="):
             rest.append(arg)
+    from distlin.parallel.runtime import rank_environment  # imports torch: only once ranks are started
+
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks, without its banner
+    # one OpenMP thread: torchrun's default for several ranks, without its banner
+    env = rank_environment(dict(os.environ), threads=1)
     sys.stdout.flush()
-    os.execv(sys.executable, [*launcher, "-m", "distlin.cli.generate", *rest])
+    os.execve(sys.executable, [*launcher, "-m", "distlin.cli.generate", *rest], env)
 
 
 def _silence_progress() -> None:

@@ -1,7 +1,8 @@
 """Every collective the engine issues goes through a :class:`Communicator`, which counts it.
 
-The counts (bytes received per rank and calls, by kind) are what ``--report-comm`` and the benchmarks
-report. :class:`DryRunCommunicator` issues nothing and only counts, so the same accounting runs for
+The counts (bytes received per rank and calls, by kind; of those bytes, the ones that travelled behind compute
+(launched asynchronously); the time the caller spent blocked waiting) are what ``--report-comm`` and the
+benchmarks report. :class:`DryRunCommunicator` issues nothing and only counts, so the same accounting runs for
 sizes that cannot run here (meta tensors).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -20,19 +22,28 @@ KINDS = ("attention", "halo", "groupnorm", "gather")
 
 @dataclass
 class CommStats:
-    """Bytes received by this rank and number of calls, per kind of exchange, over ``steps`` UNet calls."""
+    """Bytes received by this rank and number of calls, per kind of exchange, over ``steps`` UNet calls; of the
+    bytes, those ``hidden`` behind compute (launched asynchronously, waited for a step later); and the seconds
+    this rank was blocked in ``wait`` (what the exchanges cost it beyond their launch)."""
 
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    hidden: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    wait_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     steps: int = 0
 
-    def add(self, kind: str, nbytes: int) -> None:
+    def add(self, kind: str, nbytes: int, hidden: bool = False) -> None:
         self.bytes[kind] += int(nbytes)
         self.calls[kind] += 1
+        if hidden:
+            self.hidden[kind] += int(nbytes)
+
+    def waited(self, kind: str, seconds: float) -> None:
+        self.wait_s[kind] += seconds
 
     def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
+        for counts in (self.bytes, self.calls, self.hidden, self.wait_s):
+            counts.clear()
         self.steps = 0
 
     def totals(self) -> dict[str, object]:
@@ -42,27 +53,47 @@ class CommStats:
         return {"bytes": {**bytes_, "total": sum(bytes_.values())}, "calls": {**calls, "total": sum(calls.values())}}
 
     def summary(self) -> dict[str, object]:
-        """Per-step bytes and calls by kind, plus totals (what ``--report-comm`` prints)."""
+        """Per-step bytes, calls, hidden bytes and milliseconds blocked by kind, plus totals (what
+        ``--report-comm`` prints)."""
         steps = max(self.steps, 1)
-        per_step = {k: self.bytes.get(k, 0) / steps for k in KINDS}
-        per_step["total"] = sum(per_step.values())
-        calls = {k: self.calls.get(k, 0) / steps for k in KINDS}
-        calls["total"] = sum(calls.values())
-        return {"steps": self.steps, "bytes_per_step": per_step, "calls_per_step": calls}
+
+        def per_step(counts: dict[str, Any], scale: float = 1.0) -> dict[str, float]:
+            values = {k: counts.get(k, 0) * scale / steps for k in KINDS}
+            return {**values, "total": sum(values.values())}
+
+        return {
+            "steps": self.steps,
+            "bytes_per_step": per_step(self.bytes),
+            "calls_per_step": per_step(self.calls),
+            "hidden_bytes_per_step": per_step(self.hidden),
+            "wait_ms_per_step": per_step(self.wait_s, 1e3),
+        }
 
 
 class Work:
-    """A pending exchange: ``wait()`` returns its result (passed through ``finish``) once it has arrived."""
+    """A pending exchange: ``wait()`` returns its result (passed through ``finish``) once it has arrived;
+    ``blocked(seconds)`` is told how long that wait blocked (the communicator's counters)."""
 
-    def __init__(self, handles: Sequence[object], result: Any, finish: Callable[[Any], Any] | None = None):
+    def __init__(
+        self,
+        handles: Sequence[object],
+        result: Any,
+        finish: Callable[[Any], Any] | None = None,
+        blocked: Callable[[float], None] | None = None,
+    ):
         self._handles = list(handles)
         self._result = result
         self._finish = finish
+        self._blocked = blocked
 
     def wait(self) -> Any:
-        for h in self._handles:
-            h.wait()
-        self._handles.clear()
+        if self._handles:
+            start = perf_counter()
+            for h in self._handles:
+                h.wait()
+            self._handles.clear()
+            if self._blocked is not None:
+                self._blocked(perf_counter() - start)
         if self._finish is not None:
             self._result, self._finish = self._finish(self._result), None
         return self._result
@@ -108,8 +139,11 @@ class Communicator:
         """Sum ``t`` in place over the group."""
         if self.size == 1:
             return Work([], t)
-        self.stats.add(kind, _nbytes(t))
-        return Work(self._all_reduce(t, async_op), t)
+        self.stats.add(kind, _nbytes(t), hidden=async_op)
+        return Work(self._all_reduce(t, async_op), t, blocked=self._blocked(kind))
+
+    def _blocked(self, kind: str) -> Callable[[float], None]:
+        return lambda seconds: self.stats.waited(kind, seconds)
 
     def all_gather_rows(
         self, t: torch.Tensor, sizes: Sequence[int], dim: int, kind: str, async_op: bool = False
@@ -122,9 +156,14 @@ class Communicator:
         pad[dim] = longest - t.shape[dim]
         padded = torch.cat([t, t.new_zeros(pad)], dim=dim) if pad[dim] else t.contiguous()
         out = [torch.empty_like(padded) for _ in range(self.size)]
-        self.stats.add(kind, _nbytes(padded) * (self.size - 1))
+        self.stats.add(kind, _nbytes(padded) * (self.size - 1), hidden=async_op)
         handles = self._all_gather(out, padded, async_op)
-        return Work(handles, out, lambda bands: [b.narrow(dim, 0, n) for b, n in zip(bands, sizes, strict=True)])
+        return Work(
+            handles,
+            out,
+            lambda bands: [b.narrow(dim, 0, n) for b, n in zip(bands, sizes, strict=True)],
+            self._blocked(kind),
+        )
 
     def exchange_neighbours(
         self,
@@ -133,8 +172,12 @@ class Communicator:
         from_prev: torch.Tensor | None,
         from_next: torch.Tensor | None,
         kind: str,
+        async_op: bool = False,
     ) -> Work:
-        """Point-to-point with the band above (prev) and below (next) only; receives into the given buffers."""
+        """Point-to-point with the band above (prev) and below (next) only; receives into the given buffers.
+
+        The transfers always start at once; ``async_op`` only says whether the caller waits for them a step later
+        (the bytes are counted hidden)."""
         ops: list[tuple[bool, torch.Tensor, int]] = []
         for buf, peer, send in (
             (to_prev, self.index - 1, True),
@@ -145,9 +188,9 @@ class Communicator:
             if buf is None or buf.numel() == 0:
                 continue
             if not send:
-                self.stats.add(kind, _nbytes(buf))
+                self.stats.add(kind, _nbytes(buf), hidden=async_op)
             ops.append((send, buf.contiguous(), self.ranks[peer]))
-        return Work(self._p2p(ops), (from_prev, from_next))
+        return Work(self._p2p(ops), (from_prev, from_next), blocked=self._blocked(kind))
 
 
 class DryRunCommunicator(Communicator):

@@ -112,7 +112,7 @@ class PatchConv2d(nn.Conv2d):
             send_next = x[:, :, h - needs[me + 1][0] :] if me < last and needs[me + 1][0] > 0 else None
             recv_prev = x.new_empty(*x.shape[:2], top, x.shape[3]) if me > 0 and top > 0 else None
             recv_next = x.new_empty(*x.shape[:2], bottom, x.shape[3]) if me < last and bottom > 0 else None
-            return comm.exchange_neighbours(send_prev, send_next, recv_prev, recv_next, "halo")
+            return comm.exchange_neighbours(send_prev, send_next, recv_prev, recv_next, "halo", async_op)
 
         from_prev, from_next = ctx.exchange(self.halo_slot, "halo", launch)
         parts = []
