@@ -108,7 +108,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class Communicator:
-    """Collectives among the ranks of one group (``ranks``: their global ranks, in band order)."""
+    """Collectives among the ranks of one group (``ranks``: their global ranks, in band order).
+
+    Every exchange starts at once and returns a :class:`Work`; ``async_op`` says the caller waits for it only a
+    step later (its bytes count as hidden behind compute)."""
 
     def __init__(self, ranks: Sequence[int], index: int, stats: CommStats, group: object = None):
         self.ranks = list(ranks)
@@ -117,14 +120,13 @@ class Communicator:
         self.stats = stats
         self.group = group
 
-    # transport, overridden by DryRunCommunicator
-    def _all_reduce(self, t: torch.Tensor, async_op: bool) -> list[object]:
-        h = dist.all_reduce(t, group=self.group, async_op=async_op)
-        return [h] if async_op else []
+    # transport, overridden by DryRunCommunicator; always asynchronous: the caller blocks in Work.wait (which
+    # counts the time), at once for a synchronous exchange (the same as torch's own synchronous call)
+    def _all_reduce(self, t: torch.Tensor) -> list[object]:
+        return [dist.all_reduce(t, group=self.group, async_op=True)]
 
-    def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor, async_op: bool) -> list[object]:
-        h = dist.all_gather(out, t, group=self.group, async_op=async_op)
-        return [h] if async_op else []
+    def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor) -> list[object]:
+        return [dist.all_gather(out, t, group=self.group, async_op=True)]
 
     def _p2p(self, ops: list[tuple[bool, torch.Tensor, int]]) -> list[object]:
         """``ops``: (send?, buffer, global peer rank)."""
@@ -140,7 +142,7 @@ class Communicator:
         if self.size == 1:
             return Work([], t)
         self.stats.add(kind, _nbytes(t), hidden=async_op)
-        return Work(self._all_reduce(t, async_op), t, blocked=self._blocked(kind))
+        return Work(self._all_reduce(t), t, blocked=self._blocked(kind))
 
     def _blocked(self, kind: str) -> Callable[[float], None]:
         return lambda seconds: self.stats.waited(kind, seconds)
@@ -157,7 +159,7 @@ class Communicator:
         padded = torch.cat([t, t.new_zeros(pad)], dim=dim) if pad[dim] else t.contiguous()
         out = [torch.empty_like(padded) for _ in range(self.size)]
         self.stats.add(kind, _nbytes(padded) * (self.size - 1), hidden=async_op)
-        handles = self._all_gather(out, padded, async_op)
+        handles = self._all_gather(out, padded)
         return Work(
             handles,
             out,
@@ -174,10 +176,7 @@ class Communicator:
         kind: str,
         async_op: bool = False,
     ) -> Work:
-        """Point-to-point with the band above (prev) and below (next) only; receives into the given buffers.
-
-        The transfers always start at once; ``async_op`` only says whether the caller waits for them a step later
-        (the bytes are counted hidden)."""
+        """Point-to-point with the band above (prev) and below (next) only; receives into the given buffers."""
         ops: list[tuple[bool, torch.Tensor, int]] = []
         for buf, peer, send in (
             (to_prev, self.index - 1, True),
@@ -196,10 +195,10 @@ class Communicator:
 class DryRunCommunicator(Communicator):
     """Counts what a group of ``len(ranks)`` would exchange without exchanging (e.g. on meta tensors)."""
 
-    def _all_reduce(self, t: torch.Tensor, async_op: bool) -> list[object]:
+    def _all_reduce(self, t: torch.Tensor) -> list[object]:
         return []
 
-    def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor, async_op: bool) -> list[object]:
+    def _all_gather(self, out: list[torch.Tensor], t: torch.Tensor) -> list[object]:
         return []
 
     def _p2p(self, ops: list[tuple[bool, torch.Tensor, int]]) -> list[object]:
