@@ -261,8 +261,7 @@ def _sample(
     own = prepared.scheduler
     pipe.scheduler = own if settings.scheduler is None else build_scheduler(settings.scheduler, own.config)
     family = family_of_pipeline(pipe)
-    family.refuse("init_image", settings.init_image is not None)
-    family.refuse("cascade", bool(settings.stages))
+    family.refuse("mask", settings.mask is not None)
     common = {
         **dict(family.call_options),
         "prompt": settings.prompt,
@@ -276,6 +275,8 @@ def _sample(
     if settings.ip_image:  # the scales are per generation: a web app keeps the pipeline across scales
         pipe.set_ip_adapter_scale(ip_adapter_scales(settings.ip_adapters))
         common["ip_adapter_image"] = [load_rgb(path, *check_image(path, "--ip-image")) for path in settings.ip_image]
+    if family.cascade and (settings.stages or settings.init_image is not None):
+        return _family_cascade(prepared, settings, runtime, on_stage, common)
     if not settings.stages:
         height, width = settings.height, settings.width
         inputs: dict[str, Any] = {"height": height, "width": width}
@@ -320,6 +321,25 @@ def _sample(
     return run_demofusion(pipe, native=Stage(first.height // skipped, first.width // skipped), **cascade, **common)
 
 
+def _family_cascade(
+    prepared: Prepared,
+    settings: RunSettings,
+    runtime: Runtime,
+    on_stage: Callable[[int, Stage, float], None],
+    common: dict[str, Any],
+) -> torch.Tensor:
+    """A family's own cascade sampler: the preset's stages, or one stage refining ``--init-image``."""
+    pipe = prepared.pipe
+    stages = settings.stages or (Stage(settings.height, settings.width, settings.strength or 1.0),)
+    init = None
+    if settings.init_image is not None:
+        first = stages[0]
+        init = pipe.image_processor.preprocess(load_rgb(settings.init_image, first.width, first.height))
+    cascade = load(family_of_pipeline(pipe).cascade)
+    vae = _coder(prepared, settings, runtime)
+    return cascade(pipe, stages, settings.steps, settings.seed, vae, prepared.engine, on_stage, init, **common)
+
+
 def _control_images(settings: RunSettings, stage: Stage) -> Any:
     """The control image at ``stage``'s size, as the ControlNet pipelines take it: one picture for one ControlNet,
     a list (in order) for several."""
@@ -362,6 +382,8 @@ def _is_large(settings: RunSettings, runtime: Runtime) -> Callable[[int, int], b
 
 def _coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SizedCoder:
     """What decodes and encodes between cascade stages: per image size, like the final decode."""
+    if not family_of_pipeline(prepared.pipe).sequential_vae:
+        return prepared.vae
     return SizedCoder(prepared.vae, _sequential_vae(prepared, settings, runtime), _is_large(settings, runtime))
 
 

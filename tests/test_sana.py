@@ -85,7 +85,7 @@ def on_ranks(runtime) -> dict:
     handle.undo()
     coder = parallelize_dc_ae(dc_ae(), runtime)
     latent, image = coder_inputs()
-    results["decoded"], results["encoded"] = coder.decode(latent), coder.encode(image)
+    results["decoded"], results["encoded"] = coder.decode(latent), coder.encode(image).mean
     results["vae_bytes"] = coder.ctx.stats.totals()["bytes"]
     return results
 
@@ -152,3 +152,20 @@ def test_generate_tiny_sana_on_two_and_three_ranks_writes_the_one_process_image(
     # 2 ranks: one guidance half each, nothing to exchange but the gather; 3 ranks: one state per layer and step
     assert reports[2]["unet"]["bytes_per_step"]["attention"] == 0
     assert reports[3]["unet"]["bytes_per_step"]["attention"] == 2 * 2 * 2 * 9 * 8 * 4
+
+
+def test_a_refining_stage_runs_the_last_steps_of_the_schedule_to_sigma_zero() -> None:
+    """SDEdit for SANA (cascades, --init-image): strength s keeps the last int(steps * s) steps, finite."""
+    from distlin.families.sana.sdedit import refine
+    from distlin.families.sana.tiny import build_sana_pipeline
+
+    pipe = build_sana_pipeline("tiny-sana")
+    pipe.set_progress_bar_config(disable=True)
+    reference = torch.randn(1, 8, 16, 24, generator=torch.Generator().manual_seed(0))
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        latents = refine(pipe, reference, 0.7, 6, 0, prompt="a cube", negative_prompt="", use_resolution_binning=False)
+    hook.remove()
+    assert len(calls) == int(6 * 0.7)
+    assert pipe.scheduler.sigmas[-1] == 0 and bool(torch.isfinite(latents).all())

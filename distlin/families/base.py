@@ -40,7 +40,8 @@ class Family:
     layers mount on it (SANA's attention is linear already);
     ``builtin``: offline model names, built by ``build`` (``module:function``, ``(name, seed, torch_dtype)``);
     ``call_options``: keyword arguments every pipeline call of a run adds; ``no_negative_prompt``: what the
-    pipeline takes for an empty one; ``unsupported``: features that refuse
+    pipeline takes for an empty one; ``cascade``: ``module:function`` running its cascades and ``--init-image``
+    (empty: Stable Diffusion's own pipelines, SDEdit or DemoFusion); ``unsupported``: features that refuse
     in one line, name → why.
     """
 
@@ -59,6 +60,7 @@ class Family:
     build: str = ""
     call_options: tuple[tuple[str, Any], ...] = ()
     no_negative_prompt: str | None = None  # None lets SDXL use its zero embedding
+    cascade: str = ""
     unsupported: tuple[tuple[str, str], ...] = ()
 
     def denoiser_of(self, pipe: Any) -> Any:

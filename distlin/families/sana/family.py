@@ -31,11 +31,11 @@ SANA = Family(
     # run at the size asked for: SANA's pipeline otherwise snaps it to its 1K/2K/4K aspect-ratio bins
     call_options=(("use_resolution_binning", False),),
     no_negative_prompt="",
+    cascade="distlin.families.sana.sdedit:run_sana_sdedit",
     unsupported=(
         ("linfusion", "SANA's self-attention is linear already; pass --linfusion none"),
         ("compile", "--compile covers Stable Diffusion UNets only; drop it for SANA"),
-        ("init_image", "SANA has no image-to-image pipeline here yet; drop --init-image"),
-        ("cascade", "a SANA cascade is not supported yet; use a one-pass preset"),
+        ("mask", "SANA has no inpainting pipeline; drop --mask"),
         ("controlnet", "a SANA ControlNet is not split into row bands yet; drop --controlnet"),
         ("ip_adapter", "SANA has no IP-Adapter; drop --ip-adapter"),
         ("plan", "the memory planner models Stable Diffusion UNets only; drop --plan for SANA"),

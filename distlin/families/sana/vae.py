@@ -10,7 +10,8 @@ per pixel (local), and each multiscale linear attention's state ``Σ_j [v_j; 1] 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
@@ -59,6 +60,13 @@ class BandMultiscaleAttention(SanaMultiscaleLinearAttention):
         return out + residual if self.residual_connection else out
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A DC-AE's latent where the cascade reads an AutoencoderKL posterior's mean: the DC-AE is deterministic."""
+
+    mean: torch.Tensor
+
+
 class ParallelDCAE:
     """An ``AutoencoderDC`` whose ``decode``/``encode`` run over row bands on every rank of ``runtime``; the
     results are gathered on every rank. Outside them the layers behave as the originals."""
@@ -100,12 +108,12 @@ class ParallelDCAE:
         return self._run(self.vae.decoder, latents, *latents.shape[-2:])
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> Any:
-        """``vae.encode(image)`` (its ``.latent``, unscaled), band-parallel; sides multiples of the factor."""
+    def encode(self, image: torch.Tensor) -> Encoded:
+        """``vae.encode(image).latent`` (unscaled) as ``.mean``, band-parallel; sides multiples of the factor."""
         height, width = image.shape[-2:]
         if height % self.factor or width % self.factor:
             raise ValueError(f"image of {height}x{width} px: both sides must be multiples of {self.factor}")
-        return self._run(self.vae.encoder, image, height // self.factor, width // self.factor)
+        return Encoded(self._run(self.vae.encoder, image, height // self.factor, width // self.factor))
 
 
 def parallelize_dc_ae(

@@ -1,0 +1,94 @@
+"""SDEdit for SANA (flow matching): the cascade's later stages and ``--init-image``, with SANA's own transformer.
+
+SANA's pipeline has no image-to-image variant, so a refining stage noises the reference latents itself, at the
+flow-matching scheduler's sigma of the first step it keeps (``x_t = (1 - σ) x_0 + σ ε``, the scheduler's own
+``add_noise``), and runs the text-to-image pipeline from those latents over the last ``int(steps * strength)``
+steps only (:func:`tail_of_schedule`).
+Stage ``k`` draws its noise with the generator seeded ``seed + k``, like :func:`~distlin.sampling.sdedit.run_sdedit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from distlin.sampling.reference import Coder, encoded, upscaled_reference
+from distlin.sampling.stages import Stage, StageClock, StageReport, check_stages
+
+
+@contextmanager
+def tail_of_schedule(scheduler: Any, strength: float) -> Iterator[None]:
+    """While inside, ``scheduler.set_timesteps(n)`` keeps only the last ``int(n * strength)`` steps: their
+    timesteps and sigmas (and the final one), so the scheduler counts its steps from the first kept one and
+    knows its last (a multistep solver takes a first-order final step to sigma 0)."""
+    original = scheduler.set_timesteps
+
+    def tail(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        steps = len(scheduler.timesteps)
+        start = steps - int(steps * strength)
+        scheduler.timesteps = scheduler.timesteps[start:]
+        scheduler.sigmas = scheduler.sigmas[start:]
+        scheduler.num_inference_steps = len(scheduler.timesteps)
+
+    scheduler.set_timesteps = tail
+    try:
+        yield
+    finally:
+        del scheduler.set_timesteps  # the instance attribute; the class's method shows again
+
+
+def refine(pipe: Any, reference: torch.Tensor, strength: float, steps: int, seed: int, **options: Any) -> torch.Tensor:
+    """``reference`` (scaled latents) noised to ``strength`` and denoised over the schedule's last steps."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(reference.shape, generator=generator, dtype=torch.float32).to(reference)
+    with tail_of_schedule(pipe.scheduler, strength):
+        pipe.scheduler.set_timesteps(steps)
+        noised = pipe.scheduler.add_noise(reference, noise, pipe.scheduler.timesteps[:1])
+        height, width = reference.shape[-2] * pipe.vae_scale_factor, reference.shape[-1] * pipe.vae_scale_factor
+        return pipe(
+            num_inference_steps=steps, latents=noised, height=height, width=width, output_type="latent", **options
+        ).images
+
+
+def run_sana_sdedit(
+    pipe: Any,
+    stages: Sequence[Stage],
+    steps: int,
+    seed: int,
+    vae: Coder,
+    handle: Any = None,
+    on_stage: StageReport | None = None,
+    init_image: torch.Tensor | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """The final scaled latents of a SANA cascade (or of one refined ``init_image``, a one-stage cascade) on
+    every rank; ``options`` go to every pipeline call (prompt, guidance, ...)."""
+    check_stages(stages)
+    clock = StageClock(on_stage)
+    refined = list(enumerate(stages))
+    if init_image is None:
+        first = stages[0]
+        generator = torch.Generator().manual_seed(seed)
+        latents = pipe(
+            height=first.height,
+            width=first.width,
+            num_inference_steps=steps,
+            generator=generator,
+            output_type="latent",
+            **options,
+        ).images
+        clock.lap(0, first, latents)
+        refined = refined[1:]
+    for index, stage in refined:
+        reference = (
+            encoded(pipe, vae, init_image, stage) if index == 0 else upscaled_reference(pipe, vae, latents, stage)
+        )
+        if handle is not None:
+            handle.ctx.reset()
+        latents = refine(pipe, reference, stage.strength, steps, seed + index, **options)
+        clock.lap(index, stage, latents)
+    return latents
