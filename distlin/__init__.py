@@ -10,7 +10,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from distlin.notices import drop_backend_notices
+
 __version__ = "0.1.0"
+
+drop_backend_notices()  # every entry point and the Python API import this package first
 
 _EXPORTS = {
     "LinFusion": "distlin.linfusion",

@@ -104,7 +104,7 @@ def mount_linfusion(pipe: Any, linfusion: str, seed: int = 0, kernel: str = "aut
 
     ``none`` keeps softmax attention; ``fresh`` builds new layers from ``seed`` (the same on every rank, so
     patch-parallel ranks hold identical weights); anything else is a checkpoint folder or Hub id. ``kernel``
-    picks the attention ops of every layer (:data:`~distlin.ops.linear_attention.ATTENTION_KERNELS`).
+    picks the attention ops of every layer (:data:`~distlin.ops.kernels.ATTENTION_KERNELS`).
     """
     mounted = _mount(pipe, linfusion, seed)
     if mounted is not None:

@@ -8,6 +8,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _CAST_LOGGER = "diffusers.models.modeling_utils"
+_BACKEND_LOGGER = "transformers.utils.import_utils"
+
+
+def _not_a_backend_notice(record: logging.LogRecord) -> bool:
+    """False for transformers' notice, on the first use of an image processor, that torchvision is missing and
+    the PIL implementation runs instead: distlin's pipelines need nothing from torchvision."""
+    return "requires torchvision" not in record.getMessage()
+
+
+def drop_backend_notices() -> None:
+    """Keep transformers' torchvision notices out of every entry point and the Python API. Torch-free (the
+    filter sits on the logger by name, before transformers is imported), so ``import distlin`` applies it."""
+    logger = logging.getLogger(_BACKEND_LOGGER)
+    if _not_a_backend_notice not in logger.filters:
+        logger.addFilter(_not_a_backend_notice)
 
 
 def _not_a_cast_notice(record: logging.LogRecord) -> bool:

@@ -33,16 +33,18 @@ from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
 from distlin.memory.fit import fit_to_capacity, saver_flags
 from distlin.memory.planner import sequential_vae, sequential_vae_settings
-from distlin.ops.linear_attention import check_kernel
+from distlin.ops.kernels import check_kernel
 from distlin.parallel.comm import CommStats
 from distlin.parallel.compile import compile_unet
 from distlin.parallel.pipeline import parallelize
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet
+from distlin.progress import phase, plural
 from distlin.sampling.reference import SequentialVAE, SizedCoder
 from distlin.sampling.stages import Stage, StageClock
 from distlin.schedulers import build_scheduler, unet_calls
-from distlin.settings import RunSettings
+from distlin.settings import RunSettings, check_sizes
+from distlin.sizes import format_size
 from distlin.sources import NO_LINFUSION
 from distlin.vae.parallel import ParallelVAE
 
@@ -116,7 +118,8 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
        LinFusion's projections); the engine's exchanges stay eager (:mod:`distlin.parallel.compile`).
     """
     limits = settings.thresholds
-    pipe = load_pipeline(settings.model, parse_dtype(settings.dtype), runtime.device, WEIGHTS_SEED)
+    with phase(f"loading the model {settings.model} on {runtime.device}"):
+        pipe = load_pipeline(settings.model, parse_dtype(settings.dtype), runtime.device, WEIGHTS_SEED)
     family = family_of_pipeline(pipe)
     for feature, used in (
         ("linfusion", settings.linfusion != NO_LINFUSION),
@@ -125,22 +128,31 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
         ("ip_adapter", bool(settings.ip_adapter)),
     ):
         family.refuse(feature, used)
-    mount_linfusion(pipe, settings.linfusion, WEIGHTS_SEED, kernel=settings.attention_kernel)
-    apply_loras(pipe, settings.loras)
+    with phase(f"LinFusion layers ({settings.linfusion})"):
+        mount_linfusion(pipe, settings.linfusion, WEIGHTS_SEED, kernel=settings.attention_kernel)
+    if settings.loras:
+        with phase(f"fusing {plural(len(settings.loras), 'LoRA')}"):
+            apply_loras(pipe, settings.loras)
     if settings.controlnet:
-        controlnets = [load_controlnet(source, pipe) for source in settings.controlnet]
+        controlnets = []
+        for source in settings.controlnet:
+            with phase(f"loading the ControlNet {source}"):
+                controlnets.append(load_controlnet(source, pipe))
         controlnet = controlnets[0] if len(controlnets) == 1 else controlnets  # several: a MultiControlNetModel
         pipe = pipeline_for("text-to-image", pipe, controlnet=controlnet)
     if settings.ip_adapter:
-        apply_ip_adapter(pipe, settings.ip_adapters)
-    for model in (family.denoiser_of(pipe), pipe.vae, getattr(pipe, "controlnet", None)):
-        if model is not None:
-            bound_memory(model, limits.token_chunk, limits.index_limit)
-    engine = parallelize(pipe, settings.engine, runtime)  # the ControlNets too; hides the sampling bar off rank 0
-    vae_stats = CommStats()
-    vae = load(family.parallelize_vae)(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
+        with phase(f"loading {plural(len(settings.ip_adapter), 'IP-Adapter')} and the image encoder"):
+            apply_ip_adapter(pipe, settings.ip_adapters)
+    with phase(f"parallelize on {plural(runtime.world_size, 'rank')} (memory bounds, bands, VAE)"):
+        for model in (family.denoiser_of(pipe), pipe.vae, getattr(pipe, "controlnet", None)):
+            if model is not None:
+                bound_memory(model, limits.token_chunk, limits.index_limit)
+        engine = parallelize(pipe, settings.engine, runtime)  # the ControlNets too; hides the bar off rank 0
+        vae_stats = CommStats()
+        vae = load(family.parallelize_vae)(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
     if settings.compile:
-        compile_unet(pipe.unet)
+        with phase("compile (set up; the first step compiles)"):
+            compile_unet(pipe.unet)
     return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
 
 
@@ -229,9 +241,8 @@ def _stage_printer(runtime: Runtime, settings: RunSettings) -> Callable[[int, St
     count = len(settings.stages)
 
     def report(index: int, stage: Stage, seconds: float) -> None:
-        denoised = denoising_steps(settings, index)
-        size = f"{stage.width}x{stage.height} px"
-        print(f"stage {index + 1}/{count} {size}, {denoised} steps: {seconds:.1f} s", flush=True)
+        size, steps = format_size(stage.width, stage.height), plural(denoising_steps(settings, index), "step")
+        print(f"stage {index + 1}/{count} {size} px, {steps}: {seconds:.1f} s", flush=True)
 
     return report
 
@@ -415,15 +426,16 @@ def generate(
     broadcasts rank 0's answer at every evaluation, so pass ``should_stop`` on every rank or on none (the other
     ranks' function is never asked: ``lambda: False`` will do).
     """
-    check_kernel(settings.attention_kernel)
+    check_kernel(settings.attention_kernel, settings.device)
     runtime = runtime or init_runtime(settings.backend, settings.timeout_s, settings.device)
+    check_kernel(settings.attention_kernel, str(runtime.device))  # device auto: known now, before any loading
     settings = fit_to_device(settings, runtime)
     if prepared is None or prepared.key != pipeline_key(settings):
         prepared = prepare_pipeline(settings, runtime)
     pipe, engine = prepared.pipe, prepared.engine
     warn_long_prompt(pipe, settings, runtime)
-    for height, width in settings.sizes:
-        engine.check_size(height, width, settings.guidance)  # before any collective: every rank fails alike
+    # before any collective: every rank fails alike
+    check_sizes(settings, lambda height, width: engine.check_size(height, width, settings.guidance))
     demofusion = hasattr(pipe, "text_encoder_2") and bool(settings.stages)
 
     def stage_calls(index: int) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +26,14 @@ from distlin.components import (
     check_shared_image_encoder,
 )
 from distlin.errors import UsageError
+from distlin.ops.kernels import check_kernel
 from distlin.parallel.config import PatchParallelConfig
+from distlin.parallel.layout import TooManyRanks
 from distlin.parallel.topology import Topology, row_unit
 from distlin.presets import PRESET_SCHEMA, load_preset
 from distlin.sampling.stages import Stage, cascade_stages, stages_from_image
 from distlin.schedulers import check_scheduler
+from distlin.sizes import format_size
 from distlin.sources import check_linfusion_source, check_model_source, unet_config
 from distlin.thresholds import Thresholds
 
@@ -140,7 +143,7 @@ class RunSettings:
             "cfg_parallel": self.engine.cfg_parallel,
             "micro_batch": self.engine.micro_batch,
             "compile": self.compile,
-            "stages": [(s.height, s.width, s.strength) for s in self.stages],
+            "stages": [{"width": s.width, "height": s.height, "strength": s.strength} for s in self.stages],
             "vae_decode": self.vae_decode,
             "vae_attention_rows": self.vae_attention_rows,
             "vae_store": self.vae_store,
@@ -226,6 +229,7 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
         raise UsageError(f"seed {settings.seed} must be between 0 and 2**64-1; pass e.g. --seed 0")
     if not DEVICE_PATTERN.fullmatch(settings.device):
         raise UsageError(f"unknown device {settings.device!r}; use cpu, cuda, cuda:N or auto")
+    check_kernel(settings.attention_kernel, settings.device)
     if settings.vae_decode not in VAE_DECODES:
         raise UsageError(f"unknown VAE decode {settings.vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
     if settings.vae_store not in VAE_STORES:
@@ -240,8 +244,24 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
     check_components(settings, config)
     if config is not None:  # the rank split of every size, from the UNet config alone
         topology = settings.topology(world_size)
-        for height, width in settings.sizes:
-            topology.check_image(height, width, row_unit(config))
+        check_sizes(settings, lambda height, width: topology.check_image(height, width, row_unit(config)))
+
+
+def check_sizes(settings: RunSettings, check: Callable[[int, int], object]) -> None:
+    """``check(height, width)`` at every size the UNet denoises at. A cascade stage too short for the ranks is
+    named, with the output height that makes it split (each stage scales with the output)."""
+    for index, (height, width) in enumerate(settings.sizes):
+        try:
+            check(height, width)
+        except TooManyRanks as err:
+            if not settings.stages:
+                raise
+            works = math.ceil(err.min_height * settings.height / height / 8) * 8
+            raise UsageError(
+                f"cascade stage {index + 1} of {len(settings.stages)} is {format_size(width, height)} px, too short "
+                f"to split into {err.ranks} bands (they need {err.min_height} px of height); pass --height {works} "
+                "or more, or use fewer ranks"
+            ) from None
 
 
 def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None:
@@ -303,13 +323,13 @@ def check_control(settings: RunSettings, unet: dict[str, Any] | None) -> None:
         width, height = check_image(path, "--control-image")
         if settings.stages and abs(width * settings.height - height * settings.width) > 0.01 * width * settings.height:
             raise UsageError(
-                f"control image {path!r} is {width}x{height} px, another aspect ratio than the output's "
-                f"{settings.width}x{settings.height}; pass a control image of the output's aspect ratio (each cascade "
-                "stage gets it resized)"
+                f"control image {path!r} is {format_size(width, height)} px, another aspect ratio than the output's "
+                f"{format_size(settings.width, settings.height)}; pass a control image of the output's aspect ratio "
+                "(each cascade stage gets it resized)"
             )
         if not settings.stages and (width, height) != (settings.width, settings.height):
             raise UsageError(
-                f"control image {path!r} is {width}x{height} px but the output is "
-                f"{settings.width}x{settings.height}; pass --width {width} --height {height} or a control image "
-                "of the output size"
+                f"control image {path!r} is {format_size(width, height)} px but the output is "
+                f"{format_size(settings.width, settings.height)}; pass --width {width} --height {height} or a control "
+                "image of the output size"
             )

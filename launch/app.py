@@ -4,9 +4,7 @@
 Open http://127.0.0.1:7860; see ``--help`` and docs/APP.md.
 """
 
-import sys
-
-from distlin.app.cli import main
+from distlin.app import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -34,6 +34,7 @@ from distlin.app.request import (
 from distlin.app.results import RESULT_ID, ResultStore
 from distlin.app.session import GenerationSession
 from distlin.app.tiles import dzi_descriptor, pyramid_levels, write_pyramid
+from distlin.app.wording import in_field_terms
 from distlin.cli import generate as cli
 from distlin.errors import Cancelled, UsageError
 from distlin.models.tiny import build_ip_adapter, build_kohya_lora
@@ -259,7 +260,7 @@ def test_an_uploaded_photo_with_a_cascade_preset_starts_the_cascade_at_its_size(
     coordinator = Coordinator(RankChannel(Runtime()), GenerationSession(Runtime()), ResultStore(tmp_path))
     cascade = GenerationRequest.for_preset("tiny-sd15-cascade").to_message()
     plan = coordinator.plan(GenerationRequest.from_message({**cascade, "init_image": png_bytes(192, 128)}))
-    assert plan.startswith("cascade: on (192x128 -> 384x256)")  # from the photo's size up, its 96x64 stage skipped
+    assert plan.startswith("cascade: on (192×128 -> 384×256)")  # from the photo's size up, its 96x64 stage skipped
 
 
 def test_the_page_sends_uploads_as_bytes_and_components_by_name(tmp_path: Path) -> None:
@@ -338,8 +339,22 @@ def test_a_bad_combination_is_refused_with_the_command_lines_line_before_any_wor
     coordinator = Coordinator(RankChannel(Runtime()), GenerationSession(Runtime()), ResultStore(tmp_path / "out"))
     with pytest.raises(UsageError) as refusal:
         coordinator.submit(tiny(**uploads))
-    assert str(refusal.value) == line
+    assert str(refusal.value) == in_field_terms(line)
     assert list(private_tmp.iterdir()) == [] and list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"height": 100}, "height 100 is not a positive multiple of 8; set height to e.g. 96"),
+        ({"strength": 0.5}, "strength needs init image (the picture to start from)"),
+    ],
+)
+def test_the_pages_refusals_name_its_fields_not_flags(change: dict, said: str, tmp_path: Path) -> None:
+    coordinator = Coordinator(RankChannel(Runtime()), GenerationSession(Runtime()), ResultStore(tmp_path / "out"))
+    with pytest.raises(UsageError) as refusal:
+        coordinator.plan(tiny(**change))
+    assert str(refusal.value) == said
 
 
 def test_a_components_folder_that_holds_none_is_refused_at_start(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -177,7 +177,7 @@ def test_distrifusion_volume_matches_its_published_figure() -> None:
 
 
 def test_memory_suite(tmp_path: Path) -> None:
-    records = run_suite(tmp_path, "memory", "--sizes", "512,256x1024", "--ranks", "1,2")
+    records = run_suite(tmp_path, "memory", "--sizes", "512,1024x256", "--ranks", "1,2")
     assert "PREDICTION" in (tmp_path / "out" / "memory.md").read_text()
     assert {(r["height"], r["width"], r["ranks"], r["config"]) for r in records} == {
         (h, w, n, c) for h, w in ((512, 512), (256, 1024)) for n in (1, 2) for c in ("default", "lowmem")

@@ -130,7 +130,7 @@ def test_training_lowers_kd_and_feature_losses_and_eval_error(jobs, workdir: Pat
     for row in report["rows"]:
         assert row["student_rel_mse"] < row["init_rel_mse"] / 10, row
     table = (workdir / "learn" / "checkpoint-200" / "eval.md").read_text()
-    assert "| 4x | 256x256 | 32x32 |" in table
+    assert "| 4x | 256×256 | 32×32 |" in table
 
 
 def test_resume_continues_exactly(jobs, workdir: Path) -> None:

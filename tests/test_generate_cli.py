@@ -172,7 +172,7 @@ def test_interrupt_leaves_no_file(workdir: Path, monkeypatch: pytest.MonkeyPatch
         atomic_write(target, interrupted)
     assert list(workdir.iterdir()) == []
 
-    def stop(settings: object, outputs: object) -> None:
+    def stop(*args: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.chdir(workdir)

@@ -25,9 +25,9 @@ def test_cascade_preset_reaches_its_final_size(tmp_path: Path, capsys: pytest.Ca
     assert image.text["preset"] == "tiny-sd15-cascade"
     timings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage ")]
     assert [line.split(":")[0] for line in timings] == [
-        "stage 1/3 96x64 px, 3 steps",
-        "stage 2/3 192x128 px, 1 steps",
-        "stage 3/3 384x256 px, 1 steps",
+        "stage 1/3 96×64 px, 3 steps",
+        "stage 2/3 192×128 px, 1 step",
+        "stage 3/3 384×256 px, 1 step",
     ]
 
 

@@ -15,7 +15,7 @@ LAYERS = [  # (layer, modules matching): the first match wins
     (6, r"run$"),
     (5, r"(settings|memory|loading|components|schedulers)\b"),
     (1, r"(presets|sources|io|sampling\.stages|models\.architectures)$"),
-    (0, r"(thresholds|errors|notices)$"),
+    (0, r"(thresholds|errors|notices|progress|sizes|commands)$"),
     (4, r"(sampling\b|families\.\w+\.sdedit$)"),  # a family's cascade sampler is a sampler
     (3, r"(parallel|lean|vae|linfusion|models|families)\b"),
     (2, r"(ops|surgery)\b"),

@@ -22,6 +22,7 @@ import torch
 
 from distlin.errors import UsageError
 from distlin.linfusion.attention import LinFusionAttention, LinFusionAttnProcessor
+from distlin.ops import kernels
 from distlin.ops import linear_attention as ops
 from distlin.ops.linear_attention import (
     apply_state,
@@ -198,13 +199,13 @@ def test_auto_runs_the_pytorch_ops_off_cuda() -> None:
 
 def test_an_unknown_kernel_names_the_choices() -> None:
     message = usage_error_line(lambda: LinFusionAttnProcessor(kernel="cuda"))
-    assert "'cuda'" in message and all(name in message for name in ops.ATTENTION_KERNELS)
+    assert "'cuda'" in message and all(name in message for name in kernels.ATTENTION_KERNELS)
     q, k, v = token_major_qkv(10, 40, torch.float32)
     usage_error_line(lambda: partial_state(k, v, kernel="fast"))
 
 
 def test_triton_without_triton_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
     assert "pip install triton" in usage_error_line(lambda: LinFusionAttnProcessor(kernel="triton"))
     assert LinFusionAttnProcessor(kernel="auto").kernel == "auto"  # auto never needs triton
 

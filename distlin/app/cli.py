@@ -20,6 +20,7 @@ from distlin.app.auth import parse_credentials
 from distlin.app.library import LAYOUT, ComponentLibrary
 from distlin.app.request import Limits
 from distlin.app.tiles import TILE_SIZE
+from distlin.commands import command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.presets import list_presets
 
@@ -55,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="distlin-app", description="Web app for distlin: one device, or every rank under torchrun.")
+    p = _Parser(prog=command_name(), description="Web app for distlin: one device, or every rank under torchrun.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this user and password (HTTP basic auth)")
@@ -180,5 +181,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> NoReturn:
-    """Console script ``distlin-app``."""
+    """``distlin-app`` once :func:`distlin.app.entry_point` found the web stack installed."""
     sys.exit(main())

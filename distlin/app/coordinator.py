@@ -16,7 +16,9 @@ from distlin.app.ranks import GENERATE, IDLE, SHARED_FAILURES, SHUTDOWN, RankCha
 from distlin.app.request import GenerationRequest, Limits
 from distlin.app.results import ResultStore, SavedResult
 from distlin.app.session import GenerationSession
+from distlin.app.wording import in_field_terms
 from distlin.errors import Cancelled, UsageError
+from distlin.progress import PhaseEvent, report_to
 from distlin.run import Progress
 
 
@@ -28,12 +30,20 @@ class Job:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     progress: Progress | None = None
+    phases: list[PhaseEvent] = field(default_factory=list)  # the run's phases before its first step, in order
     result: SavedResult | None = None
     error: str | None = None  # one line for the user
     cancelled: bool = False
 
     def report(self, progress: Progress) -> None:
         self.progress = progress
+
+    def report_phase(self, event: PhaseEvent) -> None:
+        """A phase started (appended) or finished (replaces its start), as the command line prints them."""
+        if self.phases and event.seconds is not None and self.phases[-1] == PhaseEvent(event.name):
+            self.phases[-1] = event
+        else:
+            self.phases.append(event)
 
 
 class Coordinator:
@@ -59,10 +69,13 @@ class Coordinator:
     def plan(self, request: GenerationRequest) -> str:
         """The request's memory plan if this server accepts it: within the limits and planned to fit the device;
         else UsageError with the reason."""
-        with self.session.settings(request) as settings:
-            self.limits.check(settings)
-            fitted = fit_settings(settings, self.session.runtime)
-            return describe_plan(settings, fitted, self.session.runtime)
+        try:
+            with self.session.settings(request) as settings:
+                self.limits.check(settings)
+                fitted = fit_settings(settings, self.session.runtime)
+                return describe_plan(settings, fitted, self.session.runtime)
+        except UsageError as err:
+            raise UsageError(in_field_terms(str(err))) from None
 
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a request; UsageError (one line for the user) if it is refused."""
@@ -131,12 +144,13 @@ class Coordinator:
     def _run(self, job: Job) -> None:
         self.channel.send(GENERATE, request=job.request.to_message())
         try:
-            result = self.session.run(job.request, job.report, job.cancel_requested.is_set)
+            with report_to(job.report_phase):
+                result = self.session.run(job.request, job.report, job.cancel_requested.is_set)
             job.result = self.store.save(result.image, result.metadata)
         except Cancelled:
             job.cancelled = True
         except SHARED_FAILURES as err:
-            job.error = str(err)
+            job.error = in_field_terms(str(err))
         except Exception as err:  # noqa: BLE001 - reported to the page; fatal only where ranks may be out of step
             job.error = f"{type(err).__name__}: {_first_line(err)}"
             if self.session.runtime.world_size > 1:

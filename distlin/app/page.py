@@ -18,6 +18,8 @@ from distlin.app.results import SavedResult
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
 from distlin.presets import list_presets
+from distlin.progress import PhaseEvent
+from distlin.sizes import format_size
 
 POLL_S = 0.25
 VIEWER_HEIGHT_PX = 520
@@ -160,7 +162,7 @@ class AppPage:
     def _show(self, result: SavedResult) -> list[Any]:
         """Viewer, download link and metadata of one result."""
         metadata = result.metadata()
-        size = f"{metadata.get('width')}x{metadata.get('height')}"
+        size = format_size(metadata.get("width"), metadata.get("height"))
         dzi = html.escape(f"../results/{result.id}/image.dzi")
         viewer = (
             f'<iframe src="viewer/?dzi={dzi}" title="deep-zoom viewer of {result.id}" '
@@ -204,6 +206,11 @@ def request_from_controls(values: tuple[Any, ...]) -> GenerationRequest:
     return GenerationRequest.from_message(message)
 
 
+def _phase_text(event: PhaseEvent) -> str:
+    """``loading the model tiny-sd15 on cpu 0.2 s`` once done, ``LinFusion layers (fresh)…`` while running."""
+    return f"{event.name}…" if event.seconds is None else f"{event.name} {event.seconds:.1f} s"
+
+
 def _progress_text(coordinator: Coordinator, job: Job) -> str:
     ahead = coordinator.ahead_of(job)
     if job.cancel_requested.is_set():
@@ -212,5 +219,5 @@ def _progress_text(coordinator: Coordinator, job: Job) -> str:
         return f"waiting: {ahead} request(s) ahead"
     progress = job.progress
     if progress is None:
-        return "starting (loading the model on every rank)…"
+        return "starting: " + " · ".join(_phase_text(event) for event in job.phases) if job.phases else "starting…"
     return f"stage {progress.stage + 1}/{progress.stages} · step {progress.step}/{progress.steps}"

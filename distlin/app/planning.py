@@ -11,6 +11,7 @@ from distlin.memory.planner import format_plan
 from distlin.parallel.runtime import Runtime
 from distlin.run import device_capacity
 from distlin.settings import RunSettings
+from distlin.sizes import format_size
 
 
 def fit_settings(settings: RunSettings, runtime: Runtime) -> RunSettings:
@@ -23,7 +24,7 @@ def fit_settings(settings: RunSettings, runtime: Runtime) -> RunSettings:
 
 def describe_plan(settings: RunSettings, fitted: RunSettings, runtime: Runtime) -> str:
     """The cascade, the predicted peak per rank and what makes it up, and the savers the fit switched on."""
-    stages = " -> ".join(f"{s.width}x{s.height}" for s in settings.stages)
+    stages = " -> ".join(format_size(s.width, s.height) for s in settings.stages)
     lines = [f"cascade: on ({stages})" if stages else "cascade: off (one pass)"]
     planned = plan_run(fitted, runtime.world_size)
     lines.append(format_plan(planned) if planned else f"no offline memory plan for model {settings.model!r}")

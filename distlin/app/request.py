@@ -27,6 +27,7 @@ from distlin.parallel.config import MODES
 from distlin.presets import list_presets, load_preset
 from distlin.schedulers import SCHEDULERS
 from distlin.settings import RunSettings, build_settings
+from distlin.sizes import format_size
 
 MODEL_SCHEDULER = "model's own"  # the scheduler the model ships with (no --scheduler)
 SCHEDULER_CHOICES = (MODEL_SCHEDULER, *SCHEDULERS)
@@ -166,7 +167,7 @@ class Limits:
         pixels = settings.height * settings.width
         if self.max_pixels is not None and pixels > self.max_pixels:
             raise UsageError(
-                f"{settings.width}x{settings.height} is {pixels:,} pixels; this server allows at most "
+                f"{format_size(settings.width, settings.height)} is {pixels:,} pixels; this server allows at most "
                 f"{self.max_pixels:,} pixels"
             )
         if self.max_steps is not None and settings.steps > self.max_steps:

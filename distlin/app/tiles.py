@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from distlin.sizes import format_size
+
 TILE_SIZE = 256
 TILE_FORMAT = "png"
 # zlib level 1: tiles of a 16K image are written in seconds rather than minutes, a little larger.
@@ -36,7 +38,7 @@ class PyramidLevel:
 def pyramid_levels(width: int, height: int, tile_size: int = TILE_SIZE) -> list[PyramidLevel]:
     """Every level from 0 (one pixel) to the full size; each is half the next, rounded up."""
     if width < 1 or height < 1 or tile_size < 1:
-        raise ValueError(f"pyramid of a {width}x{height} image with {tile_size} px tiles")
+        raise ValueError(f"pyramid of a {format_size(width, height)} image with {tile_size} px tiles")
     top = math.ceil(math.log2(max(width, height)))
     levels = []
     for index in range(top + 1):

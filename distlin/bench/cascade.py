@@ -25,28 +25,31 @@ from distlin.models.tiny import build_pipeline
 from distlin.presets import load_preset
 from distlin.sampling.sdedit import run_sdedit
 from distlin.sampling.stages import Stage, cascade_stages
+from distlin.sizes import format_size, parse_size
 
 PARTS = ("unet_ms", "decode_ms", "encode_ms")
 
 
 def parse_stages(text: str) -> list[Stage]:
-    """``HxW[:strength],...`` (height x width in pixels), e.g. ``256x512,512x1024:0.4``."""
+    """``WIDTHxHEIGHT[:strength],...`` in pixels, e.g. ``512x256,1024x512:0.4``."""
     stages = []
     for item in text.split(","):
         size, _, strength = item.strip().partition(":")
         try:
-            height, width = (int(v) for v in size.split("x"))
+            width, height = parse_size(size, "stage")
             stages.append(Stage(height, width, float(strength) if strength else 1.0))
-        except ValueError:
+        except ValueError:  # a UsageError is one too
             raise argparse.ArgumentTypeError(
-                f"expected HxW[:strength],... e.g. 256x512,512x1024:0.4; got {text!r}"
+                f"expected WIDTHxHEIGHT[:strength],... e.g. 512x256,1024x512:0.4; got {text!r}"
             ) from None
     return stages
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(parser, "--preset", "sd15-16k", "tiny-sd15-cascade", "preset with a cascade: section")
-    parser.add_argument("--stages", type=parse_stages, default=None, help="HxW[:strength],... instead of the preset's")
+    parser.add_argument(
+        "--stages", type=parse_stages, default=None, help="WIDTHxHEIGHT[:strength],... instead of the preset's"
+    )
     parser.add_argument(
         "--model",
         type=model_name,
@@ -165,7 +168,7 @@ def markdown(records: list[Record], args: argparse.Namespace, setting: str) -> s
     rows = [
         [
             r["stage"],
-            f"{r['height']}x{r['width']}",
+            format_size(r["width"], r["height"]),
             f"{r['strength']:g}",
             r["unet_calls"],
             f"{fmt(r['ms'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
@@ -206,7 +209,7 @@ def markdown(records: list[Record], args: argparse.Namespace, setting: str) -> s
 
 def plot(records: list[Record]) -> Any:
     fig, (ax,) = new_figure(1)
-    labels = [f"{r['height']}x{r['width']}" for r in records]
+    labels = [format_size(r["width"], r["height"]) for r in records]
     bottom = [0.0] * len(records)
     for part in (*PARTS, "other_ms"):
         values = [r[part] / 1e3 for r in records]

@@ -1,4 +1,5 @@
-"""``launch/bench.py SUITE [--out DIR] [--quick] [options]``: run one benchmark suite and write its three files."""
+"""``distlin-bench SUITE [--out DIR] [--quick] [options]`` (``launch/bench.py``): run one benchmark suite and write
+its three files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from distlin.bench import attention, cascade, fidelity, gpu, memory, options, project, scaling, unet
 from distlin.bench.report import environment, write_suite
+from distlin.commands import command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.loading import parse_dtype
 from distlin.parallel.runtime import resolve_device
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA; bfloat16 for project)",
     )
     common.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    parser = argparse.ArgumentParser(prog="launch/bench.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_name(), description=__doc__)
     suites = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, module in SUITES.items():
         doc = module.__doc__ or ""

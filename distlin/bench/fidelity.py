@@ -47,6 +47,7 @@ from distlin.loading import mount_linfusion
 from distlin.models.tiny import build_pipeline
 from distlin.parallel import PatchParallelConfig, init_runtime, parallelize
 from distlin.parallel.config import DEFAULT_STALE, STALE_KINDS, parse_stale
+from distlin.sizes import format_size
 from distlin.sources import FRESH_LINFUSION, NO_LINFUSION
 
 PROMPT = "a red cube on a wooden table"
@@ -95,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cases",
         ["protocol", "tiny"],
         ["tiny"],
-        "cases: " + "; ".join(f"{k} = {v.model} {v.height}x{v.width}, {v.steps} steps" for k, v in CASES.items()),
+        "cases: "
+        + "; ".join(f"{k} = {v.model} {format_size(v.width, v.height)}, {v.steps} steps" for k, v in CASES.items()),
         type=options.str_list(tuple(CASES)),
     )
     options.add(parser, "--ranks", [2, 3, 4], [2], "numbers of ranks", type=options.int_list)
@@ -334,7 +336,7 @@ def markdown(records: list[Record]) -> str:
                 ]
             )
         parts.append(
-            f"**{name}**: {r0['model']} {r0['height']}x{r0['width']}, {r0['steps']} steps, {attention} "
+            f"**{name}**: {r0['model']} {format_size(r0['width'], r0['height'])}, {r0['steps']} steps, {attention} "
             f"self-attention; displaced warm-up {w}:"
         )
         parts.append(

@@ -51,6 +51,7 @@ from distlin.parallel.compile import Backend, compile_unet
 from distlin.parallel.runtime import Runtime
 from distlin.run import generate
 from distlin.settings import build_settings
+from distlin.sizes import format_size, parse_size
 from distlin.thresholds import Thresholds
 from distlin.vae.sequential import decode_sequential
 
@@ -279,7 +280,7 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
             record["skipped"] = (
                 f"{type(err).__name__} at batch {batch} (planned {record['planned_gib']:.1f} GiB): {first}"
             )
-            progress("gpu", f"unet {model} {side}x{side}: {record['skipped']}")
+            progress("gpu", f"unet {model} {format_size(side, side)}: {record['skipped']}")
             records.append(record)
             call = None
             torch.cuda.empty_cache()
@@ -291,7 +292,7 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
             "utilisation": peak and rate / peak,
             "planned_over_measured": record["planned_gib"] / record["peak_gib"],
         }
-        progress("gpu", f"unet {model} {side}x{side} batch {batch}: {timing['ms']:.0f} ms")
+        progress("gpu", f"unet {model} {format_size(side, side)} batch {batch}: {timing['ms']:.0f} ms")
         records.append(record)
         del call
         torch.cuda.empty_cache()
@@ -323,7 +324,7 @@ def measure_compile(
         record["compiled_ms"] = _median_ms(call, device, repeats)
     record["speedup"] = record["eager_ms"] / record["compiled_ms"]
     record["max_rel_error"] = max_relative_difference(compiled, eager)
-    progress("gpu", f"compile {model} {side}x{side}: {record['speedup']:.2f}x")
+    progress("gpu", f"compile {model} {format_size(side, side)}: {record['speedup']:.2f}x")
     return record
 
 
@@ -346,7 +347,7 @@ def measure_memory_format(model: str, side: int, device: torch.device, dtype: to
         record["channels_last_ms"] = _median_ms(call, device, repeats)
     record["speedup"] = record["nchw_ms"] / record["channels_last_ms"]
     record["max_rel_error"] = max_relative_difference(channels_last, nchw)
-    progress("gpu", f"channels_last {model} {side}x{side}: {record['speedup']:.2f}x")
+    progress("gpu", f"channels_last {model} {format_size(side, side)}: {record['speedup']:.2f}x")
     return record
 
 
@@ -363,7 +364,7 @@ def measure_sequential_vae(model: str, side: int, band_rows: int, device: torch.
     moved, seconds = reported[0]
     record: Record = {"section": "vae", "model": model_name(model), "height": side, "width": side}
     record |= {"band_rows": band_rows, "gb_moved": moved / 1e9, "seconds": seconds, "gb_s": moved / seconds / 1e9}
-    progress("gpu", f"sequential VAE {side}x{side}: {record['gb_s']:.1f} GB/s")
+    progress("gpu", f"sequential VAE {format_size(side, side)}: {record['gb_s']:.1f} GB/s")
     return record
 
 
@@ -373,21 +374,22 @@ def compile_vae_markdown(records: list[Record]) -> str:
     for r in records:
         if r["section"] == "compile":
             lines.append(
-                f"- `--compile`, {r['model']} UNet at {r['width']}x{r['height']} (batch {r['batch']}, compiled "
-                f"modules: {r['modules']}): eager {fmt(r['eager_ms'])} ms, compiled {fmt(r['compiled_ms'])} ms "
-                f"({_times(r['speedup'])}); first compiled call {fmt(r['first_call_s'])} s; largest difference "
-                f"{fmt(r['max_rel_error'])} of the largest output"
+                f"- `--compile`, {r['model']} UNet at {format_size(r['width'], r['height'])} (batch {r['batch']}, "
+                f"compiled modules: {r['modules']}): eager {fmt(r['eager_ms'])} ms, compiled "
+                f"{fmt(r['compiled_ms'])} ms ({_times(r['speedup'])}); first compiled call {fmt(r['first_call_s'])} s; "
+                f"largest difference {fmt(r['max_rel_error'])} of the largest output"
             )
         if r["section"] == "layout":
             lines.append(
-                f"- channels_last, {r['model']} UNet at {r['width']}x{r['height']} (batch {r['batch']}): NCHW "
-                f"{fmt(r['nchw_ms'])} ms, channels_last {fmt(r['channels_last_ms'])} ms ({_times(r['speedup'])}); "
+                f"- channels_last, {r['model']} UNet at {format_size(r['width'], r['height'])} (batch {r['batch']}): "
+                f"NCHW {fmt(r['nchw_ms'])} ms, channels_last {fmt(r['channels_last_ms'])} ms ({_times(r['speedup'])}); "
                 f"largest difference {fmt(r['max_rel_error'])} of the largest output"
             )
         if r["section"] == "vae":
             lines.append(
-                f"- Sequential VAE, {r['model']} at {r['width']}x{r['height']} ({r['band_rows']}-row bands): "
-                f"{fmt(r['gb_moved'])} GB host<->device in {fmt(r['seconds'])} s ({fmt(r['gb_s'])} GB/s)"
+                f"- Sequential VAE, {r['model']} at {format_size(r['width'], r['height'])} "
+                f"({r['band_rows']}-row bands): {fmt(r['gb_moved'])} GB host<->device in {fmt(r['seconds'])} s "
+                f"({fmt(r['gb_s'])} GB/s)"
             )
     return "\n".join(lines)
 
@@ -456,7 +458,7 @@ def attention_markdown(records: list[Record], args: argparse.Namespace) -> str:
 def unet_markdown(records: list[Record], args: argparse.Namespace) -> str:
     rows = [
         [
-            f"{r['height']}x{r['width']}",
+            format_size(r["width"], r["height"]),
             r["batch"],
             "skipped" if r["skipped"] else f"{fmt(r['ms'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
             fmt(r.get("ms_per_step")),
@@ -477,7 +479,7 @@ def unet_markdown(records: list[Record], args: argparse.Namespace) -> str:
         "`torch.cuda.max_memory_allocated` during the calls; planned GiB: the memory planner's UNet weights plus "
         "activations.\n\n" + markdown_table(headers, rows)
     )
-    skipped = [f"- {r['height']}x{r['width']}: {r['skipped']}" for r in records if r["skipped"]]
+    skipped = [f"- {format_size(r['width'], r['height'])}: {r['skipped']}" for r in records if r["skipped"]]
     return text + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "")
 
 
@@ -535,7 +537,7 @@ def plot(records: list[Record]) -> Any:
 def measure_generation(preset: str, overrides: dict[str, Any], device: torch.device) -> Record:
     """One generation end to end, as the command line runs it, with its time, memory and the planner's word."""
     settings = build_settings(preset, {**overrides, "device": str(device)}, world_size=1)
-    progress("gpu", f"end to end: {preset} at {settings.width}x{settings.height}")
+    progress("gpu", f"end to end: {preset} at {format_size(settings.width, settings.height)}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -564,7 +566,7 @@ def generation_markdown(record: Record) -> str:
     ratio = record["peak_gib"] / record["planned_gib"] if record["peak_gib"] and record["planned_gib"] else None
     return (
         f"End to end: `--preset {record['preset']} --model {record['model']} --linfusion fresh` at "
-        f"{record['width']}x{record['height']}, {record['seconds']:.1f} s ({parts}); memory savers chosen: "
+        f"{format_size(record['width'], record['height'])}, {record['seconds']:.1f} s ({parts}); memory savers chosen: "
         f"{record['savers'] or 'none'}; sequential VAE store: {record['vae_store']}. Peak device memory "
         f"{fmt(record['peak_gib'])} GiB measured vs "
         f"{fmt(record['planned_gib'])} GiB planned (ratio {fmt(ratio)}; target within ±20 %); peak host RSS "
@@ -598,10 +600,10 @@ def run_parts(parts: dict[str, Callable[[], list[Record]]], checkpoint: Path) ->
 
 def generation_size(text: str) -> tuple[int, int]:
     """``WIDTHxHEIGHT`` as two positive multiples of 8."""
-    sides = text.split("x")
-    if len(sides) != 2 or not all(side.isdigit() and int(side) > 0 and int(side) % 8 == 0 for side in sides):
-        raise UsageError(f"--generation-size {text!r}: give WIDTHxHEIGHT in pixels, multiples of 8, e.g. 16384x8192")
-    return int(sides[0]), int(sides[1])
+    width, height = parse_size(text, "--generation-size")
+    if width % 8 or height % 8:
+        raise UsageError(f"--generation-size {text!r}: both sides must be multiples of 8, e.g. 16384x8192")
+    return width, height
 
 
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:

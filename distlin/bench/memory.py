@@ -26,6 +26,7 @@ from distlin.memory.planner import plan, unet_activation_elements
 from distlin.models.architectures import load_architecture
 from distlin.parallel.topology import LATENT_FACTOR
 from distlin.settings import DTYPE_BYTES
+from distlin.sizes import TIMES, format_size, parse_size
 
 DEFAULT_DTYPE = torch.float16
 GIB = 2**30
@@ -37,14 +38,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def size_list(text: str) -> list[tuple[int, int]]:
-    """``512,1024,8192x16384``: a number is a square side, ``HxW`` a height and a width, in pixels."""
+    """``512,1024,16384x8192``: (height, width) pairs; a number is a square side, ``WIDTHxHEIGHT`` a size."""
     sizes = []
     for item in (v.strip() for v in text.split(",") if v.strip()):
-        height, _, width = item.partition("x")
         try:
-            sizes.append((int(height), int(width or height)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected N or HxW pixels, comma-separated; got {text!r}") from None
+            width, height = parse_size(item) if "x" in item.lower() or TIMES in item else (int(item), int(item))
+        except ValueError:  # a UsageError is one too
+            raise argparse.ArgumentTypeError(
+                f"expected N or WIDTHxHEIGHT pixels, comma-separated; got {text!r}"
+            ) from None
+        sizes.append((height, width))
     return sizes
 
 
@@ -54,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(
         parser,
         "--sizes",
-        size_list("512,1024,2048,4096,8192,8192x16384,16384"),
-        size_list("512,8192x16384,16384"),
-        "image sizes (N: square, HxW)",
+        size_list("512,1024,2048,4096,8192,16384x8192,16384"),
+        size_list("512,16384x8192,16384"),
+        "image sizes (N: square, WIDTHxHEIGHT)",
         type=size_list,
     )
     options.add(parser, "--ranks", [1, 2, 4, 8], [1, 8], "rank counts", type=options.int_list)
@@ -85,7 +88,7 @@ def measure(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
                         cfg = not args.no_cfg
                         result = plan(model, height, width, ranks, dtype=name, cfg=cfg, ff_chunk=16384, **kwargs)
                     except UsageError as err:  # too many ranks for this size
-                        progress("memory", f"skip {model} {height}x{width} on {ranks}: {err}")
+                        progress("memory", f"skip {model} {format_size(width, height)} on {ranks}: {err}")
                         continue
                     breakdown = result["breakdown"]
                     records.append(
@@ -106,7 +109,7 @@ def measure(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
                             "unet_predicted_over_measured": ratio if ranks == 1 and config == "default" else None,
                         }
                     )
-            progress("memory", f"{model} {height}x{width} planned")
+            progress("memory", f"{model} {format_size(width, height)} planned")
     return records
 
 

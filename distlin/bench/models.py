@@ -13,6 +13,7 @@ from distlin.linfusion import LinFusion
 from distlin.models.architectures import FULL_NAMES, TINY_NAMES
 from distlin.models.tiny import build_unet
 from distlin.parallel.topology import LATENT_FACTOR
+from distlin.sizes import format_size
 
 ALIASES = {"sd15": "full-sd15", "sd21": "full-sd21", "sdxl": "full-sdxl"}
 ATTENTIONS = ("linear", "softmax")
@@ -30,7 +31,8 @@ def model_name(name: str) -> str:
 
 def latent_size(height: int, width: int) -> tuple[int, int]:
     if height % LATENT_FACTOR or width % LATENT_FACTOR or height <= 0 or width <= 0:
-        raise UsageError(f"image size {height}x{width} must be positive multiples of {LATENT_FACTOR} pixels")
+        size = format_size(width, height)
+        raise UsageError(f"image size {size} must be positive multiples of {LATENT_FACTOR} pixels")
     return height // LATENT_FACTOR, width // LATENT_FACTOR
 
 

@@ -42,6 +42,7 @@ from distlin.bench.report import (
 )
 from distlin.errors import UsageError
 from distlin.parallel.config import STALE_KINDS, PatchParallelConfig
+from distlin.sizes import format_size
 
 DEFAULT_DTYPE = torch.bfloat16
 PROJECTED_MODES = ("exact", "displaced")
@@ -156,7 +157,8 @@ def project(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
                     records.append({**base, "skipped": str(err)})
                     continue
                 compute_s = dry.flops / rate
-                progress("project", f"{model} {height}x{width} on {n}: {dry.bytes_per_step['total'] / 1e6:.1f} MB/step")
+                megabytes = dry.bytes_per_step["total"] / 1e6
+                progress("project", f"{model} {format_size(width, height)} on {n}: {megabytes:.1f} MB/step")
                 for link_name in args.link:
                     comm = comm_seconds(dry, n, LINKS[link_name])
                     for mode in PROJECTED_MODES:
@@ -192,7 +194,7 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
     comm_rows = [
         [
             r["model"],
-            f"{r['height']}x{r['width']}",
+            format_size(r["width"], r["height"]),
             r["ranks"],
             fmt_bytes(r["bytes_per_step"]["total"]),
             fmt_bytes(r["distrifusion_bytes_per_step"]["total"]),
@@ -218,7 +220,7 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
         time_rows.append(
             [
                 r["model"],
-                f"{r['height']}x{r['width']}",
+                format_size(r["width"], r["height"]),
                 r["ranks"],
                 fmt(r["tflop_per_rank"]),
                 fmt(r["compute_ms_per_step"]),
@@ -263,7 +265,11 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
         markdown_table(time_headers, time_rows),
     ]
     skipped = sorted(
-        {f"- {r['model']} {r['height']}x{r['width']} on {r['ranks']}: {r['skipped']}" for r in records if r["skipped"]}
+        {
+            f"- {r['model']} {format_size(r['width'], r['height'])} on {r['ranks']}: {r['skipped']}"
+            for r in records
+            if r["skipped"]
+        }
     )
     if skipped:
         parts.append("Skipped:\n" + "\n".join(skipped))
@@ -321,7 +327,7 @@ def plot(records: list[Record], args: argparse.Namespace) -> Any:
                     [100 * r["efficiency"] for r in rs],
                     style,
                     color=color,
-                    label=f"{model} {height}x{width} {mode}",
+                    label=f"{model} {format_size(width, height)} {mode}",
                 )
                 color = line[0].get_color()
         ax.set(xlabel="GPUs", ylabel="projected efficiency (%)", title=f"PROJECTION: {link}")

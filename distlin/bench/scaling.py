@@ -41,6 +41,7 @@ from distlin.bench.report import (
 )
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
+from distlin.sizes import format_size
 
 # the CPU targets of issues #9 (exact) and #26 (displaced): no stale set slower than exact, everything stale 1.95x
 TARGET = {"model": "full-sd15", "height": 1024, "width": 1024, "ranks": 2, "speedup": 1.8, "all_speedup": 1.95}
@@ -213,9 +214,9 @@ def markdown(records: list[Record]) -> str:
     ]
     cfg = "on (two rank groups)" if r0["cfg_parallel"] else "off (every rank splits the image, whole CFG batch)"
     parts = [
-        f"{r0['model']} with {r0['attention']} self-attention at {r0['height']}x{r0['width']}, batch {r0['batch']}, "
-        f"{r0['dtype']}, backend {r0['backend']}, {r0['threads_per_rank']} thread(s) per rank, CFG parallelism "
-        f"{cfg}. One UNet call per step; every setting in turn, {r0['rounds']} round(s) of "
+        f"{r0['model']} with {r0['attention']} self-attention at {format_size(r0['width'], r0['height'])}, "
+        f"batch {r0['batch']}, {r0['dtype']}, backend {r0['backend']}, {r0['threads_per_rank']} thread(s) per rank, "
+        f"CFG parallelism {cfg}. One UNet call per step; every setting in turn, {r0['rounds']} round(s) of "
         f"{r0['steps'] // r0['rounds']} timed step(s) after {r0['warmup']} warm-up step(s) each; median step; a "
         "step's time is the slowest rank's wall-clock time; CPU ms is the busiest rank's process CPU time (well "
         "below the wall time on one rank means other processes competed for the cores); vs exact: exact's time "

@@ -21,6 +21,7 @@ from distlin.bench import options
 from distlin.bench.models import ATTENTIONS, build, model_name, mount_fresh_linfusion, unet_inputs
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
 from distlin.bench.timing import matmul_peak_flops, peak_memory_mb, time_calls
+from distlin.sizes import format_size
 
 # Dense bf16/fp16 tensor-core peaks (SXM parts), FLOP/s, by a substring of the CUDA device name.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -111,7 +112,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
                         call()
                     timing = time_calls(call, device, args.repeats).fields()
                 rate = flops / (timing["ms"] / 1e3)
-                progress("unet", f"{model} {attention} {height}x{width}: {timing['ms']:.0f} ms")
+                progress("unet", f"{model} {attention} {format_size(width, height)}: {timing['ms']:.0f} ms")
                 records.append(
                     {
                         **base,
@@ -148,7 +149,7 @@ def markdown(records: list[Record], args: argparse.Namespace, source: str) -> st
         rows.append(
             [
                 r["model"],
-                f"{r['height']}x{r['width']}",
+                format_size(r["width"], r["height"]),
                 r["attention"],
                 ms,
                 fmt(r.get("cpu_ms")),
@@ -172,7 +173,7 @@ def markdown(records: list[Record], args: argparse.Namespace, source: str) -> st
         "MiB",
     ]
     skipped = [
-        f"- {r['model']} {r['attention']} at {r['height']}x{r['width']}: {r['skipped']}"
+        f"- {r['model']} {r['attention']} at {format_size(r['width'], r['height'])}: {r['skipped']}"
         for r in records
         if r["skipped"]
     ]

@@ -13,21 +13,27 @@ import json
 import os
 import signal
 import sys
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from distlin.commands import command_name
 from distlin.errors import USAGE_EXIT_CODE, Cancelled, UsageError
 from distlin.io import IMAGE_SUFFIXES, atomic_write, check_output_path
 from distlin.parallel.config import BACKENDS, MODES
 from distlin.presets import list_presets
+from distlin.progress import phase, print_phase, report_to, start_line
 from distlin.schedulers import SCHEDULERS
 from distlin.settings import VAE_DECODES, VAE_STORES, RunSettings, build_settings, world_size_from_env
+from distlin.sizes import format_size
 
 DEFAULT_PRESET = "tiny-sd15"
 INTERRUPTED_EXIT_CODE = 130
 NON_FINITE_EXIT_CODE = 3
 LOST_RANK_EXIT_CODE = 4
+# Set for the ranks --nproc-per-node starts: the launching process has printed the start line already.
+ANNOUNCED_ENV = "DISTLIN_ANNOUNCED"
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="distlin-generate",
+        prog=command_name(),
         description="Generate one image with LinFusion linear attention, patch-parallel under torchrun. "
         "The preset gives every default; flags override it.",
     )
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="start N ranks on this machine (torchrun underneath) once every input check has passed for N ranks, "
         "so a refused input is one line and no rank starts",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no start line and no times of the phases before the first step (results and errors still print)",
     )
     p.add_argument(
         "--preset",
@@ -306,22 +317,37 @@ def print_plan(settings: RunSettings, outputs: Outputs, ranks: int) -> None:
         print(f"wrote {outputs.plan_json}")
 
 
-def run(settings: RunSettings, outputs: Outputs) -> None:
-    """Start the ranks, generate, and write the outputs on rank 0."""
-    from distlin.io import save_image, save_latents
-    from distlin.notices import quiet_third_party
-    from distlin.parallel.runtime import init_runtime
-    from distlin.run import generate
+def announce(args: argparse.Namespace, settings: RunSettings) -> None:
+    """The start line, on rank 0 and once (not again in the ranks ``--nproc-per-node`` starts)."""
+    if args.quiet or not _is_rank0() or os.environ.get(ANNOUNCED_ENV):
+        return
+    ranks = args.nproc_per_node or world_size_from_env()
+    steps, stages = settings.steps, len(settings.stages)
+    print(start_line(args.preset, settings.width, settings.height, steps, ranks, settings.device, stages), flush=True)
 
-    quiet_third_party()
-    runtime = init_runtime(settings.backend, settings.timeout_s, settings.device)
-    try:
+
+def run(settings: RunSettings, outputs: Outputs, quiet: bool = False) -> None:
+    """Start the ranks, generate, and write the outputs on rank 0; rank 0 prints each slow phase before the
+    first step with its time, unless ``quiet``."""
+    with ExitStack() as stack:
+        if not quiet and _is_rank0():
+            stack.enter_context(report_to(print_phase))
+        with phase("imports (torch, diffusers)"):
+            from distlin.io import save_image, save_latents
+            from distlin.notices import quiet_third_party
+            from distlin.parallel.runtime import init_runtime
+            from distlin.run import generate
+
+            quiet_third_party()
+        with phase("process group") if world_size_from_env() > 1 else nullcontext():
+            runtime = init_runtime(settings.backend, settings.timeout_s, settings.device)
+        stack.callback(runtime.shutdown)
         if not runtime.is_main:
             _silence_progress()
         result = generate(settings, runtime)
         if runtime.is_main:
             save_image(outputs.image, result.image, result.metadata)
-            print(f"wrote {outputs.image} ({result.image.width}x{result.image.height})")
+            print(f"wrote {outputs.image} ({format_size(result.image.width, result.image.height)})")
             if outputs.latents:
                 save_latents(outputs.latents, result.latents)
                 print(f"wrote {outputs.latents} (latents {tuple(result.latents.shape)})")
@@ -331,8 +357,6 @@ def run(settings: RunSettings, outputs: Outputs) -> None:
                 if outputs.comm_json:
                     atomic_write(outputs.comm_json, lambda tmp: tmp.write_text(report + "\n"))
                     print(f"wrote {outputs.comm_json}")
-    finally:
-        runtime.shutdown()
 
 
 def start_ranks(ranks: int, argv: list[str]) -> NoReturn:
@@ -349,8 +373,14 @@ def start_ranks(ranks: int, argv: list[str]) -> NoReturn:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
     # one OpenMP thread: torchrun's default for several ranks, without its banner
     env = rank_environment(dict(os.environ), threads=1)
+    env[ANNOUNCED_ENV] = "1"
     sys.stdout.flush()
     os.execve(sys.executable, [*launcher, "-m", "distlin.cli.generate", *rest], env)
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of a torchrun group, or a single process (known before torch is imported)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _silence_progress() -> None:
@@ -371,10 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         args, settings, outputs = parse(argv)
         if args.plan:
             print_plan(settings, outputs, args.plan_ranks or args.nproc_per_node or world_size_from_env())
-        elif args.nproc_per_node is not None:
+            return 0
+        announce(args, settings)
+        if args.nproc_per_node is not None:
             start_ranks(args.nproc_per_node, sys.argv[1:] if argv is None else argv)
         else:
-            run(settings, outputs)
+            run(settings, outputs, args.quiet)
     except UsageError as err:
         # Every rank reports: torchrun stops the others as soon as one exits, possibly before rank 0 could.
         rank = int(os.environ.get("RANK", "0"))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from distlin.commands import command_name
 from distlin.distill.cache import MANIFEST, write_cache
 from distlin.distill.config import MIXED_PRECISION, TrainConfig
 from distlin.distill.data import CROPS, open_source
@@ -26,6 +27,7 @@ from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.loading import check_model_source
 from distlin.parallel.runtime import BACKENDS, init_runtime, resolve_device
 from distlin.presets import list_presets, load_preset
+from distlin.sizes import format_size
 
 INTERRUPTED_EXIT_CODE = 130
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -54,7 +56,7 @@ def _resolution_argument(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="distill.py", description="Distil LinFusion layers for any Stable Diffusion UNet.")
+    p = _Parser(prog=command_name(), description="Distil LinFusion layers for any Stable Diffusion UNet.")
     commands = p.add_subparsers(dest="command", required=True, metavar="{train,eval,cache}")
 
     t = commands.add_parser("train", help="train LinFusion layers (one process, or DDP under torchrun)")
@@ -250,7 +252,7 @@ def _cache(args: argparse.Namespace) -> Callable[[], None]:
             source, Encoders(pipe, device), out, model, resolution, args.batch_size, args.shard_size, args.workers
         )
         print(
-            f"cached {len(manifest['items'])} images at {resolution}x{resolution} in {out}"
+            f"cached {len(manifest['items'])} images at {format_size(resolution, resolution)} in {out}"
             + (f" (skipped {manifest['skipped']} unreadable)" if manifest["skipped"] else "")
         )
 

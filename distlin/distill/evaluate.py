@@ -25,6 +25,7 @@ from distlin.distill.student import initial_linfusion, mounted
 from distlin.errors import UsageError
 from distlin.io import atomic_write
 from distlin.linfusion import LinFusion
+from distlin.sizes import format_size
 
 DEFAULT_SCALES = (1, 2, 4)
 
@@ -144,8 +145,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         cells = [
             f"{row['scale']}x",
-            f"{row['size']}x{row['size']}",
-            f"{row['latent_size']}x{row['latent_size']}",
+            format_size(row["size"], row["size"]),
+            format_size(row["latent_size"], row["latent_size"]),
             _number(row["student_rel_mse"]),
         ]
         if has_init:

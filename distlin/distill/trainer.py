@@ -48,6 +48,7 @@ from distlin.errors import UsageError
 from distlin.io import atomic_write
 from distlin.linfusion import LinFusion
 from distlin.parallel.runtime import Runtime
+from distlin.sizes import format_size
 
 
 @dataclass
@@ -222,8 +223,8 @@ class Trainer:
             params = sum(p.numel() for p in self.linfusion.parameters())
             print(
                 f"distilling {layers} LinFusion layers ({params:,} parameters) of {cfg.model} at "
-                f"{self.resolution}x{self.resolution}: global batch {cfg.batch_size} = {runtime.world_size} "
-                f"rank(s) x {cfg.grad_accum} accumulation x {plan.layout.micro_batch}; "
+                f"{format_size(self.resolution, self.resolution)}: global batch {cfg.batch_size} = "
+                f"{runtime.world_size} rank(s) x {cfg.grad_accum} accumulation x {plan.layout.micro_batch}; "
                 f"{len(plan.train_indices)} training images, {len(plan.holdout)} held out",
                 flush=True,
             )

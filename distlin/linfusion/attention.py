@@ -33,7 +33,7 @@ class LinFusionAttnProcessor:
 
     ``reduce_state`` turns the local state into the global one (an all-reduce in the parallel
     engine, the identity on one device). ``chunk_size`` bounds the extra memory per token chunk. ``kernel``
-    picks the attention ops (:data:`~distlin.ops.linear_attention.ATTENTION_KERNELS`): ``auto`` runs the fused
+    picks the attention ops (:data:`~distlin.ops.kernels.ATTENTION_KERNELS`): ``auto`` runs the fused
     Triton kernels on CUDA at inference and the PyTorch ops elsewhere.
     The phases are public (:meth:`partial`, :meth:`reduce`, :meth:`apply`) so a caller that produces the
     layer's input chunk by chunk (:class:`~distlin.lean.transformer.ChunkedTransformer2D`) can sum the

@@ -29,6 +29,7 @@ from distlin.errors import UsageError
 from distlin.models.architectures import load_architecture
 from distlin.parallel.topology import LATENT_FACTOR, Topology, row_unit
 from distlin.settings import DTYPE_BYTES, VAE_DECODES
+from distlin.sizes import format_size
 from distlin.thresholds import Thresholds
 
 
@@ -161,7 +162,7 @@ def plan(
     if dtype not in DTYPE_BYTES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     if height % LATENT_FACTOR or width % LATENT_FACTOR:
-        raise UsageError(f"{height}x{width} px: both sides must be multiples of {LATENT_FACTOR}")
+        raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {LATENT_FACTOR}")
     if micro_batch is not None and micro_batch < 1:
         raise UsageError(f"micro_batch {micro_batch} must be at least 1")
     arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
@@ -241,7 +242,9 @@ def ranks_needed(capacity_bytes: int, preset_or_arch: str | dict[str, Any], heig
                 return ranks
         except UsageError:
             break
-    raise UsageError(f"{height}x{width} px does not fit {capacity_bytes / 2**30:.1f} GiB per rank with any rank count")
+    raise UsageError(
+        f"{format_size(width, height)} px does not fit {capacity_bytes / 2**30:.1f} GiB per rank with any rank count"
+    )
 
 
 def format_plan(result: dict[str, Any]) -> str:
@@ -249,7 +252,7 @@ def format_plan(result: dict[str, Any]) -> str:
     gib = 2**30
     head = (
         f"predicted peak per rank: {result['peak_bytes_per_rank'] / gib:.2f} GiB "
-        f"({result['height']}x{result['width']} px, {result['ranks']} rank(s), {result['dtype']}, "
+        f"({format_size(result['width'], result['height'])} px, {result['ranks']} rank(s), {result['dtype']}, "
         f"cfg={'parallel' if result['cfg_parallel'] else result['cfg']}, micro_batch={result['micro_batch']}, "
         f"ff_chunk={result['ff_chunk']}, vae={result['vae']}"
         + (f", vae_attention_rows={result['vae_attention_rows']})" if result["vae_attention_rows"] else ")")

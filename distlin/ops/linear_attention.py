@@ -13,27 +13,26 @@ size, whatever the resolution (on CPU the chunks are also capped at :data:`CPU_C
 Shapes: ``q``, ``k``, ``v`` are ``(B, heads, N, d)``, any strides: token-major views such as
 ``x.view(B, N, heads, d).transpose(1, 2)`` need no copy.
 
-Each phase has two implementations, picked by ``kernel`` (:data:`ATTENTION_KERNELS`): the PyTorch ops here
-(``*_torch``, the naive reference, any device, differentiable) and fused Triton kernels
+Each phase has two implementations, picked by ``kernel`` (:data:`distlin.ops.kernels.ATTENTION_KERNELS`): the
+PyTorch ops here (``*_torch``, the naive reference, any device, differentiable) and fused Triton kernels
 (:mod:`distlin.ops.triton_linear_attention`, CUDA, inference only). ``auto`` takes the kernels where they apply.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 
 from distlin.errors import UsageError
+from distlin.ops.kernels import check_kernel, triton_available
 
 EPS = 1e-4
 DEFAULT_CHUNK = 65536
 # On CPU, chunks this small reuse the allocator's freed blocks instead of page-faulting fresh 20 MB buffers on every
 # call, and stay in cache: the SD-1.5 layer (C=320, 16K tokens, 1 thread) runs ~15-20 % faster than in one chunk.
 CPU_CHUNK = 1024
-ATTENTION_KERNELS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -74,19 +73,6 @@ def token_chunks(n: int, chunk_size: int | None, device: torch.device | None = N
     if device is not None and device.type == "cpu":
         step = min(step, CPU_CHUNK)
     return [(s, min(s + step, n)) for s in range(0, n, max(step, 1))] or [(0, 0)]
-
-
-def triton_available() -> bool:
-    """Whether triton can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def check_kernel(kernel: str) -> None:
-    """Reject an unknown kernel name, or ``triton`` where triton is not installed, before any work starts."""
-    if kernel not in ATTENTION_KERNELS:
-        raise UsageError(f"unknown attention kernel {kernel!r}; use one of {', '.join(ATTENTION_KERNELS)}")
-    if kernel == "triton" and not triton_available():
-        raise UsageError("attention kernel 'triton' needs the triton package: pip install triton, or use auto/torch")
 
 
 def select_kernel(kernel: str, *tensors: torch.Tensor) -> str:

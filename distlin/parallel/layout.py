@@ -8,6 +8,14 @@ from functools import cached_property
 from distlin.errors import UsageError
 
 
+class TooManyRanks(UsageError):
+    """More ranks than an image's height splits into: ``ranks`` bands need at least ``min_height`` px."""
+
+    def __init__(self, message: str, ranks: int, min_height: int):
+        super().__init__(message)
+        self.ranks, self.min_height = ranks, min_height
+
+
 def max_ranks(height: int, unit: int) -> int:
     """The largest number of bands a latent of ``height`` rows splits into with ``unit``-row granularity."""
     return max(height // unit, 1)
@@ -34,11 +42,13 @@ class RowLayout:
             raise UsageError(f"number of ranks must be >= 1, got {self.ranks}")
         units = self.height // self.unit
         if self.ranks > 1 and self.ranks > units:
-            most = max_ranks(self.height, self.unit)
-            raise UsageError(
+            most, least = max_ranks(self.height, self.unit), self.ranks * self.unit * self.factor
+            raise TooManyRanks(
                 f"{self.ranks} ranks cannot split a latent of {self.height} rows ({self.height * self.factor} px) "
                 f"into bands of {self.unit}-row units: at most {most} {'rank works' if most == 1 else 'ranks work'} "
-                f"for this height; use fewer ranks or a height of at least {self.ranks * self.unit * self.factor} px"
+                f"for this height; use fewer ranks or a height of at least {least} px",
+                self.ranks,
+                least,
             )
 
     @cached_property

@@ -50,6 +50,7 @@ from distlin.errors import UsageError
 from distlin.parallel.unet import ParallelUNet
 from distlin.sampling.reference import Coder, PlainVAE, encoded, upscaled_reference
 from distlin.sampling.stages import Stage, StageClock, StageReport, check_stages
+from distlin.sizes import format_size
 
 UPSCALE_STRENGTH = 0.32  # LinFusion's SDXL ``upscale_strength``: the first upscaling stage's strength
 SKIP_POWER, DILATED_POWER = 3.0, 1.0  # DemoFusion's cosine_scale_1 and cosine_scale_2
@@ -190,8 +191,8 @@ def _ratio(native: Stage, stage: Stage) -> int:
     ratio, rest = divmod(stage.height, native.height)
     if rest or stage.width != ratio * native.width or ratio < 1:
         raise UsageError(
-            f"stage {stage.height}x{stage.width} must be an integer multiple, with the same factor on both sides, "
-            f"of the native {native.height}x{native.width}"
+            f"stage {format_size(stage.width, stage.height)} must be an integer multiple, with the same factor on "
+            f"both sides, of the native {format_size(native.width, native.height)}"
         )
     return ratio
 
@@ -217,7 +218,8 @@ def _denoise_stage(
     scheduler.set_timesteps(steps, device=z0.device)
     count = min(int(steps * stage.strength), steps)
     if count == 0:
-        raise UsageError(f"stage {stage.height}x{stage.width}: strength {stage.strength} x {steps} steps is no step")
+        size = format_size(stage.width, stage.height)
+        raise UsageError(f"stage {size}: strength {stage.strength} × {steps} steps is no step")
     # Without a begin index the scheduler finds every timestep's sigma by value, as add_noise needs below.
     timesteps = scheduler.timesteps[(steps - count) * scheduler.order :]
     noise = randn_tensor(z0.shape, generator=torch.Generator().manual_seed(seed), device=z0.device, dtype=z0.dtype)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distlin.errors import UsageError
+from distlin.sizes import format_size
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,8 @@ def check_stages(stages: Sequence[Stage]) -> None:
         raise UsageError("a cascade needs at least one stage")
     for stage in stages[1:]:
         if not 0.0 < stage.strength <= 1.0:
-            raise UsageError(f"stage {stage.height}x{stage.width}: strength must be in (0, 1], got {stage.strength}")
+            size = format_size(stage.width, stage.height)
+            raise UsageError(f"stage {size}: strength must be in (0, 1], got {stage.strength}")
 
 
 def cascade_stages(values: dict[str, Any]) -> tuple[Stage, ...]:
@@ -89,8 +91,8 @@ def cascade_stages(values: dict[str, Any]) -> tuple[Stage, ...]:
         strength = float(entry.get("strength", 1.0))
         if height % 8 or width % 8 or height < 8 or width < 8:
             raise UsageError(
-                f"cascade stage {k} would be {width}x{height} px (not a multiple of 8): make --height/--width "
-                f"multiples of {8 * 2 ** (len(section) - 1)} for a {len(section)}-stage cascade"
+                f"cascade stage {k} would be {format_size(width, height)} px (not a multiple of 8): make "
+                f"--width/--height multiples of {8 * 2 ** (len(section) - 1)} for a {len(section)}-stage cascade"
             )
         if k and not 0.0 < strength <= 1.0:
             raise UsageError(f"cascade stage {k} strength {strength} must be in (0, 1]; fix the preset")

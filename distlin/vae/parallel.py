@@ -30,6 +30,7 @@ from distlin.parallel.groupnorm import PatchGroupNorm
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
 from distlin.parallel.topology import LATENT_FACTOR
+from distlin.sizes import format_size
 from distlin.surgery import Swaps
 from distlin.thresholds import INDEX_LIMIT
 
@@ -180,7 +181,8 @@ class ParallelVAE:
         vae = self.vae
         height, width = image.shape[-2:]
         if height % LATENT_FACTOR or width % LATENT_FACTOR:
-            raise ValueError(f"image of {height}x{width} px: both sides must be multiples of {LATENT_FACTOR}")
+            size = format_size(width, height)
+            raise ValueError(f"image of {size} px: both sides must be multiples of {LATENT_FACTOR}")
         self._set_layout(height // LATENT_FACTOR, width // LATENT_FACTOR)
         try:
             moments = vae.encoder(self._band(image))

@@ -56,6 +56,7 @@ from distlin.errors import UsageError
 from distlin.ops.group_norm import group_moments, normalize_with
 from distlin.ops.halo import conv_out_size, halo_rows
 from distlin.ops.softmax_attention import softmax_attention
+from distlin.sizes import format_size
 from distlin.surgery import original_type
 from distlin.vae.transfer import Fetch, HostStore, ahead
 
@@ -551,7 +552,8 @@ def encode_sequential(
     height, width = image.shape[-2:]
     factor = 2 ** sum(len(down.downsamplers or []) for down in encoder.down_blocks)
     if height % factor or width % factor:
-        raise UsageError(f"image of {width}x{height} px: both sides must be multiples of {factor} to encode")
+        size = format_size(width, height)
+        raise UsageError(f"image of {size} px: both sides must be multiples of {factor} to encode")
     bounds = [*range(0, height, band_rows * factor), height]
     x = Bands([run.save(image[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
 
