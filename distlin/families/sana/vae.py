@@ -23,6 +23,7 @@ from distlin.parallel.context import ParallelContext
 from distlin.parallel.conv import PatchConv2d
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
+from distlin.sizes import format_size
 from distlin.surgery import Swaps, bound_class, twin
 from distlin.thresholds import INDEX_LIMIT
 from distlin.vae.parallel import _banded, _gather_rows
@@ -112,7 +113,7 @@ class ParallelDCAE:
         """``vae.encode(image).latent`` (unscaled) as ``.mean``, band-parallel; sides multiples of the factor."""
         height, width = image.shape[-2:]
         if height % self.factor or width % self.factor:
-            raise ValueError(f"image of {height}x{width} px: both sides must be multiples of {self.factor}")
+            raise ValueError(f"image of {format_size(width, height)} px: both sides must be multiples of {self.factor}")
         return Encoded(self._run(self.vae.encoder, image, height // self.factor, width // self.factor))
 
 
