@@ -290,3 +290,11 @@ def test_gpu_suite_unet_part_measures_the_unet_as_a_run_makes_it_and_survives_a_
     assert all(r["ms"] > 0 and r["utilisation"] > 0 and r["skipped"] is None for r in records[:2])
     skipped = records[2]["skipped"]
     assert skipped.startswith("RuntimeError at batch 2 (planned ") and skipped.endswith("exceeds INT_MAX")
+
+
+def test_sana_suite_counts_one_state_per_layer_whatever_the_size(tmp_path: Path) -> None:
+    """SANA-1600M on meta tensors: the attention bytes per step are 20 layers x B·h·(d+1)·d float32 at every size,
+    and far below Ulysses' all-to-alls."""
+    records = run_suite(tmp_path, "sana", "--height", "1024,2048", "--ranks", "8")
+    assert [r["engine"]["attention"] for r in records] == [20 * 2 * 70 * 33 * 32 * 4] * 2
+    assert all(r["engine"]["total"] < r["ulysses_total"] for r in records)

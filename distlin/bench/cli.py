@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from distlin.bench import attention, cascade, fidelity, gpu, memory, options, project, scaling, unet
+from distlin.bench import attention, cascade, fidelity, gpu, memory, options, project, sana, scaling, unet
 from distlin.bench.report import environment, write_suite
 from distlin.commands import command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
@@ -28,6 +28,7 @@ SUITES: dict[str, ModuleType] = {
     "memory": memory,
     "gpu": gpu,
     "fidelity": fidelity,
+    "sana": sana,
 }
 
 POSITIVE = ("threads", "warmup", "repeats", "steps", "batch", "heads")  # counts, where a suite has them
