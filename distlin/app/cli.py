@@ -114,6 +114,8 @@ def parse(argv: list[str] | None = None) -> AppOptions:
 
 def serve(options: AppOptions) -> int:
     """Start the ranks; rank 0 serves HTTP until Ctrl-C, the others run what it sends. Returns the exit code."""
+    if int(os.environ.get("RANK", "0")) == 0:  # before the imports: torch and Gradio take seconds
+        print(f"starting the distlin app on http://{options.host}:{options.port} (importing torch, Gradio)", flush=True)
     from distlin.app.coordinator import Coordinator
     from distlin.app.ranks import RankChannel, serve_worker
     from distlin.app.results import ResultStore
