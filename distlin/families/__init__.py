@@ -17,7 +17,21 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SANA)}
 # Pipeline and denoiser class names of each family (diffusers' own), so a loaded pipeline finds its family.
 _CLASS_PREFIXES = {"Sana": "sana"}
 
-__all__ = ["FAMILIES", "Family", "family_of_builtin", "family_of_class", "family_of_pipeline", "load"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "family_of_builtin",
+    "family_of_class",
+    "family_of_model",
+    "family_of_pipeline",
+    "load",
+]
+
+
+def family_of_model(model: str) -> Family:
+    """The family of a model name before anything loads: a built-in name or a Hub id a family lists, else
+    Stable Diffusion."""
+    return family_of_builtin(model) or next((f for f in FAMILIES.values() if model in f.hub_models), SD)
 
 
 def family_of_builtin(model: str) -> Family | None:

@@ -38,6 +38,7 @@ class Family:
     savers model it; ``sequential_vae``: whether
     its VAE decodes band by band through host RAM above the size threshold; ``linfusion``: whether LinFusion
     layers mount on it (SANA's attention is linear already);
+    ``hub_models``: Hub ids its presets use;
     ``builtin``: offline model names, built by ``build`` (``module:function``, ``(name, seed, torch_dtype)``);
     ``call_options``: keyword arguments every pipeline call of a run adds; ``no_negative_prompt``: what the
     pipeline takes for an empty one; ``cascade``: ``module:function`` running its cascades and ``--init-image``
@@ -57,6 +58,7 @@ class Family:
     sequential_vae: bool = True
     linfusion: bool = True
     builtin: tuple[str, ...] = ()
+    hub_models: tuple[str, ...] = ()
     build: str = ""
     call_options: tuple[tuple[str, Any], ...] = ()
     no_negative_prompt: str | None = None  # None lets SDXL use its zero embedding

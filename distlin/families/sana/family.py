@@ -27,6 +27,11 @@ SANA = Family(
     sequential_vae=False,  # the DC-AE decodes band-parallel on every rank at any size
     linfusion=False,
     builtin=("tiny-sana",),
+    hub_models=(
+        "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
+        "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers",
+        "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+    ),
     build="distlin.families.sana.tiny:build_sana_pipeline",
     # run at the size asked for: SANA's pipeline otherwise snaps it to its 1K/2K/4K aspect-ratio bins
     call_options=(("use_resolution_binning", False),),
