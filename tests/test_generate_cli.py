@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from distlin.cli import generate as cli
+from distlin.errors import UsageError
 from distlin.io import atomic_write
 from distlin.presets import list_presets, load_preset
 
@@ -292,3 +293,18 @@ def test_module_entry_point_runs_the_command_line() -> None:
         [sys.executable, "-m", "distlin.cli.generate", "--height", "7"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and done.stderr.startswith("error: height 7")
+
+
+@pytest.mark.parametrize(("kernel", "said"), [("foo", "unknown attention kernel 'foo'"), ("triton", "runs on CUDA")])
+def test_the_attention_kernel_is_checked_with_the_other_flags(kernel: str, said: str) -> None:
+    """Refused by the flag checks (``parse``: nothing imported, nothing loaded), on the tiny preset's CPU."""
+    with pytest.raises(UsageError, match=said):
+        cli.parse(["--attention-kernel", kernel])
+
+
+def test_a_cascade_stage_too_short_for_the_ranks_is_named_with_the_height_that_works() -> None:
+    with pytest.raises(UsageError) as refusal:
+        cli.parse(["--preset", "tiny-sd15-cascade", "--nproc-per-node", "2", "--no-cfg-parallel"])
+    message = str(refusal.value)
+    assert message.startswith("cascade stage 1 of 3 is 96×64 px") and "pass --height 512 or more" in message
+    cli.parse(["--preset", "tiny-sd15-cascade", "--nproc-per-node", "2", "--no-cfg-parallel", "--height", "512"])

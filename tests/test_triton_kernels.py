@@ -206,7 +206,7 @@ def test_an_unknown_kernel_names_the_choices() -> None:
 
 def test_triton_without_triton_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
-    assert "pip install triton" in usage_error_line(lambda: LinFusionAttnProcessor(kernel="triton"))
+    assert "pip install 'distlin[gpu]'" in usage_error_line(lambda: LinFusionAttnProcessor(kernel="triton"))
     assert LinFusionAttnProcessor(kernel="auto").kernel == "auto"  # auto never needs triton
 
 

@@ -30,7 +30,9 @@ def check_kernel(kernel: str, device: str | None = None) -> None:
     if kernel != "triton":
         return
     if not triton_available():
-        raise UsageError("attention kernel 'triton' needs the triton package: pip install triton, or use auto/torch")
+        raise UsageError(
+            "attention kernel 'triton' needs the triton package: pip install 'distlin[gpu]', or use auto/torch"
+        )
     on_cpu = device is not None and device.split(":")[0] in ("cpu", "mps")
     if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError(
