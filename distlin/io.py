@@ -35,9 +35,7 @@ def check_output_path(path: str | os.PathLike[str], suffix: str | tuple[str, ...
             f"output {str(out)!r} must end in {' or '.join(suffixes)}; pass e.g. {out.with_suffix(suffix)}"
         )
     if out.suffix.lower() in TIFF_SUFFIXES and importlib.util.find_spec("tifffile") is None:
-        raise UsageError(
-            f"output {str(out)!r}: tiled TIFF needs the tifffile package; pip install 'distlin[highres]'"
-        )
+        raise UsageError(f"output {str(out)!r}: tiled TIFF needs the tifffile package; pip install 'distlin[highres]'")
     folder = out.parent
     if not folder.is_dir():
         raise UsageError(f"folder {str(folder)!r} for output {str(out)!r} does not exist; create it first")

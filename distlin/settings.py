@@ -26,6 +26,7 @@ from distlin.components import (
     check_shared_image_encoder,
 )
 from distlin.errors import UsageError
+from distlin.families import family_of_model
 from distlin.ops.kernels import check_kernel
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.layout import TooManyRanks
@@ -242,6 +243,7 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
     check_linfusion_source(settings.linfusion)
     config = unet_config(settings.model)
     check_components(settings, config)
+    family_of_model(settings.model).check_sizes(settings.model, settings.topology(world_size), settings.sizes)
     if config is not None:  # the rank split of every size, from the UNet config alone
         topology = settings.topology(world_size)
         check_sizes(settings, lambda height, width: topology.check_image(height, width, row_unit(config)))

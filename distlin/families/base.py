@@ -38,7 +38,8 @@ class Family:
     savers model it; ``sequential_vae``: whether
     its VAE decodes band by band through host RAM above the size threshold; ``linfusion``: whether LinFusion
     layers mount on it (SANA's attention is linear already);
-    ``hub_models``: Hub ids its presets use;
+    ``hub_models``: Hub ids its presets use; ``architectures``: a built-in model's
+    ``denoiser`` and ``vae`` configs, so its rank split is checked before any rank starts;
     ``builtin``: offline model names, built by ``build`` (``module:function``, ``(name, seed, torch_dtype)``);
     ``call_options``: keyword arguments every pipeline call of a run adds; ``no_negative_prompt``: what the
     pipeline takes for an empty one; ``cascade``: ``module:function`` running its cascades and ``--init-image``
@@ -59,6 +60,7 @@ class Family:
     linfusion: bool = True
     builtin: tuple[str, ...] = ()
     hub_models: tuple[str, ...] = ()
+    architectures: tuple[tuple[str, dict], ...] = ()
     build: str = ""
     call_options: tuple[tuple[str, Any], ...] = ()
     no_negative_prompt: str | None = None  # None lets SDXL use its zero embedding
@@ -72,6 +74,16 @@ class Family:
     def refusal(self, feature: str) -> str | None:
         """Why ``feature`` does not work with this family (one line), or None when it does."""
         return dict(self.unsupported).get(feature)
+
+    def check_sizes(self, model: str, topology: Any, sizes: list[tuple[int, int]]) -> None:
+        """Raise the one-line :class:`UsageError` of a size the ranks cannot split, when the model's configs are
+        known offline (a built-in model)."""
+        architecture = dict(self.architectures).get(model.removeprefix("distlin/"))
+        if architecture is None:
+            return
+        unit, factor = self.row_unit(architecture["denoiser"]), self.latent_factor(architecture["vae"])
+        for height, width in sizes:
+            topology.check_image(height, width, unit, factor)
 
     def refuse(self, feature: str, used: bool) -> None:
         """Raise the one-line :class:`UsageError` of ``feature`` when it is ``used`` and this family refuses it."""

@@ -2,7 +2,60 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from distlin.families.base import Family
+
+# patch_size 1 and no positional embedding, as SANA-1600M at 1K and 4K; three DC-AE levels: latent factor 4.
+TINY_SANA: dict[str, dict[str, Any]] = {
+    "transformer": {
+        "in_channels": 8,
+        "out_channels": 8,
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "num_layers": 2,
+        "num_cross_attention_heads": 2,
+        "cross_attention_head_dim": 8,
+        "cross_attention_dim": 16,
+        "caption_channels": 16,
+        "mlp_ratio": 2.5,
+        "sample_size": 16,
+        "patch_size": 1,
+    },
+    "vae": {
+        "in_channels": 3,
+        "latent_channels": 8,
+        "attention_head_dim": 8,
+        "encoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
+        "decoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
+        "encoder_block_out_channels": [8, 16, 16],
+        "decoder_block_out_channels": [8, 16, 16],
+        "encoder_layers_per_block": [1, 1, 1],
+        "decoder_layers_per_block": [1, 1, 1],
+        "encoder_qkv_multiscales": [[], [], [5]],
+        "decoder_qkv_multiscales": [[], [], [5]],
+        "upsample_block_type": "interpolate",
+        "downsample_block_type": "Conv",
+        "decoder_norm_types": "rms_norm",
+        "decoder_act_fns": "silu",
+        "scaling_factor": 0.41407,
+    },
+    "text_encoder": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "max_position_embeddings": 4096,
+    },
+    "scheduler": {
+        "num_train_timesteps": 1000,
+        "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True,
+        "flow_shift": 3.0,
+    },
+}
 
 
 def token_row_unit(transformer_config: dict) -> int:
@@ -27,6 +80,7 @@ SANA = Family(
     sequential_vae=False,  # the DC-AE decodes band-parallel on every rank at any size
     linfusion=False,
     builtin=("tiny-sana",),
+    architectures=(("tiny-sana", {"denoiser": TINY_SANA["transformer"], "vae": TINY_SANA["vae"]}),),
     hub_models=(
         "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
         "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers",

@@ -7,66 +7,14 @@ encoder's vocabulary matches it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 from transformers import Gemma2Config, Gemma2Model
 
+from distlin.families.sana.family import TINY_SANA
 from distlin.models.tiny import load_tokenizer
 
 NAME_PREFIX = "distlin/"
-# patch_size 1 and no positional embedding, as SANA-1600M at 1K and 4K; three DC-AE levels: latent factor 4.
-TINY_SANA: dict[str, dict[str, Any]] = {
-    "transformer": {
-        "in_channels": 8,
-        "out_channels": 8,
-        "num_attention_heads": 2,
-        "attention_head_dim": 8,
-        "num_layers": 2,
-        "num_cross_attention_heads": 2,
-        "cross_attention_head_dim": 8,
-        "cross_attention_dim": 16,
-        "caption_channels": 16,
-        "mlp_ratio": 2.5,
-        "sample_size": 16,
-        "patch_size": 1,
-    },
-    "vae": {
-        "in_channels": 3,
-        "latent_channels": 8,
-        "attention_head_dim": 8,
-        "encoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
-        "decoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
-        "encoder_block_out_channels": [8, 16, 16],
-        "decoder_block_out_channels": [8, 16, 16],
-        "encoder_layers_per_block": [1, 1, 1],
-        "decoder_layers_per_block": [1, 1, 1],
-        "encoder_qkv_multiscales": [[], [], [5]],
-        "decoder_qkv_multiscales": [[], [], [5]],
-        "upsample_block_type": "interpolate",
-        "downsample_block_type": "Conv",
-        "decoder_norm_types": "rms_norm",
-        "decoder_act_fns": "silu",
-        "scaling_factor": 0.41407,
-    },
-    "text_encoder": {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 8,
-        "max_position_embeddings": 4096,
-    },
-    "scheduler": {
-        "num_train_timesteps": 1000,
-        "prediction_type": "flow_prediction",
-        "use_flow_sigmas": True,
-        "flow_shift": 3.0,
-    },
-}
-BUILDERS = ("tiny-sana",)
 
 
 def build_sana_pipeline(name: str, seed: int = 0, torch_dtype: torch.dtype = torch.float32) -> SanaPipeline:
