@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distlin.errors import UsageError
+from distlin.inputs import check_image
 from distlin.notices import without_cast_notice
 from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_family, local_path, read_json
 
@@ -202,19 +203,6 @@ def _ip_adapter_text_width(path: Path, source: str) -> int:
         raise UsageError(f"IP-Adapter {source!r}: {path} is not a readable .safetensors file ({err})") from None
 
 
-def check_image(path: str, flag: str) -> tuple[int, int]:
-    """The (width, height) of an image file, read from its header only."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(Path(path).expanduser()) as image:
-            return image.size
-    except FileNotFoundError:
-        raise UsageError(f"{flag} {path!r} does not exist; pass an image file") from None
-    except (OSError, UnidentifiedImageError) as err:
-        raise UsageError(f"{flag} {path!r} is not a readable image ({err}); pass a PNG or JPEG") from None
-
-
 def check_controlnet(source: str, unet: dict[str, Any] | None) -> None:
     """A ControlNet folder (or Hub id) whose config fits the base UNet's config ``unet`` (when known)."""
     path = local_path(source)
@@ -354,12 +342,3 @@ def pipeline_for(task: str, pipe: Any, **components: Any) -> Any:
     variant = auto.from_pipe(pipe, **components)
     variant.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # rank 0 only, as the pipeline
     return variant
-
-
-def load_rgb(path: str, width: int, height: int) -> Any:
-    """An image file as RGB at ``width`` x ``height`` (bicubic)."""
-    from PIL import Image
-
-    with Image.open(Path(path).expanduser()) as image:
-        rgb = image.convert("RGB")
-    return rgb if rgb.size == (width, height) else rgb.resize((width, height), Image.Resampling.BICUBIC)

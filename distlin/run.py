@@ -21,14 +21,13 @@ import distlin
 from distlin.components import (
     apply_ip_adapter,
     apply_loras,
-    check_image,
     ip_adapter_scales,
     load_controlnet,
-    load_rgb,
     pipeline_for,
 )
 from distlin.errors import Cancelled, UsageError
 from distlin.families import family_of_pipeline, load
+from distlin.inputs import load_rgb
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
 from distlin.memory.fit import fit_to_capacity, saver_flags
@@ -285,7 +284,7 @@ def _sample(
         del common["negative_prompt"]
     if settings.ip_image:  # the scales are per generation: a web app keeps the pipeline across scales
         pipe.set_ip_adapter_scale(ip_adapter_scales(settings.ip_adapters))
-        common["ip_adapter_image"] = [load_rgb(path, *check_image(path, "--ip-image")) for path in settings.ip_image]
+        common["ip_adapter_image"] = [load_rgb(path, "--ip-image") for path in settings.ip_image]
     if family.cascade and (settings.stages or settings.init_image is not None):
         return _family_cascade(prepared, settings, runtime, on_stage, common)
     if not settings.stages:
@@ -293,9 +292,12 @@ def _sample(
         inputs: dict[str, Any] = {"height": height, "width": width}
         if settings.init_image is not None:
             pipe = pipeline_for("image-to-image" if settings.mask is None else "inpainting", pipe)
-            inputs = {"image": load_rgb(settings.init_image, width, height), "strength": settings.strength}
+            inputs = {
+                "image": load_rgb(settings.init_image, "--init-image", (width, height)),
+                "strength": settings.strength,
+            }
         if settings.mask is not None:
-            inputs.update(mask_image=load_rgb(settings.mask, width, height), height=height, width=width)
+            inputs.update(mask_image=load_rgb(settings.mask, "--mask", (width, height)), height=height, width=width)
         if settings.controlnet:
             control = "control_image" if settings.init_image is not None else "image"
             inputs[control] = _control_images(settings, Stage(height, width))
@@ -324,7 +326,7 @@ def _sample(
         cascade["controls"] = [_control_images(settings, stage) for stage in settings.stages]
         cascade["control_scale"] = _control_scale(settings)
     if settings.init_image is not None:
-        picture = load_rgb(settings.init_image, first.width, first.height)
+        picture = load_rgb(settings.init_image, "--init-image", (first.width, first.height))
         cascade["init_image"] = pipe.image_processor.preprocess(picture)
     if not hasattr(pipe, "text_encoder_2"):
         return run_sdedit(pipe, **cascade, **common)
@@ -345,7 +347,9 @@ def _family_cascade(
     init = None
     if settings.init_image is not None:
         first = stages[0]
-        init = pipe.image_processor.preprocess(load_rgb(settings.init_image, first.width, first.height))
+        init = pipe.image_processor.preprocess(
+            load_rgb(settings.init_image, "--init-image", (first.width, first.height))
+        )
     cascade = load(family_of_pipeline(pipe).cascade)
     vae = _coder(prepared, settings, runtime)
     return cascade(pipe, stages, settings.steps, settings.seed, vae, prepared.engine, on_stage, init, **common)
@@ -354,7 +358,7 @@ def _family_cascade(
 def _control_images(settings: RunSettings, stage: Stage) -> Any:
     """The control image at ``stage``'s size, as the ControlNet pipelines take it: one picture for one ControlNet,
     a list (in order) for several."""
-    images = [load_rgb(path, stage.width, stage.height) for path in settings.control_image]
+    images = [load_rgb(path, "--control-image", (stage.width, stage.height)) for path in settings.control_image]
     return images[0] if len(images) == 1 else images
 
 

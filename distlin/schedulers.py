@@ -6,6 +6,7 @@ Torch-free at import: the command line checks a name before loading anything.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from distlin.errors import UsageError
@@ -25,12 +26,41 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("LCMScheduler", {}),
 }
 SECOND_ORDER = frozenset({"heun"})  # two UNet evaluations per step, the first step excepted
+# Multistep solvers divide by the gap between consecutive noise levels: at as many steps as training timesteps two
+# levels coincide (measured with diffusers 0.42: DPM++ 2M and UniPC repeat a sigma at 1000 of 1000) and the latents
+# become non-finite, so they take one step fewer.
+MULTISTEP = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
+DIFFUSERS_TRAIN_STEPS = 1000  # diffusers' default num_train_timesteps
+LCM_ORIGINAL_STEPS = 50  # diffusers' default original_inference_steps of LCMScheduler
 
 
 def check_scheduler(name: str | None) -> None:
     """None (the model's own scheduler) or a known name; a UsageError listing the names otherwise."""
     if name is not None and name not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+
+
+def max_steps(config: Mapping[str, Any] | None, name: str | None = None) -> tuple[int, str]:
+    """The most denoising steps scheduler ``name`` (None: the model's own, ``config["_class_name"]``) can take over
+    the noise schedule ``config`` (the model's scheduler config; None: diffusers' defaults), and why."""
+    config = config or {}
+    kind = SCHEDULERS[name][0] if name in SCHEDULERS else str(config.get("_class_name", ""))
+    train = int(config.get("num_train_timesteps", DIFFUSERS_TRAIN_STEPS))
+    if kind == "LCMScheduler":
+        return int(config.get("original_inference_steps", LCM_ORIGINAL_STEPS)), "LCM's original inference steps"
+    if kind in MULTISTEP:
+        return train - 1, f"one fewer than its {train} training timesteps"
+    return train, f"its {train} training timesteps"
+
+
+def check_steps(config: Mapping[str, Any] | None, steps: int, name: str | None = None) -> None:
+    """Refuse more steps than the scheduler can take (see :func:`max_steps`), before any model loads."""
+    limit, why = max_steps(config, name)
+    if steps > limit:
+        sampler = f"scheduler {name}" if name else "the model's scheduler"
+        raise UsageError(
+            f"steps {steps} is more than {sampler} can take ({limit}: {why}); pass --steps {limit} or fewer"
+        )
 
 
 def unet_calls(name: str | None, steps: int) -> int:

@@ -20,22 +20,22 @@ from distlin.components import (
     IpAdapter,
     Lora,
     check_controlnet,
-    check_image,
     check_ip_adapter,
     check_lora,
     check_shared_image_encoder,
 )
 from distlin.errors import UsageError
 from distlin.families import family_of_model
+from distlin.inputs import check_image
 from distlin.ops.kernels import check_kernel
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.layout import TooManyRanks
 from distlin.parallel.topology import Topology, row_unit
 from distlin.presets import PRESET_SCHEMA, load_preset
 from distlin.sampling.stages import Stage, cascade_stages, stages_from_image
-from distlin.schedulers import check_scheduler
+from distlin.schedulers import check_scheduler, check_steps
 from distlin.sizes import format_size
-from distlin.sources import check_linfusion_source, check_model_source, unet_config
+from distlin.sources import check_linfusion_source, check_model_source, scheduler_config, unet_config
 from distlin.thresholds import Thresholds
 
 MAX_SEED = 2**64 - 1
@@ -273,6 +273,7 @@ def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None
         check_lora(lora)
     check_ip_adapters(settings, unet)
     check_scheduler(settings.scheduler)
+    check_steps(scheduler_config(settings.model), settings.steps, settings.scheduler)
     if settings.strength is not None:
         if settings.init_image is None:
             raise UsageError("--strength needs --init-image (the picture to start from)")
@@ -282,8 +283,13 @@ def check_components(settings: RunSettings, unet: dict[str, Any] | None) -> None
                 f"pass e.g. --strength 0.5 (and --steps {math.ceil(1 / max(settings.strength, 0.01))} or more)"
             )
     if settings.mask is not None:
-        if settings.init_image is None or settings.stages:
-            raise UsageError("--mask inpaints an --init-image in one pass; without a cascade preset")
+        if settings.init_image is None:
+            raise UsageError("--mask needs --init-image (the picture to inpaint where the mask is white); pass both")
+        if settings.stages:
+            raise UsageError(
+                f"--mask inpaints in one pass, but preset {settings.preset!r} is a cascade; pass a one-pass preset "
+                "(e.g. --preset tiny-sd15) or drop --mask"
+            )
         check_image(settings.mask, "--mask")
     check_control(settings, unet)
 

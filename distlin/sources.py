@@ -103,18 +103,26 @@ def check_linfusion_source(linfusion: str) -> None:
 def unet_config(model: str) -> dict[str, Any] | None:
     """The UNet's config from a built-in name, a local folder or the Hugging Face cache (no network, no weights),
     or None when it cannot be read that cheaply (then the engine checks sizes once the model is loaded)."""
-    if is_builtin(model):
-        return load_architecture(model)["unet"]
-    name = ARCHITECTURE_FOR_MODEL.get(model)
+    return _component_config(model, "unet", "config.json")
+
+
+def scheduler_config(model: str) -> dict[str, Any] | None:
+    """The model's own scheduler config, read as cheaply as :func:`unet_config` (None when it cannot be)."""
+    return _component_config(model, "scheduler", "scheduler_config.json")
+
+
+def _component_config(model: str, component: str, file: str) -> dict[str, Any] | None:
+    """``component``'s config from the built-in architectures, a local folder's ``component/file`` or the cache."""
+    name = model if is_builtin(model) else ARCHITECTURE_FOR_MODEL.get(model)
     if name is not None:
-        return load_architecture(name)["unet"]
+        return load_architecture(name).get(component)
     path = local_path(model)
     if path is not None:
-        config_path = path / "unet" / "config.json"
+        config_path = path / component / file
         return read_json(config_path, f"model folder {model!r}", "--model") if config_path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "unet/config.json")
+    cached = try_to_load_from_cache(model, f"{component}/{file}")
     if not isinstance(cached, str):
         return None
     return read_json(Path(cached), f"model {model!r} in the Hugging Face cache", "--model")

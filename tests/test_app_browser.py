@@ -168,5 +168,5 @@ def test_generate_view_zoom_and_cancel_in_a_browser(app: tuple[str, Path], tmp_p
         page.get_by_role("option", name="likeness").click()
         expect(page.locator("#plan textarea")).to_have_value(re.compile("predicted peak per rank"))
         page.locator("#mask input[type=file]").set_input_files(tmp_path / "mask.png")
-        expect(page.locator("#plan textarea")).to_have_value(re.compile("^refused: mask inpaints an init image"))
+        expect(page.locator("#plan textarea")).to_have_value(re.compile("^refused: mask needs init image"))
         browser.close()

@@ -244,7 +244,7 @@ def test_a_cascade_control_image_needs_the_outputs_aspect_ratio(files, preset: s
         ({"init_image": "missing.png"}, "--init-image 'missing.png' does not exist"),
         ({"loras": ["missing.safetensors"]}, "LoRA 'missing.safetensors' does not exist"),
         ({"strength": 0.5}, "--strength needs --init-image"),
-        ({"mask": "PHOTO"}, "--mask inpaints an --init-image in one pass"),
+        ({"mask": "PHOTO"}, "--mask needs --init-image"),
         ({"mask": "missing.png", "init_image": "PHOTO"}, "--mask 'missing.png' does not exist"),
         ({"controlnet": "CONTROLNET"}, "got 1 --controlnet, 0 --control-image and 0 --control-scale; pass one"),
         (

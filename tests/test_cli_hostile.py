@@ -1,0 +1,141 @@
+"""Hostile command lines, each written as the attack it stops: every one used to load the model and then fail with
+a traceback, or run for hours, or silently do something else. Each is now one ``error:`` line, exit code 2, no
+file written, and nothing loaded (the run itself is replaced by a tripwire)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from distlin.cli import generate as cli
+from distlin.errors import UsageError
+from distlin.inputs import MAX_INPUT_PIXELS, check_image, decode_image
+from distlin.settings import build_settings
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty current folder, with the run (loading included) replaced by a tripwire."""
+    path = tmp_path / "work"
+    path.mkdir()
+    monkeypatch.chdir(path)
+
+    def tripwire(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded for an input that should have been refused")
+
+    monkeypatch.setattr(cli, "run", tripwire)
+    return path
+
+
+def refused(argv: list[str], capsys: pytest.CaptureFixture[str], workdir: Path) -> str:
+    """The one error line ``argv`` gets; asserts exit code 2 and that no file was written."""
+    code = cli.main(["--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert list(workdir.iterdir()) == []
+    return err
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` px of 1-bit gray, with one row of data: a few hundred bytes
+    that would decode to gigabytes (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (1 + (width + 7) // 8))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def photo(size: tuple[int, int] = (64, 128)) -> bytes:
+    """A small, complete PNG of noise (so its compressed data is long enough to cut)."""
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 64).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def pictures(tmp_path: Path) -> dict[str, str]:
+    """A good photo, a truncated one, and bombs above our limit and above PIL's own."""
+    files = {
+        "photo": photo(),
+        "truncated": photo()[: len(photo()) // 2],
+        "bomb": png_claiming(100_000, 100_000),
+        "above-our-limit": png_claiming(16384, 8200),  # between our limit and PIL's refusal: PIL only warns
+    }
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / f"{name}.png").write_bytes(data)
+    return {name: str(folder / f"{name}.png") for name in files}
+
+
+@pytest.mark.parametrize("picture", ["bomb", "above-our-limit", "truncated"])
+@pytest.mark.parametrize("flag", ["--init-image", "--mask"])
+def test_a_bomb_or_a_truncated_png_as_init_image_or_mask_is_refused_before_the_model_loads(
+    picture: str, flag: str, pictures: dict[str, str], workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Used to: traceback and exit 1 after the model loaded (PIL raised on decoding)."""
+    argv = [flag, pictures[picture]] + (["--init-image", pictures["photo"]] if flag == "--mask" else [])
+    err = refused(argv, capsys, workdir)
+    assert f"{flag} {pictures[picture]!r}" in err
+    assert ("pixels" if picture != "truncated" else "not a complete image") in err
+
+
+def test_a_picture_at_our_limit_is_accepted_and_pil_is_left_as_it_was(pictures: dict[str, str]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    assert check_image(pictures["photo"], "--init-image") == (64, 128)
+    assert 16384 * 8192 == MAX_INPUT_PIXELS
+    assert Image.MAX_IMAGE_PIXELS == limit
+
+
+@pytest.mark.parametrize("data", [png_claiming(100_000, 100_000), photo()[:300], b"GIF89a", b"%!PS-Adobe-3.0 EPSF"])
+def test_uploaded_bytes_that_are_not_a_whole_picture_are_one_usage_error(data: bytes) -> None:
+    """What the web app decodes on rank 0 before a request is broadcast: no rank fails alone later."""
+    with pytest.raises(UsageError, match="^init image (is not a complete image|has more than)"):
+        decode_image(data, "init image")
+
+
+def test_a_device_a_fifo_or_a_folder_named_as_init_image_is_refused_without_reading_it(
+    tmp_path: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``/dev/zero`` used to be read forever; a FIFO blocks its reader until a writer comes."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo), str(tmp_path)):
+        assert "is not a regular file" in refused(["--init-image", path], capsys, workdir)
+
+
+@pytest.mark.parametrize(
+    ("argv", "limit"),
+    [
+        (["--steps", "100000"], "1000"),  # tiny-sd15's own DDIM: a ValueError after loading
+        (["--steps", "100000", "--scheduler", "euler"], "1000"),  # accepted: about 1.5 h of work
+        (["--steps", "1000", "--scheduler", "dpm++-2m"], "999"),  # non-finite latents at 1000 of 1000
+        (["--steps", "51", "--scheduler", "lcm"], "50"),  # LCM's schedule is a subset of its 50 original steps
+    ],
+)
+def test_more_steps_than_the_scheduler_can_take_are_refused_before_the_model_loads(
+    argv: list[str], limit: str, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert f"pass --steps {limit} or fewer" in refused(argv, capsys, workdir)
+
+
+def test_the_most_steps_a_scheduler_takes_are_accepted() -> None:
+    assert build_settings("tiny-sd15", {"steps": 1000}, 1).steps == 1000
+    assert build_settings("tiny-sd15", {"steps": 999, "scheduler": "dpm++-2m"}, 1).steps == 999
+
+
+def test_a_mask_without_an_init_image_names_what_is_missing(
+    pictures: dict[str, str], workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Used to say "--mask inpaints an --init-image in one pass; without a cascade preset"."""
+    assert "--mask needs --init-image" in refused(["--mask", pictures["photo"]], capsys, workdir)
