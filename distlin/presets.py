@@ -8,6 +8,7 @@ is reported before any heavy import.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ PRESET_SCHEMA: dict[str, type] = {
 # Keys a preset may give: ``cascade`` lists the stages of a high-resolution cascade ({height, width, strength});
 # ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other, half the memory).
 OPTIONAL_SCHEMA: dict[str, type] = {"cascade": list, "micro_batch": int}
+# The keys of one cascade stage: its size (rescaled so the last stage is the output's) and how far it noises the
+# previous stage's image (default 1).
+STAGE_SCHEMA: dict[str, type] = {"height": int, "width": int, "strength": float}
+STAGE_REQUIRED = ("height", "width")
 
 
 def list_presets() -> list[str]:
@@ -78,16 +83,32 @@ def load_preset(name: str) -> dict[str, Any]:
         raise UsageError(f"cannot read preset file {path}: {type(err).__name__}; fix or restore it") from None
     if not isinstance(preset, dict):
         raise UsageError(f"preset file {path} is not a mapping of settings; fix or restore it")
-    missing = [key for key in PRESET_SCHEMA if key not in preset]
-    unknown = [key for key in preset if key not in PRESET_SCHEMA and key not in OPTIONAL_SCHEMA]
-    if missing or unknown:
-        raise UsageError(f"preset file {path}: missing keys {missing}, unknown keys {unknown}; fix the file")
-    for key, kind in {**PRESET_SCHEMA, **OPTIONAL_SCHEMA}.items():
-        if key not in preset:
-            continue
-        value = preset[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            preset[key] = float(value)
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UsageError(f"preset file {path}: {key} must be {kind.__name__}, not {value!r}; fix it")
+    check_keys(preset, PRESET_SCHEMA, OPTIONAL_SCHEMA, f"preset file {path}")
+    for k, stage in enumerate(preset.get("cascade") or []):
+        where = f"preset file {path}: cascade stage {k}"
+        if not isinstance(stage, dict):
+            raise UsageError(f"{where} must be a mapping of height, width (and strength), not {stage!r}; fix it")
+        check_keys(stage, {key: STAGE_SCHEMA[key] for key in STAGE_REQUIRED}, STAGE_SCHEMA, where)
     return preset
+
+
+def check_keys(values: dict[str, Any], required: dict[str, type], optional: dict[str, type], where: str) -> None:
+    """Every key of ``required``, none outside it and ``optional`` (the closest known key suggested for a typo),
+    each value of its type (an int where a float is due is made a float, in place)."""
+    known = {**required, **optional}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise UsageError(f"{where}: unknown key {key!r} ({hint}); fix the file")
+    missing = [key for key in required if key not in values]
+    if missing:
+        raise UsageError(f"{where}: missing keys {missing}; fix the file")
+    for key, kind in known.items():
+        if key not in values:
+            continue
+        value = values[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UsageError(f"{where}: {key} must be {kind.__name__}, not {value!r}; fix it")

@@ -18,6 +18,8 @@ from distlin.errors import UsageError
 from distlin.inputs import MAX_INPUT_PIXELS, check_image, decode_image
 from distlin.settings import build_settings
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -139,3 +141,26 @@ def test_a_mask_without_an_init_image_names_what_is_missing(
 ) -> None:
     """Used to say "--mask inpaints an --init-image in one pass; without a cascade preset"."""
     assert "--mask needs --init-image" in refused(["--mask", pictures["photo"]], capsys, workdir)
+
+
+CASCADE = (REPO / "configs" / "tiny-sd15-cascade.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("strength: 0.4}", "strenght: 0.4}"), "cascade stage 2: unknown key 'strenght' (did you mean 'strength'?)"),
+        (("steps: 3", "step: 3"), "unknown key 'step' (did you mean 'steps'?)"),
+        (("strength: 0.6}", "strength: high}"), "cascade stage 1: strength must be float, not 'high'"),
+        (("- {height: 64, width: 96, strength: 1.0}", "- 64x96"), "cascade stage 0 must be a mapping"),
+        (("{height: 128, width: 192,", "{height: 128,"), "cascade stage 1: missing keys ['width']"),
+    ],
+)
+def test_a_misspelled_or_mistyped_key_at_any_level_of_a_preset_is_refused(
+    change: tuple[str, str], message: str, tmp_path: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``strenght: 0.4`` in a cascade stage used to be ignored: the stage ran at strength 1.0."""
+    preset = tmp_path / "mine.yaml"
+    assert change[0] in CASCADE
+    preset.write_text(CASCADE.replace(*change))
+    assert message in refused(["--preset", str(preset)], capsys, workdir)

@@ -79,13 +79,12 @@ def cascade_stages(values: dict[str, Any]) -> tuple[Stage, ...]:
     """A preset's ``cascade:`` section (a list of {height, width, strength}) rescaled so its last stage is
     ``values``' height and width, each stage half the next; empty when the preset has no cascade.
 
-    A UsageError names a malformed stage, a size that does not stay a multiple of 8 or a stage with no step.
+    ``values`` come from :func:`distlin.presets.load_preset`, which checks each stage's keys and types. A
+    UsageError names a size that does not stay a multiple of 8 or a stage with no step.
     """
     section = values.get("cascade") or []
     stages = []
     for k, entry in enumerate(section):
-        if not isinstance(entry, dict) or not {"height", "width"} <= entry.keys():
-            raise UsageError(f"cascade stage {k} must give height and width (and strength); fix the preset")
         halvings = 2 ** (len(section) - 1 - k)
         height, width = values["height"] // halvings, values["width"] // halvings
         strength = float(entry.get("strength", 1.0))
