@@ -30,7 +30,7 @@ from distlin.families import family_of_pipeline, load
 from distlin.inputs import load_rgb
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
-from distlin.memory.fit import fit_to_capacity, saver_flags
+from distlin.memory.fit import check_host_memory, fit_to_capacity, host_capacity, local_ranks, saver_flags
 from distlin.memory.planner import sequential_vae, sequential_vae_settings
 from distlin.ops.kernels import check_kernel
 from distlin.parallel.comm import CommStats
@@ -165,15 +165,32 @@ def device_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
 
 def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
     """On a GPU (or with ``DISTLIN_DEVICE_MEMORY`` set), switch memory savers on until the plan fits, or refuse
-    with one line; elsewhere the settings as they are. Prints the savers it chose on rank 0."""
+    with one line; on a CPU, refuse a run its machine's RAM cannot hold; elsewhere the settings as they are.
+    Prints the savers it chose on rank 0."""
     capacity = device_capacity(settings, runtime)
     if capacity is None:
+        host = _agreed_host_capacity(settings, runtime) if runtime.device.type == "cpu" else None
+        if host is not None:
+            check_host_memory(settings, runtime.world_size, local_ranks(runtime.world_size), host)
         return settings
     fitted = fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
     flags = saver_flags(settings, fitted)
     if flags and runtime.is_main:
         print(f"note: to fit {runtime.device}, running with {flags} (same image)", flush=True)
     return fitted
+
+
+def _agreed_host_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
+    """The least RAM any rank sees (:func:`host_capacity`; None: unknown), so every rank refuses or none does."""
+    capacity = host_capacity(settings)
+    if not runtime.distributed:
+        return capacity
+    least = torch.tensor([capacity or UNKNOWN_CAPACITY], dtype=torch.int64)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return None if int(least.item()) == UNKNOWN_CAPACITY else int(least.item())
+
+
+UNKNOWN_CAPACITY = 2**62  # a rank that cannot read its machine's RAM sends this: it never wins the minimum
 
 
 @dataclass

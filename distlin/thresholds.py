@@ -13,6 +13,8 @@ the same code paths run at small sizes, where the result can be compared with th
 ``DISTLIN_SEQUENTIAL_BAND_ROWS`` (16)     latent rows per band of that sequential decode
 ``DISTLIN_DEVICE_MEMORY`` (unset)         bytes to plan against instead of the GPU's memory; set, it makes
                                           the automatic memory savers and refusals work on any device
+``DISTLIN_HOST_MEMORY`` (unset)           bytes of RAM a CPU run's ranks on this machine must fit together,
+                                          instead of the machine's available memory
 ========================================  ================================================================
 """
 
@@ -37,6 +39,7 @@ class Thresholds:
     sequential_vae_pixels: int = 1024 * 1024
     sequential_band_rows: int = 16
     device_memory: int | None = None
+    host_memory: int | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -27,12 +27,12 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "work"
     path.mkdir()
     monkeypatch.chdir(path)
-
-    def tripwire(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model was loaded for an input that should have been refused")
-
     monkeypatch.setattr(cli, "run", tripwire)
     return path
+
+
+def tripwire(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the model was loaded for an input that should have been refused")
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str], workdir: Path) -> str:
@@ -164,3 +164,27 @@ def test_a_misspelled_or_mistyped_key_at_any_level_of_a_preset_is_refused(
     assert change[0] in CASCADE
     preset.write_text(CASCADE.replace(*change))
     assert message in refused(["--preset", str(preset)], capsys, workdir)
+
+
+@pytest.mark.parametrize(
+    ("argv", "host_memory"),
+    [
+        (["--height", "1000000", "--width", "1000000"], None),  # used to be accepted: swap, then the OOM killer
+        ([], "1000000"),  # the tiny preset's ~12 MiB against 1 MB: the threshold is the machine's, lowerable
+    ],
+)
+def test_a_cpu_run_that_cannot_fit_the_machines_ram_is_refused_before_the_model_loads(
+    argv: list[str],
+    host_memory: str | None,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from distlin.run import generate
+
+    monkeypatch.setattr(cli, "run", lambda settings, outputs, quiet: generate(settings))  # the real run ...
+    monkeypatch.setattr("distlin.run.prepare_pipeline", tripwire)  # ... where loading is a tripwire
+    if host_memory is not None:
+        monkeypatch.setenv("DISTLIN_HOST_MEMORY", host_memory)
+    err = refused(["--device", "cpu", *argv], capsys, workdir)
+    assert "on the CPU needs a predicted" in err and "GiB available; use a smaller size" in err

@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem = p.add_argument_group(
         "memory plan",
         "thresholds that switch memory savers on by themselves are environment variables: DISTLIN_TOKEN_CHUNK, "
-        "DISTLIN_INDEX_LIMIT, DISTLIN_SEQUENTIAL_VAE_PIXELS, DISTLIN_SEQUENTIAL_BAND_ROWS, DISTLIN_DEVICE_MEMORY "
+        "DISTLIN_INDEX_LIMIT, DISTLIN_SEQUENTIAL_VAE_PIXELS, DISTLIN_SEQUENTIAL_BAND_ROWS, DISTLIN_DEVICE_MEMORY, "
+        "DISTLIN_HOST_MEMORY "
         "(see docs/HIGHRES.md)",
     )
     mem.add_argument(

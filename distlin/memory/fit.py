@@ -3,11 +3,13 @@
 Savers never change the image; they trade time for memory. When a run's predicted peak exceeds the device's
 memory, the savers the user left unset are switched on one by one until it fits; if none suffices the run is
 refused with one line naming how many ranks would do. The capacity is the GPU's memory, or
-``DISTLIN_DEVICE_MEMORY`` (bytes) on any device (:mod:`distlin.thresholds`).
+``DISTLIN_DEVICE_MEMORY`` (bytes) on any device (:mod:`distlin.thresholds`). A CPU run is checked against the
+machine's available RAM (or ``DISTLIN_HOST_MEMORY``) instead, which all its ranks on the machine share.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from distlin.errors import UsageError
 from distlin.memory.planner import component_parameters, plan, ranks_needed
 from distlin.settings import RunSettings
+from distlin.sizes import format_size
 from distlin.sources import architecture_of, base_family, local_path, read_json, safetensors_parameters, unet_config
 
 # In this order: the guidance halves one after the other, the VAE decoded band by band through host RAM, then
@@ -126,3 +129,48 @@ def fit_to_capacity(settings: RunSettings, ranks: int, capacity: int, device: st
         f"predicted peak {result['peak_bytes_per_rank'] / 2**30:.1f} GiB per rank does not fit {device} "
         f"({capacity / 2**30:.1f} GiB); use {advice} (see --plan)"
     )
+
+
+def available_host_memory() -> int | None:
+    """Bytes of RAM this process can still use: the kernel's MemAvailable, capped by a cgroup (v2) limit when
+    one is set (a container); None where neither can be read (not Linux)."""
+    sizes = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                sizes.append(int(line.split()[1]) * 1024)
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            sizes.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(sizes) if sizes else None
+
+
+def host_capacity(settings: RunSettings) -> int | None:
+    """The RAM a CPU run must fit: ``DISTLIN_HOST_MEMORY`` if set, else what the machine has available."""
+    return settings.thresholds.host_memory or available_host_memory()
+
+
+def check_host_memory(settings: RunSettings, ranks: int, local_ranks: int, capacity: int) -> None:
+    """Refuse a CPU run whose ``local_ranks`` ranks on this machine (of ``ranks``) cannot fit ``capacity``
+    bytes of RAM together: the planner's peak per rank, plus rank 0's host-RAM store of a sequential decode."""
+    result = plan_run(settings, ranks)
+    if result is None:
+        return
+    per_rank = result["peak_bytes_per_rank"]
+    total = per_rank * local_ranks + result["breakdown"].get("vae_host_ram_not_on_device", 0)
+    if total > capacity:
+        gib = 2**30
+        shared = f" ({local_ranks} ranks of {per_rank / gib:.3g} GiB)" if local_ranks > 1 else ""
+        raise UsageError(
+            f"{format_size(settings.width, settings.height)} px on the CPU needs a predicted {total / gib:.3g} GiB "
+            f"of RAM{shared}, more than the {capacity / gib:.3g} GiB available; use a smaller size, fewer ranks or "
+            "a GPU (see --plan)"
+        )
+
+
+def local_ranks(world_size: int) -> int:
+    """The ranks sharing this machine's RAM (torchrun's LOCAL_WORLD_SIZE; all of them without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
