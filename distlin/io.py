@@ -1,11 +1,17 @@
-"""Output files: checked before any heavy import or work, written atomically so Ctrl-C never leaves half a file."""
+"""Output files: checked before any heavy import or work, written atomically so Ctrl-C never leaves half a file.
+
+The temporary file beside an output names its writer (host and pid), so the next run for the same output removes
+those a killed writer left (SIGKILL gives no chance to clean up) and leaves a live writer's alone.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import secrets
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,7 +54,40 @@ def check_output_path(path: str | os.PathLike[str], suffix: str | tuple[str, ...
         raise UsageError(
             f"folder {str(folder)!r} for output {str(out)!r} is not writable; choose another folder"
         ) from None
+    remove_stale_temporaries(out)
     return out
+
+
+def _temporary(out: Path) -> Path:
+    """The temporary file this process writes ``out`` through: hidden, beside it, naming this host and pid."""
+    return out.with_name(f".{out.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary files of ``out`` whose writer, a process on this host, is gone; returns them."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{re.escape(_host())}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    removed = []
+    for candidate in out.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match and not _alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
@@ -58,7 +97,7 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
     included, the temporary file is removed and ``path`` is left as it was.
     """
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    tmp = _temporary(out)
     try:
         writer(tmp)
         with open(tmp, "rb") as f:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -188,3 +191,35 @@ def test_a_cpu_run_that_cannot_fit_the_machines_ram_is_refused_before_the_model_
         monkeypatch.setenv("DISTLIN_HOST_MEMORY", host_memory)
     err = refused(["--device", "cpu", *argv], capsys, workdir)
     assert "on the CPU needs a predicted" in err and "GiB available; use a smaller size" in err
+
+
+def test_a_temporary_file_left_by_a_writer_killed_during_the_final_write_is_removed_by_the_next_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGKILL during the final write used to leave a hidden ``.out.png.*.tmp`` beside the output forever."""
+    out = tmp_path / "out.png"
+    killed = subprocess.Popen(  # noqa: S603 - a writer killed inside atomic_write, before the rename
+        [sys.executable, "-c", KILLED_WRITER, str(out)], env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    left = [path.name for path in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.png.") and left[0].endswith(".tmp")
+    live = tmp_path / f".out.png.{left[0].split('.')[3]}.{os.getpid()}.0123abcd.tmp"  # a writer still writing
+    live.write_bytes(b"")
+    other = tmp_path / ".other.png.host.1.0123abcd.tmp"
+    other.write_bytes(b"")
+    assert cli.main(["--quiet", "--plan", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from distlin.io import atomic_write
+
+def write_then_die(tmp):
+    tmp.write_bytes(b"half a png")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(sys.argv[1], write_then_die)
+"""
