@@ -31,6 +31,12 @@ def _not_a_cast_notice(record: logging.LogRecord) -> bool:
     return "should be kept in float32" not in record.getMessage()
 
 
+def _not_a_truncation_notice(record: logging.LogRecord) -> bool:
+    """False for diffusers' notice that a prompt was cut at the text encoder's length: it quotes the whole cut
+    text (100 KB of prompt, 100 KB of stderr); :func:`distlin.run.warn_long_prompt` says it in one line."""
+    return "was truncated because" not in record.getMessage()
+
+
 @contextmanager
 def without_cast_notice() -> Iterator[None]:
     """diffusers' dtype-cast notice dropped meanwhile (and still after, where :func:`quiet_third_party` ran)."""
@@ -46,11 +52,16 @@ def without_cast_notice() -> Iterator[None]:
 
 def quiet_third_party() -> None:
     """For a command-line run or the web app: transformers' notices (its optional torchvision, its over-long
-    prompt notice, which :func:`distlin.run.warn_long_prompt` replaces), diffusers' FutureWarnings and its
-    dtype-cast notice stay out of the output."""
+    prompt notice, which :func:`distlin.run.warn_long_prompt` replaces), diffusers' FutureWarnings, its
+    dtype-cast notice and its own over-long prompt notice stay out of the output."""
     import transformers
+    from diffusers.utils import logging as diffusers_logging
 
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
     logging.getLogger(_CAST_LOGGER).addFilter(_not_a_cast_notice)
+    diffusers_logging.get_logger("diffusers")  # sets up diffusers' handler, which every pipeline's records reach
+    for handler in logging.getLogger("diffusers").handlers:  # a handler's filter sees the child loggers' records
+        if _not_a_truncation_notice not in handler.filters:
+            handler.addFilter(_not_a_truncation_notice)

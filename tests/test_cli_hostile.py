@@ -5,6 +5,7 @@ file written, and nothing loaded (the run itself is replaced by a tripwire)."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import struct
@@ -223,3 +224,20 @@ def write_then_die(tmp):
 
 atomic_write(sys.argv[1], write_then_die)
 """
+
+
+def test_a_100_kb_prompt_prints_one_line_not_the_cut_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """diffusers' truncation notice used to print the whole cut text (100 KB of stderr) beside distlin's note."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.get_logger("diffusers")  # its handler, as the run will find it, writing where we read
+    notices = io.StringIO()
+    for handler in logging.getLogger("diffusers").handlers:
+        monkeypatch.setattr(handler, "stream", notices)
+    prompt = "a red cube " * 10_000
+    assert cli.main(["--quiet", "--steps", "1", "--prompt", prompt, "--output", str(tmp_path / "out.png")]) == 0
+    out, err = capsys.readouterr()
+    assert "note: the prompt is " in out and "tokens; the text encoder reads the first 77" in out
+    assert "red cube" not in notices.getvalue() + out + err and len(notices.getvalue() + out + err) < 2000
