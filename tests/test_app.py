@@ -263,21 +263,19 @@ def test_an_uploaded_photo_with_a_cascade_preset_starts_the_cascade_at_its_size(
     assert plan.startswith("cascade: on (192×128 -> 384×256)")  # from the photo's size up, its 96x64 stage skipped
 
 
-def test_the_page_sends_uploads_as_bytes_and_components_by_name(tmp_path: Path) -> None:
+def test_the_page_sends_uploads_as_bytes_and_components_by_name() -> None:
     from distlin.app.page import CONTROLS, NO_COMPONENT, request_from_controls
 
-    photo, reference = tmp_path / "photo.png", tmp_path / "reference.png"
-    photo.write_bytes(png_bytes(8, 8))
-    reference.write_bytes(png_bytes(8, 8, seed=1))
-    components = {"init_image": str(photo), "strength": 0, "mask": None, "loras": ["style", "ink"], "lora_scale": 0.5,
+    photo, reference = png_bytes(8, 8), png_bytes(8, 8, seed=1)  # what the picture fields read
+    components = {"init_image": photo, "strength": 0, "mask": None, "loras": ["style", "ink"], "lora_scale": 0.5,
                   "controlnet": NO_COMPONENT, "control_image": None, "control_scale": 1, "ip_adapter": "likeness",
-                  "ip_image": str(reference), "ip_scale": 0.6}  # fmt: skip
+                  "ip_image": reference, "ip_scale": 0.6}  # fmt: skip
     values = {**TINY.to_message(), **components}
     request = request_from_controls(tuple(values[name] for name in CONTROLS))
-    assert request.init_image == photo.read_bytes() and request.mask is None
+    assert request.init_image == photo and request.mask is None
     assert request.strength is None  # the slider's 0: the preset's strength, as without --strength
     assert request.loras == (("style", 0.5), ("ink", 0.5)) and request.controlnet is None
-    assert request.ip_adapter == "likeness" and request.ip_image == reference.read_bytes() and request.ip_scale == 0.6
+    assert request.ip_adapter == "likeness" and request.ip_image == reference and request.ip_scale == 0.6
     values.update(ip_adapter=NO_COMPONENT, ip_image=None)
     assert request_from_controls(tuple(values[name] for name in CONTROLS)).ip_adapter is None
 

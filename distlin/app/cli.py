@@ -139,6 +139,13 @@ def serve(options: AppOptions) -> int:
 
 
 def _serve_http(coordinator: Coordinator, options: AppOptions) -> int:
+    from distlin.app.uploads import private_upload_folder
+
+    with private_upload_folder():  # before the page's blocks: they keep Gradio's upload folder from their start
+        return _serve_page(coordinator, options)
+
+
+def _serve_page(coordinator: Coordinator, options: AppOptions) -> int:
     from distlin.app.page import CSS, AppPage
     from distlin.app.server import build_server, http_server
 

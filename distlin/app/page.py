@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -15,6 +14,7 @@ from distlin.app.coordinator import Coordinator, Job
 from distlin.app.library import ComponentLibrary
 from distlin.app.request import PRESET_FIELDS, SCHEDULER_CHOICES, UPLOADS, GenerationRequest
 from distlin.app.results import SavedResult
+from distlin.app.uploads import picture_field
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
 from distlin.presets import list_presets
@@ -96,11 +96,11 @@ class AppPage:
         """Uploads, and the operator's LoRAs, ControlNets and IP-Adapters by name (each hidden when
         ``--components`` has none)."""
         controls: dict[str, gr.components.Component] = {}
-        upload = {"type": "filepath", "image_mode": None, "sources": ["upload"], "height": 160}  # the file as sent
+        upload = {"height": 160, "max_upload_mb": self.coordinator.limits.max_upload_mb}  # the file's bytes
         with gr.Accordion("pictures and components", open=False, elem_id="components"):
             with gr.Row():
-                controls["init_image"] = gr.Image(label="init image (a cascade preset upscales it)", **upload)
-                controls["mask"] = gr.Image(label="mask (inpaint where white; one pass)", **upload)
+                controls["init_image"] = picture_field("init image (a cascade preset upscales it)", **upload)
+                controls["mask"] = picture_field("mask (inpaint where white; one pass)", **upload)
             controls["strength"] = gr.Slider(
                 0, 1, value=0, step=0.05, label="strength of the init image (0: the preset's)"
             )
@@ -189,20 +189,20 @@ def _one_of(
             choice[0]: gr.Dropdown([NO_COMPONENT, *offered], value=NO_COMPONENT, label=choice[1]),
             scale[0]: gr.Slider(0, 2, value=1, step=0.05, label=scale[1]),
         }
-    controls[picture[0]] = gr.Image(label=picture[1], visible=bool(offered), **upload)
+    controls[picture[0]] = picture_field(picture[1], visible=bool(offered), **upload)
     return controls
 
 
 def request_from_controls(values: tuple[Any, ...]) -> GenerationRequest:
-    """The request for the values of :data:`CONTROLS`: component names as chosen, uploaded pictures (the files
-    Gradio received) as their bytes."""
+    """The request for the values of :data:`CONTROLS`: component names as chosen, uploaded pictures as the bytes
+    their fields read (:func:`~distlin.app.uploads.picture_field`)."""
     controls = dict(zip(CONTROLS, values, strict=True))
     message = {name: controls[name] for name in ("preset", *PRESET_CONTROLS, "control_scale", "ip_scale")}
     message["loras"] = [[name, controls["lora_scale"]] for name in controls["loras"] or ()]
     for name in ("controlnet", "ip_adapter"):
         message[name] = None if controls[name] in (None, NO_COMPONENT) else controls[name]
     message["strength"] = controls["strength"] or None
-    message.update({name: Path(controls[name]).read_bytes() if controls[name] else None for name in UPLOADS})
+    message.update({name: controls[name] or None for name in UPLOADS})
     return GenerationRequest.from_message(message)
 
 

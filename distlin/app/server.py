@@ -2,7 +2,9 @@
 ``/results/<id>/<file>``, behind optional basic authentication.
 
 Result files are served by an explicit route that accepts only the names the app writes (image, metadata,
-thumbnail, pyramid tiles) inside a result folder, so no URL reaches anything else on the disk.
+thumbnail, pyramid tiles) inside a finished result folder, so no URL reaches anything else on the disk: Gradio's
+own file route serves only this server's upload folder (the output folder is blocked there), and every request
+body passes :class:`~distlin.app.uploads.RequestGuard` before Gradio reads it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from distlin.app.auth import BasicAuth
 from distlin.app.results import ResultStore
+from distlin.app.uploads import RequestGuard
 from distlin.errors import UsageError
 
 VIEWER_DIR = Path(__file__).resolve().parent / "viewer"
@@ -48,11 +51,13 @@ def build_server(
         return FileResponse(path, headers={"Cache-Control": "private, max-age=86400, immutable"})
 
     app.mount("/viewer", StaticFiles(directory=VIEWER_DIR, html=True), name="viewer")
+    max_bytes = None if max_upload_mb is None else max_upload_mb * 2**20
     app = gr.mount_gradio_app(
-        app, page, path="/", allowed_paths=[str(store.root)], footer_links=[], run_history=False, css=css,
-        max_file_size=None if max_upload_mb is None else max_upload_mb * 2**20,
+        app, page, path="/", blocked_paths=[str(store.root)], footer_links=[], run_history=False, css=css,
+        max_file_size=max_bytes,
     )  # fmt: skip
-    if credentials is not None:
+    app.add_middleware(RequestGuard, max_bytes=max_bytes)
+    if credentials is not None:  # added last: asked before the guard reads a body
         app.add_middleware(BasicAuth, user=credentials[0], password=credentials[1])
     return app
 

@@ -1,0 +1,186 @@
+"""The web app under hostile requests, each test written as the attack it stops: a request reads no file on the
+server and cannot hang it, the upload limit holds however a picture is sent, and only finished results are
+served."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distlin.app.coordinator import Coordinator
+from distlin.app.ranks import RankChannel
+from distlin.app.request import Limits
+from distlin.app.results import ResultStore
+from distlin.app.session import GenerationSession
+from distlin.app.uploads import NOT_UPLOADED, private_upload_folder
+from distlin.parallel import Runtime
+
+pytest.importorskip("gradio")
+from fastapi.testclient import TestClient  # noqa: E402 - with the web stack only
+
+FILE = {"_type": "gradio.FileData"}
+FORM = {"preset": "tiny-sd15", "prompt": "a cat", "negative_prompt": "", "height": 128, "width": 192, "steps": 2,
+        "guidance_scale": 7.5, "seed": 0, "mode": "exact", "scheduler": "model's own", "init_image": None,
+        "strength": 0, "mask": None, "loras": [], "lora_scale": 1, "controlnet": "none", "control_image": None,
+        "control_scale": 1, "ip_adapter": "none", "ip_image": None, "ip_scale": 1}  # fmt: skip
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class App:
+    """The app's HTTP side as a browser or a script reaches it (``--max-upload-mb 1``), its ranks not started."""
+
+    def __init__(self, client: TestClient, uploads: Path, store: ResultStore):
+        self.client, self.uploads, self.store = client, uploads, store
+
+    def upload(self, data: bytes, name: str = "photo.png") -> str:
+        """Through the upload route, as the page does: the path the server gives back."""
+        response = self.client.post("/gradio_api/upload", files={"files": (name, data, "image/png")})
+        assert response.status_code == 200, response.text
+        return response.json()[0]
+
+    def plan(self, **fields: Any) -> tuple[int, str]:
+        """The page's plan call with these fields: the status and the plan text (or the refusal)."""
+        from distlin.app.page import CONTROLS
+
+        values = {**FORM, **fields}
+        response = self.client.post("/gradio_api/call/_plan", json={"data": [values[name] for name in CONTROLS]})
+        if response.status_code != 200:
+            return response.status_code, response.text
+        return 200, self.client.get(f"/gradio_api/call/_plan/{response.json()['event_id']}").text
+
+    def cached(self) -> list[str]:
+        """Every file in the server's upload folder, where Gradio copies what it is handed."""
+        return sorted(path.name for path in self.uploads.rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[App]:
+    from distlin.app.page import CSS, AppPage
+    from distlin.app.server import build_server
+
+    runtime = Runtime()
+    store = ResultStore(tmp_path / "out")
+    coordinator = Coordinator(RankChannel(runtime), GenerationSession(runtime), store, Limits(max_upload_mb=1))
+    with private_upload_folder() as uploads:
+        page = AppPage(coordinator, "tiny-sd15").build()
+        with TestClient(build_server(page, store, None, CSS, max_upload_mb=1)) as client:
+            yield App(client, uploads, store)
+
+
+def file_data(path: str, **more: Any) -> dict[str, Any]:
+    return {"path": path, "meta": FILE, **more}
+
+
+# --- no server path is opened on a request's behalf ------------------------------------------------------------
+
+
+def test_an_uploaded_picture_is_used(app: App) -> None:
+    status, plan = app.plan(init_image=file_data(app.upload(png_bytes(192, 128))), strength=0.5)
+    assert status == 200 and "predicted peak per rank" in plan
+
+
+@pytest.mark.parametrize("field", ["init_image", "mask", "control_image", "ip_image"])
+def test_a_request_naming_a_file_on_the_server_is_refused_and_nothing_is_read(
+    app: App, tmp_path: Path, field: str
+) -> None:
+    never_uploaded = tmp_path / "private.png"
+    never_uploaded.write_bytes(png_bytes(8, 8))
+    uploaded = app.upload(png_bytes(8, 8))
+    before = app.cached()
+    for path in ("/etc/passwd", str(never_uploaded), "../../../../etc/passwd", f"{uploaded}/../../../etc/passwd",
+                 "https://example.com/x.png", str(tmp_path)):  # fmt: skip
+        status, text = app.plan(**{field: file_data(path, orig_name="x.png")})
+        assert (status, text) == (400, NOT_UPLOADED)
+    assert app.cached() == before  # nothing was copied into Gradio's cache to be served back
+
+
+def test_a_file_named_anywhere_in_a_request_is_refused(app: App) -> None:
+    """Gradio copies any FileData-shaped value into its cache, whatever field carries it."""
+    for fields in ({"prompt": file_data("/etc/passwd")}, {"loras": [file_data("/etc/passwd")]},
+                   {"init_image": {"path": "/etc/passwd"}}):  # fmt: skip
+        assert app.plan(**fields) == (400, NOT_UPLOADED)
+    response = app.client.post("/gradio_api/queue/join", json={"data": [file_data("/etc/passwd")], "fn_index": 1,
+                               "session_hash": "s", "event_data": {"value": file_data("/etc/hostname")}})  # fmt: skip
+    assert (response.status_code, response.text) == (400, NOT_UPLOADED)
+    assert "root:" not in app.client.get("/gradio_api/file=/etc/passwd").text
+
+
+def test_a_picture_field_reads_only_uploads_and_inline_bytes_even_past_the_guard(app: App) -> None:
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from distlin.app.uploads import picture_field
+
+    field, photo = picture_field("init image", max_upload_mb=1), png_bytes(8, 8)
+    assert field.preprocess(ImageData(path=app.upload(photo))) == photo  # the uploaded file's bytes, as sent
+    inline = f"data:image/png;base64,{base64.b64encode(photo).decode()}"
+    assert field.preprocess(ImageData(url=inline)) == photo
+    for payload in (ImageData(path="/etc/passwd"), ImageData(path="/dev/zero"), ImageData(url="https://x/y.png")):
+        with pytest.raises(gr.Error, match="init image: a request may hand over only"):
+            field.preprocess(payload)
+
+
+def test_dev_zero_named_as_a_picture_does_not_hang_the_server(app: App) -> None:
+    answers: list[tuple[int, str]] = []
+    zero = file_data("/dev/zero", orig_name="x.svg")
+    attack = threading.Thread(target=lambda: answers.append(app.plan(init_image=zero)))
+    attack.start()
+    attack.join(timeout=30)
+    assert answers == [(400, NOT_UPLOADED)]
+    assert app.plan()[0] == 200  # the next request is served
+
+
+def test_no_request_makes_the_server_fetch_a_url(app: App) -> None:
+    for route in ("/gradio_api/file=http://127.0.0.1:1/x", "/gradio_api/file=https://example.com/x.png",
+                  "/gradio_api/proxy=http://127.0.0.1:1/x", "/file=http://127.0.0.1:1/x"):  # fmt: skip
+        assert app.client.get(route).status_code == 404
+
+
+# --- the upload limit holds for every encoding -----------------------------------------------------------------
+
+
+def test_the_upload_limit_holds_for_a_picture_sent_inline(app: App) -> None:
+    small, large = png_bytes(192, 128), b"\x89PNG" + b"\0" * (2 * 2**20)  # --max-upload-mb 1
+    inline = f"data:image/png;base64,{base64.b64encode(small).decode()}"
+    status, plan = app.plan(init_image={"url": inline, "meta": FILE}, strength=0.5)
+    assert status == 200 and "predicted peak" in plan  # a picture within the limit may come inline
+    status, text = app.plan(init_image={"url": f"data:image/png;base64,{base64.b64encode(large).decode()}"})
+    assert status == 413 and "upload limit" in text
+    assert app.plan(prompt=base64.b64encode(large).decode())[0] == 413  # base64 anywhere in the JSON
+    exactly_over = b"\0" * (2**20 + 1)  # fits the body's margin, not the picture's limit
+    status, text = app.plan(init_image={"url": f"data:image/png;base64,{base64.b64encode(exactly_over).decode()}"})
+    assert status == 200 and "up to 1 MiB" in text
+    assert app.client.post("/gradio_api/upload", files={"files": ("x.png", large, "image/png")}).status_code == 413
+
+
+# --- only finished results, under /results/<id>/<known file> ---------------------------------------------------
+
+
+def test_only_finished_results_are_served_and_nothing_else_under_the_output_folder(app: App) -> None:
+    saved = app.store.save(Image.new("RGB", (40, 24), "blue"), {"seed": 1})
+    root = app.store.root
+    (root / ".env").write_text("SECRET=1")
+    unfinished = root / f".{saved.id[:-1]}x.tmp"
+    unfinished.mkdir()
+    (unfinished / "image.png").write_bytes(png_bytes(8, 8))
+    assert app.client.get(f"/results/{saved.id}/image.png").status_code == 200
+    for path in (saved.image, root / ".env", unfinished / "image.png", saved.folder / "metadata.json"):
+        for route in (f"/gradio_api/file={path}", f"/file={path}"):
+            response = app.client.get(route)
+            assert response.status_code in (403, 404) and b"SECRET" not in response.content
+    for name in (f"{unfinished.name}/image.png", ".env", f"{saved.id}/../.env"):
+        assert app.client.get(f"/results/{name}").status_code == 404
