@@ -133,6 +133,7 @@ def test_scaling_suite_and_dry_run_equals_real_counters(tmp_path: Path, softmax_
         assert KINDS == r["bytes_per_step"].keys() == r["distrifusion_bytes_per_step"].keys()
         assert KINDS == r["hidden_bytes_per_step"].keys() == r["wait_ms_per_step"].keys()
         assert r["rounds"] == 2 and r["steps"] == 2 and r["vs_exact"] > 0
+        assert r["comm_cpu_ms_per_step"] is not None and r["comm_cpu_ms_per_step"] <= r["cpu_ms_per_step"]
         hidden = {k for k in STALE_KINDS if r["hidden_bytes_per_step"][k]}
         assert hidden == set(r["stale"] or ()) and r["hidden_bytes_per_step"]["gather"] == 0
         for kind in hidden:
@@ -178,7 +179,9 @@ def test_distrifusion_volume_matches_its_published_figure() -> None:
 
 def test_memory_suite(tmp_path: Path) -> None:
     records = run_suite(tmp_path, "memory", "--sizes", "512,1024x256", "--ranks", "1,2")
-    assert "PREDICTION" in (tmp_path / "out" / "memory.md").read_text()
+    table = (tmp_path / "out" / "memory.md").read_text()
+    assert "PREDICTION" in table
+    assert "| 1024×256 |" in table and "(w×h)" in table  # sizes written width first, as typed
     assert {(r["height"], r["width"], r["ranks"], r["config"]) for r in records} == {
         (h, w, n, c) for h, w in ((512, 512), (256, 1024)) for n in (1, 2) for c in ("default", "lowmem")
     }

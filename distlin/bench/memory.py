@@ -118,17 +118,17 @@ def _row(model: str, height: int, width: int, points: list[Record], ranks: list[
     peak = {(r["ranks"], r["config"]): f"{r['peak_bytes_per_rank'] / GIB:.1f}" for r in points}
     cells = [f"{peak.get((n, 'default'), '—')} / {peak.get((n, 'lowmem'), '—')}" for n in ranks]
     ratio = next((r["unet_predicted_over_measured"] for r in points if r["unet_predicted_over_measured"]), None)
-    return [model, f"{height}×{width}", *cells, f"{ratio:.3f}" if ratio else "—"]
+    return [model, format_size(width, height), *cells, f"{ratio:.3f}" if ratio else "—"]
 
 
 def markdown(records: list[Record], args: argparse.Namespace) -> str:
     groups: dict[tuple[str, int, int], list[Record]] = {}
     for r in records:
         groups.setdefault((r["model"], r["height"], r["width"]), []).append(r)
-    headers = ["model", "image (h×w)", *(f"N={n} default / lowmem" for n in args.ranks), "UNet pred./meas. (N=1)"]
+    headers = ["model", "image (w×h)", *(f"N={n} default / lowmem" for n in args.ranks), "UNet pred./meas. (N=1)"]
     rows = [_row(*key, points, args.ranks) for key, points in groups.items()]
     fits = [
-        f"{r['model']} {r['height']}×{r['width']} on one GPU: {r['peak_bytes_per_rank'] / GIB:.1f} GiB "
+        f"{r['model']} {format_size(r['width'], r['height'])} on one GPU: {r['peak_bytes_per_rank'] / GIB:.1f} GiB "
         f"({r['config']}) — {'fits' if r['fits_80gb'] else 'does NOT fit'} 80 GB"
         for r in records
         if r["ranks"] == 1 and max(r["height"], r["width"]) >= 16384

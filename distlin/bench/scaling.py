@@ -162,6 +162,7 @@ def assemble(results: list[dict[str, Any]]) -> list[Record]:
                     "ms_max": max(run["step_ms"]),
                     "steps": len(run["step_ms"]),
                     "cpu_ms_per_step": statistics.median(run["cpu_ms"]),
+                    "comm_cpu_ms_per_step": statistics.median(run["comm_cpu_ms"]) if run.get("comm_cpu_ms") else None,
                     "speedup": speedup,
                     "efficiency": speedup and speedup / n,
                     "counters_rank": n // 2,
@@ -190,6 +191,7 @@ def markdown(records: list[Record]) -> str:
                 r["setting"] if r["ranks"] > 1 else "(one rank)",
                 f"{fmt(r['ms_per_step'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
                 fmt(r["cpu_ms_per_step"]),
+                fmt(r["comm_cpu_ms_per_step"]),
                 _ratio(r["speedup"]),
                 "n/a" if r["efficiency"] is None else f"{100 * r['efficiency']:.0f}%",
                 _ratio(r["vs_exact"]),
@@ -204,6 +206,7 @@ def markdown(records: list[Record]) -> str:
         "setting",
         "ms per step [min–max]",
         "CPU ms per step",
+        "of which exchange threads",
         "speed-up",
         "efficiency",
         "vs exact",
@@ -219,7 +222,7 @@ def markdown(records: list[Record]) -> str:
         f"CFG parallelism {cfg}. One UNet call per step; every setting in turn, {r0['rounds']} round(s) of "
         f"{r0['steps'] // r0['rounds']} timed step(s) after {r0['warmup']} warm-up step(s) each; median step; a "
         "step's time is the slowest rank's wall-clock time; CPU ms is the busiest rank's process CPU time (well "
-        "below the wall time on one rank means other processes competed for the cores); vs exact: exact's time "
+        "below the wall time on one rank means other processes competed for the cores), of which the exchange threads' (the CPU time of the threads other than the computing one: the backend's workers and socket loop); vs exact: exact's time "
         "over this setting's on as many ranks. Bytes received per UNet step by the middle rank (engine counters);"
         " hidden: launched asynchronously, waited for a step later; blocked: the middle rank's time waiting for "
         "exchanges (median round). DistriFusion's bytes computed for the same model, size, batch and ranks.",

@@ -74,10 +74,12 @@ def _gather(obj: Any, runtime: Runtime) -> list[Any]:
 def time_mode(
     unet: Any, inputs: dict[str, Any], config: PatchParallelConfig, args: argparse.Namespace, runtime: Runtime
 ) -> dict[str, Any]:
-    """Step wall times and process CPU times (ms, maximum over ranks) after the warm-up, and every rank's
-    counters over the timed steps. CPU time well below wall time on one rank means other processes took cores."""
+    """Step wall times, process CPU times and the CPU time of the process's other threads than the one computing
+    (the exchange threads: gloo's workers and socket loop) (ms, maximum over ranks) after the warm-up, and every
+    rank's counters over the timed steps. CPU time well below wall time on one rank means other processes took
+    cores; exchange-thread time is what the exchanges took from a rank's cores beside the blocked time."""
     handle = parallelize_unet(unet, config, runtime)
-    step_ms, cpu_ms = [], []
+    step_ms, cpu_ms, comm_cpu_ms = [], [], []
     try:
         with torch.inference_mode():
             for step in range(args.warmup + args.steps):
@@ -85,19 +87,21 @@ def time_mode(
                     handle.ctx.stats.reset()
                 runtime.barrier()
                 synchronize(runtime.device)
-                start, start_cpu = time.perf_counter(), time.process_time()
+                start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
                 unet(timestep=999 - step, **inputs)
                 synchronize(runtime.device)
-                wall, cpu = _slowest([time.perf_counter() - start, time.process_time() - start_cpu], runtime)
+                cpu, thread = time.process_time() - start_cpu, time.thread_time() - start_thread
+                wall, cpu, others = _slowest([time.perf_counter() - start, cpu, cpu - thread], runtime)
                 if step >= args.warmup:
                     step_ms.append(wall * 1e3)
                     cpu_ms.append(cpu * 1e3)
+                    comm_cpu_ms.append(others * 1e3)
                 if runtime.is_main:
                     progress("scaling", f"{runtime.world_size} rank(s), {config.mode}, step {step}: {wall:.2f} s")
         counters = _gather(handle.ctx.stats.summary(), runtime)
     finally:
         handle.undo()
-    return {"step_ms": step_ms, "cpu_ms": cpu_ms, "counters_by_rank": counters}
+    return {"step_ms": step_ms, "cpu_ms": cpu_ms, "comm_cpu_ms": comm_cpu_ms, "counters_by_rank": counters}
 
 
 def settings(args: argparse.Namespace) -> dict[str, PatchParallelConfig]:
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, config in configs.items():
                 timed = time_mode(unet, inputs, config, args, runtime)
                 run = runs[label]
-                for key in ("step_ms", "cpu_ms"):
+                for key in ("step_ms", "cpu_ms", "comm_cpu_ms"):
                     run.setdefault(key, []).extend(timed[key])
                 run.setdefault("counters_by_round", []).append(timed["counters_by_rank"])
                 run["counters_by_rank"] = timed["counters_by_rank"]
