@@ -222,7 +222,8 @@ def markdown(records: list[Record]) -> str:
         f"CFG parallelism {cfg}. One UNet call per step; every setting in turn, {r0['rounds']} round(s) of "
         f"{r0['steps'] // r0['rounds']} timed step(s) after {r0['warmup']} warm-up step(s) each; median step; a "
         "step's time is the slowest rank's wall-clock time; CPU ms is the busiest rank's process CPU time (well "
-        "below the wall time on one rank means other processes competed for the cores), of which the exchange threads' (the CPU time of the threads other than the computing one: the backend's workers and socket loop); vs exact: exact's time "
+        "below the wall time on one rank means other processes competed for the cores), of which the exchange "
+        "threads' (every thread but the computing one: the backend's workers and socket loop); vs exact: exact's time "
         "over this setting's on as many ranks. Bytes received per UNet step by the middle rank (engine counters);"
         " hidden: launched asynchronously, waited for a step later; blocked: the middle rank's time waiting for "
         "exchanges (median round). DistriFusion's bytes computed for the same model, size, batch and ranks.",
