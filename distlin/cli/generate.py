@@ -302,16 +302,14 @@ def _optional_output(path: str | None, suffix: str) -> Path | None:
 
 def print_plan(settings: RunSettings, outputs: Outputs, ranks: int) -> None:
     """``--plan``: the prediction only, offline, nothing loaded."""
-    from distlin.families import family_of_model
     from distlin.memory.fit import plan_run
     from distlin.memory.planner import format_plan
 
-    family_of_model(settings.model).refuse("plan", True)
     result = plan_run(settings, ranks)
     if result is None:
         raise UsageError(
             f"no offline architecture for model {settings.model!r}; plan with a preset's model "
-            "(sd15, sd21, sdxl, full-*, tiny-*)"
+            "(sd15, sd21, sdxl, sana-1k, sana-4k, full-*, tiny-*)"
         )
     print(format_plan(result))
     if outputs.plan_json:

@@ -34,8 +34,10 @@ class Family:
     ``latent_factor(vae_config)``: image pixels per latent pixel; ``parallelize``: ``module:function`` making the
     pipeline's denoiser (and its ControlNets) patch-parallel, ``(pipe, config, runtime) -> handle`` with
     ``.ctx``, ``.check_size``, ``.undo``; ``parallelize_vae``: ``module:function`` giving the band-parallel
-    coder, ``(vae, runtime, stats, index_limit) -> coder``; ``planner``: whether ``--plan`` and the automatic
-    savers model it; ``sequential_vae``: whether
+    coder, ``(vae, runtime, stats, index_limit) -> coder``; ``plan``: ``module:function`` predicting a run's
+    peak memory per rank for ``--plan`` and the automatic savers, ``(arch, height, width, ranks, **options) ->``
+    the planner's dict, from ``architecture(model)``: a model's configs known offline (None: not planned);
+    ``sequential_vae``: whether
     its VAE decodes band by band through host RAM above the size threshold; ``linfusion``: whether LinFusion
     layers mount on it (SANA's attention is linear already);
     ``hub_models``: Hub ids its presets use; ``architectures``: a built-in model's
@@ -55,7 +57,8 @@ class Family:
     parallelize: str
     parallelize_vae: str
     residual_arguments: tuple[str, ...] = ()
-    planner: bool = True
+    plan: str = ""
+    architecture: Callable[[str], dict | None] = lambda model: None
     sequential_vae: bool = True
     linfusion: bool = True
     builtin: tuple[str, ...] = ()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from distlin.families.base import Family
 from distlin.parallel.topology import LATENT_FACTOR, row_unit
+from distlin.sources import architecture_of
 
 SD = Family(
     name="sd",
@@ -17,6 +18,8 @@ SD = Family(
     latent_factor=lambda vae_config: LATENT_FACTOR,
     parallelize="distlin.parallel.pipeline:parallelize_sd",
     parallelize_vae="distlin.vae.parallel:parallelize_vae",
+    plan="distlin.memory.planner:plan",
+    architecture=architecture_of,
     residual_arguments=(
         "down_block_additional_residuals",
         "mid_block_additional_residual",

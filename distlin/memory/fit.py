@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from distlin.errors import UsageError
-from distlin.memory.planner import component_parameters, plan, ranks_needed
+from distlin.families import family_of_model, load
+from distlin.memory.planner import component_parameters, ranks_needed
 from distlin.settings import RunSettings
 from distlin.sizes import format_size
-from distlin.sources import architecture_of, base_family, local_path, read_json, safetensors_parameters, unet_config
+from distlin.sources import base_family, local_path, read_json, safetensors_parameters, unet_config
 
 # In this order: the guidance halves one after the other, the VAE decoded band by band through host RAM, then
 # its mid-block keys/values streamed from there too. The last two cost host transfers.
@@ -68,11 +69,13 @@ def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
 
 
 def plan_run(settings: RunSettings, ranks: int) -> dict[str, Any] | None:
-    """The planner's prediction for this run, or None for a model whose architecture is not known offline."""
-    arch = architecture_of(settings.model)
-    if arch is None:
+    """The planner's prediction for this run (its model family's formula), or None for a model whose
+    architecture is not known offline."""
+    family = family_of_model(settings.model)
+    arch = family.architecture(settings.model)
+    if arch is None or not family.plan:
         return None
-    return plan(arch, settings.height, settings.width, ranks, **plan_kwargs(settings))
+    return load(family.plan)(arch, settings.height, settings.width, ranks, **plan_kwargs(settings))
 
 
 def _saver(settings: RunSettings, name: str) -> Any:
@@ -119,8 +122,10 @@ def fit_to_capacity(settings: RunSettings, ranks: int, capacity: int, device: st
         if planned is not None and planned["peak_bytes_per_rank"] <= capacity:
             return place_vae_store(fitted, ranks, capacity)
     kwargs = plan_kwargs(fitted)
+    family = family_of_model(settings.model)
+    arch = family.architecture(settings.model)
     try:
-        needed = ranks_needed(capacity, architecture_of(settings.model), settings.height, settings.width, **kwargs)
+        needed = ranks_needed(capacity, arch, settings.height, settings.width, planner=load(family.plan), **kwargs)
         flags = saver_flags(settings, fitted)
         advice = f"at least {needed} ranks with {flags}" if flags else f"{needed} ranks"
     except UsageError:

@@ -20,6 +20,7 @@ Softmax attention is assumed to run in a fused kernel (no N x N scores), as on G
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -232,13 +233,21 @@ def plan(
     }
 
 
-def ranks_needed(capacity_bytes: int, preset_or_arch: str | dict[str, Any], height: int, width: int, **kw: Any) -> int:
-    """The fewest ranks whose predicted peak fits ``capacity_bytes`` each; raises when none does."""
+def ranks_needed(
+    capacity_bytes: int,
+    preset_or_arch: str | dict[str, Any],
+    height: int,
+    width: int,
+    planner: Callable[..., dict[str, Any]] | None = None,
+    **kw: Any,
+) -> int:
+    """The fewest ranks whose predicted peak fits ``capacity_bytes`` each; raises when none does. ``planner``:
+    the model family's formula (its ``plan``; Stable Diffusion's by default)."""
     arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
     most = height // LATENT_FACTOR
     for ranks in range(1, most + 1):
         try:
-            if plan(arch, height, width, ranks, **kw)["peak_bytes_per_rank"] <= capacity_bytes:
+            if (planner or plan)(arch, height, width, ranks, **kw)["peak_bytes_per_rank"] <= capacity_bytes:
                 return ranks
         except UsageError:
             break

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from distlin.families.base import Family
+from distlin.models.architectures import ARCHITECTURES_DIR
+
+TINY_SANA_MODELS = ("tiny-sana",)
+# SANA-1600M's transformer and DC-AE: the 1K and 4K models differ only in their native latent size.
+SANA_1600M_MODELS = {
+    "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers": 32,
+    "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers": 128,
+}
 
 # patch_size 1 and no positional embedding, as SANA-1600M at 1K and 4K; three DC-AE levels: latent factor 4.
 TINY_SANA: dict[str, dict[str, Any]] = {
@@ -68,6 +77,18 @@ def dc_ae_factor(vae_config: dict) -> int:
     return 2 ** (len(vae_config["decoder_block_out_channels"]) - 1)
 
 
+def architecture(model: str) -> dict[str, Any] | None:
+    """The configs of a SANA model known offline (transformer, DC-AE, Gemma-2), or None: ``tiny-sana`` and
+    SANA-1600M at 1K and 4K (``configs/architectures/sana-1600m.json``)."""
+    if model.removeprefix("distlin/") in TINY_SANA_MODELS:
+        return {kind: dict(TINY_SANA[kind]) for kind in ("transformer", "vae", "text_encoder")}
+    if model not in SANA_1600M_MODELS:
+        return None
+    configs = json.loads((ARCHITECTURES_DIR / "sana-1600m.json").read_text(encoding="utf-8"))
+    configs["transformer"]["sample_size"] = SANA_1600M_MODELS[model]
+    return configs
+
+
 SANA = Family(
     name="sana",
     denoiser="transformer",
@@ -76,10 +97,11 @@ SANA = Family(
     latent_factor=dc_ae_factor,
     parallelize="distlin.families.sana.transformer:parallelize_sana",
     parallelize_vae="distlin.families.sana.vae:parallelize_dc_ae",
-    planner=False,
+    plan="distlin.families.sana.memory:plan_sana",
+    architecture=architecture,
     sequential_vae=False,  # the DC-AE decodes band-parallel on every rank at any size
     linfusion=False,
-    builtin=("tiny-sana",),
+    builtin=TINY_SANA_MODELS,
     architectures=(("tiny-sana", {"denoiser": TINY_SANA["transformer"], "vae": TINY_SANA["vae"]}),),
     hub_models=(
         "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
@@ -97,6 +119,5 @@ SANA = Family(
         ("mask", "SANA has no inpainting pipeline; drop --mask"),
         ("controlnet", "a SANA ControlNet is not split into row bands yet; drop --controlnet"),
         ("ip_adapter", "SANA has no IP-Adapter; drop --ip-adapter"),
-        ("plan", "the memory planner models Stable Diffusion UNets only; drop --plan for SANA"),
     ),
 )

@@ -1,0 +1,179 @@
+"""SANA's memory formula for the planner (``--plan``, the automatic savers): predicted peak bytes per rank.
+
+peak = weights (transformer, DC-AE, Gemma-2) + max(transformer call, DC-AE decode) + the full latents and image
+every rank holds, as for Stable Diffusion (:func:`distlin.memory.planner.plan`), with SANA's two working sets:
+
+- a transformer call peaks in a block's Mix-FFN: per band token and sample, the blocks' input and output hidden
+  states, the modulated norm and its channels-first copy (4 C) and the FFN's inverted conv output beside its
+  SiLU, then the depthwise conv's input beside its output (4 · int(mlp_ratio · C)); SANA-1600M: 14 C. The
+  linear self-attention's state does not grow with the image; the cross-attention is assumed fused (no
+  token x caption scores), as on GPUs;
+- a DC-AE decode peaks in a ResBlock of its last (full-resolution) level, of width ``w0``: per band pixel
+  2.5 ``w0`` elements in the model dtype (input, conv output, the norm's result) plus two float32 copies of
+  ``w0`` (diffusers' RMSNorm computes in float32).
+
+Both are validated against meta-tensor measurements of the real modules (:func:`measured_activation_peak`,
+:func:`measured_decode_peak`) in ``tests/test_sana_memory.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from distlin.errors import UsageError
+from distlin.families.sana.family import dc_ae_factor, token_row_unit
+from distlin.parallel.topology import Topology
+from distlin.sizes import format_size
+from distlin.thresholds import Thresholds
+
+VAE_DECODES = ("auto", "direct", "sequential")
+
+
+def activation_elements(transformer: dict[str, Any], tokens: int, batch: int) -> int:
+    """Peak live activation elements of one transformer call on ``tokens`` band tokens (see the module doc)."""
+    width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    hidden = int(transformer.get("mlp_ratio", 2.5) * width)
+    return int(batch * tokens * (4 * width + 4 * hidden))
+
+
+def decode_elements(vae: dict[str, Any], pixels: int, dtype_bytes: int) -> int:
+    """Peak live elements (of the model dtype) of decoding a band of ``pixels`` image pixels."""
+    width = vae["decoder_block_out_channels"][0]
+    return int(pixels * width * (2.5 + 2 * 4 / dtype_bytes))
+
+
+def _build(kind: str, config_json: str) -> nn.Module:
+    """A component on the meta device (nothing allocated)."""
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        if kind == "transformer":
+            from diffusers import SanaTransformer2DModel
+
+            return SanaTransformer2DModel.from_config(config)
+        if kind == "vae":
+            from diffusers import AutoencoderDC
+
+            return AutoencoderDC.from_config(config)
+        from transformers import Gemma2Config, Gemma2Model
+
+        if "vocab_size" not in config:  # tiny-sana: the package's small tokenizer sets it
+            from distlin.models.tiny import load_tokenizer
+
+            config["vocab_size"] = len(load_tokenizer())
+        return Gemma2Model(Gemma2Config(**config))
+
+
+@lru_cache(maxsize=16)
+def _parameters(kind: str, config_json: str) -> int:
+    return sum(p.numel() for p in _build(kind, config_json).parameters())
+
+
+def parameters(kind: str, config: dict[str, Any]) -> int:
+    """Parameters of ``transformer``, ``vae`` or ``text_encoder``, counted on the meta device."""
+    return _parameters(kind, json.dumps(config, sort_keys=True))
+
+
+def plan_sana(
+    arch: dict[str, Any],
+    height: int,
+    width: int,
+    ranks: int = 1,
+    *,
+    dtype: str = "bfloat16",
+    cfg: bool = True,
+    cfg_parallel: bool = True,
+    micro_batch: int | None = None,
+    vae_decode: str = "auto",
+    thresholds: Thresholds | None = None,
+    **_: Any,
+) -> dict[str, Any]:
+    """Predicted peak bytes per rank of a SANA generation of ``height`` x ``width`` px on ``ranks`` ranks, in
+    the planner's layout (:func:`distlin.memory.planner.format_plan`). ``arch``: ``transformer``, ``vae`` and
+    ``text_encoder`` configs. The DC-AE decodes band-parallel on every rank; the planner's options that model
+    Stable Diffusion parts (ControlNets, the sequential AutoencoderKL) do not apply and are ignored."""
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise UsageError(f"unknown dtype {dtype!r}; use one of float16, bfloat16, float32")
+    if vae_decode not in VAE_DECODES:
+        raise UsageError(f"unknown VAE decode {vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
+    if micro_batch is not None and micro_batch < 1:
+        raise UsageError(f"micro_batch {micro_batch} must be at least 1")
+    transformer, vae = arch["transformer"], arch["vae"]
+    factor, size = dc_ae_factor(vae), torch.finfo(getattr(torch, dtype)).bits // 8
+    if height % factor or width % factor:
+        raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {factor}")
+    rows, cols = height // factor, width // factor
+    topology = Topology.for_run(ranks, cfg_parallel=cfg_parallel, guidance=cfg)
+    batch = min(2 if cfg and not topology.cfg_split else 1, micro_batch or 2)
+    tokens = topology.layout(rows, cols, token_row_unit(transformer), factor).sizes()
+    band_tokens = max(tokens) * cols // token_row_unit(transformer) ** 2
+    vae_rows = max(Topology.for_run(ranks, cfg_parallel=False, guidance=False).layout(rows, cols, 1, factor).sizes())
+    breakdown = {
+        **{f"weights_{kind}": parameters(kind, arch[kind]) * size for kind in ("transformer", "vae", "text_encoder")},
+        "transformer_activations": activation_elements(transformer, band_tokens, batch) * size,
+        "vae_decode_activations": decode_elements(vae, vae_rows * cols * factor**2, size) * size,
+        "full_latents": 4 * transformer["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (fp32)
+        "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
+    }
+    weights = sum(value for key, value in breakdown.items() if key.startswith("weights_"))
+    activations = max(breakdown["transformer_activations"], breakdown["vae_decode_activations"])
+    return {
+        "peak_bytes_per_rank": int(weights + activations + breakdown["full_latents"] + breakdown["full_image"]),
+        "ranks": ranks,
+        "height": height,
+        "width": width,
+        "dtype": dtype,
+        "cfg": cfg,
+        "cfg_parallel": topology.cfg_split,
+        "ff_chunk": None,
+        "micro_batch": micro_batch,
+        "vae_attention_rows": None,
+        "unet_band_tokens": band_tokens,
+        "vae": "banded" if ranks > 1 else "plain",
+        "vae_store": None,
+        "breakdown": breakdown,
+    }
+
+
+def _meta_peak(model: nn.Module, call: Any) -> int:
+    """Peak bytes of activations (parameters excluded) of ``call()`` on meta tensors, by torch's MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker, torch.no_grad():
+        call()
+    peak = tracker.get_tracker_snapshot("peak")
+    return int(sum(value for stats in peak.values() for kind, value in stats.items() if str(kind).endswith("ACT")))
+
+
+def measured_activation_peak(
+    transformer: dict[str, Any], rows: int, cols: int, batch: int, dtype: torch.dtype, caption_tokens: int = 8
+) -> int:
+    """Measured peak activation bytes of one call of the band-parallel transformer (one rank) on a ``rows`` x
+    ``cols`` latent, on meta tensors. Meta SDPA is not fused, so the caption is short: its token x caption
+    scores, which a GPU's fused kernel never holds, stay negligible."""
+    from distlin.families.sana.transformer import parallelize_transformer
+    from distlin.parallel.config import PatchParallelConfig
+
+    model = torch.nn.Module.to(_build("transformer", json.dumps(transformer)), dtype=dtype).eval()
+    handle = parallelize_transformer(model, PatchParallelConfig(check_finite=False))
+    meta: dict[str, Any] = {"device": "meta", "dtype": dtype}
+    latent = torch.empty(batch, transformer["in_channels"], rows, cols, **meta)
+    caption = torch.empty(batch, caption_tokens, transformer["caption_channels"], **meta)
+    timestep = torch.empty(batch, device="meta")
+    try:
+        return _meta_peak(model, lambda: model(hidden_states=latent, encoder_hidden_states=caption, timestep=timestep))
+    finally:
+        handle.undo()
+
+
+def measured_decode_peak(vae: dict[str, Any], rows: int, cols: int, dtype: torch.dtype) -> int:
+    """Measured peak activation bytes of decoding a ``rows`` x ``cols`` latent with the DC-AE, on meta tensors."""
+    model = torch.nn.Module.to(_build("vae", json.dumps(vae)), dtype=dtype).eval()
+    latent = torch.empty(1, vae["latent_channels"], rows, cols, device="meta", dtype=dtype)
+    return _meta_peak(model, lambda: model.decoder(latent))

@@ -1,0 +1,67 @@
+"""SANA's memory formula (the family's ``plan``) against meta-tensor measurements of the real modules, and
+``--plan`` and the automatic fit for SANA models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from distlin.cli.generate import main
+from distlin.errors import UsageError
+from distlin.families.sana.family import architecture
+from distlin.families.sana.memory import (
+    activation_elements,
+    decode_elements,
+    measured_activation_peak,
+    measured_decode_peak,
+)
+from distlin.memory.fit import fit_to_capacity, plan_run
+from distlin.settings import build_settings
+
+SANA_4K = "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers"
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "batch", "dtype"),
+    [(32, 32, 2, torch.bfloat16), (48, 32, 1, torch.float32)],  # a band: 48 token rows of a 32-wide grid
+)
+def test_sana_1600m_transformer_activations_within_20_percent(rows: int, cols: int, batch: int, dtype) -> None:
+    transformer = architecture(SANA_4K)["transformer"]
+    measured = measured_activation_peak(transformer, rows, cols, batch, dtype)
+    predicted = activation_elements(transformer, rows * cols, batch) * dtype.itemsize
+    assert abs(predicted / measured - 1) <= 0.2, (predicted, measured)
+
+
+@pytest.mark.parametrize(("rows", "cols", "dtype"), [(8, 8, torch.bfloat16), (6, 8, torch.float32)])
+def test_sana_dc_ae_decode_within_20_percent(rows: int, cols: int, dtype) -> None:
+    vae = architecture(SANA_4K)["vae"]
+    measured = measured_decode_peak(vae, rows, cols, dtype)
+    predicted = decode_elements(vae, rows * cols * 32**2, dtype.itemsize) * dtype.itemsize
+    assert abs(predicted / measured - 1) <= 0.2, (predicted, measured)
+
+
+def test_plan_for_sana_shrinks_with_ranks_and_names_its_parts(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "plan.json"
+    argv = ["--preset", "sana-4k", "--plan", "--plan-ranks", "8", "--plan-json", str(path)]
+    assert main(argv) == 0
+    eight = json.loads(path.read_text())
+    assert "predicted peak per rank" in capsys.readouterr().out
+    one = plan_run(build_settings("sana-4k", {}, 1), 1)
+    assert eight["peak_bytes_per_rank"] < one["peak_bytes_per_rank"]
+    assert {"weights_transformer", "weights_text_encoder", "transformer_activations"} <= eight["breakdown"].keys()
+    # the guidance halves on two groups of 4 ranks: one sample over a quarter of the tokens each
+    ratio = one["breakdown"]["transformer_activations"] / eight["breakdown"]["transformer_activations"]
+    assert ratio == 8
+
+
+def test_the_fit_refuses_a_sana_run_too_large_for_the_device_naming_a_rank_count() -> None:
+    settings = build_settings("sana-4k", {}, 1)
+    peak = plan_run(settings, 1)["peak_bytes_per_rank"]
+    fitted = fit_to_capacity(settings, 1, peak, "cuda:0")
+    assert replace(fitted, vae_store=settings.vae_store) == settings  # it fits: no saver switched on
+    with pytest.raises(UsageError, match=r"use at least \d+ ranks"):
+        fit_to_capacity(settings, 1, peak // 2, "cuda:0")
