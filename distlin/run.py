@@ -493,7 +493,8 @@ def generate(
     if runtime.is_main or not sequential:  # the band-parallel decode needs every rank
         image = decode_latents(pipe, latents, decode)
     timings["decode"] = clock.seconds(latents)
-    comm = {"unet": prepared.unet_stats.summary(), "vae": prepared.vae_stats.totals()}
+    denoiser = family_of_pipeline(pipe).denoiser  # "unet", "transformer": the report names the model's own part
+    comm = {denoiser: prepared.unet_stats.summary(), "vae": prepared.vae_stats.totals()}
     main = runtime.is_main
     return Result(latents, image if main else None, settings, comm, metadata(settings, runtime), timings)
 
