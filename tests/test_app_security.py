@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from distlin.app.request import Limits
 from distlin.app.results import ResultStore
 from distlin.app.session import GenerationSession
 from distlin.app.uploads import NOT_UPLOADED, private_upload_folder
+from distlin.errors import UsageError
 from distlin.parallel import Runtime
 
 pytest.importorskip("gradio")
@@ -184,3 +187,123 @@ def test_only_finished_results_are_served_and_nothing_else_under_the_output_fold
             assert response.status_code in (403, 404) and b"SECRET" not in response.content
     for name in (f"{unfinished.name}/image.png", ".env", f"{saved.id}/../.env"):
         assert app.client.get(f"/results/{name}").status_code == 404
+
+
+# --- no request stops the rank group ---------------------------------------------------------------------------
+
+RANK_1_FAILS = "a request rank 1 fails alone"
+
+
+def tiny(**changes: Any) -> Any:
+    from distlin.app.request import GenerationRequest
+
+    return GenerationRequest.from_message({**GenerationRequest.for_preset("tiny-sd15").to_message(), "steps": 2,
+                                           **changes})  # fmt: skip
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+class FailsAloneOnRank1(GenerationSession):
+    """Rank 1's session: fails alone on one request, before the others could notice (its disk is full)."""
+
+    def settings(self, request):  # noqa: ANN001, ANN201 - as the base class
+        if request.prompt == RANK_1_FAILS:
+            raise OSError(28, "No space left on device")
+        return super().settings(request)
+
+
+def hostile_requests(runtime: Runtime, output_dir: str) -> dict[str, Any]:
+    """Rank 0 is sent a truncated PNG, a decompression bomb, steps=1001, NaN guidance and a request one rank
+    fails alone, then a normal request; rank 1 serves until shutdown."""
+    from distlin.app.ranks import serve_worker
+
+    channel = RankChannel(runtime)
+    if runtime.rank != 0:
+        serve_worker(channel, FailsAloneOnRank1(runtime))
+        return {"worker": "stopped by shutdown"}
+    coordinator = Coordinator(channel, GenerationSession(runtime), ResultStore(output_dir), idle_message_s=0.2)
+    serving = threading.Thread(target=coordinator.serve)
+    serving.start()
+    refusals = []
+    for changes in ({"init_image": png_bytes(192, 128)[:-200], "strength": 0.5}, {"mask": bomb_png(40000, 40000)},
+                    {"steps": 1001}, {"guidance_scale": float("nan")}):  # fmt: skip
+        try:
+            coordinator.submit(tiny(**changes))
+            refusals.append("accepted")
+        except UsageError as err:
+            refusals.append(str(err))
+    alone = coordinator.submit(tiny(prompt=RANK_1_FAILS))
+    alone.finished.wait()
+    after = coordinator.submit(tiny())
+    after.finished.wait()
+    coordinator.close()
+    serving.join()
+    return {"refusals": refusals, "alone": alone.error, "after": after.result is not None, "lost": coordinator.failure}
+
+
+def test_no_request_stops_a_two_rank_group(tmp_path: Path) -> None:
+    from multirank import run_ranks
+
+    main, worker = run_ranks(2, hostile_requests, str(tmp_path / "out"))
+    truncated, bomb, steps, nan = main["refusals"]
+    assert truncated.startswith("init image is not a complete image")
+    assert bomb.startswith("mask has more than") and "pixels" in bomb
+    assert "1001" in steps and "1000" in steps
+    assert nan.startswith("guidance scale nan must be a finite number")
+    assert not any("/" in refusal for refusal in main["refusals"])  # no server path in what the page shows
+    assert main["alone"] == "rank 1: OSError: [Errno 28] No space left on device"  # refused on every rank
+    assert main["after"] and main["lost"] is None and worker == {"worker": "stopped by shutdown"}
+
+
+# --- Cancel stops the request it names -------------------------------------------------------------------------
+
+
+def test_cancel_stops_the_request_it_names_when_one_session_queued_several(tmp_path: Path) -> None:
+    from distlin.app.page import CONTROLS, AppPage
+
+    runtime = Runtime()
+    coordinator = Coordinator(RankChannel(runtime), GenerationSession(runtime), ResultStore(tmp_path))
+    page = AppPage(coordinator, "tiny-sd15")  # its ranks not started: requests wait in the queue
+    values = tuple(FORM[name] for name in CONTROLS)
+    first, second, third = (page._run(*values) for _ in range(3))
+    ids = [next(run)[1] for run in (first, second, third)]  # the request id each page holds
+    jobs = [page._jobs[request_id] for request_id in ids]
+    assert len(set(ids)) == 3 and coordinator.ahead_of(jobs[2]) == 2
+    page._cancel(ids[1])
+    assert [job.cancelled for job in jobs] == [False, True, False] and coordinator.ahead_of(jobs[2]) == 1
+    assert next(second)[0] == "cancelled; nothing was written"
+    page._cancel("a guessed id")
+    page._cancel(None)
+    assert not jobs[0].cancelled and not jobs[2].cancelled
+
+
+# --- refusals name no server path ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("--mask '/tmp/distlin-uploads-x1/mask' is 64×64; pass a mask the size of --init-image",
+         "the uploaded mask is 64×64; pass a mask the size of init image"),
+        ("--controlnet '/srv/cn' is not a folder with a config.json; fix --controlnet",
+         "ControlNet (a file on the server) is not a folder with a config.json; fix ControlNet"),
+        ("OSError: [Errno 2] No such file or directory: '/srv/models/unet/config.json'",
+         "OSError: [Errno 2] No such file or directory: a file on the server"),
+        ("rank 1: PermissionError: /home/op/distlin-results/.x.tmp denied; stage 1/2",
+         "rank 1: PermissionError: a file on the server denied; stage 1/2"),
+    ],
+)  # fmt: skip
+def test_refusals_shown_on_the_page_name_no_server_path(message: str, shown: str) -> None:
+    from distlin.app.wording import in_field_terms
+
+    assert in_field_terms(message) == shown

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from distlin.app.planning import describe_plan, fit_settings
-from distlin.app.ranks import GENERATE, IDLE, SHARED_FAILURES, SHUTDOWN, RankChannel
+from distlin.app.ranks import GENERATE, IDLE, REFUSALS, SHUTDOWN, RankChannel
 from distlin.app.request import GenerationRequest, Limits
 from distlin.app.results import ResultStore, SavedResult
 from distlin.app.session import GenerationSession
@@ -67,9 +67,11 @@ class Coordinator:
         self._changed = threading.Condition()
 
     def plan(self, request: GenerationRequest) -> str:
-        """The request's memory plan if this server accepts it: within the limits and planned to fit the device;
-        else UsageError with the reason."""
+        """The request's memory plan if this server accepts it: its pictures decoded whole, its settings checked
+        as the command line's (steps against the scheduler, every number's range), within the limits and planned to
+        fit the device; else UsageError with the reason. All on rank 0, before anything is broadcast."""
         try:
+            request.check_pictures()
             with self.session.settings(request) as settings:
                 self.limits.check(settings)
                 fitted = fit_settings(settings, self.session.runtime)
@@ -146,15 +148,19 @@ class Coordinator:
         try:
             with report_to(job.report_phase):
                 result = self.session.run(job.request, job.report, job.cancel_requested.is_set)
-            job.result = self.store.save(result.image, result.metadata)
         except Cancelled:
             job.cancelled = True
-        except SHARED_FAILURES as err:
+        except REFUSALS as err:  # on every rank alike: the group is in step
             job.error = in_field_terms(str(err))
-        except Exception as err:  # noqa: BLE001 - reported to the page; fatal only where ranks may be out of step
-            job.error = f"{type(err).__name__}: {_first_line(err)}"
+        except Exception as err:  # noqa: BLE001 - the ranks could not agree: the group is out of step
+            job.error = in_field_terms(f"{type(err).__name__}: {_first_line(err)}")
             if self.session.runtime.world_size > 1:
                 self.failure = f"the rank group failed ({job.error}); restart the app"
+        else:
+            try:
+                job.result = self.store.save(result.image, result.metadata)
+            except Exception as err:  # noqa: BLE001 - rank 0's disk alone: the other ranks are done and in step
+                job.error = in_field_terms(f"the result could not be saved ({type(err).__name__}: {_first_line(err)})")
         finally:
             with self._changed:
                 self._running = None

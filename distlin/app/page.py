@@ -5,6 +5,7 @@ link, and a gallery of past results."""
 from __future__ import annotations
 
 import html
+import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,7 +34,9 @@ UPLOAD_CACHE_S = 3600  # Gradio's own copies of uploaded pictures are deleted af
 
 
 class AppPage:
-    """Builds the page for a coordinator and keeps each browser session's job, so Cancel stops that one."""
+    """Builds the page for a coordinator and keeps each request's job under a random id the page holds (the
+    request field), so Cancel stops the request that page started, however many one browser session queued,
+    and nobody else's."""
 
     def __init__(self, coordinator: Coordinator, preset: str):
         self.coordinator = coordinator
@@ -57,6 +60,7 @@ class AppPage:
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
                     status = gr.Markdown("ready", elem_id="status")
+                    running = gr.Textbox(visible=False, elem_id="request")  # the id Cancel stops
                 with gr.Column(scale=2):
                     viewer = gr.HTML(elem_id="viewer")
                     download = gr.HTML(elem_id="download")
@@ -69,8 +73,8 @@ class AppPage:
             inputs = [controls[name] for name in CONTROLS]
             controls["preset"].change(self._preset_values, controls["preset"], [controls[n] for n in PRESET_CONTROLS])
             gr.on([c.change for c in inputs] + [page.load], self._plan, inputs, plan)
-            run.click(self._run, inputs, [status, *shown, gallery], concurrency_limit=None)
-            cancel.click(self._cancel, None, None, concurrency_limit=None)  # the running request's status says it
+            run.click(self._run, inputs, [status, running, *shown, gallery], concurrency_limit=None)
+            cancel.click(self._cancel, running, None, concurrency_limit=None)  # the request's status says it
             gallery.select(self._select, None, shown)
         return page
 
@@ -127,25 +131,30 @@ class AppPage:
         except UsageError as err:
             return f"refused: {err}"
 
-    def _run(self, request: gr.Request, *values: Any) -> Iterator[list[Any]]:
+    def _run(self, *values: Any) -> Iterator[list[Any]]:
+        """Status and request id first, then progress, then the result (viewer, download, metadata, gallery)."""
         try:
             job = self.coordinator.submit(request_from_controls(values))
         except UsageError as err:
-            yield [f"refused: {err}", *[gr.skip()] * 4]
+            yield [f"refused: {err}", "", *[gr.skip()] * 4]
             return
-        self._jobs[request.session_hash] = job
+        request_id = secrets.token_urlsafe(16)
+        self._jobs[request_id] = job
         try:
+            yield [_progress_text(self.coordinator, job), request_id, *[gr.skip()] * 4]
             while not job.finished.wait(POLL_S):
-                yield [_progress_text(self.coordinator, job), *[gr.skip()] * 4]
+                yield [_progress_text(self.coordinator, job), gr.skip(), *[gr.skip()] * 4]
         finally:
-            self._jobs.pop(request.session_hash, None)
+            self._jobs.pop(request_id, None)
         if job.result is None:
-            yield ["cancelled; nothing was written" if job.cancelled else f"failed: {job.error}", *[gr.skip()] * 4]
+            text = "cancelled; nothing was written" if job.cancelled else f"failed: {job.error}"
+            yield [text, gr.skip(), *[gr.skip()] * 4]
             return
-        yield [f"done: {job.result.id}", *self._show(job.result), self._gallery()]
+        yield [f"done: {job.result.id}", gr.skip(), *self._show(job.result), self._gallery()]
 
-    def _cancel(self, request: gr.Request) -> None:
-        job = self._jobs.get(request.session_hash)
+    def _cancel(self, request_id: str | None) -> None:
+        """Stop the request with this id (the page's latest), if it still waits or runs."""
+        job = self._jobs.get(request_id or "")
         if job is not None:
             self.coordinator.cancel(job)
 

@@ -6,7 +6,7 @@ on when needed, and a run that no saver makes fit is refused with the planner's 
 
 from __future__ import annotations
 
-from distlin.memory.fit import fit_to_capacity, plan_run, saver_flags
+from distlin.memory.fit import check_host_memory, fit_to_capacity, host_capacity, local_ranks, plan_run, saver_flags
 from distlin.memory.planner import format_plan
 from distlin.parallel.runtime import Runtime
 from distlin.run import device_capacity
@@ -15,9 +15,13 @@ from distlin.sizes import format_size
 
 
 def fit_settings(settings: RunSettings, runtime: Runtime) -> RunSettings:
-    """The settings the run will use (savers included); UsageError with the planner's reason if none fits."""
+    """The settings the run will use (savers included); UsageError with the planner's reason if none fits (on a
+    CPU: if rank 0's machine cannot hold its ranks, checked again by every rank when the run starts)."""
     capacity = device_capacity(settings, runtime)
     if capacity is None:
+        host = host_capacity(settings) if runtime.device.type == "cpu" else None
+        if host is not None:
+            check_host_memory(settings, runtime.world_size, local_ranks(runtime.world_size), host)
         return settings
     return fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
 

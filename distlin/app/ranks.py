@@ -11,16 +11,15 @@ from typing import Any
 
 import torch.distributed as dist
 
+from distlin.app.agreement import SHARED_FAILURES, RankFailed
 from distlin.app.request import GenerationRequest
 from distlin.app.session import GenerationSession
-from distlin.errors import Cancelled, UsageError
 from distlin.parallel.runtime import Runtime
-from distlin.parallel.unet import NonFiniteError
 
 GENERATE, IDLE, SHUTDOWN = "generate", "idle", "shutdown"
 
-# Failures every rank meets at the same point of a run, after which the group is still in step.
-SHARED_FAILURES = (UsageError, Cancelled, NonFiniteError)
+# How a request ends on every rank alike, the group still in step: refused, cancelled, or failed on some rank.
+REFUSALS = (*SHARED_FAILURES, RankFailed)
 
 
 class RankChannel:
@@ -44,15 +43,16 @@ class RankChannel:
 def serve_worker(channel: RankChannel, session: GenerationSession) -> None:
     """The loop of every rank but 0: run each request with rank 0 until it says shutdown.
 
-    A request that fails alike on every rank (bad input, cancel, a non-finite step) leaves the group in step,
-    so the loop goes on; rank 0 reports it. Any other failure ends this rank, and torchrun the group.
+    A request that fails, on any rank, is agreed on by every rank (:mod:`distlin.app.agreement`) and leaves the
+    group in step, so the loop goes on; rank 0 reports it. Only a lost rank or a failed collective ends this rank,
+    and torchrun the group.
     """
     while (message := channel.receive())["kind"] != SHUTDOWN:
         if message["kind"] != GENERATE:
             continue
         try:
             session.run(GenerationRequest.from_message(message["request"]), should_stop=_rank0_decides)
-        except SHARED_FAILURES:
+        except REFUSALS:
             continue
 
 

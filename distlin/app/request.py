@@ -12,6 +12,7 @@ for the run), and the model, device and output file are the app's, never the req
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from typing import Any, get_args, get_type_hints
 from distlin.app.library import ComponentLibrary
 from distlin.components import Lora
 from distlin.errors import UsageError
+from distlin.inputs import decode_image
 from distlin.parallel.config import MODES
 from distlin.presets import list_presets, load_preset
 from distlin.schedulers import SCHEDULERS
@@ -107,6 +109,14 @@ class GenerationRequest:
             )
             yield build_settings(self.preset, overrides, world_size)
 
+    def check_pictures(self) -> None:
+        """Decode every uploaded picture whole (UsageError naming its flag, which the page words as its field): on
+        rank 0, before the request is broadcast, so a truncated file or a decompression bomb is refused there."""
+        for name in UPLOADS:
+            data = getattr(self, name)
+            if data is not None:
+                decode_image(data, f"--{name.replace('_', '-')}")
+
     def metadata(self) -> dict[str, Any]:
         """What a result records of the components: their names and the uploads' digests, where the run's
         metadata holds the server's paths (the operator's files, and temporary files that are gone)."""
@@ -189,6 +199,8 @@ def _value(label: str, value: Any, kind: type) -> Any:
     if kind in (str, bytes) and isinstance(value, kind):
         return value
     if kind in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UsageError(f"{label} {value} must be a finite number")
         if kind is int and value != int(value):
             raise UsageError(f"{label} {value} must be a whole number")
         return kind(value)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
+from distlin.app.agreement import agree
 from distlin.app.library import ComponentLibrary
 from distlin.app.request import GenerationRequest
 from distlin.parallel.runtime import Runtime
@@ -41,15 +42,23 @@ class GenerationSession:
         on_progress: ProgressReport | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Result:
-        """Generate on every rank together (each rank calls this with the same request). The metadata names the
-        request's components and uploads, not the paths they had on this server."""
-        with self.settings(request) as settings:
-            if self._prepared is None or self._prepared.key != pipeline_key(settings):
-                self._release()
-                self._prepared = prepare_pipeline(settings, self.runtime)
-            result = generate(settings, self.runtime, self._prepared, on_progress, should_stop)
+        """Generate on every rank together (each rank calls this with the same request). Each part (settings,
+        pipeline, generation) ends with every rank agreeing that none failed (:func:`~distlin.app.agreement.agree`),
+        so a failure on one rank is a refusal on all. The metadata names the request's components and uploads, not
+        the paths they had on this server."""
+        with ExitStack() as uploads:
+            settings = agree(self.runtime, lambda: uploads.enter_context(self.settings(request)))
+            prepared = agree(self.runtime, lambda: self._pipeline(settings))
+            result = agree(self.runtime, lambda: generate(settings, self.runtime, prepared, on_progress, should_stop))
         result.metadata.update(request.metadata())
         return result
+
+    def _pipeline(self, settings: RunSettings) -> Prepared:
+        """The prepared pipeline for ``settings``: the kept one while :func:`~distlin.run.pipeline_key` holds."""
+        if self._prepared is None or self._prepared.key != pipeline_key(settings):
+            self._release()
+            self._prepared = prepare_pipeline(settings, self.runtime)
+        return self._prepared
 
     def _release(self) -> None:
         """Free the previous pipeline before loading another: two large models may not fit together."""
