@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 USAGE_EXIT_CODE = 2
+NON_FINITE_EXIT_CODE = 3  # a non-finite prediction stopped every rank
+LOST_RANK_EXIT_CODE = 4  # another rank died or exceeded --timeout-s
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C or SIGTERM
 
 
 class UsageError(ValueError):

@@ -28,8 +28,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SECOND_ORDER = frozenset({"heun"})  # two UNet evaluations per step, the first step excepted
 # Multistep solvers divide by the gap between consecutive noise levels: at as many steps as training timesteps two
 # levels coincide (measured with diffusers 0.42: DPM++ 2M and UniPC repeat a sigma at 1000 of 1000) and the latents
-# become non-finite, so they take one step fewer.
+# become non-finite; with "leading" spacing they also place one more point than steps. So they take one step fewer.
 MULTISTEP = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
+# Schedulers whose timestep_spacing is "leading" unless the config says otherwise: their timesteps are shifted up by
+# steps_offset, so at as many steps as training timesteps the first is past the last (DDIM, PNDM: an IndexError).
+LEADING_BY_DEFAULT = frozenset({"DDIMScheduler", "PNDMScheduler", "LCMScheduler", "DDPMScheduler"})
 DIFFUSERS_TRAIN_STEPS = 1000  # diffusers' default num_train_timesteps
 LCM_ORIGINAL_STEPS = 50  # diffusers' default original_inference_steps of LCMScheduler
 
@@ -48,9 +51,12 @@ def max_steps(config: Mapping[str, Any] | None, name: str | None = None) -> tupl
     train = int(config.get("num_train_timesteps", DIFFUSERS_TRAIN_STEPS))
     if kind == "LCMScheduler":
         return int(config.get("original_inference_steps", LCM_ORIGINAL_STEPS)), "LCM's original inference steps"
-    if kind in MULTISTEP:
-        return train - 1, f"one fewer than its {train} training timesteps"
-    return train, f"its {train} training timesteps"
+    spacing = config.get("timestep_spacing") or ("leading" if kind in LEADING_BY_DEFAULT else "linspace")
+    offset = int(config.get("steps_offset", 0)) if spacing == "leading" else 0
+    fewer = offset + (kind in MULTISTEP)
+    if not fewer:
+        return train, f"its {train} training timesteps"
+    return train - fewer, f"{fewer} fewer than its {train} training timesteps, so the last is not passed"
 
 
 def check_steps(config: Mapping[str, Any] | None, steps: int, name: str | None = None) -> None:

@@ -123,7 +123,7 @@ def test_a_device_a_fifo_or_a_folder_named_as_init_image_is_refused_without_read
 @pytest.mark.parametrize(
     ("argv", "limit"),
     [
-        (["--steps", "100000"], "1000"),  # tiny-sd15's own DDIM: a ValueError after loading
+        (["--steps", "100000"], "999"),  # tiny-sd15's own DDIM: a ValueError after loading (1000: an IndexError)
         (["--steps", "100000", "--scheduler", "euler"], "1000"),  # accepted: about 1.5 h of work
         (["--steps", "1000", "--scheduler", "dpm++-2m"], "999"),  # non-finite latents at 1000 of 1000
         (["--steps", "51", "--scheduler", "lcm"], "50"),  # LCM's schedule is a subset of its 50 original steps
@@ -136,8 +136,10 @@ def test_more_steps_than_the_scheduler_can_take_are_refused_before_the_model_loa
 
 
 def test_the_most_steps_a_scheduler_takes_are_accepted() -> None:
-    assert build_settings("tiny-sd15", {"steps": 1000}, 1).steps == 1000
+    assert build_settings("tiny-sd15", {"steps": 999}, 1).steps == 999  # DDIM's steps_offset 1: 1000 + 1 > 1000
+    assert build_settings("tiny-sd15", {"steps": 1000, "scheduler": "euler"}, 1).steps == 1000
     assert build_settings("tiny-sd15", {"steps": 999, "scheduler": "dpm++-2m"}, 1).steps == 999
+    assert build_settings("tiny-sdxl", {"steps": 998, "scheduler": "dpm++-2m"}, 1).steps == 998  # "leading" too
 
 
 def test_a_mask_without_an_init_image_names_what_is_missing(
@@ -241,3 +243,72 @@ def test_a_100_kb_prompt_prints_one_line_not_the_cut_text(
     out, err = capsys.readouterr()
     assert "note: the prompt is " in out and "tokens; the text encoder reads the first 77" in out
     assert "red cube" not in notices.getvalue() + out + err and len(notices.getvalue() + out + err) < 2000
+
+
+# --nproc-per-node: the ranks' own launcher. Two multi-rank runs, each seconds of sampling on one CPU core per rank.
+GENERATE = REPO / "launch" / "generate.py"
+LONG_RUN = ["--nproc-per-node", "2", "--no-cfg-parallel", "--steps", "500", "--timeout-s", "10"]
+
+
+def start(argv: list[str], cwd: Path) -> subprocess.Popen[str]:
+    """``launch/generate.py argv`` in a new session (a terminal's foreground group of its own), output merged."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, str(GENERATE), *argv]
+    return subprocess.Popen(  # noqa: S603
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def wait_for_sampling(process: subprocess.Popen[str]) -> tuple[list[int], str]:
+    """The rank processes once rank 0's progress bar shows (sampling runs on every rank), and the output so far."""
+    seen = ""
+    while "/500 [" not in seen:
+        chunk = os.read(process.stdout.fileno(), 4096).decode(errors="replace")  # type: ignore[union-attr]
+        assert chunk, seen
+        seen += chunk
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    return sorted(map(int, children)), seen
+
+
+def finish(process: subprocess.Popen[str], seen: str) -> str:
+    try:
+        return seen + process.communicate(timeout=90)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_two_nproc_runs_at_once_do_not_collide_and_ctrl_c_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    """Two runs used to collide on port 29500 (EADDRINUSE traceback); Ctrl-C used to exit 1 with an elastic
+    traceback per rank."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    interrupted = start([*LONG_RUN, "--height", "512", "--width", "512", "--output", "x.png"], first)  # minutes
+    finishing = start(["--nproc-per-node", "2", "--no-cfg-parallel", "--steps", "2", "--output", "x.png"], second)
+    try:
+        _, seen = wait_for_sampling(interrupted)
+        assert finishing.wait(timeout=120) == 0, finishing.communicate()[0]
+        assert interrupted.poll() is None  # the two overlapped from the rendezvous on
+        os.killpg(interrupted.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's whole foreground group
+        output = finish(interrupted, seen)
+    finally:
+        finish(finishing, "")
+    assert interrupted.returncode == 130, output
+    assert "Traceback" not in output and output.rstrip().endswith("interrupted") and output.count("interrupted") == 1
+    assert (second / "x.png").is_file() and list(first.iterdir()) == []
+
+
+def test_a_stopped_rank_gives_every_survivor_the_lost_rank_line_and_exit_code_4(tmp_path: Path) -> None:
+    """A rank stopped by SIGSTOP used to make the other abort: "terminate called without an active exception"."""
+    run = start([*LONG_RUN, "--output", "x.png"], tmp_path)
+    children, seen = wait_for_sampling(run)
+    os.kill(children[1], signal.SIGSTOP)
+    output = finish(run, seen)
+    assert run.returncode == 4, output
+    assert "error: lost contact with another rank (it died, or exceeded --timeout-s)" in output
+    assert "error: rank 1 was stopped after rank 0 failed; killed it" in output
+    assert "terminate called" not in output and "Traceback" not in output
+    assert list(tmp_path.iterdir()) == []

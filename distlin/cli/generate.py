@@ -18,8 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from distlin.cli.launcher import run_ranks
 from distlin.commands import command_name
-from distlin.errors import USAGE_EXIT_CODE, Cancelled, UsageError
+from distlin.errors import (
+    INTERRUPTED_EXIT_CODE,
+    LOST_RANK_EXIT_CODE,
+    NON_FINITE_EXIT_CODE,
+    USAGE_EXIT_CODE,
+    Cancelled,
+    UsageError,
+)
 from distlin.io import IMAGE_SUFFIXES, atomic_write, check_output_path
 from distlin.parallel.config import BACKENDS, MODES
 from distlin.presets import list_presets
@@ -29,9 +37,6 @@ from distlin.settings import VAE_DECODES, VAE_STORES, RunSettings, build_setting
 from distlin.sizes import format_size
 
 DEFAULT_PRESET = "tiny-sd15"
-INTERRUPTED_EXIT_CODE = 130
-NON_FINITE_EXIT_CODE = 3
-LOST_RANK_EXIT_CODE = 4
 # Set for the ranks --nproc-per-node starts: the launching process has printed the start line already.
 ANNOUNCED_ENV = "DISTLIN_ANNOUNCED"
 
@@ -360,23 +365,14 @@ def run(settings: RunSettings, outputs: Outputs, quiet: bool = False) -> None:
                     print(f"wrote {outputs.comm_json}")
 
 
-def start_ranks(ranks: int, argv: list[str]) -> NoReturn:
-    """Replace this process with torchrun starting ``ranks`` ranks of this same command (without the flag)."""
-    rest, skip = [], False
-    for arg in argv:
-        if skip or arg == "--nproc-per-node":
-            skip = not skip
-            continue
-        if not arg.startswith("--nproc-per-node="):
-            rest.append(arg)
-    from distlin.parallel.runtime import rank_environment  # imports torch: only once ranks are started
+def start_ranks(ranks: int, argv: list[str]) -> int:
+    """Run ``ranks`` ranks of this same command (without the flag) on this machine; their exit code."""
+    from distlin.parallel.runtime import rank_environment  # imports torch: only once every check has passed
 
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
     # one OpenMP thread: torchrun's default for several ranks, without its banner
-    env = rank_environment(dict(os.environ), threads=1)
-    env[ANNOUNCED_ENV] = "1"
+    env = {**rank_environment(dict(os.environ), threads=1), ANNOUNCED_ENV: "1"}
     sys.stdout.flush()
-    os.execve(sys.executable, [*launcher, "-m", "distlin.cli.generate", *rest], env)
+    return run_ranks(ranks, argv, env)
 
 
 def _is_rank0() -> bool:
@@ -397,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0; 2 bad input; 3 non-finite; 4 lost rank; 130 interrupted)."""
     # transformers' notices a user cannot act on (optional torchvision, over-long prompts: see warn_long_prompt)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         args, settings, outputs = parse(argv)
         if args.plan:
@@ -405,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         announce(args, settings)
         if args.nproc_per_node is not None:
-            start_ranks(args.nproc_per_node, sys.argv[1:] if argv is None else argv)
+            return start_ranks(args.nproc_per_node, sys.argv[1:] if argv is None else argv)
         else:
             run(settings, outputs, args.quiet)
     except UsageError as err:
@@ -414,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {f'rank {rank}: ' if rank else ''}{err}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except (KeyboardInterrupt, Cancelled):
-        print("interrupted", file=sys.stderr)
+        if _is_rank0() or not os.environ.get(ANNOUNCED_ENV):  # --nproc-per-node: one line for all its ranks
+            print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     except Exception as err:  # noqa: BLE001 - the two kinds of run failure a user can act on, else re-raised
         code = _failure_code(err)
@@ -423,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_failure_message(err, code)}", file=sys.stderr)
         return code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -445,13 +443,17 @@ def _failure_message(err: BaseException, code: int) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (
         f"lost contact with another rank (it died, or exceeded --timeout-s): {first}; "
-        "torchrun's summary names the rank that failed first"
+        "the launcher's last lines (torchrun's summary, or --nproc-per-node's) name the rank that failed first"
     )
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:
-    """SIGTERM (torchrun stopping the other ranks, a scheduler cancelling the job) unwinds like Ctrl-C:
-    temp files are removed and the process group is destroyed."""
+    """Ctrl-C, or SIGTERM (torchrun stopping the other ranks, a scheduler cancelling the job), unwinds as a
+    KeyboardInterrupt: temp files are removed and the process group is destroyed. Later signals are ignored so
+    they cannot interrupt that cleanup with a traceback (Ctrl-C reaches every rank of --nproc-per-node twice:
+    from the terminal and from the launcher)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from distlin.errors import UsageError
-from distlin.parallel.config import BACKENDS
+from distlin.parallel.config import BACKENDS, RENDEZVOUS_ENV
 
 # glibc hands every freed block above its mmap threshold back to the OS, so each large activation is faulted in and
 # zeroed again at the next layer: full-sd15 at 512x512 on one CPU rank spent 1.6 s of 14 s per UNet call in the
@@ -102,8 +102,12 @@ def init_runtime(backend: str | None = None, timeout_s: float = 300.0, device: s
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        store = os.environ.get(RENDEZVOUS_ENV)  # --nproc-per-node: a file store, no port (else torchrun's env://)
         dist.init_process_group(
             backend=backend,
+            init_method=f"file://{store}" if store else None,
+            rank=rank,
+            world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if backend == "nccl" else None,
         )
