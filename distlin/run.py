@@ -403,6 +403,9 @@ def _sequential_vae(prepared: Prepared, settings: RunSettings, runtime: Runtime)
     on_device = settings.vae_store == "device"
     report = (_on_device_printer if on_device else _transfer_printer) if runtime.is_main else None
     store = runtime.device if on_device else torch.device("cpu")
+    family = family_of_pipeline(prepared.pipe)
+    if family.sequential_coder:
+        return load(family.sequential_coder)(prepared.pipe.vae, runtime, options["band_rows"], store, report)
     return SequentialVAE(prepared.pipe.vae, runtime, options, report, store)
 
 
@@ -414,9 +417,11 @@ def _is_large(settings: RunSettings, runtime: Runtime) -> Callable[[int, int], b
 
 def _coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SizedCoder:
     """What decodes and encodes between cascade stages: per image size, like the final decode."""
-    if not family_of_pipeline(prepared.pipe).sequential_vae:
+    family = family_of_pipeline(prepared.pipe)
+    if not family.sequential_vae:
         return prepared.vae
-    return SizedCoder(prepared.vae, _sequential_vae(prepared, settings, runtime), _is_large(settings, runtime))
+    factor = family.latent_factor(prepared.pipe.vae.config)
+    return SizedCoder(prepared.vae, _sequential_vae(prepared, settings, runtime), _is_large(settings, runtime), factor)
 
 
 def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tuple[Callable | None, bool]:

@@ -128,31 +128,41 @@ def test_dc_ae_on_four_ranks_equals_one_process(four_ranks) -> None:
     assert four_ranks["vae_bytes"]["attention"] > 0  # its linear attention's state, all-reduced
 
 
-def generate(tmp: Path, ranks: int, *flags: str) -> subprocess.Popen:
+def generate(tmp: Path, name: str, ranks: int, *flags: str, **environment: str) -> subprocess.Popen:
     launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else []
     argv = [sys.executable, *launcher, str(GENERATE), "--preset", "tiny-sana", "--output", "out.png", *flags]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTLIN_") and k not in ("RANK", "WORLD_SIZE")}
-    folder = tmp / str(ranks)
+    folder = tmp / name
     folder.mkdir()
     return subprocess.Popen(
-        argv, cwd=folder, env={**env, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        argv,
+        cwd=folder,
+        env={**env, "OMP_NUM_THREADS": "1", **environment},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
 def test_generate_tiny_sana_on_two_and_three_ranks_writes_the_one_process_image(tmp_path: Path) -> None:
-    runs = {ranks: generate(tmp_path, ranks, "--report-comm") for ranks in (1, 2, 3)}
-    images, reports = {}, {}
-    for ranks, run in runs.items():
+    """Also above a lowered size threshold, where rank 0 decodes band by band through host RAM."""
+    runs = {str(ranks): generate(tmp_path, str(ranks), ranks, "--report-comm") for ranks in (1, 2, 3)}
+    lowered = {"DISTLIN_SEQUENTIAL_VAE_PIXELS": "64", "DISTLIN_SEQUENTIAL_BAND_ROWS": "3"}
+    runs["2 sequential"] = generate(tmp_path, "2 sequential", 2, **lowered)
+    images, outputs = {}, {}
+    for name, run in runs.items():
         stdout, stderr = run.communicate(timeout=600)
         assert run.returncode == 0, stderr[-3000:]
-        reports[ranks] = json.loads(stdout[stdout.index("{") :])
-        with Image.open(tmp_path / str(ranks) / "out.png") as image:
-            images[ranks] = np.asarray(image).astype(np.int16)
-    for ranks in (2, 3):
-        difference = np.abs(images[ranks] - images[1])
-        assert difference.max() <= 1 and difference.mean() < 0.01, (ranks, difference.max(), difference.mean())
-    # 2 ranks: one guidance half each, nothing to exchange but the gather; 3 ranks: one state per layer and step
-    # the bytes are reported under the denoiser's own name
+        outputs[name] = stdout
+        with Image.open(tmp_path / name / "out.png") as image:
+            images[name] = np.asarray(image).astype(np.int16)
+    for name in ("2", "3", "2 sequential"):
+        difference = np.abs(images[name] - images["1"])
+        assert difference.max() <= 1 and difference.mean() < 0.01, (name, difference.max(), difference.mean())
+    assert "VAE decoded band by band" in outputs["2 sequential"] and "band by band" not in outputs["2"]
+    reports = {ranks: json.loads(outputs[str(ranks)][outputs[str(ranks)].index("{") :]) for ranks in (2, 3)}
+    # the bytes are reported under the denoiser's own name; 2 ranks: one guidance half each, nothing to exchange
+    # but the gather; 3 ranks: one state per layer and step
     assert reports[2].keys() == reports[3].keys() == {"transformer", "vae"}
     assert reports[2]["transformer"]["bytes_per_step"]["attention"] == 0
     assert reports[3]["transformer"]["bytes_per_step"]["attention"] == 2 * 2 * 2 * 9 * 8 * 4

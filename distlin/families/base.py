@@ -38,7 +38,9 @@ class Family:
     peak memory per rank for ``--plan`` and the automatic savers, ``(arch, height, width, ranks, **options) ->``
     the planner's dict, from ``architecture(model)``: a model's configs known offline (None: not planned);
     ``sequential_vae``: whether
-    its VAE decodes band by band through host RAM above the size threshold; ``linfusion``: whether LinFusion
+    its VAE decodes band by band through host RAM (or on the device: ``--vae-store``) above the size threshold,
+    with ``sequential_coder`` (``module:function``, ``(vae, runtime, band_rows, store, on_done) -> coder``; empty: the
+    AutoencoderKL interpreter of :mod:`distlin.vae.sequential`); ``linfusion``: whether LinFusion
     layers mount on it (SANA's attention is linear already);
     ``hub_models``: Hub ids its presets use; ``architectures``: a built-in model's
     ``denoiser`` and ``vae`` configs, so its rank split is checked before any rank starts;
@@ -60,6 +62,7 @@ class Family:
     plan: str = ""
     architecture: Callable[[str], dict | None] = lambda model: None
     sequential_vae: bool = True
+    sequential_coder: str = ""
     linfusion: bool = True
     builtin: tuple[str, ...] = ()
     hub_models: tuple[str, ...] = ()

@@ -96,15 +96,21 @@ class SizedCoder:
     """A run's coder between cascade stages: the direct one (band-parallel or plain), or :class:`SequentialVAE`
     for images that ``is_large(height, width)`` in pixels (the run's sequential-VAE rule, the decode's)."""
 
-    def __init__(self, direct: ParallelVAE | PlainVAE, sequential: SequentialVAE, is_large: Callable[[int, int], bool]):
-        self.direct, self.sequential, self.is_large = direct, sequential, is_large
+    def __init__(
+        self,
+        direct: ParallelVAE | PlainVAE,
+        sequential: SequentialVAE,
+        is_large: Callable[[int, int], bool],
+        factor: int = LATENT_FACTOR,  # image pixels per latent pixel (the model family's)
+    ):
+        self.direct, self.sequential, self.is_large, self.factor = direct, sequential, is_large, factor
 
     def _for(self, height: int, width: int) -> ParallelVAE | PlainVAE | SequentialVAE:
         return self.sequential if self.is_large(height, width) else self.direct
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         rows, cols = latents.shape[-2:]
-        return self._for(rows * LATENT_FACTOR, cols * LATENT_FACTOR).decode(latents)
+        return self._for(rows * self.factor, cols * self.factor).decode(latents)
 
     def encode(self, image: torch.Tensor) -> DiagonalGaussianDistribution:
         return self._for(*image.shape[-2:]).encode(image)

@@ -29,36 +29,59 @@ from distlin.thresholds import INDEX_LIMIT
 from distlin.vae.parallel import _banded, _gather_rows
 
 
-class BandMultiscaleAttention(SanaMultiscaleLinearAttention):
-    """``SanaMultiscaleLinearAttention`` on a row band: the band's state, all-reduced, applied to its queries
-    (the same operations as diffusers' ``SanaMultiscaleAttnProcessor2_0`` in linear mode)."""
+class StateAttention(SanaMultiscaleLinearAttention):
+    """``SanaMultiscaleLinearAttention`` (diffusers' ``SanaMultiscaleAttnProcessor2_0`` in linear mode, the same
+    operations) split where a band meets the rest: :meth:`parts` gives the queries, keys and values of a band,
+    :meth:`state` its share of ``Σ_j [v_j; 1] relu(k_j)ᵀ``, :meth:`finish` applies a whole image's state to the
+    band's queries. The band twins differ only in where the other bands' shares come from."""
 
     twin_of: ClassVar[type] = SanaMultiscaleLinearAttention
+
+    def parts(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(query, key, value)`` of every token of the band, float32, ``(B, heads, d or d + 1, tokens)``."""
+        batch, _, height, width = hidden_states.shape
+        x = hidden_states.movedim(1, -1)
+        x = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=3).movedim(-1, 1)
+        x = torch.cat([x] + [block(x) for block in self.to_qkv_multiscale], dim=1).to(torch.float32)
+        query, key, value = x.reshape(batch, -1, 3 * self.attention_head_dim, height * width).chunk(3, dim=2)
+        value = nn.functional.pad(value, (0, 0, 0, 1), mode="constant", value=1)
+        return self.nonlinearity(query), self.nonlinearity(key), value
+
+    @staticmethod
+    def state(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The tokens' share of the attention state."""
+        return torch.matmul(value, key.transpose(-1, -2))
+
+    def finish(self, hidden_states: torch.Tensor, scores: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """The layer's output on the band from the whole image's state ``scores``."""
+        batch, _, height, width = hidden_states.shape
+        out = torch.matmul(scores, query).to(torch.float32)
+        out = (out[:, :, :-1] / (out[:, :, -1:] + self.eps)).to(hidden_states.dtype)
+        out = self.to_out(torch.reshape(out, (batch, -1, height, width)).movedim(1, -1)).movedim(-1, 1)
+        if self.norm_type == "rms_norm":
+            out = self.norm_out(out.movedim(1, -1)).movedim(-1, 1)
+        else:
+            out = self.norm_out(out)
+        return out + hidden_states if self.residual_connection else out
+
+
+class BandMultiscaleAttention(StateAttention):
+    """The multiscale linear attention on a row band of every rank: the band's state, all-reduced."""
+
     ctx: ClassVar[ParallelContext]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
         if not _banded(ctx):
             return self.processor(self, hidden_states)
-        batch, _, height, width = hidden_states.shape
-        if ctx.layout.boundaries_at_width(width)[-1] * width <= self.attention_head_dim:
+        if (
+            ctx.layout.boundaries_at_width(hidden_states.shape[-1])[-1] * hidden_states.shape[-1]
+            <= self.attention_head_dim
+        ):
             raise ValueError("a DC-AE attention over fewer tokens than its head width is not split; use one rank")
-        residual, dtype = hidden_states, hidden_states.dtype
-        x = hidden_states.movedim(1, -1)
-        x = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=3).movedim(-1, 1)
-        x = torch.cat([x] + [block(x) for block in self.to_qkv_multiscale], dim=1).to(torch.float32)
-        query, key, value = x.reshape(batch, -1, 3 * self.attention_head_dim, height * width).chunk(3, dim=2)
-        query, key = self.nonlinearity(query), self.nonlinearity(key)
-        value = nn.functional.pad(value, (0, 0, 0, 1), mode="constant", value=1)
-        scores = ctx.patch.all_reduce(torch.matmul(value, key.transpose(-1, -2)), "attention").wait()
-        out = torch.matmul(scores, query).to(torch.float32)
-        out = (out[:, :, :-1] / (out[:, :, -1:] + self.eps)).to(dtype)
-        out = self.to_out(torch.reshape(out, (batch, -1, height, width)).movedim(1, -1)).movedim(-1, 1)
-        if self.norm_type == "rms_norm":
-            out = self.norm_out(out.movedim(1, -1)).movedim(-1, 1)
-        else:
-            out = self.norm_out(out)
-        return out + residual if self.residual_connection else out
+        query, key, value = self.parts(hidden_states)
+        scores = ctx.patch.all_reduce(self.state(key, value), "attention").wait()
+        return self.finish(hidden_states, scores, query)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,196 @@
+"""SANA's DC-AE band by band on one device, its bands kept in host RAM (or on the device): exact, with device
+memory bounded by a band whatever the image height.
+
+The DC-AE has no GroupNorm; what couples distant rows is only its multiscale linear attention, whose state
+``Σ_j [v_j; 1] relu(k_j)ᵀ`` is a sum over tokens. So the part (decoder or encoder) runs on one row band at a
+time, each band with ``margin`` rows of its neighbours on either side (the part's receptive field, found by a
+probe: every convolution's padding at its resolution), and only the band's own rows are kept:
+
+1. one pass over the bands per attention layer, in order: each band runs the part up to that layer and adds
+   its own rows' share of the state (:class:`SequentialAttention`), the earlier layers using the states
+   already summed; the part stops there (the layers after it need that state);
+2. a last pass runs every band through the whole part with every state known and keeps its rows in the store.
+
+The attention layers sit at the deepest levels, so the extra passes run the small part of the network. The
+rows next to a band's edge are recomputed by its neighbours (the margin), not exchanged: nothing here needs
+more than one device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distlin.families.sana.vae import Encoded, StateAttention
+from distlin.parallel.runtime import Runtime
+from distlin.sizes import format_size
+from distlin.surgery import Swaps, bound_class, original_type, twin
+
+
+class StopPart(Exception):
+    """Raised by the attention layer whose state a pass sums: nothing after it can run yet."""
+
+
+@dataclass
+class Pass:
+    """What the attention layers of one band's run need: the band's own rows among the rows it runs on, the
+    layer whose state is being summed (None: the last pass) and the states summed so far."""
+
+    rows: int = 1  # input rows the band runs on (its own and its margins), in the part's input units
+    own: tuple[int, int] = (0, 1)  # its own rows among them
+    summing: int | None = None
+    states: list[torch.Tensor] = field(default_factory=list)
+    seen: int = 0  # attention layers met in this run
+    window: tuple[int, int] = (0, 1)  # the input units the band's current activation covers
+
+
+class SequentialAttention(StateAttention):
+    """The multiscale linear attention of a band run: it adds the band's own tokens' share to the state being
+    summed, or applies a state already summed."""
+
+    current: ClassVar[Pass]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        run = self.current
+        index, run.seen = run.seen, run.seen + 1
+        query, key, value = self.parts(hidden_states)
+        if index == run.summing:
+            height, width = hidden_states.shape[-2:]
+            start, stop = (row * height // run.rows * width for row in run.own)
+            share = self.state(key[..., start:stop], value[..., start:stop])
+            if index == len(run.states):
+                run.states.append(share)
+            else:
+                run.states[index] += share
+            raise StopPart
+        return self.finish(hidden_states, run.states[index], query)
+
+
+def stages(part: nn.Module) -> list[nn.Module]:
+    """The part's levels (the members of its ``up_blocks`` / ``down_blocks`` lists), where a band's rows are cut
+    back to what the rest of the part needs."""
+    return [stage for child in part.children() if isinstance(child, nn.ModuleList) for stage in child]
+
+
+def receptive_rows(part: nn.Module, x: torch.Tensor, unit: int) -> tuple[int, dict[nn.Module, int]]:
+    """Input units (``unit`` input rows each) of neighbours a band needs for its own rows to come out exact, in
+    all and after each stage: every convolution's padding in input rows at its resolution, summed on a small
+    probe input in the order they run (plus one unit, so a fraction never falls short)."""
+    probe = x[..., : 2 * unit, : 2 * unit]
+    radius, after = [0.0], {}
+
+    def conv(module: nn.Module, args: tuple) -> None:
+        radius[0] += module.padding[0] * module.dilation[0] * probe.shape[-2] / args[0].shape[-2]
+
+    hooks = [m.register_forward_pre_hook(conv) for m in part.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(lambda m, a, o: after.__setitem__(m, radius[0])) for m in stages(part)]
+    try:
+        part(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return math.ceil(radius[0] / unit) + 1, {m: math.ceil((radius[0] - r) / unit) + 1 for m, r in after.items()}
+
+
+def run_in_bands(part: nn.Module, x: torch.Tensor, unit: int, band_units: int, store: torch.device | str) -> Any:
+    """``part(x)`` band by band (see the module doc): ``unit`` input rows per indivisible row (1 for a latent,
+    the DC-AE factor for an image), ``band_units`` of them per band; the output's bands kept on ``store``. After
+    each stage a band keeps only the neighbours' rows the rest of the part needs."""
+    units = x.shape[-2] // unit
+    margin, remaining = receptive_rows(part, x, unit)
+    attention = bound_class(SequentialAttention, current=Pass())
+    swaps = Swaps(part)
+    for name, module in list(part.named_modules()):
+        if original_type(module) is StateAttention.twin_of and not swaps.covers(name):
+            swaps.module(name, twin(module, attention))
+    layers = sum(isinstance(module, SequentialAttention) for module in part.modules())
+    bands = [(start, min(start + band_units, units)) for start in range(0, units, band_units)]
+
+    def cut(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        run = attention.current
+        low, high = run.window
+        start, stop = (low + row for row in run.own)
+        keep = max(low, start - remaining[module]), min(high, stop + remaining[module])
+        scale = out.shape[-2] // (high - low)
+        run.window, run.rows, run.own = keep, keep[1] - keep[0], (start - keep[0], stop - keep[0])
+        return out[..., (keep[0] - low) * scale : (keep[1] - low) * scale, :]
+
+    def band_run(start: int, stop: int, summing: int | None) -> torch.Tensor | None:
+        low, high = max(0, start - margin), min(units, stop + margin)
+        attention.current = Pass(high - low, (start - low, stop - low), summing, attention.current.states)
+        attention.current.window = (low, high)
+        try:
+            out = part(x[..., low * unit : high * unit, :])
+        except StopPart:
+            return None
+        low, high = attention.current.window
+        scale = out.shape[-2] // (high - low)
+        return out[..., (start - low) * scale : (stop - low) * scale, :].to(store)
+
+    hooks = [stage.register_forward_hook(cut) for stage in stages(part)]
+    try:
+        for layer in range(layers):
+            for start, stop in bands:
+                band_run(start, stop, layer)
+        return torch.cat([band_run(start, stop, None) for start, stop in bands], dim=-2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        swaps.restore()
+
+
+class SequentialDCAE:
+    """The DC-AE's decode and encode band by band on rank 0 alone (:func:`run_in_bands`), bands of
+    ``band_rows`` latent rows kept on ``store`` (host RAM, or the device). Other ranks compute nothing: their
+    decoded image is a ``meta`` placeholder of the right shape, and they receive the latent rank 0 encodes (one
+    broadcast of latent size). ``on_done`` (rank 0) gets each pass's bytes moved to the store and seconds."""
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        runtime: Runtime,
+        band_rows: int,
+        store: torch.device | str = "cpu",
+        on_done: Callable[[str, int, float], None] | None = None,
+    ):
+        self.vae, self.runtime, self.band_rows, self.store, self.on_done = vae, runtime, band_rows, store, on_done
+        self.factor = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
+
+    def _run(self, what: str, part: nn.Module, x: torch.Tensor, unit: int, store: torch.device | str) -> torch.Tensor:
+        began = time.perf_counter()
+        out = run_in_bands(part, x, unit, self.band_rows, store)
+        if self.on_done is not None:
+            moved = out.numel() * out.element_size() if out.device != x.device else 0
+            self.on_done(what, moved, time.perf_counter() - began)
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``vae.decode(latents).sample`` (unscaled latents in, image in [-1, 1] out)."""
+        batch, _, rows, cols = latents.shape
+        if not self.runtime.is_main:
+            shape = (batch, self.vae.config.in_channels, rows * self.factor, cols * self.factor)
+            return torch.empty(shape, device="meta", dtype=latents.dtype)
+        return self._run("decoded", self.vae.decoder, latents, 1, self.store)
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> Encoded:
+        """``vae.encode(image).latent`` (unscaled) as ``.mean``; sides multiples of the factor."""
+        batch, _, height, width = image.shape
+        if height % self.factor or width % self.factor:
+            raise ValueError(f"image of {format_size(width, height)} px: both sides must be multiples of {self.factor}")
+        if self.runtime.is_main:
+            latent = self._run("encoded", self.vae.encoder, image, self.factor, self.runtime.device).contiguous()
+        else:
+            shape = (batch, self.vae.config.latent_channels, height // self.factor, width // self.factor)
+            latent = torch.empty(shape, device=self.runtime.device, dtype=self.vae.dtype)
+        if self.runtime.distributed:
+            dist.broadcast(latent, src=0)
+        return Encoded(latent)
