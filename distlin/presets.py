@@ -79,7 +79,7 @@ def load_preset(name: str) -> dict[str, Any]:
     path = preset_path(name)
     try:
         preset = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise UsageError(f"cannot read preset file {path}: {type(err).__name__}; fix or restore it") from None
     if not isinstance(preset, dict):
         raise UsageError(f"preset file {path} is not a mapping of settings; fix or restore it")

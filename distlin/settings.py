@@ -39,6 +39,7 @@ from distlin.sources import check_linfusion_source, check_model_source, schedule
 from distlin.thresholds import Thresholds
 
 MAX_SEED = 2**64 - 1
+MAX_TIMEOUT_S = 30 * 24 * 3600  # a collective's timeout: torch keeps it in milliseconds, inf or 1e300 overflow
 DTYPE_ALIASES = {
     "float32": "float32",
     "fp32": "float32",
@@ -237,8 +238,18 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
         raise UsageError(f"unknown VAE store {settings.vae_store!r}; use one of {', '.join(VAE_STORES)}")
     if settings.vae_attention_rows is not None and settings.vae_attention_rows < 1:
         raise UsageError(f"VAE attention rows {settings.vae_attention_rows} must be at least 1")
-    if not settings.timeout_s > 0:
-        raise UsageError(f"timeout {settings.timeout_s} s must be positive; pass e.g. --timeout-s 300")
+    if not 0 < settings.timeout_s <= MAX_TIMEOUT_S:
+        raise UsageError(
+            f"timeout {settings.timeout_s} s must be positive and at most {MAX_TIMEOUT_S} (30 days); "
+            "pass e.g. --timeout-s 300"
+        )
+    for key in ("prompt", "negative_prompt"):
+        try:
+            getattr(settings, key).encode("utf-8")
+        except UnicodeEncodeError as err:  # bytes the shell passed that are not UTF-8 (kept as lone surrogates)
+            raise UsageError(
+                f"{key.replace('_', ' ')} is not UTF-8 text (character {err.start}); pass it in UTF-8"
+            ) from None
     check_model_source(settings.model)
     check_linfusion_source(settings.linfusion)
     config = unet_config(settings.model)

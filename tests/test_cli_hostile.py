@@ -142,6 +142,31 @@ def test_the_most_steps_a_scheduler_takes_are_accepted() -> None:
     assert build_settings("tiny-sdxl", {"steps": 998, "scheduler": "dpm++-2m"}, 1).steps == 998  # "leading" too
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--timeout-s", "inf"], "timeout inf s must be positive and at most"),  # OverflowError on 2 ranks
+        (["--timeout-s", "1e300"], "timeout 1e+300 s must be positive and at most"),
+        (["--prompt", b"caf\xff".decode("utf-8", "surrogateescape")], "prompt is not UTF-8 text (character 3)"),
+        (["--negative-prompt", b"\xff".decode("utf-8", "surrogateescape")], "negative prompt is not UTF-8 text"),
+    ],
+)
+def test_values_that_used_to_fail_only_once_the_model_had_loaded_are_refused_first(
+    argv: list[str], message: str, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prompt of non-UTF-8 bytes from the shell used to be a tokenizer TypeError traceback after loading."""
+    assert message in refused(argv, capsys, workdir)
+
+
+def test_a_preset_file_that_is_not_utf_8_is_one_line(
+    tmp_path: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Used to be a UnicodeDecodeError traceback."""
+    preset = tmp_path / "binary.yaml"
+    preset.write_bytes(b"\xff\xfe: [")
+    assert "cannot read preset file" in refused(["--preset", str(preset)], capsys, workdir)
+
+
 def test_a_mask_without_an_init_image_names_what_is_missing(
     pictures: dict[str, str], workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
