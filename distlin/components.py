@@ -53,6 +53,8 @@ def check_lora(lora: Lora) -> None:
         path = Path(lora.path)
     if path is not None and not path.exists():
         raise UsageError(f"LoRA {lora.path!r} does not exist; fix --lora (a .safetensors file, folder or Hub id)")
+    if path is not None and not (path.is_file() or path.is_dir()):  # a device or FIFO would be read forever
+        raise UsageError(f"LoRA {lora.path!r} is not a regular file or a folder; fix --lora (a .safetensors file)")
 
 
 @dataclass(frozen=True)

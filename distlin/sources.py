@@ -49,6 +49,8 @@ def local_path(source: str) -> Path | None:
 
 def read_json(path: Path, what: str, flag: str) -> dict[str, Any]:
     """A JSON object from ``path``; a UsageError naming the file and what is wrong with it otherwise."""
+    if path.exists() and not path.is_file():  # a FIFO would block, a device be read forever
+        raise UsageError(f"{what}: {path} is not a regular file; restore the file or fix {flag}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:

@@ -110,14 +110,23 @@ def test_uploaded_bytes_that_are_not_a_whole_picture_are_one_usage_error(data: b
         decode_image(data, "init image")
 
 
-def test_a_device_a_fifo_or_a_folder_named_as_init_image_is_refused_without_reading_it(
+def test_a_device_a_fifo_or_a_folder_named_as_an_input_file_is_refused_without_reading_it(
     tmp_path: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``/dev/zero`` used to be read forever; a FIFO blocks its reader until a writer comes."""
+    """``/dev/zero`` used to be read forever (as init image; as LoRA once loading began); a FIFO blocks its reader
+    until a writer comes (a LinFusion folder's config.json blocked the checks)."""
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     for path in ("/dev/zero", str(fifo), str(tmp_path)):
         assert "is not a regular file" in refused(["--init-image", path], capsys, workdir)
+    zero = tmp_path / "zero.safetensors"
+    zero.symlink_to("/dev/zero")
+    for path in (zero, fifo.rename(tmp_path / "pipe.safetensors")):
+        assert "is not a regular file or a folder" in refused(["--lora", str(path)], capsys, workdir)
+    linfusion = tmp_path / "linfusion"
+    linfusion.mkdir()
+    os.mkfifo(linfusion / "config.json")  # used to block the checks forever
+    assert "config.json is not a regular file" in refused(["--linfusion", str(linfusion)], capsys, workdir)
 
 
 @pytest.mark.parametrize(
