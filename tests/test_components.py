@@ -232,7 +232,7 @@ def test_an_init_image_starts_the_cascade_at_the_first_stage_at_or_above_its_siz
 )
 def test_a_cascade_control_image_needs_the_outputs_aspect_ratio(files, preset: str, controlnet: str) -> None:
     given = {"controlnet": files[controlnet], "control_image": files["photo.png"], "height": 256, "width": 128}
-    message = "is 60x100 px, another aspect ratio than the output's 128x256; pass"
+    message = "is 60×100 px, another aspect ratio than the output's 128×256; pass"
     with pytest.raises(UsageError, match=re.escape(message)):
         build_settings(preset, given, world_size=1)
 
@@ -251,7 +251,7 @@ def test_a_cascade_control_image_needs_the_outputs_aspect_ratio(files, preset: s
             {"controlnet": ["CONTROLNET", "CONTROLNET"], "control_image": ["CONTROL", "CONTROL"], "control_scale": 1.0},
             "got 2 --controlnet, 2 --control-image and 1 --control-scale",
         ),
-        ({"controlnet": "CONTROLNET", "control_image": "PHOTO"}, "is 60x100 px but the output is 64x128"),
+        ({"controlnet": "CONTROLNET", "control_image": "PHOTO"}, "is 60×100 px but the output is 64×128"),
         ({"controlnet": "OTHER", "control_image": "CONTROL"}, "was made for another base model"),
     ],
 )
