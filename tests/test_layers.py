@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distlin"
 LAYERS = [  # (layer, modules matching): the first match wins
     (7, r"(cli|app|bench|distill)\b"),
     (6, r"run$"),
-    (5, r"(settings|memory|loading|components|schedulers)\b"),
+    (5, r"(settings|memory|loading|components|schedulers|families\.\w+\.memory$)\b"),  # a family's plan
     (1, r"(presets|sources|io|sampling\.stages|models\.architectures)$"),
     (0, r"(thresholds|errors|notices|progress|sizes|commands)$"),
     (4, r"(sampling\b|families\.\w+\.sdedit$)"),  # a family's cascade sampler is a sampler

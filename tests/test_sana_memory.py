@@ -15,8 +15,10 @@ from distlin.errors import UsageError
 from distlin.families.sana.family import architecture
 from distlin.families.sana.memory import (
     activation_elements,
+    band_decode_pixels,
     decode_elements,
     measured_activation_peak,
+    measured_band_decode_peak,
     measured_decode_peak,
 )
 from distlin.memory.fit import fit_to_capacity, plan_run
@@ -44,22 +46,42 @@ def test_sana_dc_ae_decode_within_20_percent(rows: int, cols: int, dtype) -> Non
     assert abs(predicted / measured - 1) <= 0.2, (predicted, measured)
 
 
+@pytest.mark.parametrize(("rows", "band_rows", "dtype"), [(64, 16, torch.bfloat16), (96, 8, torch.float32)])
+def test_sana_dc_ae_band_by_band_within_20_percent(rows: int, band_rows: int, dtype) -> None:
+    """Above the size threshold a band's peak is its rows plus the margins its last level still carries."""
+    vae = architecture(SANA_4K)["vae"]
+    measured = measured_band_decode_peak(vae, rows, 8, band_rows, dtype)
+    predicted = decode_elements(vae, band_decode_pixels(vae, band_rows, 8 * 32), dtype.itemsize) * dtype.itemsize
+    assert abs(predicted / measured - 1) <= 0.2, (predicted, measured)
+
+
+def test_above_the_threshold_the_planned_dc_ae_peak_does_not_grow_with_the_height() -> None:
+    plans = [
+        plan_run(build_settings("sana-4k", {"height": side, "vae_decode": "sequential"}, 1), 1) for side in (4096, 8192)
+    ]
+    assert plans[0]["vae"] == "sequential" and plans[0]["vae_store"] == "host"
+    assert plans[0]["breakdown"]["vae_decode_activations"] == plans[1]["breakdown"]["vae_decode_activations"]
+    assert plans[1]["breakdown"]["vae_host_ram_not_on_device"] == 3 * 8192 * 4096 * 2
+
+
 def test_plan_for_sana_shrinks_with_ranks_and_names_its_parts(tmp_path: Path, capsys) -> None:
     path = tmp_path / "plan.json"
-    argv = ["--preset", "sana-4k", "--plan", "--plan-ranks", "8", "--plan-json", str(path)]
+    argv = ["--preset", "sana-4k", "--vae-decode", "direct", "--plan", "--plan-ranks", "8", "--plan-json", str(path)]
     assert main(argv) == 0
     eight = json.loads(path.read_text())
     assert "predicted peak per rank" in capsys.readouterr().out
-    one = plan_run(build_settings("sana-4k", {}, 1), 1)
+    one = plan_run(build_settings("sana-4k", {"vae_decode": "direct"}, 1), 1)
     assert eight["peak_bytes_per_rank"] < one["peak_bytes_per_rank"]
+    assert (one["vae"], eight["vae"]) == ("plain", "banded")
     assert {"weights_transformer", "weights_text_encoder", "transformer_activations"} <= eight["breakdown"].keys()
     # the guidance halves on two groups of 4 ranks: one sample over a quarter of the tokens each
     ratio = one["breakdown"]["transformer_activations"] / eight["breakdown"]["transformer_activations"]
     assert ratio == 8
+    assert one["breakdown"]["vae_decode_activations"] == 8 * eight["breakdown"]["vae_decode_activations"]
 
 
 def test_the_fit_refuses_a_sana_run_too_large_for_the_device_naming_a_rank_count() -> None:
-    settings = build_settings("sana-4k", {}, 1)
+    settings = build_settings("sana-4k", {"vae_decode": "direct"}, 1)
     peak = plan_run(settings, 1)["peak_bytes_per_rank"]
     fitted = fit_to_capacity(settings, 1, peak, "cuda:0")
     assert replace(fitted, vae_store=settings.vae_store) == settings  # it fits: no saver switched on

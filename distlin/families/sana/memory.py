@@ -10,10 +10,15 @@ every rank holds, as for Stable Diffusion (:func:`distlin.memory.planner.plan`),
   token x caption scores), as on GPUs;
 - a DC-AE decode peaks in a ResBlock of its last (full-resolution) level, of width ``w0``: per band pixel
   2.5 ``w0`` elements in the model dtype (input, conv output, the norm's result) plus two float32 copies of
-  ``w0`` (diffusers' RMSNorm computes in float32).
+  ``w0`` (diffusers' RMSNorm computes in float32). Band-parallel, a band is a rank's rows; band by band on
+  rank 0 (above the size threshold, :mod:`distlin.families.sana.sequential`), it is ``band_rows`` latent rows
+  plus the neighbours' rows the last level still needs on either side, and the decoded image sits in the store
+  (host RAM, or the device with ``vae_store="device"``).
 
-Both are validated against meta-tensor measurements of the real modules (:func:`measured_activation_peak`,
-:func:`measured_decode_peak`) in ``tests/test_sana_memory.py``.
+All three are validated against meta-tensor measurements of the real modules (:func:`measured_activation_peak`,
+:func:`measured_decode_peak`, :func:`measured_band_decode_peak`) in ``tests/test_sana_memory.py``. This module
+is the planner's (layer 5): it asks :func:`distlin.memory.planner.sequential_vae` when the DC-AE goes band by
+band.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from torch import nn
 
 from distlin.errors import UsageError
 from distlin.families.sana.family import dc_ae_factor, token_row_unit
+from distlin.memory.planner import sequential_vae
 from distlin.parallel.topology import Topology
+from distlin.settings import DTYPE_BYTES
 from distlin.sizes import format_size
 from distlin.thresholds import Thresholds
-
-VAE_DECODES = ("auto", "direct", "sequential")
 
 
 def activation_elements(transformer: dict[str, Any], tokens: int, batch: int) -> int:
@@ -69,6 +74,24 @@ def _build(kind: str, config_json: str) -> nn.Module:
 
 
 @lru_cache(maxsize=16)
+def _last_level_margin(vae_json: str) -> int:
+    """Latent rows of neighbours a band still carries on either side through the DC-AE decoder's last level
+    (:func:`~distlin.families.sana.sequential.receptive_rows` on a meta probe)."""
+    from distlin.families.sana.sequential import receptive_rows, stages
+
+    decoder = _build("vae", vae_json).decoder
+    vae = json.loads(vae_json)
+    _, remaining = receptive_rows(decoder, torch.empty(1, vae["latent_channels"], 2, 2, device="meta"), 1)
+    return remaining[stages(decoder)[0]]
+
+
+def band_decode_pixels(vae: dict[str, Any], band_rows: int, width: int) -> int:
+    """Pixels of the last level of one band of ``band_rows`` latent rows decoded band by band, margins included."""
+    rows = band_rows + 2 * _last_level_margin(json.dumps(vae, sort_keys=True))
+    return rows * dc_ae_factor(vae) * width
+
+
+@lru_cache(maxsize=16)
 def _parameters(kind: str, config_json: str) -> int:
     return sum(p.numel() for p in _build(kind, config_json).parameters())
 
@@ -90,20 +113,23 @@ def plan_sana(
     micro_batch: int | None = None,
     vae_decode: str = "auto",
     thresholds: Thresholds | None = None,
+    vae_store: str = "host",
     **_: Any,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank of a SANA generation of ``height`` x ``width`` px on ``ranks`` ranks, in
     the planner's layout (:func:`distlin.memory.planner.format_plan`). ``arch``: ``transformer``, ``vae`` and
-    ``text_encoder`` configs. The DC-AE decodes band-parallel on every rank; the planner's options that model
-    Stable Diffusion parts (ControlNets, the sequential AutoencoderKL) do not apply and are ignored."""
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise UsageError(f"unknown dtype {dtype!r}; use one of float16, bfloat16, float32")
-    if vae_decode not in VAE_DECODES:
-        raise UsageError(f"unknown VAE decode {vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
+    ``text_encoder`` configs. The DC-AE decodes band-parallel on every rank, or band by band on rank 0 as
+    :func:`~distlin.memory.planner.sequential_vae` says (``thresholds``: the switch-on size and band rows), its
+    image in ``vae_store``; the planner's options for Stable Diffusion parts (ControlNets, IP-Adapters, the
+    AutoencoderKL's attention rows) do not apply and are ignored."""
+    if dtype not in DTYPE_BYTES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+    limits = thresholds or Thresholds()
+    sequential = sequential_vae(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
     if micro_batch is not None and micro_batch < 1:
         raise UsageError(f"micro_batch {micro_batch} must be at least 1")
     transformer, vae = arch["transformer"], arch["vae"]
-    factor, size = dc_ae_factor(vae), torch.finfo(getattr(torch, dtype)).bits // 8
+    factor, size = dc_ae_factor(vae), DTYPE_BYTES[dtype]
     if height % factor or width % factor:
         raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {factor}")
     rows, cols = height // factor, width // factor
@@ -111,16 +137,30 @@ def plan_sana(
     batch = min(2 if cfg and not topology.cfg_split else 1, micro_batch or 2)
     tokens = topology.layout(rows, cols, token_row_unit(transformer), factor).sizes()
     band_tokens = max(tokens) * cols // token_row_unit(transformer) ** 2
-    vae_rows = max(Topology.for_run(ranks, cfg_parallel=False, guidance=False).layout(rows, cols, 1, factor).sizes())
+    if sequential:
+        vae_pixels = band_decode_pixels(vae, limits.sequential_band_rows, width)
+    else:
+        vae_rows = max(
+            Topology.for_run(ranks, cfg_parallel=False, guidance=False).layout(rows, cols, 1, factor).sizes()
+        )
+        vae_pixels = vae_rows * cols * factor**2
     breakdown = {
         **{f"weights_{kind}": parameters(kind, arch[kind]) * size for kind in ("transformer", "vae", "text_encoder")},
         "transformer_activations": activation_elements(transformer, band_tokens, batch) * size,
-        "vae_decode_activations": decode_elements(vae, vae_rows * cols * factor**2, size) * size,
+        "vae_decode_activations": decode_elements(vae, vae_pixels, size) * size,
         "full_latents": 4 * transformer["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (fp32)
         "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
     }
+    if sequential:  # the decoded bands gather in the store: host RAM, or the device
+        stored = 3 * height * width * size
+        if vae_store == "device":
+            breakdown["vae_store_on_device"] = stored
+        else:
+            breakdown["vae_host_ram_not_on_device"] = stored
+            breakdown["full_image"] = 0  # assembled in host RAM too
     weights = sum(value for key, value in breakdown.items() if key.startswith("weights_"))
-    activations = max(breakdown["transformer_activations"], breakdown["vae_decode_activations"])
+    vae_total = breakdown["vae_decode_activations"] + breakdown.get("vae_store_on_device", 0)
+    activations = max(breakdown["transformer_activations"], vae_total)
     return {
         "peak_bytes_per_rank": int(weights + activations + breakdown["full_latents"] + breakdown["full_image"]),
         "ranks": ranks,
@@ -133,8 +173,8 @@ def plan_sana(
         "micro_batch": micro_batch,
         "vae_attention_rows": None,
         "unet_band_tokens": band_tokens,
-        "vae": "banded" if ranks > 1 else "plain",
-        "vae_store": None,
+        "vae": "sequential" if sequential else ("banded" if ranks > 1 else "plain"),
+        "vae_store": vae_store if sequential else None,
         "breakdown": breakdown,
     }
 
@@ -170,6 +210,20 @@ def measured_activation_peak(
         return _meta_peak(model, lambda: model(hidden_states=latent, encoder_hidden_states=caption, timestep=timestep))
     finally:
         handle.undo()
+
+
+def measured_band_decode_peak(vae: dict[str, Any], rows: int, cols: int, band_rows: int, dtype: torch.dtype) -> int:
+    """Measured peak activation bytes of the middle band's last pass of the band-by-band decode of a ``rows`` x
+    ``cols`` latent (the states summed before), on meta tensors."""
+
+    from distlin.families.sana.sequential import BandedPart
+
+    model = torch.nn.Module.to(_build("vae", json.dumps(vae)), dtype=dtype).eval()
+    latent = torch.empty(1, vae["latent_channels"], rows, cols, device="meta", dtype=dtype)
+    with torch.no_grad(), BandedPart(model.decoder, latent, 1, "meta") as banded:
+        bands = banded.bands(band_rows)
+        banded.sum_states(bands)
+        return _meta_peak(model, lambda: banded.band(*bands[len(bands) // 2]))
 
 
 def measured_decode_peak(vae: dict[str, Any], rows: int, cols: int, dtype: torch.dtype) -> int:

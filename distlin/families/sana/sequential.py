@@ -99,51 +99,71 @@ def receptive_rows(part: nn.Module, x: torch.Tensor, unit: int) -> tuple[int, di
     return math.ceil(radius[0] / unit) + 1, {m: math.ceil((radius[0] - r) / unit) + 1 for m, r in after.items()}
 
 
-def run_in_bands(part: nn.Module, x: torch.Tensor, unit: int, band_units: int, store: torch.device | str) -> Any:
-    """``part(x)`` band by band (see the module doc): ``unit`` input rows per indivisible row (1 for a latent,
-    the DC-AE factor for an image), ``band_units`` of them per band; the output's bands kept on ``store``. After
-    each stage a band keeps only the neighbours' rows the rest of the part needs."""
-    units = x.shape[-2] // unit
-    margin, remaining = receptive_rows(part, x, unit)
-    attention = bound_class(SequentialAttention, current=Pass())
-    swaps = Swaps(part)
-    for name, module in list(part.named_modules()):
-        if original_type(module) is StateAttention.twin_of and not swaps.covers(name):
-            swaps.module(name, twin(module, attention))
-    layers = sum(isinstance(module, SequentialAttention) for module in part.modules())
-    bands = [(start, min(start + band_units, units)) for start in range(0, units, band_units)]
+class BandedPart:
+    """A DC-AE part (decoder or encoder) run band by band on ``x`` (see the module doc): ``unit`` input rows per
+    indivisible row (1 for a latent, the DC-AE factor for an image); inside ``with``, its attention layers are
+    :class:`SequentialAttention` and after each stage a band keeps only the neighbours' rows the rest needs."""
 
-    def cut(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        run = attention.current
+    def __init__(self, part: nn.Module, x: torch.Tensor, unit: int, store: torch.device | str):
+        self.part, self.x, self.unit, self.store = part, x, unit, store
+        self.units = x.shape[-2] // unit
+        self.margin, self.remaining = receptive_rows(part, x, unit)
+        self.attention = bound_class(SequentialAttention, current=Pass())
+        self.layers = 0
+        self._swaps, self._hooks = Swaps(part), []
+
+    def __enter__(self) -> BandedPart:
+        for name, module in list(self.part.named_modules()):
+            if original_type(module) is StateAttention.twin_of and not self._swaps.covers(name):
+                self._swaps.module(name, twin(module, self.attention))
+                self.layers += 1
+        self._hooks = [stage.register_forward_hook(self._cut) for stage in stages(self.part)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._swaps.restore()
+
+    def bands(self, band_units: int) -> list[tuple[int, int]]:
+        return [(start, min(start + band_units, self.units)) for start in range(0, self.units, band_units)]
+
+    def _cut(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        run = self.attention.current
         low, high = run.window
         start, stop = (low + row for row in run.own)
-        keep = max(low, start - remaining[module]), min(high, stop + remaining[module])
+        keep = max(low, start - self.remaining[module]), min(high, stop + self.remaining[module])
         scale = out.shape[-2] // (high - low)
         run.window, run.rows, run.own = keep, keep[1] - keep[0], (start - keep[0], stop - keep[0])
         return out[..., (keep[0] - low) * scale : (keep[1] - low) * scale, :]
 
-    def band_run(start: int, stop: int, summing: int | None) -> torch.Tensor | None:
-        low, high = max(0, start - margin), min(units, stop + margin)
-        attention.current = Pass(high - low, (start - low, stop - low), summing, attention.current.states)
-        attention.current.window = (low, high)
+    def band(self, start: int, stop: int, summing: int | None = None) -> torch.Tensor | None:
+        """Input units ``[start, stop)`` through the part (on ``store``), or, ``summing`` layer ``i``, only their
+        share of its state added (None returned)."""
+        low, high = max(0, start - self.margin), min(self.units, stop + self.margin)
+        run = Pass(high - low, (start - low, stop - low), summing, self.attention.current.states, window=(low, high))
+        self.attention.current = run
         try:
-            out = part(x[..., low * unit : high * unit, :])
+            out = self.part(self.x[..., low * self.unit : high * self.unit, :])
         except StopPart:
             return None
-        low, high = attention.current.window
+        low, high = run.window
         scale = out.shape[-2] // (high - low)
-        return out[..., (start - low) * scale : (stop - low) * scale, :].to(store)
+        return out[..., (start - low) * scale : (stop - low) * scale, :].to(self.store)
 
-    hooks = [stage.register_forward_hook(cut) for stage in stages(part)]
-    try:
-        for layer in range(layers):
+    def sum_states(self, bands: list[tuple[int, int]]) -> None:
+        """Every attention layer's state, in order, summed over ``bands``."""
+        for layer in range(self.layers):
             for start, stop in bands:
-                band_run(start, stop, layer)
-        return torch.cat([band_run(start, stop, None) for start, stop in bands], dim=-2)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        swaps.restore()
+                self.band(start, stop, layer)
+
+
+def run_in_bands(part: nn.Module, x: torch.Tensor, unit: int, band_units: int, store: torch.device | str) -> Any:
+    """``part(x)`` band by band, ``band_units`` indivisible rows per band, the output's bands kept on ``store``."""
+    with BandedPart(part, x, unit, store) as banded:
+        bands = banded.bands(band_units)
+        banded.sum_states(bands)
+        return torch.cat([banded.band(start, stop) for start, stop in bands], dim=-2)
 
 
 class SequentialDCAE:
