@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -346,3 +347,36 @@ def test_a_stopped_rank_gives_every_survivor_the_lost_rank_line_and_exit_code_4(
     assert "error: rank 1 was stopped after rank 0 failed; killed it" in output
     assert "terminate called" not in output and "Traceback" not in output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_rank_ends_when_its_launcher_is_killed() -> None:
+    """A job scheduler's SIGKILL of the --nproc-per-node process used to leave its ranks computing (and writing)."""
+    launcher = subprocess.Popen(  # noqa: S603 - a launcher in miniature: one rank that would sleep a minute
+        [sys.executable, "-c", MINIATURE_LAUNCHER], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE
+    )
+    rank = int(launcher.stdout.readline())  # type: ignore[union-attr]
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while running(rank) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(rank)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (a zombie waiting for a reaper has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+MINIATURE_LAUNCHER = """
+import subprocess, sys, time
+from distlin.cli.launcher import _end_with_parent
+
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=_end_with_parent)
+print(rank.pid, flush=True)
+time.sleep(60)
+"""

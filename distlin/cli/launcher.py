@@ -66,7 +66,8 @@ def run_ranks(ranks: int, argv: list[str], env: dict[str, str]) -> int:
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(ranks):
-            processes.append(subprocess.Popen(command, env=rank_env(env, rank, ranks, folder / "store")))  # noqa: S603
+            rank_environ = rank_env(env, rank, ranks, folder / "store")
+            processes.append(subprocess.Popen(command, env=rank_environ, preexec_fn=_end_with_parent))  # noqa: S603, PLW1509
         return _watch(processes, lambda: interrupted)
     finally:
         for process in processes:
@@ -112,6 +113,16 @@ def _watch(processes: list[subprocess.Popen[bytes]], interrupted: Callable[[], b
         print(f"error: rank {rank} was killed ({signal.Signals(-code).name})", file=sys.stderr, flush=True)
         return LOST_RANK_EXIT_CODE
     return code
+
+
+def _end_with_parent() -> None:
+    """In a rank, before it runs: on Linux, receive SIGTERM when the launcher dies, even by SIGKILL (a job
+    scheduler's), so no orphaned rank keeps computing and writes its file after the run was stopped."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # noqa: N806 - <sys/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stopped(pid: int) -> bool:
