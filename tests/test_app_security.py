@@ -307,3 +307,35 @@ def test_refusals_shown_on_the_page_name_no_server_path(message: str, shown: str
     from distlin.app.wording import in_field_terms
 
     assert in_field_terms(message) == shown
+
+
+# --- the operator's components stay inside their folder -------------------------------------------------------
+
+
+def test_a_link_in_the_components_folder_that_leaves_it_is_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from distlin.app import cli as app_cli
+    from distlin.app.library import ComponentLibrary
+
+    root, outside = tmp_path / "components", tmp_path / "outside"
+    (root / "loras").mkdir(parents=True)
+    (root / "controlnets" / "edges").mkdir(parents=True)
+    (root / "controlnets" / "edges" / "config.json").write_text("{}")
+    outside.mkdir()
+    (outside / "secret.safetensors").write_bytes(b"")
+    (outside / "config.json").write_text("{}")
+    (root / "loras" / "style.safetensors").write_bytes(b"")
+    (root / "loras" / "alias.safetensors").symlink_to(root / "loras" / "style.safetensors")  # inside: offered
+    assert sorted(ComponentLibrary.scan(root).loras) == ["alias", "style"]
+    for link, target in (
+        (root / "loras" / "stolen.safetensors", outside / "secret.safetensors"),
+        (root / "controlnets" / "edges" / "weights.safetensors", outside / "secret.safetensors"),
+        (root / "controlnets" / "other", outside),
+    ):  # a whole ControlNet folder elsewhere
+        link.symlink_to(target)
+        assert app_cli.main(["--components", str(root)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: --components {str(root)!r}: ") and "is a link that leaves the folder" in error
+        assert error.count("\n") == 1
+        link.unlink()

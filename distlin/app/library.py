@@ -47,6 +47,8 @@ class ComponentLibrary:
         )
         if not library.loras and not library.controlnets and not library.ip_adapters:
             raise UsageError(f"--components {str(root)!r} holds no component; pass a folder DIR holding {LAYOUT}")
+        for path in (*library.loras.values(), *library.controlnets.values(), *library.ip_adapters.values()):
+            _check_inside(Path(path), folder, root)
         return library
 
     def lora(self, name: str) -> str:
@@ -67,6 +69,18 @@ class ComponentLibrary:
             f"LoRAs: {_listed(self.loras)}; ControlNets: {_listed(self.controlnets)}; "
             f"IP-Adapters: {_listed(self.ip_adapters)}"
         )
+
+
+def _check_inside(entry: Path, folder: Path, root: str | Path) -> None:
+    """UsageError if ``entry`` or anything in it is a link that leaves ``folder``: the folder is the whole of
+    what a request may reach, so a link out of it would widen that behind the operator's listing."""
+    inside = [entry, *entry.rglob("*")] if entry.is_dir() else [entry]
+    for path in inside:
+        if not path.resolve().is_relative_to(folder):
+            raise UsageError(
+                f"--components {str(root)!r}: {path.relative_to(folder)} is a link that leaves the folder (to "
+                f"{str(path.resolve())!r}); copy what it points to into the folder instead"
+            )
 
 
 def _holds_ip_adapter(folder: Path) -> bool:
