@@ -6,13 +6,13 @@ those a killed writer left (SIGKILL gives no chance to clean up) and leaves a li
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import re
 import secrets
 import socket
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +30,9 @@ PNG_COMPRESS_LEVEL = 1
 def check_output_path(path: str | os.PathLike[str], suffix: str | tuple[str, ...]) -> Path:
     """Fail early, before minutes of sampling, if ``path`` could not be written.
 
-    Catches a wrong suffix, a missing folder, a folder in the way, and a folder this process cannot create
-    files in (tried with a probe file, not guessed from mode bits, so root and read-only mounts are right).
+    Catches a wrong suffix, a missing folder, a folder in the way, a name too long once the temporary file's
+    suffix is added, and a folder this process cannot create files in (tried with the temporary file's own name,
+    not guessed from mode bits, so root and read-only mounts are right). Removes stale temporary files of ``path``.
     """
     out = Path(path)
     suffixes = (suffix,) if isinstance(suffix, str) else suffix
@@ -47,14 +48,20 @@ def check_output_path(path: str | os.PathLike[str], suffix: str | tuple[str, ...
         raise UsageError(f"folder {str(folder)!r} for output {str(out)!r} does not exist; create it first")
     if out.is_dir():
         raise UsageError(f"output {str(out)!r} is a folder; pass a file path ending in {suffix}")
+    remove_stale_temporaries(out)
+    probe = _temporary(out)  # the very name the final write will use: its length is tried too
     try:
-        with tempfile.TemporaryFile(dir=folder, prefix=".distlin-probe-"):
-            pass
-    except OSError:
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise UsageError(
+                f"output name {out.name!r} is too long for its folder (with the temporary file's suffix, "
+                f"{len(probe.name)} characters); pass a shorter name"
+            ) from None
         raise UsageError(
             f"folder {str(folder)!r} for output {str(out)!r} is not writable; choose another folder"
         ) from None
-    remove_stale_temporaries(out)
     return out
 
 

@@ -168,6 +168,13 @@ def test_values_that_used_to_fail_only_once_the_model_had_loaded_are_refused_fir
     assert message in refused(argv, capsys, workdir)
 
 
+def test_an_output_name_too_long_for_the_temporary_file_is_refused_before_the_run(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 244-character name used to run the whole generation, then fail to write with an OSError traceback."""
+    assert "is too long for its folder" in refused(["--output", "a" * 240 + ".png"], capsys, workdir)
+
+
 def test_a_preset_file_that_is_not_utf_8_is_one_line(
     tmp_path: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
