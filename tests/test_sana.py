@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from multirank import run_ranks
 from PIL import Image
+from safetensors.torch import save_file
 
 from distlin.families import FAMILIES, family_of_pipeline
 from distlin.families.sana.tiny import TINY_SANA
@@ -68,8 +69,50 @@ def coder_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(1, 8, 12, 10, generator=generator), torch.rand(1, 3, 48, 40, generator=generator) * 2 - 1
 
 
-def on_ranks(runtime) -> dict:
-    """On every rank: the transformer's outputs and bytes per step at each size, the DC-AE's decode and encode."""
+def build_lora(path: Path, rank: int = 2) -> None:
+    """A LoRA for tiny-sana's transformer in diffusers' layout (peft ``lora_A``/``lora_B`` under
+    ``transformer.``, as ``SanaPipeline.load_lora_weights`` reads): every attention projection, random weights."""
+    from distlin.families.sana.tiny import build_sana_pipeline
+
+    generator, weights = torch.Generator().manual_seed(3), {}
+    for name, module in build_sana_pipeline("tiny-sana").transformer.transformer_blocks.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".attn1." in f".{name}" or ".attn2." in f".{name}"):
+            key = f"transformer.transformer_blocks.{name}"
+            weights[f"{key}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
+            weights[f"{key}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
+    save_file(weights, path)
+
+
+def lora_outputs(runtime, lora: str) -> list[torch.Tensor]:
+    """tiny-sana's transformer with the LoRA fused before parallelize (as a run does) and after (the Python API)."""
+    from distlin.components import Lora, apply_loras
+    from distlin.families.sana.tiny import build_sana_pipeline
+    from distlin.families.sana.transformer import parallelize_transformer
+
+    config = PatchParallelConfig(cfg_parallel=False)  # every rank a band of both guidance halves
+    tensors = {
+        "hidden_states": torch.randn(2, 8, 12, 10, generator=torch.Generator().manual_seed(4)),
+        "encoder_hidden_states": torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(5)),
+        "timestep": torch.tensor([500.0, 500.0]),
+    }
+    outputs = []
+    for before in (True, False):
+        pipe = build_sana_pipeline("tiny-sana")
+        if before and lora:
+            apply_loras(pipe, (Lora(lora, 0.8),))
+        handle = parallelize_transformer(pipe.transformer, config, runtime, 4) if runtime is not None else None
+        if not before and lora:
+            apply_loras(pipe, (Lora(lora, 0.8),))
+        with torch.no_grad():
+            outputs.append(pipe.transformer(**tensors).sample)
+        if handle is not None:
+            handle.undo()
+    return outputs
+
+
+def on_ranks(runtime, lora: str) -> dict:
+    """On every rank: the transformer's outputs and bytes per step at each size, the DC-AE's decode and encode,
+    tiny-sana's transformer with a LoRA."""
     from distlin.families.sana.transformer import parallelize_transformer
     from distlin.families.sana.vae import parallelize_dc_ae
 
@@ -87,20 +130,38 @@ def on_ranks(runtime) -> dict:
     latent, image = coder_inputs()
     results["decoded"], results["encoded"] = coder.decode(latent), coder.encode(image).mean
     results["vae_bytes"] = coder.ctx.stats.totals()["bytes"]
+    results["lora"] = lora_outputs(runtime, lora)
     return results
 
 
 @pytest.fixture(scope="module")
-def four_ranks() -> dict:
+def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lora") / "sana-lora.safetensors"
+    build_lora(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def four_ranks(lora_file: Path) -> dict:
     """Four ranks (the generate test below runs two and three): the transformer's guidance halves on two
     groups of two bands each, the DC-AE in four bands."""
-    return run_ranks(4, on_ranks)[0]
+    return run_ranks(4, on_ranks, str(lora_file))[0]
 
 
 def test_sana_pipelines_find_their_family() -> None:
     pipe = type("SanaPipeline", (), {})()
     assert family_of_pipeline(pipe) is FAMILIES["sana"]
     assert family_of_pipeline(type("StableDiffusionPipeline", (), {})()) is FAMILIES["sd"]
+
+
+def test_a_sana_controlnet_refuses_in_one_line() -> None:
+    from distlin.errors import UsageError
+    from distlin.families.sana.transformer import parallelize_sana
+    from distlin.parallel.runtime import Runtime
+
+    pipe = type("SanaControlNetPipeline", (), {"controlnet": object(), "transformer": None, "vae": None})()
+    with pytest.raises(UsageError, match="SANA ControlNet .* drop --controlnet"):
+        parallelize_sana(pipe, None, Runtime())
 
 
 def test_transformer_on_four_ranks_equals_one_process(four_ranks) -> None:
@@ -126,6 +187,15 @@ def test_dc_ae_on_four_ranks_equals_one_process(four_ranks) -> None:
         torch.testing.assert_close(four_ranks["decoded"], vae.decode(latent).sample, rtol=0, atol=1e-5)
         torch.testing.assert_close(four_ranks["encoded"], vae.encode(image).latent, rtol=0, atol=1e-5)
     assert four_ranks["vae_bytes"]["attention"] > 0  # its linear attention's state, all-reduced
+
+
+def test_a_lora_on_sanas_transformer_gives_the_one_process_output_on_four_ranks(four_ranks, lora_file) -> None:
+    """Fused before parallelize (a run's --lora) or after (the Python API), the LoRA changes the output and four
+    ranks give what one process does."""
+    alone, plain = lora_outputs(None, str(lora_file)), lora_outputs(None, "")
+    for banded, reference, without in zip(four_ranks["lora"], alone, plain, strict=True):
+        torch.testing.assert_close(banded, reference, rtol=0, atol=2e-6)
+        assert (reference - without).abs().max() > 1e-3
 
 
 def generate(tmp: Path, name: str, ranks: int, *flags: str, **environment: str) -> subprocess.Popen:
