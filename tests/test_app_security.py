@@ -137,6 +137,17 @@ def test_a_picture_field_reads_only_uploads_and_inline_bytes_even_past_the_guard
             field.preprocess(payload)
 
 
+def test_a_file_sent_to_any_route_but_the_upload_route_is_refused(app: App) -> None:
+    video = {"video": ("x.mp4", b"\0" * 1024, "video/mp4")}
+    for route in ("/gradio_api/process_recording", "/gradio_api/component_server", "/gradio_api/queue/join"):
+        response = app.client.post(route, files=video)
+        assert (response.status_code, response.text) == (
+            400,
+            "a request body must be JSON; pictures go to the upload route",
+        )
+    assert app.cached() == []
+
+
 def test_dev_zero_named_as_a_picture_does_not_hang_the_server(app: App) -> None:
     answers: list[tuple[int, str]] = []
     zero = file_data("/dev/zero", orig_name="x.svg")
@@ -339,3 +350,30 @@ def test_a_link_in_the_components_folder_that_leaves_it_is_refused_at_start(
         assert error.startswith(f"error: --components {str(root)!r}: ") and "is a link that leaves the folder" in error
         assert error.count("\n") == 1
         link.unlink()
+
+
+def test_many_requests_at_once_decode_one_picture_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of requests each carrying a large picture holds one decoded picture in memory, not one each."""
+    import time
+
+    from distlin.app import request as request_module
+
+    decoding, most = [0], [0]
+
+    def counting_decode(data: bytes, what: str) -> Any:
+        decoding[0] += 1
+        most[0] = max(most[0], decoding[0])
+        time.sleep(0.05)
+        decoding[0] -= 1
+        return Image.new("RGB", (192, 128))
+
+    monkeypatch.setattr(request_module, "decode_image", counting_decode)
+    runtime = Runtime()
+    coordinator = Coordinator(RankChannel(runtime), GenerationSession(runtime), ResultStore(tmp_path))
+    flood = [threading.Thread(target=coordinator.plan, args=(tiny(init_image=png_bytes(192, 128), strength=0.5),))
+             for _ in range(6)]  # fmt: skip
+    for thread in flood:
+        thread.start()
+    for thread in flood:
+        thread.join()
+    assert most[0] == 1

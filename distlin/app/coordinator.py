@@ -65,17 +65,19 @@ class Coordinator:
         self._running: Job | None = None
         self._closed = False
         self._changed = threading.Condition()
+        self._planning = threading.Lock()  # one plan at a time: each decodes the request's pictures whole
 
     def plan(self, request: GenerationRequest) -> str:
         """The request's memory plan if this server accepts it: its pictures decoded whole, its settings checked
         as the command line's (steps against the scheduler, every number's range), within the limits and planned to
         fit the device; else UsageError with the reason. All on rank 0, before anything is broadcast."""
         try:
-            request.check_pictures()
-            with self.session.settings(request) as settings:
-                self.limits.check(settings)
-                fitted = fit_settings(settings, self.session.runtime)
-                return describe_plan(settings, fitted, self.session.runtime)
+            with self._planning:  # so many requests at once cannot hold many decoded pictures at once
+                request.check_pictures()
+                with self.session.settings(request) as settings:
+                    self.limits.check(settings)
+                    fitted = fit_settings(settings, self.session.runtime)
+                    return describe_plan(settings, fitted, self.session.runtime)
         except UsageError as err:
             raise UsageError(in_field_terms(str(err))) from None
 

@@ -135,8 +135,9 @@ def picture_field(label: str, max_upload_mb: int | None, **options: Any) -> gr.I
 
 class RequestGuard:
     """ASGI middleware in front of Gradio: reads each request body (other than an upload) before the app does,
-    refusing one over :func:`body_limit` (413) or naming a file that is not one of this server's uploads (400),
-    and refusing the routes by which Gradio fetches a URL on a request's behalf (404)."""
+    refusing one over :func:`body_limit` (413), one that is not JSON (400: the upload route is the only one that
+    takes a file) or one naming a file that is not one of this server's uploads (400), and refusing the routes by
+    which Gradio fetches a URL on a request's behalf (404)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int | None):
         self.app = app
@@ -167,7 +168,11 @@ class RequestGuard:
             await PlainTextResponse("request body nested too deep", 400)(scope, receive, send)
             return
         except ValueError:
-            pass  # not JSON: the app refuses it as it would have
+            if body.strip():  # a file sent elsewhere than the upload route (Gradio's recording and component routes)
+                await PlainTextResponse("a request body must be JSON; pictures go to the upload route", 400)(
+                    scope, receive, send
+                )
+                return
 
         sent = False
 
