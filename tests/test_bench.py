@@ -207,6 +207,17 @@ def test_gpu_suite_end_to_end_part_measures_the_cli_generation(tmp_path: Path) -
     assert "stage 3" in generation_markdown(record)
 
 
+def test_gpu_suite_sana_part_runs_sana_end_to_end() -> None:
+    """The gpu suite's SANA part (full-sana at 4096x4096 on a GPU) runs the command line's generation; here
+    tiny-sana on the CPU."""
+    from distlin.bench.gpu import measure_sana, sana_markdown
+
+    record = measure_sana("tiny-sana", "tiny-sana", "96x64", torch.device("cpu"))
+    assert record["section"] == "sana" and (record["width"], record["height"]) == (96, 64)
+    assert record["planned_gib"] > 0 and record["seconds"] >= sum(record["part_seconds"].values()) > 0
+    assert "SANA end to end" in sana_markdown(record)
+
+
 def test_fidelity_suite(tmp_path: Path) -> None:
     """Every displaced setting measured against one process; exact at round-off, the default closer than all-stale."""
     records = run_suite(tmp_path, "fidelity")

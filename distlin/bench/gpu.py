@@ -13,10 +13,11 @@ reason. ``layout``: one UNet call with NCHW and with ``channels_last`` activatio
 decode through host RAM: bytes moved between host and device, seconds and GB/s. ``generation``: the 16384x8192
 SD-1.5 cascade (``--preset sd15-16k`` with ``full-sd15`` random weights and fresh LinFusion layers) end to end
 through :func:`distlin.run.generate`, the function the command line runs: wall seconds per stage and for the
-decode, ``torch.cuda.max_memory_allocated`` and the peak host RSS next to the planner's prediction.
-``compile``: one UNet call eager and after :func:`~distlin.parallel.compile.compile_unet` (``--compile``): time
-of each, the first compiled call's seconds and the largest difference. A part that fails is reported and the
-next one runs (:func:`run_parts`).
+decode, ``torch.cuda.max_memory_allocated`` and the peak host RSS next to the planner's prediction. ``sana``:
+the same for ``--preset sana-4k`` at 4096x4096 (``--sana-size``) with ``full-sana``, SANA-1600M's
+architecture with random weights (:func:`measure_sana`). ``compile``: one UNet call eager and after
+:func:`~distlin.parallel.compile.compile_unet` (``--compile``): time of each, the first compiled call's seconds
+and the largest difference. A part that fails is reported and the next one runs (:func:`run_parts`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ KERNELS = ("torch", "triton")
 CFG_BATCH = 2  # samples in one UNet call of a guided step
 GIB = 2**30
 FREE_MEMORY_SHARE = 0.9  # of the free memory, what a UNet call's predicted activations may take
-PARTS = ("environment", "attention", "blocks", "unet", "layout", "vae", "generation", "compile")  # surest first
+PARTS = ("environment", "attention", "blocks", "unet", "layout", "vae", "generation", "sana", "compile")  # surest first
 TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5, "generation_seconds": 30.0}
 
 
@@ -90,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(
         parser, "--generation-size", "16384x8192", "4096x2048", "width x height of the end-to-end part", type=str
     )
+    options.add(parser, "--sana-size", "4096x4096", "1024x1024", "width x height of the SANA end-to-end part", type=str)
     options.add(parser, "--compile-size", 2048, 512, "square side in pixels of the eager vs --compile UNet", type=int)
     options.add(parser, "--layout-size", 4096, 512, "square side in pixels of the NCHW vs channels_last UNet", type=int)
     options.add(parser, "--vae-size", 4096, 1024, "square side in pixels of the sequential VAE decode", type=int)
@@ -497,6 +499,7 @@ SECTIONS: dict[str, Callable[..., str]] = {
     "layout": lambda rs, args: compile_vae_markdown(rs),
     "vae": lambda rs, args: compile_vae_markdown(rs),
     "generation": lambda rs, args: generation_markdown(rs[0]),
+    "sana": lambda rs, args: sana_markdown(rs[0]),
     "compile": lambda rs, args: compile_vae_markdown(rs),
     "error": lambda rs, args: errors_markdown(rs),
 }
@@ -561,16 +564,34 @@ def measure_generation(preset: str, overrides: dict[str, Any], device: torch.dev
     }
 
 
-def generation_markdown(record: Record) -> str:
+def measure_sana(preset: str, model: str, size: str, device: torch.device) -> Record:
+    """SANA end to end (:func:`measure_generation`): ``preset`` with ``model`` (``full-sana`` on the GPU) at ``size``
+    (``WIDTHxHEIGHT``)."""
+    width, height = parse_size(size, "--sana-size")
+    return {**measure_generation(preset, {"model": model, "width": width, "height": height}, device), "section": "sana"}
+
+
+def sana_markdown(record: Record) -> str:
+    return f"SANA end to end: `--preset {record['preset']} --model {record['model']}` at {_measured(record)}."
+
+
+def _measured(record: Record) -> str:
+    """An end-to-end record's size, times, savers and memory, measured beside planned."""
     parts = ", ".join(f"{name} {value:.1f} s" for name, value in record["part_seconds"].items())
     ratio = record["peak_gib"] / record["planned_gib"] if record["peak_gib"] and record["planned_gib"] else None
     return (
-        f"End to end: `--preset {record['preset']} --model {record['model']} --linfusion fresh` at "
         f"{format_size(record['width'], record['height'])}, {record['seconds']:.1f} s ({parts}); memory savers chosen: "
         f"{record['savers'] or 'none'}; sequential VAE store: {record['vae_store']}. Peak device memory "
         f"{fmt(record['peak_gib'])} GiB measured vs "
         f"{fmt(record['planned_gib'])} GiB planned (ratio {fmt(ratio)}; target within ±20 %); peak host RSS "
-        f"{fmt(record['host_rss_gib'])} GiB. Target: ≤ 30 s end to end on one H200 at 16384x8192 — "
+        f"{fmt(record['host_rss_gib'])} GiB"
+    )
+
+
+def generation_markdown(record: Record) -> str:
+    return (
+        f"End to end: `--preset {record['preset']} --model {record['model']} --linfusion fresh` at "
+        f"{_measured(record)}. Target: ≤ 30 s end to end on one H200 at 16384x8192 — "
         f"{_met(record['seconds'] <= TARGET['generation_seconds'])}."
     )
 
@@ -623,6 +644,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> S
         "layout": lambda: [measure_memory_format(args.model, args.layout_size, device, dtype, args.repeats)],
         "vae": lambda: [measure_sequential_vae(args.model, args.vae_size, args.vae_band_rows, device, dtype)],
         "generation": lambda: [measure_generation(args.generation_preset, overrides, device)],
+        "sana": lambda: [measure_sana("sana-4k", "full-sana", args.sana_size, device)],
         "compile": lambda: [measure_compile(args.model, args.compile_size, device, dtype, args.repeats)],
     }
     parts = {name: measures[name] for name in PARTS if name in args.parts or name == "environment"}

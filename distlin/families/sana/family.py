@@ -9,6 +9,7 @@ from distlin.families.base import Family
 from distlin.models.architectures import ARCHITECTURES_DIR
 
 TINY_SANA_MODELS = ("tiny-sana",)
+FULL_SANA_MODELS = ("full-sana",)  # SANA-1600M's architecture with random weights (launch/bench.py gpu)
 # SANA-1600M's transformer and DC-AE: the 1K and 4K models differ only in their native latent size.
 SANA_1600M_MODELS = {
     "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers": 32,
@@ -78,14 +79,15 @@ def dc_ae_factor(vae_config: dict) -> int:
 
 
 def architecture(model: str) -> dict[str, Any] | None:
-    """The configs of a SANA model known offline (transformer, DC-AE, Gemma-2), or None: ``tiny-sana`` and
-    SANA-1600M at 1K and 4K (``configs/architectures/sana-1600m.json``)."""
+    """The configs of a SANA model known offline (transformer, DC-AE, Gemma-2), or None: ``tiny-sana``,
+    SANA-1600M at 1K and 4K and ``full-sana`` (its 4K architecture, ``configs/architectures/sana-1600m.json``)."""
     if model.removeprefix("distlin/") in TINY_SANA_MODELS:
         return {kind: dict(TINY_SANA[kind]) for kind in ("transformer", "vae", "text_encoder")}
-    if model not in SANA_1600M_MODELS:
+    short = model.removeprefix("distlin/")
+    if model not in SANA_1600M_MODELS and short not in FULL_SANA_MODELS:
         return None
     configs = json.loads((ARCHITECTURES_DIR / "sana-1600m.json").read_text(encoding="utf-8"))
-    configs["transformer"]["sample_size"] = SANA_1600M_MODELS[model]
+    configs["transformer"]["sample_size"] = SANA_1600M_MODELS.get(model, 128)
     return configs
 
 
@@ -101,7 +103,7 @@ SANA = Family(
     architecture=architecture,
     sequential_coder="distlin.families.sana.sequential:SequentialDCAE",
     linfusion=False,
-    builtin=TINY_SANA_MODELS,
+    builtin=TINY_SANA_MODELS + FULL_SANA_MODELS,
     architectures=(("tiny-sana", {"denoiser": TINY_SANA["transformer"], "vae": TINY_SANA["vae"]}),),
     hub_models=(
         "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
