@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
 import threading
 import zlib
@@ -377,3 +378,26 @@ def test_many_requests_at_once_decode_one_picture_at_a_time(tmp_path: Path, monk
     for thread in flood:
         thread.join()
     assert most[0] == 1
+
+
+def test_the_upload_folders_of_a_killed_app_are_removed_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    from distlin.app.uploads import UPLOAD_FOLDER_PREFIX
+    from distlin.io import _host
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = _host()
+    killed = tmp_path / f"{UPLOAD_FOLDER_PREFIX}{host}-{int(gone.stdout)}-abc123"
+    running = tmp_path / f"{UPLOAD_FOLDER_PREFIX}{host}-{os.getpid()}-def456"  # this process: alive
+    for folder in (killed, running):
+        (folder / "f00d").mkdir(parents=True)
+        (folder / "f00d" / "photo.png").write_bytes(png_bytes(8, 8))  # a user's picture
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    with private_upload_folder() as uploads:
+        assert uploads.parent == tmp_path and uploads.stat().st_mode & 0o777 == 0o700
+        assert not killed.exists() and running.exists()
+    assert not uploads.exists()

@@ -17,6 +17,7 @@ import binascii
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +32,9 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from distlin.errors import UsageError
+from distlin.io import _alive, _host  # the same rule as an output's temporary file: this host, a dead pid
 
+UPLOAD_FOLDER_PREFIX = "distlin-app-uploads-"
 UPLOAD_ROUTE = "/gradio_api/upload"  # Gradio's multipart upload route, which enforces the size as a file arrives
 JSON_MARGIN = 2**20  # room in a request body for everything but its pictures: prompt, numbers, names
 NOT_UPLOADED = "a request may hand over only pictures it uploads or sends inline; it names no file on the server"
@@ -43,11 +46,15 @@ FETCH_ROUTE = re.compile(r"/(file[=/]|proxy=)\s*[a-z][a-z0-9+.-]*:", re.IGNORECA
 def private_upload_folder() -> Iterator[Path]:
     """A fresh folder (mode 0700) for Gradio's uploads and cache while the server runs, removed after, so the only
     files a request's ``path`` may name are the ones this server's upload route wrote. Set as ``GRADIO_TEMP_DIR``
-    before any Gradio block is made (the operator's ``GRADIO_TEMP_DIR``, if set, is where it is made)."""
+    before any Gradio block is made (the operator's ``GRADIO_TEMP_DIR``, if set, is where it is made). Its name
+    holds this host and pid, so the folders of an app that was killed (users' pictures) are removed at the next
+    start (:func:`remove_stale_upload_folders`)."""
     previous = os.environ.get("GRADIO_TEMP_DIR")
-    if previous:
-        Path(previous).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="distlin-app-uploads-", dir=previous or None) as folder:
+    parent = Path(previous or tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_upload_folders(parent)
+    prefix = f"{UPLOAD_FOLDER_PREFIX}{_host()}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as folder:
         os.environ["GRADIO_TEMP_DIR"] = folder
         try:
             yield Path(folder)
@@ -56,6 +63,18 @@ def private_upload_folder() -> Iterator[Path]:
                 os.environ.pop("GRADIO_TEMP_DIR", None)
             else:
                 os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+def remove_stale_upload_folders(parent: Path) -> list[Path]:
+    """Remove this user's upload folders in ``parent`` whose app, a process on this host, is gone."""
+    pattern = re.compile(rf"{UPLOAD_FOLDER_PREFIX}{re.escape(_host())}-(\d+)-\w+")
+    removed = []
+    for folder in parent.iterdir():
+        match = pattern.fullmatch(folder.name)
+        if match and not _alive(int(match[1])) and folder.is_dir() and folder.lstat().st_uid == os.getuid():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def uploaded_file(path: str, max_bytes: int | None) -> Path:
