@@ -198,6 +198,20 @@ def test_a_lora_on_sanas_transformer_gives_the_one_process_output_on_four_ranks(
         assert (reference - without).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("band_rows", [1, 5])
+def test_dc_ae_band_by_band_equals_the_whole_decode_and_encode(band_rows: int) -> None:
+    """Above the size threshold (and between cascade stages) one device runs the DC-AE band by band."""
+    from distlin.families.sana.sequential import SequentialDCAE
+    from distlin.parallel.runtime import Runtime
+
+    vae = dc_ae()
+    latent, image = coder_inputs()
+    coder = SequentialDCAE(vae, Runtime(), band_rows)
+    with torch.no_grad():
+        torch.testing.assert_close(coder.decode(latent), vae.decode(latent).sample, rtol=0, atol=1e-5)
+        torch.testing.assert_close(coder.encode(image).mean, vae.encode(image).latent, rtol=0, atol=1e-5)
+
+
 def generate(tmp: Path, name: str, ranks: int, *flags: str, **environment: str) -> subprocess.Popen:
     launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else []
     argv = [sys.executable, *launcher, str(GENERATE), "--preset", "tiny-sana", "--output", "out.png", *flags]
