@@ -11,9 +11,10 @@ probe: every convolution's padding at its resolution), and only the band's own r
    already summed; the part stops there (the layers after it need that state);
 2. a last pass runs every band through the whole part with every state known and keeps its rows in the store.
 
-The attention layers sit at the deepest levels, so the extra passes run the small part of the network. The
-rows next to a band's edge are recomputed by its neighbours (the margin), not exchanged: nothing here needs
-more than one device.
+After each level a band drops the neighbours' rows the rest of the part no longer needs, so at full resolution
+it carries 2 latent rows on either side (SANA's DC-AE), not the 21 its input needs. The attention layers sit
+at the deepest levels, so the extra passes run the small part of the network. The rows next to a band's edge
+are recomputed by its neighbours (the margin), not exchanged: nothing here needs more than one device.
 """
 
 from __future__ import annotations
