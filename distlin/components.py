@@ -19,6 +19,7 @@ from distlin.errors import UsageError
 from distlin.inputs import check_image
 from distlin.notices import without_cast_notice
 from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_family, local_path, read_json
+from distlin.surgery import Swaps, calls_like
 
 # UNet config keys a ControlNet copies from the UNet it was made for: equal ones mean it fits.
 CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type")
@@ -308,15 +309,13 @@ def kept_self_attention(unet: Any) -> Iterator[None]:
     from distlin.linfusion.attention import LinFusionAttention, LinFusionAttnProcessor
     from distlin.linfusion.model import self_attention_layers
 
-    layers = [attn for _, attn in self_attention_layers(unet)]
-    processors = [attn.processor for attn in layers]
-    for attn in layers:
-        attn.set_processor(LinFusionAttnProcessor() if isinstance(attn, LinFusionAttention) else AttnProcessor2_0())
+    swaps = Swaps(unet)
+    for name, attn in self_attention_layers(unet):
+        swaps.processor(name, LinFusionAttnProcessor() if isinstance(attn, LinFusionAttention) else AttnProcessor2_0())
     try:
         yield
     finally:
-        for attn, processor in zip(layers, processors, strict=True):
-            attn.set_processor(processor)
+        swaps.restore()
 
 
 def load_controlnet(source: str, pipe: Any) -> Any:
@@ -341,6 +340,6 @@ def pipeline_for(task: str, pipe: Any, **components: Any) -> Any:
         "image-to-image": diffusers.AutoPipelineForImage2Image,
         "inpainting": diffusers.AutoPipelineForInpainting,
     }[task]
-    variant = auto.from_pipe(pipe, **components)
+    variant = calls_like(auto.from_pipe(pipe, **components), pipe)  # each call a generation, as pipe's
     variant.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # rank 0 only, as the pipeline
     return variant

@@ -336,7 +336,6 @@ def _sample(
         "steps": settings.steps,
         "seed": settings.seed,
         "vae": _coder(prepared, settings, runtime),
-        "handle": prepared.engine,
     }
     first = settings.stages[0]
     if settings.controlnet:
@@ -348,7 +347,8 @@ def _sample(
     if not hasattr(pipe, "text_encoder_2"):
         return run_sdedit(pipe, **cascade, **common)
     skipped = 2**settings.init_stage  # stages before the init image's, each half the next
-    return run_demofusion(pipe, native=Stage(first.height // skipped, first.width // skipped), **cascade, **common)
+    native = Stage(first.height // skipped, first.width // skipped)
+    return run_demofusion(pipe, native=native, handle=prepared.engine, **cascade, **common)
 
 
 def _family_cascade(
@@ -483,7 +483,6 @@ def generate(
 
     prepared.unet_stats.reset()
     prepared.vae_stats.reset()
-    engine.ctx.reset()
     hook = family_of_pipeline(pipe).denoiser_of(pipe).register_forward_hook(monitor)
     clock = StageClock(None)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
@@ -35,6 +37,41 @@ def bound_class(cls: type[M], **attributes: Any) -> type[M]:
     return type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__, **attributes})
 
 
+def around_calls(obj: Any, signal: Callable[[], None]) -> Callable[[], None]:
+    """``signal()`` as every ``obj(...)`` begins and ends (even on error), until the returned function restores
+    ``obj``: its class becomes a subclass of the same name whose ``__call__`` wraps the original (a call looks
+    ``__call__`` up on the class, not the instance), so everything else, the class name included, is unchanged."""
+    cls = type(obj)
+    original = cls.__call__
+
+    @functools.wraps(original)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        signal()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            signal()
+
+    attributes = {"__call__": __call__, "call_signal": staticmethod(signal)}
+    obj.__class__ = type(
+        cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__, **attributes}
+    )
+
+    def restore() -> None:
+        obj.__class__ = cls
+
+    return restore
+
+
+def calls_like(variant: Any, obj: Any) -> Any:
+    """``variant`` (an object built from ``obj``'s parts, such as a pipeline's ``from_pipe``) signalling its calls
+    as ``obj`` does (:func:`around_calls`), or as it is when ``obj``'s are not signalled."""
+    signal = getattr(type(obj), "call_signal", None)
+    if signal is not None:
+        around_calls(variant, signal)
+    return variant
+
+
 def original_type(module: nn.Module) -> type:
     """The class ``module`` computes the function of: its own, or for a twin the class it stands in for.
 
@@ -48,35 +85,51 @@ def original_type(module: nn.Module) -> type:
 
 
 class Swaps:
-    """Module and attention-processor replacements made in a model, undone together by :meth:`restore`.
+    """Replacements made in a model (modules, attention processors, instance attributes such as a compiled
+    ``forward``), undone together, last first, by :meth:`restore`: every rewrite of a model goes through one.
 
-    The engine (UNet) and the band-parallel VAE both rewrite a model in place and must put it back exactly.
+    A module's replacement is a twin (:func:`twin`) or holds the same submodules under the same names, so the
+    model's state-dict keys stay as they were.
     """
 
     def __init__(self, root: nn.Module):
         self.root = root
-        self._modules: dict[str, nn.Module] = {}
-        self._processors: dict[str, object] = {}
+        self._replaced: set[str] = set()
+        self._undo: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        """How many replacements are in place."""
+        return len(self._undo)
 
     def module(self, name: str, replacement: nn.Module) -> None:
-        """``root.<name> = replacement``, remembering the first module that was there."""
-        self._modules.setdefault(name, self.root.get_submodule(name))
+        """``root.<name> = replacement``."""
+        original = self.root.get_submodule(name)
         set_submodule(self.root, name, replacement)
+        self._replaced.add(name)
+        self._undo.append(lambda: set_submodule(self.root, name, original))
 
     def processor(self, name: str, processor: object) -> None:
-        """``root.<name>.set_processor(processor)`` (a diffusers ``Attention``), remembering the previous one."""
+        """``root.<name>.set_processor(processor)`` (a diffusers ``Attention``)."""
         attention = self.root.get_submodule(name)
-        self._processors.setdefault(name, attention.processor)
+        previous = attention.processor
         attention.set_processor(processor)
+        self._undo.append(lambda: attention.set_processor(previous))
+
+    def attribute(self, name: str, attribute: str, value: Any) -> None:
+        """``root.<name>.<attribute> = value`` on the instance (a compiled ``forward``); restoring it gives back
+        what the instance held, or the class's own when it held nothing."""
+        module = self.root.get_submodule(name) if name else self.root
+        held = attribute in module.__dict__
+        previous = module.__dict__.get(attribute)
+        setattr(module, attribute, value)
+        self._undo.append(lambda: setattr(module, attribute, previous) if held else delattr(module, attribute))
 
     def covers(self, name: str) -> bool:
         """True for a module inside one already replaced (its replacement handles it)."""
-        return any(name.startswith(prefix + ".") for prefix in self._modules)
+        return any(name.startswith(prefix + ".") for prefix in self._replaced)
 
     def restore(self) -> None:
-        """Put every original module and processor back."""
-        for name, module in self._modules.items():
-            set_submodule(self.root, name, module)
-        for name, processor in self._processors.items():
-            self.root.get_submodule(name).set_processor(processor)
-        self._modules, self._processors = {}, {}
+        """Put everything back as it was, last replacement first (a later one may sit inside an earlier one)."""
+        while self._undo:
+            self._undo.pop()()
+        self._replaced.clear()

@@ -137,6 +137,35 @@ def test_warmup_w_runs_w_plus_one_synchronous_steps() -> None:
     assert schedule == [False, False, False, True, True]
 
 
+def test_a_rising_timestep_starts_a_generation_and_an_equal_one_continues_it() -> None:
+    """A new schedule (the next call, a cascade stage) warms up again; a second evaluation at one timestep (Heun)
+    stays in its generation."""
+    ctx = ParallelContext(Runtime(), displaced(EVERYTHING, warmup=0))
+    layout = RowLayout(40, 24, 8, 1)
+    schedule = []
+    for timestep in [999, 666, 666, 333, 999, 500]:
+        ctx.begin_step(layout, torch.tensor(timestep))
+        schedule.append(ctx.displaced)
+        ctx.end_step()
+    assert schedule == [False, True, True, True, False, True]
+
+
+def test_every_call_of_a_parallelized_pipeline_starts_a_generation_until_undo() -> None:
+    pipe = _pipeline()
+    cls = type(pipe)
+    handle = parallelize(pipe, displaced(EVERYTHING, warmup=0), Runtime())
+    assert type(pipe).__name__ == cls.__name__ and isinstance(pipe, cls)
+    handle.ctx.begin_step(RowLayout(40, 24, 8, 1), 1)
+    handle.ctx.end_step()
+    steps = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: steps.append(handle.ctx.step))
+    pipe("a cube", height=64, width=64, num_inference_steps=1, output_type="latent")  # timestep 999 > 1, step 0 too
+    pipe("a cube", height=64, width=64, num_inference_steps=1, output_type="latent")  # the same timestep: step 0
+    assert steps == [0, 0]
+    handle.undo()
+    assert type(pipe) is cls
+
+
 def test_a_warmup_covering_every_step_equals_one_device(ranks, one_device) -> None:
     out = ranks[0]["latents"]
     assert _error(out["warmup-covers-all-steps"], one_device) <= 1e-10

@@ -42,9 +42,9 @@ def cascade(runtime: Runtime) -> torch.Tensor:
     pipe = build_pipeline("tiny-sd15", seed=0)
     torch.manual_seed(1)
     LinFusion.construct_for(pipe, load_pretrained=False, init="random")
-    handle = parallelize(pipe, PatchParallelConfig(cfg_parallel=False), runtime)
+    parallelize(pipe, PatchParallelConfig(cfg_parallel=False), runtime)
     vae = parallelize_vae(pipe.vae, runtime)
-    return run_sdedit(pipe, "a castle", STAGES, steps=4, seed=3, vae=vae, handle=handle)
+    return run_sdedit(pipe, "a castle", STAGES, steps=4, seed=3, vae=vae)
 
 
 def two_rank_job(runtime: Runtime) -> tuple[tuple[float, float], torch.Tensor]:

@@ -318,7 +318,7 @@ def measure_compile(
     with torch.inference_mode():
         eager = call()[0]
         record["eager_ms"] = _median_ms(call, device, repeats)
-        record["modules"] = compile_unet(unet, backend)
+        record["modules"] = len(compile_unet(unet, backend))
         start = time.perf_counter()
         compiled = call()[0]
         synchronize(device)

@@ -12,20 +12,23 @@ from distlin.lean.resnet import LeanResnetBlock2D
 from distlin.lean.transformer import ChunkedTransformer2D
 from distlin.lean.upsample import IndexSafeUpsample2D
 from distlin.ops.index_safe import INDEX_LIMIT
-from distlin.surgery import set_submodule, twin
+from distlin.surgery import Swaps, twin
 
 
-def bound_memory(model: nn.Module, chunk: int, index_limit: int = INDEX_LIMIT) -> None:
+def bound_memory(model: nn.Module, chunk: int, index_limit: int = INDEX_LIMIT) -> Swaps:
     """What every high-resolution run applies to its UNet or VAE: LinFusion transformers run ``chunk`` tokens
     at a time end to end (:class:`~distlin.lean.transformer.ChunkedTransformer2D`), the feed-forward of
     any other transformer block too, resnets with in-place activations (:class:`LeanResnetBlock2D`) and
     upsampling whose kernel calls stay within ``index_limit`` elements. Exact; each rewrite switches itself on
-    only above its threshold, so a small run computes exactly what the plain modules do."""
-    enable_ff_chunking(model, chunk)
+    only above its threshold, so a small run computes exactly what the plain modules do. Every rewrite is a twin
+    (the same parameters and state-dict keys); ``restore()`` on the returned swaps puts the originals back."""
+    swaps = Swaps(model)
+    enable_ff_chunking(model, chunk, swaps)
     for name, module in list(model.named_modules()):
         if type(module) is Upsample2D:
-            set_submodule(model, name, IndexSafeUpsample2D.from_upsample(module, index_limit))
+            swaps.module(name, IndexSafeUpsample2D.from_upsample(module, index_limit))
         elif type(module) is Transformer2DModel:
-            set_submodule(model, name, ChunkedTransformer2D.from_transformer(module, chunk))
+            swaps.module(name, ChunkedTransformer2D.from_transformer(module, chunk))
         elif type(module) is ResnetBlock2D:
-            set_submodule(model, name, twin(module, LeanResnetBlock2D))
+            swaps.module(name, twin(module, LeanResnetBlock2D))
+    return swaps

@@ -18,7 +18,7 @@ from torch import nn
 
 from distlin.errors import UsageError
 from distlin.linfusion.attention import LinFusionAttention
-from distlin.surgery import set_submodule
+from distlin.surgery import Swaps
 
 # Base models whose released LinFusion checkpoint is known, by the pipeline's ``_name_or_path``.
 CHECKPOINT_FOR_BASE: dict[str, str] = {
@@ -63,9 +63,8 @@ class LinFusion(ModelMixin, ConfigMixin):
         super().__init__()
         for i, spec in enumerate(modules_list):
             self.add_module(str(i), LinFusionAttention(spec["dim_n"], spec["heads"], spec.get("projection_mid_dim")))
-        # Plain containers, so the UNet and its original layers never become submodules (or checkpoint keys).
-        self._mounted_on: list[nn.Module] = []
-        self._originals: dict[str, nn.Module] = {}
+        # A plain object holding the UNet and its original layers: never submodules (or checkpoint keys) of this one.
+        self._mounted: Swaps | None = None
 
     @property
     def layers(self) -> list[LinFusionAttention]:
@@ -121,26 +120,23 @@ class LinFusion(ModelMixin, ConfigMixin):
             )
 
     def mount(self, unet: nn.Module) -> LinFusion:
-        """Put the LinFusion layers where the UNet's ``attn1`` modules are; keep the originals for unmount."""
-        if self._mounted_on:
+        """Put the LinFusion layers where the UNet's ``attn1`` modules are (every other state-dict key stays, and
+        those of ``attn1`` gain LinFusion's projections); :meth:`unmount` puts the originals back."""
+        if self._mounted is not None:
             raise RuntimeError("this LinFusion is already mounted; unmount() it first")
         self.check_fits(unet)
         param = next(unet.parameters())
         nn.Module.to(self, device=param.device, dtype=param.dtype)  # ModelMixin.to warns needlessly here
-        for layer, (name, original) in zip(self.layers, self_attention_layers(unet), strict=True):
-            self._originals[name] = original
-            set_submodule(unet, name, layer)
-        self._mounted_on.append(unet)
+        self._mounted = Swaps(unet)
+        for layer, (name, _) in zip(self.layers, self_attention_layers(unet), strict=True):
+            self._mounted.module(name, layer)
         return self
 
     def unmount(self) -> None:
         """Put the original attention modules back: the UNet then computes exactly what it did before."""
-        if not self._mounted_on:
-            return
-        unet = self._mounted_on.pop()
-        for name, original in self._originals.items():
-            set_submodule(unet, name, original)
-        self._originals.clear()
+        if self._mounted is not None:
+            self._mounted.restore()
+            self._mounted = None
 
     @classmethod
     def construct_for(

@@ -29,32 +29,35 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from distlin.linfusion.attention import LinFusionAttention
+from distlin.surgery import Swaps
 
 Backend = str | Callable
 BACKEND: Backend = "inductor"  # what ``--compile`` compiles with
 
 
-def compiled_parts(unet: nn.Module) -> list[nn.Module]:
-    """The modules of ``unet`` that :func:`compile_unet` compiles: pure compute, no exchange."""
-    parts: list[nn.Module] = []
-    for module in unet.modules():
+def compiled_parts(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules of ``unet`` (named) that :func:`compile_unet` compiles: pure compute, no exchange."""
+    parts: list[tuple[str, nn.Module]] = []
+    for name, module in unet.named_modules():
         if isinstance(module, FeedForward):
-            parts.append(module)
+            parts.append((name, module))
         elif isinstance(module, Attention) and module.is_cross_attention:
-            parts.append(module)
+            parts.append((name, module))
         elif isinstance(module, LinFusionAttention):
-            parts += [p for p in (module.to_q_, module.to_k_) if not isinstance(p, nn.Identity)]
-    return parts
+            parts += [(f"{name}.{p}", getattr(module, p)) for p in ("to_q_", "to_k_")]
+    return [(name, part) for name, part in parts if not isinstance(part, nn.Identity)]
 
 
-def compile_unet(unet: nn.Module, backend: Backend | None = None) -> int:
+def compile_unet(unet: nn.Module, backend: Backend | None = None) -> Swaps:
     """Compile the pure-compute modules of ``unet`` in place (after the engine: see the module docstring),
     with ``backend`` (default :data:`BACKEND`).
 
-    Each module's ``forward`` becomes its compiled version, so parameters, state-dict keys and hooks stay the
-    module's own. Returns how many modules were compiled.
+    Each module's ``forward`` (or the method it names as ``compiled_method``: a chunked feed-forward's per-chunk
+    one) becomes its compiled version, so parameters, state-dict keys and hooks stay the module's own. Returns
+    the swaps (``len``: how many modules were compiled; ``restore()``: eager again).
     """
-    parts = compiled_parts(unet)
-    for module in parts:
-        module.forward = torch.compile(module.forward, backend=backend or BACKEND)
-    return len(parts)
+    swaps = Swaps(unet)
+    for name, module in compiled_parts(unet):
+        method = getattr(module, "compiled_method", "forward")
+        swaps.attribute(name, method, torch.compile(getattr(module, method), backend=backend or BACKEND))
+    return swaps

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from distlin.parallel.comm import CommStats, Communicator, DryRunCommunicator, Work
@@ -62,6 +63,9 @@ class ParallelContext:
         self.layout: RowLayout | None = None
         self.step = 0
         self.lane = 0  # which micro-batch of the current UNet evaluation is running
+        self._timestep: float | None = None  # the last evaluation's, to see a new schedule begin
+        self._over = False  # set by start_over: the next evaluation begins a generation
+        self._restorers: list[Callable[[], None]] = []  # what close() puts back besides the model's own swaps
         self._slots: list[StaleSlot] = []
         self._groups = self._build_groups(runtime, config, dry_run_ranks)
         self.patch, self.cfg = self._groups[False]
@@ -118,26 +122,44 @@ class ParallelContext:
         self._slots.append(slot)
         return slot
 
-    def begin_step(self, layout: RowLayout) -> None:
-        """Called at every UNet evaluation; a new layout (another size) starts a new generation.
+    def begin_step(self, layout: RowLayout, timestep: Any = None) -> None:
+        """Called at every denoiser evaluation with its ``timestep``; starts a new generation (:meth:`reset`)
+        where one begins: after :meth:`start_over` (the pipeline's call began or ended), at another layout (another
+        size), or at a timestep above the last one (a new schedule: a cascade stage, a loop of the caller's own).
 
-        Otherwise only :meth:`reset` does: timesteps cannot tell, since a step may evaluate the UNet twice
-        (Heun, DemoFusion) at the same or a rising timestep.
+        An equal timestep continues the generation: a step may evaluate the denoiser twice at one timestep (Heun).
         """
-        if layout != self.layout:
+        now = _timestep_value(timestep)
+        risen = now is not None and self._timestep is not None and now > self._timestep
+        if self._over or layout != self.layout or risen:
             self.reset()
-        self.layout = layout
+        self.layout, self._timestep, self._over = layout, now, False
+
+    def start_over(self) -> None:
+        """The next denoiser evaluation starts a new generation (called as a parallelized pipeline's call begins
+        and ends, :func:`distlin.parallel.pipeline.parallelize`)."""
+        self._over = True
 
     def end_step(self) -> None:
         self.step += 1
         self.stats.steps += 1
 
     def reset(self) -> None:
-        """Start a new generation (callers signal it: :func:`distlin.run.generate`, every cascade stage): drain
-        exchanges in flight and forget stale values, so displaced mode warms up again."""
+        """Start a new generation: drain exchanges in flight and forget stale values, so displaced mode warms up
+        again (:meth:`begin_step` calls it where a generation begins)."""
         for slot in self._slots:
             slot.clear()
         self.step = 0
+
+    def on_close(self, restore: Callable[[], None]) -> None:
+        """Have :meth:`close` call ``restore`` (a rewrite made outside the model, such as its pipeline's call)."""
+        self._restorers.append(restore)
+
+    def close(self) -> None:
+        """Undo what :meth:`on_close` registered, last first, and forget stale values (a handle's ``undo()``)."""
+        while self._restorers:
+            self._restorers.pop()()
+        self.reset()
 
     def exchange(self, slot: StaleSlot, kind: str, launch: Callable[[bool], Work]) -> Any:
         """The result of an exchange of ``kind``: synchronous, or, once displaced and when ``kind`` is stale,
@@ -156,3 +178,12 @@ class ParallelContext:
         fresh = launch(False).wait()
         slot.keep(self.lane, fresh)
         return fresh
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    """The highest timestep of a denoiser call (a number, or a tensor of one per sample), or None without one."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.max()) if timestep.numel() else None
+    return float(timestep)

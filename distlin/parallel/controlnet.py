@@ -56,7 +56,8 @@ class ParallelControlNet:
         batch = sample.shape[0]
         topology = ctx.use_topology(batch)
         arguments = guidance_half(arguments, batch, topology)
-        ctx.begin_step(topology.layout(sample.shape[2], sample.shape[3], self.unit))  # the UNet's, this step
+        layout = topology.layout(sample.shape[2], sample.shape[3], self.unit)
+        ctx.begin_step(layout, arguments.get("timestep"))  # the UNet's, this step
         self._return_dict = arguments.get("return_dict", True)
         arguments["return_dict"] = False
         return (), self._micro_batches.first(ctx, arguments)

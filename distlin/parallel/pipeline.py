@@ -12,12 +12,16 @@ from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.controlnet import parallelize_controlnet
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet, parallelize_unet
+from distlin.surgery import around_calls
 
 
 def parallelize(pipe: Any, config: PatchParallelConfig | None = None, runtime: Runtime | None = None) -> Any:
     """Parallelize ``pipe``'s denoiser in place over the ranks of ``runtime``, as its model family
     (:mod:`distlin.families`) does it; only rank 0 shows progress. Returns the denoiser's handle (``.ctx``,
     ``.check_size``, ``.undo()``).
+
+    Every call of ``pipe`` is a generation: displaced mode warms up again and reuses nothing from the call before
+    (another pipeline on the same denoiser, such as ``from_pipe``'s, starts one where its timesteps rise again).
 
     Without ``runtime``, joins the process group ``torchrun`` started (or runs as one process when there is
     none), on the device the pipeline is on. Works for any pipeline that calls its denoiser with the denoiser's
@@ -33,6 +37,7 @@ def parallelize(pipe: Any, config: PatchParallelConfig | None = None, runtime: R
             "or no runtime, so every rank takes its share of the image"
         )
     handle = load(family.parallelize)(pipe, config, runtime)
+    handle.ctx.on_close(around_calls(pipe, handle.ctx.start_over))  # every pipe(...) is a generation
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not runtime.is_main)
     return handle

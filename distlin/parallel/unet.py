@@ -183,7 +183,7 @@ class ParallelUNet:
             hook.remove()
         self._swaps.restore()
         self._hooks = []
-        self.ctx.reset()
+        self.ctx.close()
 
     def _check_processors(self) -> None:
         """Every ``attn1`` still has the processor the engine gave it: diffusers' ``load_ip_adapter`` (and any
@@ -207,7 +207,7 @@ class ParallelUNet:
         self._split_cfg = topology.cfg_split
         arguments = guidance_half(arguments, batch, topology)
         layout = topology.layout(sample.shape[2], sample.shape[3], self.unit)
-        ctx.begin_step(layout)
+        ctx.begin_step(layout, arguments.get("timestep"))
         me = ctx.patch.index
 
         def band(t: torch.Tensor) -> torch.Tensor:

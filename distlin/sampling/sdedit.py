@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from distlin.parallel.unet import ParallelUNet
 from distlin.sampling.reference import Coder, PlainVAE, encoded, upscaled_reference
 from distlin.sampling.stages import SD15_STAGES, Stage, StageClock, StageReport, check_stages
+from distlin.surgery import calls_like
 
 
 def run_sdedit(
@@ -28,7 +28,6 @@ def run_sdedit(
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     vae: Coder | None = None,
-    handle: ParallelUNet | None = None,
     on_stage: StageReport | None = None,
     init_image: torch.Tensor | None = None,
     ip_adapter_image: Any = None,
@@ -56,7 +55,7 @@ def run_sdedit(
     clock = StageClock(on_stage)
     from diffusers import AutoPipelineForImage2Image  # here: importing pipelines prints warnings
 
-    refine = AutoPipelineForImage2Image.from_pipe(pipe)  # the same components, ControlNet included
+    refine = calls_like(AutoPipelineForImage2Image.from_pipe(pipe), pipe)  # same components; a call, a generation
     refine.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # rank 0 only, as the pipeline
     refined = list(enumerate(stages))
 
@@ -80,8 +79,6 @@ def run_sdedit(
             init = encoded(pipe, coder, init_image, stage)
         else:
             init = upscaled_reference(pipe, coder, latents, stage)
-        if handle is not None:
-            handle.ctx.reset()
         latents = refine(
             prompt,
             image=init,

@@ -87,8 +87,6 @@ def run_sana_sdedit(
         reference = (
             encoded(pipe, vae, init_image, stage) if index == 0 else upscaled_reference(pipe, vae, latents, stage)
         )
-        if handle is not None:
-            handle.ctx.reset()
         latents = refine(pipe, reference, stage.strength, steps, seed + index, **options)
         clock.lap(index, stage, latents)
     return latents

@@ -154,7 +154,7 @@ class ParallelSanaTransformer:
             hook.remove()
         self._swaps.restore()
         self._hooks = []
-        self.ctx.reset()
+        self.ctx.close()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ctx = self.ctx
@@ -169,7 +169,7 @@ class ParallelSanaTransformer:
         self._return_dict = arguments.get("return_dict", True)
         arguments = guidance_half(arguments, batch, topology)
         layout = topology.layout(latent.shape[2], latent.shape[3], self.unit, self.factor)
-        ctx.begin_step(layout)
+        ctx.begin_step(layout, arguments.get("timestep"))
         start, stop = layout.band(ctx.patch.index)
         arguments["hidden_states"] = arguments["hidden_states"][:, :, start:stop]
         arguments["return_dict"] = False
