@@ -32,6 +32,7 @@ from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.layout import TooManyRanks
 from distlin.parallel.topology import Topology, row_unit
 from distlin.presets import PRESET_SCHEMA, load_preset
+from distlin.ranks import ranks_from_env
 from distlin.sampling.stages import Stage, cascade_stages, stages_from_image
 from distlin.schedulers import check_scheduler, check_steps
 from distlin.sizes import format_size
@@ -165,11 +166,6 @@ class RunSettings:
         }
 
 
-def world_size_from_env() -> int:
-    """The number of ranks torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def build_settings(
     preset: str,
     overrides: Mapping[str, Any] | None = None,
@@ -209,7 +205,7 @@ def build_settings(
         thresholds=thresholds,
         **given,
     )
-    check_settings(settings, world_size_from_env() if world_size is None else world_size)
+    check_settings(settings, ranks_from_env().world_size if world_size is None else world_size)
     return settings
 
 

@@ -15,7 +15,7 @@ LAYERS = [  # (layer, modules matching): the first match wins
     (6, r"run$"),
     (5, r"(settings|memory|loading|components|schedulers|families\.\w+\.memory$)\b"),  # a family's plan
     (1, r"(presets|sources|io|sampling\.stages|models\.architectures)$"),
-    (0, r"(thresholds|errors|notices|progress|sizes|commands)$"),
+    (0, r"(thresholds|errors|notices|progress|sizes|commands|ranks)$"),
     (4, r"(sampling\b|families\.\w+\.sdedit$)"),  # a family's cascade sampler is a sampler
     (3, r"(parallel|lean|vae|linfusion|models|families)\b"),
     (2, r"(ops|surgery)\b"),
@@ -50,3 +50,15 @@ def test_input_checks_import_neither_torch_nor_diffusers() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_only_distlin_ranks_reads_the_rank_variables() -> None:
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK are read in one place (distlin/ranks.py)."""
+    variable = r"[\"'](RANK|WORLD_SIZE|LOCAL_RANK)[\"']"
+    reading = re.compile(rf"environ(\.get\(|\[){variable}|{variable} in ")
+    readers = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "ranks.py" and reading.search(path.read_text(encoding="utf-8"))
+    ]
+    assert not readers, readers

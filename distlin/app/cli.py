@@ -9,7 +9,6 @@ It listens on 127.0.0.1 unless ``--host`` says otherwise; there, ``--auth`` and 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from distlin.app.tiles import TILE_SIZE
 from distlin.commands import command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.presets import list_presets
+from distlin.ranks import rank_prefix, ranks_from_env
 
 if TYPE_CHECKING:  # imported where used: flags are checked before torch or Gradio load
     from distlin.app.coordinator import Coordinator
@@ -114,7 +114,7 @@ def parse(argv: list[str] | None = None) -> AppOptions:
 
 def serve(options: AppOptions) -> int:
     """Start the ranks; rank 0 serves HTTP until Ctrl-C, the others run what it sends. Returns the exit code."""
-    if int(os.environ.get("RANK", "0")) == 0:  # before the imports: torch and Gradio take seconds
+    if ranks_from_env().is_main:  # before the imports: torch and Gradio take seconds
         print(f"starting the distlin app on http://{options.host}:{options.port} (importing torch, Gradio)", flush=True)
     from distlin.app.coordinator import Coordinator
     from distlin.app.ranks import RankChannel, serve_worker
@@ -182,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(parse(argv))
     except UsageError as err:
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"error: {f'rank {rank}: ' if rank else ''}{err}", file=sys.stderr)
+        print(f"error: {rank_prefix()}{err}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except KeyboardInterrupt:
         return 130

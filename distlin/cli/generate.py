@@ -32,8 +32,9 @@ from distlin.io import IMAGE_SUFFIXES, atomic_write, check_output_path
 from distlin.parallel.config import BACKENDS, MODES
 from distlin.presets import list_presets
 from distlin.progress import phase, print_phase, report_to, start_line
+from distlin.ranks import rank_prefix, ranks_from_env
 from distlin.schedulers import SCHEDULERS
-from distlin.settings import VAE_DECODES, VAE_STORES, RunSettings, build_settings, world_size_from_env
+from distlin.settings import VAE_DECODES, VAE_STORES, RunSettings, build_settings
 from distlin.sizes import format_size
 
 DEFAULT_PRESET = "tiny-sd15"
@@ -280,12 +281,12 @@ SETTING_FLAGS = (
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunSettings, Outputs]:
     """Parse and validate everything that can be checked without loading weights or starting ranks."""
     args = build_parser().parse_args(argv)
-    if args.nproc_per_node is not None and (args.nproc_per_node < 1 or "WORLD_SIZE" in os.environ):
+    if args.nproc_per_node is not None and (args.nproc_per_node < 1 or ranks_from_env().launched):
         raise UsageError(
             f"--nproc-per-node {args.nproc_per_node}: give a positive rank count, and not under torchrun "
             "(torchrun --nproc-per-node already starts the ranks)"
         )
-    world = args.nproc_per_node or world_size_from_env()
+    world = args.nproc_per_node or ranks_from_env().world_size
     if args.plan_ranks is not None and args.plan_ranks < 1:
         raise UsageError(f"--plan-ranks {args.plan_ranks} must be at least 1")
     planned_world = args.plan_ranks or world if args.plan else world
@@ -327,7 +328,7 @@ def announce(args: argparse.Namespace, settings: RunSettings) -> None:
     """The start line, on rank 0 and once (not again in the ranks ``--nproc-per-node`` starts)."""
     if args.quiet or not _is_rank0() or os.environ.get(ANNOUNCED_ENV):
         return
-    ranks = args.nproc_per_node or world_size_from_env()
+    ranks = args.nproc_per_node or ranks_from_env().world_size
     steps, stages = settings.steps, len(settings.stages)
     print(start_line(args.preset, settings.width, settings.height, steps, ranks, settings.device, stages), flush=True)
 
@@ -345,7 +346,7 @@ def run(settings: RunSettings, outputs: Outputs, quiet: bool = False) -> None:
             from distlin.run import generate
 
             quiet_third_party()
-        with phase("process group") if world_size_from_env() > 1 else nullcontext():
+        with phase("process group") if ranks_from_env().world_size > 1 else nullcontext():
             runtime = init_runtime(settings.backend, settings.timeout_s, settings.device)
         stack.callback(runtime.shutdown)
         if not runtime.is_main:
@@ -377,7 +378,7 @@ def start_ranks(ranks: int, argv: list[str]) -> int:
 
 def _is_rank0() -> bool:
     """Rank 0 of a torchrun group, or a single process (known before torch is imported)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return ranks_from_env().is_main
 
 
 def _silence_progress() -> None:
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, settings, outputs = parse(argv)
         if args.plan:
-            print_plan(settings, outputs, args.plan_ranks or args.nproc_per_node or world_size_from_env())
+            print_plan(settings, outputs, args.plan_ranks or args.nproc_per_node or ranks_from_env().world_size)
             return 0
         announce(args, settings)
         if args.nproc_per_node is not None:
@@ -406,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             run(settings, outputs, args.quiet)
     except UsageError as err:
         # Every rank reports: torchrun stops the others as soon as one exits, possibly before rank 0 could.
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"error: {f'rank {rank}: ' if rank else ''}{err}", file=sys.stderr)
+        print(f"error: {rank_prefix()}{err}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except (KeyboardInterrupt, Cancelled):
         if _is_rank0() or not os.environ.get(ANNOUNCED_ENV):  # --nproc-per-node: one line for all its ranks

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.loading import check_model_source
 from distlin.parallel.runtime import BACKENDS, init_runtime, resolve_device
 from distlin.presets import list_presets, load_preset
+from distlin.ranks import rank_prefix, ranks_from_env
 from distlin.sizes import format_size
 
 INTERRUPTED_EXIT_CODE = 130
@@ -180,7 +180,7 @@ def _model(args: argparse.Namespace) -> str:
 
 
 def _single_process(command: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if ranks_from_env().world_size > 1:
         raise UsageError(f"{command} runs in one process; launch it with python, not torchrun")
 
 
@@ -196,7 +196,7 @@ def _train(args: argparse.Namespace) -> Callable[[], None]:
     resolve_device(args.device)
     if args.timeout_s <= 0:
         raise UsageError(f"--timeout-s {args.timeout_s} must be positive seconds")
-    plan = plan_run(config, int(os.environ.get("WORLD_SIZE", "1")))
+    plan = plan_run(config, ranks_from_env().world_size)
 
     def run() -> None:
         runtime = init_runtime(args.backend, args.timeout_s, args.device)
@@ -267,17 +267,17 @@ def parse(argv: list[str] | None = None) -> Callable[[], None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for bad input, 130 when interrupted)."""
-    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; the process group starts later
+    prefix = rank_prefix()  # torchrun says the rank; the process group starts later
     try:
         try:
             command = parse(argv)
         except UsageError:
-            if rank:  # the same check failed on every rank: rank 0 says it once
+            if prefix:  # the same check failed on every rank: rank 0 says it once
                 return USAGE_EXIT_CODE
             raise
         command()
     except UsageError as err:
-        print(f"error: {f'rank {rank}: ' if rank else ''}{err}", file=sys.stderr)
+        print(f"error: {prefix}{err}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

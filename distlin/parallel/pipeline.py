@@ -3,7 +3,6 @@ family says, the loop stays the pipeline's."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from distlin.errors import UsageError
@@ -12,6 +11,7 @@ from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.controlnet import parallelize_controlnet
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet, parallelize_unet
+from distlin.ranks import ranks_from_env
 from distlin.surgery import around_calls
 
 
@@ -30,7 +30,7 @@ def parallelize(pipe: Any, config: PatchParallelConfig | None = None, runtime: R
     family = family_of_pipeline(pipe)
     if runtime is None:  # the device type only: under torchrun each rank takes cuda:LOCAL_RANK
         runtime = init_runtime(device=family.denoiser_of(pipe).device.type)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = ranks_from_env().world_size
     if launched != runtime.world_size:
         raise UsageError(
             f"torchrun started {launched} ranks but the runtime has {runtime.world_size}; pass runtime=init_runtime() "

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from distlin.errors import UsageError
 from distlin.parallel.config import BACKENDS, RENDEZVOUS_ENV
+from distlin.ranks import ranks_from_env
 
 # glibc hands every freed block above its mmap threshold back to the OS, so each large activation is faulted in and
 # zeroed again at the next layer: full-sd15 at 512x512 on one CPU rank spent 1.6 s of 14 s per UNet call in the
@@ -77,10 +78,6 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def init_runtime(backend: str | None = None, timeout_s: float = 300.0, device: str | None = None) -> Runtime:
     """Join the process group started by torchrun, or return a one-process runtime.
 
@@ -91,11 +88,11 @@ def init_runtime(backend: str | None = None, timeout_s: float = 300.0, device: s
         raise UsageError(f"unknown backend {backend!r}; use nccl or gloo")
     if timeout_s <= 0:
         raise UsageError(f"timeout must be positive seconds, got {timeout_s}")
-    if not launched_by_torchrun():
+    ranks = ranks_from_env()
+    if not ranks.launched:
         return Runtime(device=resolve_device(device))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dev = resolve_device(device, local_rank)
+    rank, world = ranks.rank, ranks.world_size
+    dev = resolve_device(device, ranks.local_rank)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if backend == "nccl" and dev.type != "cuda":
         raise UsageError("backend nccl needs CUDA devices; use --backend gloo on CPU")
@@ -114,4 +111,4 @@ def init_runtime(backend: str | None = None, timeout_s: float = 300.0, device: s
         # A script using the Python API may simply end: the group is still torn down before the interpreter
         # (gloo aborts the process when its threads outlive it).
         atexit.register(_destroy_process_group)
-    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
+    return Runtime(rank=rank, world_size=world, local_rank=ranks.local_rank, device=dev, backend=backend)
