@@ -131,7 +131,23 @@ def on_ranks(runtime, lora: str) -> dict:
     results["decoded"], results["encoded"] = coder.decode(latent), coder.encode(image).mean
     results["vae_bytes"] = coder.ctx.stats.totals()["bytes"]
     results["lora"] = lora_outputs(runtime, lora)
+    results["displaced calls"] = displaced_calls(runtime)
     return results
+
+
+def displaced_calls(runtime) -> list[torch.Tensor]:
+    """Two calls of a parallelized tiny-sana pipeline in displaced mode with one seed: each call a generation."""
+    from distlin.families.sana.tiny import build_sana_pipeline
+    from distlin.parallel import parallelize
+
+    pipe = build_sana_pipeline("tiny-sana")
+    pipe.set_progress_bar_config(disable=True)
+    handle = parallelize(pipe, PatchParallelConfig(mode="displaced", warmup_steps=0, cfg_parallel=False), runtime)
+    options = {"height": 64, "width": 96, "num_inference_steps": 3, "use_resolution_binning": False}
+    generator = torch.Generator()
+    calls = [pipe("a cube", generator=generator.manual_seed(0), output_type="latent", **options).images for _ in "ab"]
+    handle.undo()
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +212,12 @@ def test_a_lora_on_sanas_transformer_gives_the_one_process_output_on_four_ranks(
     for banded, reference, without in zip(four_ranks["lora"], alone, plain, strict=True):
         torch.testing.assert_close(banded, reference, rtol=0, atol=2e-6)
         assert (reference - without).abs().max() > 1e-3
+
+
+def test_every_call_of_a_parallelized_sana_pipeline_is_a_generation(four_ranks) -> None:
+    """Displaced mode warms up again at each call: the second call reuses nothing stale from the first."""
+    first, second = four_ranks["displaced calls"]
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("band_rows", [1, 5])
