@@ -150,6 +150,20 @@ def test_a_rising_timestep_starts_a_generation_and_an_equal_one_continues_it() -
     assert schedule == [False, True, True, True, False, True]
 
 
+def test_dilating_the_convolutions_starts_a_generation() -> None:
+    """DemoFusion's dilated and local branches at one timestep: neither reuses the other's exchanges."""
+    ctx = ParallelContext(Runtime(), displaced(EVERYTHING, warmup=0))
+    conv = PatchConv2d.from_conv(torch.nn.Conv2d(4, 4, 3, padding=1), ctx)
+    layout = RowLayout(40, 24, 8, 1)
+    schedule = []
+    for dilation in [1, 1, 2, 2, 1]:
+        conv.dilation = (dilation, dilation)
+        ctx.begin_step(layout, 500)
+        schedule.append(ctx.displaced)
+        ctx.end_step()
+    assert schedule == [False, True, False, True, False]
+
+
 def test_every_call_of_a_parallelized_pipeline_starts_a_generation_until_undo() -> None:
     pipe = _pipeline()
     cls = type(pipe)

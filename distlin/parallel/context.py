@@ -66,6 +66,8 @@ class ParallelContext:
         self._timestep: float | None = None  # the last evaluation's, to see a new schedule begin
         self._over = False  # set by start_over: the next evaluation begins a generation
         self._restorers: list[Callable[[], None]] = []  # what close() puts back besides the model's own swaps
+        self._convs: list[Any] = []  # the band convolutions on this engine: their dilation shapes the exchanges
+        self._dilations: tuple[Any, ...] = ()  # theirs at the last evaluation
         self._slots: list[StaleSlot] = []
         self._groups = self._build_groups(runtime, config, dry_run_ranks)
         self.patch, self.cfg = self._groups[False]
@@ -117,6 +119,10 @@ class ParallelContext:
         ``0 … warmup_steps`` are the synchronous warm-up, as DistriFusion counts it)."""
         return self.config.mode == "displaced" and self.step > self.config.warmup_steps
 
+    def add_conv(self, conv: Any) -> None:
+        """A band convolution on this engine, whose dilation :meth:`begin_step` watches."""
+        self._convs.append(conv)
+
     def new_slot(self) -> StaleSlot:
         slot = StaleSlot()
         self._slots.append(slot)
@@ -128,12 +134,15 @@ class ParallelContext:
         size), or at a timestep above the last one (a new schedule: a cascade stage, a loop of the caller's own).
 
         An equal timestep continues the generation: a step may evaluate the denoiser twice at one timestep (Heun).
+        Other convolution dilations start one too (DemoFusion's dilated branch and its local one): the halos and
+        the states of one cannot stand in for the other's.
         """
         now = _timestep_value(timestep)
         risen = now is not None and self._timestep is not None and now > self._timestep
-        if self._over or layout != self.layout or risen:
+        dilations = tuple(conv.dilation for conv in self._convs)
+        if self._over or layout != self.layout or risen or dilations != self._dilations:
             self.reset()
-        self.layout, self._timestep, self._over = layout, now, False
+        self.layout, self._timestep, self._over, self._dilations = layout, now, False, dilations
 
     def start_over(self) -> None:
         """The next denoiser evaluation starts a new generation (called as a parallelized pipeline's call begins

@@ -47,6 +47,7 @@ class PatchConv2d(nn.Conv2d):
     def _join_engine(self) -> None:
         self.pad_top = self.padding[0]
         self.halo_slot = self.ctx.new_slot()
+        self.ctx.add_conv(self)
         self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,9 @@ latents are renormalised per channel to the native stage's mean and std.
 
 With a parallelized UNet both evaluations are patch-parallel: :class:`~distlin.parallel.conv.PatchConv2d`
 takes its halo widths from the mutated ``dilation``/``padding``/``pad_top``. The two evaluations see different
-convolutions, so neither may reuse the other's exchanges: in later stages each starts afresh (``ctx.reset``) and
-``displaced`` mode runs synchronous exchanges there.
+convolutions, so neither may reuse the other's exchanges: in later stages the engine starts each afresh (it sees
+the dilation change, :meth:`~distlin.parallel.context.ParallelContext.begin_step`) and ``displaced`` mode runs
+synchronous exchanges there.
 
 With a ControlNet (``pipe`` a ``StableDiffusionXLControlNetPipeline``, one or several ControlNets) every
 evaluation is conditioned on the stage's control image, prepared at the stage's size as the pipeline prepares
@@ -197,12 +198,6 @@ def _ratio(native: Stage, stage: Stage) -> int:
     return ratio
 
 
-def _restart(handle: ParallelUNet | None) -> None:
-    """The engine forgets the other evaluation's exchanges (other convolutions, other halo widths)."""
-    if handle is not None:
-        handle.ctx.reset()
-
-
 def _denoise_stage(
     pipe: Any,
     cond: _Conditioning,
@@ -211,7 +206,6 @@ def _denoise_stage(
     ratio: int,
     steps: int,
     seed: int,
-    handle: ParallelUNet | None = None,
 ) -> torch.Tensor:
     """One upscaling stage: the last ``int(steps * strength)`` timesteps with skip residual and dilated sampling."""
     scheduler = pipe.scheduler
@@ -236,9 +230,7 @@ def _denoise_stage(
         if ratio == 1:  # at the native size the dilated branch is the local one
             latents = scheduler.step(_predict(pipe, cond, latents, t, time_ids), t, latents, return_dict=False)[0]
             continue
-        _restart(handle)
         local = _predict(pipe, cond, latents, t, time_ids)
-        _restart(handle)
         with dilated_convs(dilated_models, ratio):
             dilated = _predict(pipe, cond, blurred(latents, ratio, w.sigma), t, time_ids)
         latents = scheduler.step((1 - w.c2) * local + w.c2 * dilated, t, latents, return_dict=False)[0]
@@ -328,7 +320,7 @@ def run_demofusion(
         z0 = latents if index == 0 else upscaled_reference(pipe, coder, latents, stage)
         if controls:
             cond = replace(cond, control=_prepared_control(pipe, controls[index], stage, cfg))
-        latents = _denoise_stage(pipe, cond, z0, stage, ratios[index], steps, seed + index, handle)
+        latents = _denoise_stage(pipe, cond, z0, stage, ratios[index], steps, seed + index)
         latents = _renormalised(latents, anchor_mean, anchor_std)
         clock.lap(index, stage, latents)
     return latents
