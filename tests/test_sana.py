@@ -170,6 +170,23 @@ def test_sana_pipelines_find_their_family() -> None:
     assert family_of_pipeline(type("StableDiffusionPipeline", (), {})()) is FAMILIES["sd"]
 
 
+@pytest.mark.parametrize(
+    ("preset", "overrides", "ranks"),
+    [
+        ("tiny-sana", {"height": 8}, 3),
+        ("sana-4k", {"height": 64}, 8),
+        ("sana-4k", {"model": "full-sana", "height": 64}, 8),
+    ],
+)
+def test_a_sana_size_the_ranks_cannot_split_is_refused_with_the_settings(preset, overrides, ranks) -> None:
+    """Built-in SANA models and the Hub ones its presets use: checked before any rank starts or anything loads."""
+    from distlin.errors import UsageError
+    from distlin.settings import build_settings
+
+    with pytest.raises(UsageError, match="at most 2 ranks work for this height"):
+        build_settings(preset, overrides, ranks)
+
+
 def test_a_sana_controlnet_refuses_in_one_line() -> None:
     from distlin.errors import UsageError
     from distlin.families.sana.transformer import parallelize_sana

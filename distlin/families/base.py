@@ -42,8 +42,8 @@ class Family:
     with ``sequential_coder`` (``module:function``, ``(vae, runtime, band_rows, store, on_done) -> coder``; empty: the
     AutoencoderKL interpreter of :mod:`distlin.vae.sequential`); ``linfusion``: whether LinFusion
     layers mount on it (SANA's attention is linear already);
-    ``hub_models``: Hub ids its presets use; ``architectures``: a built-in model's
-    ``denoiser`` and ``vae`` configs, so its rank split is checked before any rank starts;
+    ``hub_models``: Hub ids its presets use (with ``builtin``, the models whose rank split is checked from
+    ``architecture`` before any rank starts);
     ``builtin``: offline model names, built by ``build`` (``module:function``, ``(name, seed, torch_dtype)``);
     ``call_options``: keyword arguments every pipeline call of a run adds; ``no_negative_prompt``: what the
     pipeline takes for an empty one; ``cascade``: ``module:function`` running its cascades and ``--init-image``
@@ -66,7 +66,6 @@ class Family:
     linfusion: bool = True
     builtin: tuple[str, ...] = ()
     hub_models: tuple[str, ...] = ()
-    architectures: tuple[tuple[str, dict], ...] = ()
     build: str = ""
     call_options: tuple[tuple[str, Any], ...] = ()
     no_negative_prompt: str | None = None  # None lets SDXL use its zero embedding
@@ -82,12 +81,13 @@ class Family:
         return dict(self.unsupported).get(feature)
 
     def check_sizes(self, model: str, topology: Any, sizes: list[tuple[int, int]]) -> None:
-        """Raise the one-line :class:`UsageError` of a size the ranks cannot split, when the model's configs are
-        known offline (a built-in model)."""
-        architecture = dict(self.architectures).get(model.removeprefix("distlin/"))
-        if architecture is None:
+        """Raise the one-line :class:`UsageError` of a size the ranks cannot split, for a model of this family's
+        own (``builtin``, ``hub_models``) whose configs are known offline (``architecture``)."""
+        listed = model.removeprefix("distlin/") in self.builtin or model in self.hub_models
+        configs = self.architecture(model) if listed else None
+        if configs is None:
             return
-        unit, factor = self.row_unit(architecture["denoiser"]), self.latent_factor(architecture["vae"])
+        unit, factor = self.row_unit(configs[self.denoiser]), self.latent_factor(configs["vae"])
         for height, width in sizes:
             topology.check_image(height, width, unit, factor)
 

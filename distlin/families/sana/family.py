@@ -104,7 +104,6 @@ SANA = Family(
     sequential_coder="distlin.families.sana.sequential:SequentialDCAE",
     linfusion=False,
     builtin=TINY_SANA_MODELS + FULL_SANA_MODELS,
-    architectures=(("tiny-sana", {"denoiser": TINY_SANA["transformer"], "vae": TINY_SANA["vae"]}),),
     hub_models=(
         "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
         "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers",
