@@ -190,9 +190,10 @@ class ParallelContext:
 
 
 def _timestep_value(timestep: Any) -> float | None:
-    """The highest timestep of a denoiser call (a number, or a tensor of one per sample), or None without one."""
+    """The highest timestep of a denoiser call (a number, or a tensor of one per sample), or None without one
+    (or on meta tensors, which hold no value: the dry runs and memory measurements)."""
     if timestep is None:
         return None
     if isinstance(timestep, torch.Tensor):
-        return float(timestep.max()) if timestep.numel() else None
+        return float(timestep.max()) if timestep.numel() and not timestep.is_meta else None
     return float(timestep)
