@@ -14,15 +14,21 @@ LAYERS = [  # (layer, modules matching): the first match wins
     (7, r"(cli|app|bench|distill)\b"),
     (6, r"run$"),
     (5, r"(settings|memory|loading|components|schedulers|families\.\w+\.memory$)\b"),  # a family's plan
-    (1, r"(presets|sources|io|sampling\.stages|models\.architectures)$"),
+    (1, r"(presets|sources|io|inputs|sampling\.stages|models\.architectures)$"),
     (0, r"(thresholds|errors|notices|progress|sizes|commands|ranks)$"),
     (4, r"(sampling\b|families\.\w+\.sdedit$)"),  # a family's cascade sampler is a sampler
-    (3, r"(parallel|lean|vae|linfusion|models|families)\b"),
+    # layer 3 package by package: each may import those listed below it
+    (3.6, r"parallel\.pipeline$"),  # parallelize(pipe): the family's rewrite of a whole pipeline
+    (3.5, r"families\b"),
+    (3.4, r"vae\b"),
+    (3.3, r"parallel\b"),
+    (3.2, r"lean\b"),
+    (3.1, r"(linfusion|models)\b"),
     (2, r"(ops|surgery)\b"),
 ]
 
 
-def layer_of(module: str) -> int | None:
+def layer_of(module: str) -> float | None:
     name = module.removeprefix("distlin").removeprefix(".")
     return next((layer for layer, pattern in LAYERS if re.match(pattern, name)), None)
 
@@ -62,3 +68,35 @@ def test_only_distlin_ranks_reads_the_rank_variables() -> None:
         if path.name != "ranks.py" and reading.search(path.read_text(encoding="utf-8"))
     ]
     assert not readers, readers
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every distlin module and the distlin modules it imports anywhere (at the top, in a function, for types)."""
+    paths = {
+        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in PACKAGE.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in paths:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in paths)
+        graph[module] = targets - {module}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    graph, cycles = _imports(), []
+    for start in graph:
+        seen, todo = set(), [(start, (start,))]
+        while todo:
+            module, path = todo.pop()
+            for target in graph[module]:
+                if target == start:
+                    cycles.append(" -> ".join((*path, start)))
+                elif target not in seen:
+                    seen.add(target)
+                    todo.append((target, (*path, target)))
+    assert not cycles, "\n".join(sorted(cycles))

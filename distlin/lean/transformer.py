@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from distlin.linfusion.attention import LinFusionAttention, LinFusionAttnProcessor
-from distlin.parallel.groupnorm import PatchGroupNorm, group_moments, normalize_with
+from distlin.ops.group_norm import group_moments, normalize_with
 from distlin.surgery import twin
 
 
@@ -76,7 +76,8 @@ class ChunkedTransformer2D(Transformer2DModel):
     def _forward_chunked(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         batch, _, height, width = x.shape
         norm = self.norm
-        moments = norm.moments(x) if isinstance(norm, PatchGroupNorm) else group_moments(x, norm.num_groups)
+        # the engine's band twin knows the whole image's moments (it all-reduces them); a plain norm, this band's
+        moments = norm.moments(x) if hasattr(norm, "moments") else group_moments(x, norm.num_groups)
         rows = self._row_chunks(height, width)
         h: torch.Tensor | None = None
         for a, b in rows:  # h = proj_in(norm(x)) as tokens, (B, H*W, C_inner)

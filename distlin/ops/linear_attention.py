@@ -21,38 +21,18 @@ PyTorch ops here (``*_torch``, the naive reference, any device, differentiable) 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from distlin.errors import UsageError
+from distlin.ops.attention_state import EPS, LinearAttentionState
 from distlin.ops.kernels import check_kernel, triton_available
 
-EPS = 1e-4
 DEFAULT_CHUNK = 65536
 # On CPU, chunks this small reuse the allocator's freed blocks instead of page-faulting fresh 20 MB buffers on every
 # call, and stay in cache: the SD-1.5 layer (C=320, 16K tokens, 1 thread) runs ~15-20 % faster than in one chunk.
 CPU_CHUNK = 1024
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass
-class LinearAttentionState:
-    """Un-normalised attention state of a set of tokens.
-
-    ``kv``: ``(B, h, d, d)`` sum of ``phi(k_j)^T v_j``; ``k``: ``(B, h, d)`` sum of ``phi(k_j)``;
-    ``count``: number of tokens summed. All float32.
-    """
-
-    kv: torch.Tensor
-    k: torch.Tensor
-    count: float
-
-    def __add__(self, other: LinearAttentionState) -> LinearAttentionState:
-        return LinearAttentionState(self.kv + other.kv, self.k + other.k, self.count + other.count)
-
-    def __sub__(self, other: LinearAttentionState) -> LinearAttentionState:
-        return LinearAttentionState(self.kv - other.kv, self.k - other.k, self.count - other.count)
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:

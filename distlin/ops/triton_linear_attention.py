@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distlin.ops.linear_attention import EPS, LinearAttentionState
+from distlin.ops.attention_state import EPS, LinearAttentionState
 
 MAX_BLOCK_E = 64  # value columns per program: a 256 x 64 float32 accumulator is the most registers one holds
 PROGRAMS_PER_SM = 4  # partial-state programs to keep each multiprocessor busy with

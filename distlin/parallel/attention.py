@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from distlin.linfusion.attention import LinFusionAttnProcessor
-from distlin.ops.linear_attention import LinearAttentionState
+from distlin.ops.attention_state import LinearAttentionState
 from distlin.parallel.context import ParallelContext
 
 

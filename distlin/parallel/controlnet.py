@@ -89,5 +89,6 @@ def parallelize_controlnet(controlnet: nn.Module, engine: ParallelUNet) -> list[
         for member in controlnet_members(controlnet)
         if not member.config.get("global_pool_conditions", False)
     ]
-    engine.controlnets.extend(handles)
+    for handle in handles:  # undone with the UNet's engine
+        engine.ctx.on_close(handle.undo)
     return handles

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -30,9 +30,6 @@ from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
 from distlin.parallel.topology import Topology, row_unit
 from distlin.surgery import Swaps
-
-if TYPE_CHECKING:
-    from distlin.parallel.controlnet import ParallelControlNet
 
 RESIDUAL_KWARGS = (
     "down_block_additional_residuals",
@@ -158,7 +155,6 @@ class ParallelUNet:
         self._split_cfg = False
         self._return_dict = True
         self._micro_batches = MicroBatches()
-        self.controlnets: list[ParallelControlNet] = []  # band-parallel ControlNets on this engine, undone with it
         self._processors: list[tuple[str, nn.Module, object]] = []  # (name, attn1, the processor the engine set)
 
     def apply(self) -> ParallelUNet:
@@ -176,9 +172,6 @@ class ParallelUNet:
 
     def undo(self) -> None:
         """Restore the original modules, processors and forward (of the ControlNets on this engine too)."""
-        for controlnet in self.controlnets:
-            controlnet.undo()
-        self.controlnets = []
         for hook in self._hooks:
             hook.remove()
         self._swaps.restore()
