@@ -40,6 +40,9 @@ from distlin.sources import check_linfusion_source, check_model_source, schedule
 from distlin.thresholds import Thresholds
 
 MAX_SEED = 2**64 - 1
+# The longest side of an output: 2**20 px (a square of that side is a 3 TiB RGB image). Beyond it the memory
+# planner's per-band walk would take minutes before the refusal it would come to.
+MAX_SIDE = 2**20
 MAX_TIMEOUT_S = 30 * 24 * 3600  # a collective's timeout: torch keeps it in milliseconds, inf or 1e300 overflow
 DTYPE_ALIASES = {
     "float32": "float32",
@@ -217,6 +220,8 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
             raise UsageError(
                 f"{key} {size} is not a positive multiple of 8; pass e.g. --{key} {max(8, round(size / 8) * 8)}"
             )
+        if size > MAX_SIDE:
+            raise UsageError(f"{key} {size} is above {MAX_SIDE} px, the largest side planned; pass a smaller --{key}")
     if settings.steps < 1:
         raise UsageError(f"steps {settings.steps} must be at least 1; pass --steps 1 or more")
     if not (math.isfinite(settings.guidance_scale) and settings.guidance_scale >= 0):

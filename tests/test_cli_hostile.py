@@ -155,6 +155,7 @@ def test_the_most_steps_a_scheduler_takes_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--height", "800000000"], "height 800000000 is above 1048576 px"),  # --plan used to take minutes
         (["--timeout-s", "inf"], "timeout inf s must be positive and at most"),  # OverflowError on 2 ranks
         (["--timeout-s", "1e300"], "timeout 1e+300 s must be positive and at most"),
         (["--prompt", b"caf\xff".decode("utf-8", "surrogateescape")], "prompt is not UTF-8 text (character 3)"),

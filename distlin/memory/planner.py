@@ -247,12 +247,22 @@ def ranks_needed(
     most = height // LATENT_FACTOR
     for ranks in range(1, most + 1):
         try:
-            if (planner or plan)(arch, height, width, ranks, **kw)["peak_bytes_per_rank"] <= capacity_bytes:
-                return ranks
+            result = (planner or plan)(arch, height, width, ranks, **kw)
         except UsageError:
+            break
+        if result["peak_bytes_per_rank"] <= capacity_bytes:
+            return ranks
+        if _held_by_every_rank(result["breakdown"]) > capacity_bytes:  # more ranks cannot help: stop searching
             break
     raise UsageError(
         f"{format_size(width, height)} px does not fit {capacity_bytes / 2**30:.1f} GiB per rank with any rank count"
+    )
+
+
+def _held_by_every_rank(breakdown: dict[str, int]) -> int:
+    """Bytes a rank holds whatever the rank count: the weights and the full latents."""
+    return sum(value for key, value in breakdown.items() if key.startswith("weights_")) + breakdown.get(
+        "full_latents", 0
     )
 
 

@@ -6,7 +6,9 @@ band; validated against measured peaks in ``tests/test_sequential_vae.py``.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from itertools import pairwise
+from math import gcd
 from typing import Any
 
 import torch
@@ -104,7 +106,10 @@ def _conv_peak(
 
     bands = list(pairwise(bounds))
     peak = 0.0
-    for r, (lo, hi) in enumerate(bands):
+    # Bands away from the edges are alike (same rows, halos and next band): the first and last three stand for all,
+    # so a latent of millions of rows is planned in microseconds.
+    for r in sorted({*range(min(3, len(bands))), *range(max(0, len(bands) - 3), len(bands))}):
+        lo, hi = bands[r]
         ahead = fetched(*bands[r + 1]) if fetch_ahead and r + 1 < len(bands) else 0.0
         rows = fetched(lo, hi)
         padded, out = c_in * (hi - lo + 2) * width, c_out * (hi - lo) * width
@@ -148,7 +153,7 @@ def _attention_peak(
         group_bounds = [*range(0, height, attention_rows), height]
         resident, block = 0.0, min(attention_rows, height) * width
     peak = 4.0 * band
-    for a, b in pairwise(group_bounds):
+    for a, b in _distinct_groups(group_bounds, bounds):
         n = (b - a) * width
         g, chunk = n * channels, min(query_chunk, n)
         if attention_rows is None or attention_rows >= height:
@@ -159,7 +164,23 @@ def _attention_peak(
             tile = (wide + half) * chunk * block
             # one K/V block, the scaled query chunk, P @ V; or, at the end, the output in q's dtype
             state = accumulators + max(2 * block * channels + 2 * chunk * channels + tile, half * g)
-        pieces = [(min(hi, b) - max(lo, a)) * width * channels for lo, hi in pairwise(bounds) if lo < b and hi > a]
+        first, last = bisect_right(bounds, a) - 1, bisect_left(bounds, b)  # the bands that overlap [a, b)
+        overlapping = pairwise(bounds[first : last + 1])
+        pieces = [(min(hi, b) - max(lo, a)) * width * channels for lo, hi in overlapping if lo < b and hi > a]
         keep = g + max(p + _moments_scratch(p, channels, groups, batch, wide) for p in pieces)
         peak = max(peak, 4.0 * g, 2.0 * g + state, keep)
     return batch * (resident + peak)
+
+
+def _distinct_groups(group_bounds: list[int], bounds: list[int]) -> list[tuple[int, int]]:
+    """The query groups whose peaks can differ: a group's peak depends on its size and on how it straddles the
+    bands, which repeats every ``band / gcd(band, group)`` groups until the (maybe shorter) last band; the groups
+    of one period, and those reaching the last band, stand for all (exact, and fast for millions of rows)."""
+    groups = len(group_bounds) - 1
+    if groups < 2 or len(bounds) < 3:
+        return list(pairwise(group_bounds))
+    step, band = group_bounds[1] - group_bounds[0], bounds[1] - bounds[0]
+    period = band // gcd(band, step)
+    tail = -(-band // step) + 2  # the groups that may reach the last band, and the last (maybe shorter) group
+    kept = {*range(min(groups, period + 1)), *range(max(0, groups - tail), groups)}
+    return [(group_bounds[i], group_bounds[i + 1]) for i in sorted(kept)]
