@@ -19,7 +19,6 @@ from distlin.errors import UsageError
 from distlin.inputs import check_image
 from distlin.notices import without_cast_notice
 from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_family, local_path, read_json
-from distlin.surgery import Swaps, calls_like
 
 # UNet config keys a ControlNet copies from the UNet it was made for: equal ones mean it fits.
 CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type")
@@ -308,6 +307,7 @@ def kept_self_attention(unet: Any) -> Iterator[None]:
 
     from distlin.linfusion.attention import LinFusionAttention, LinFusionAttnProcessor
     from distlin.linfusion.model import self_attention_layers
+    from distlin.surgery import Swaps  # imports torch: imported where used, so the input checks stay torch-free
 
     swaps = Swaps(unet)
     for name, attn in self_attention_layers(unet):
@@ -334,6 +334,8 @@ def pipeline_for(task: str, pipe: Any, **components: Any) -> Any:
     """The variant of ``pipe`` (SD or SDXL, with or without ControlNet) for ``task`` — ``text-to-image``,
     ``image-to-image`` or ``inpainting`` — over the same components, plus ``components`` (a ControlNet)."""
     import diffusers
+
+    from distlin.surgery import calls_like
 
     auto = {
         "text-to-image": diffusers.AutoPipelineForText2Image,
