@@ -21,6 +21,7 @@ from distlin.linfusion import LinFusion, LinFusionAttnProcessor
 from distlin.models.architectures import is_builtin
 from distlin.settings import canonical_dtype
 from distlin.sources import FRESH_LINFUSION, NO_LINFUSION, check_linfusion_source, check_model_source, local_path
+from distlin.vae.latents import unscaled, vae_in_float32_if_needed
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -146,23 +147,9 @@ def decode_latents(
     ``decode`` replaces ``vae.decode`` (e.g. the band-parallel VAE's; then every rank must call this).
     """
     vae = pipe.vae
-    config = vae.config
-    upcast = vae.dtype == torch.float16 and config.get("force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
-    latents = latents[:1].to(device=vae.device, dtype=dtype)
-    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / config.scaling_factor + mean
-    else:
-        latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
+    with vae_in_float32_if_needed(vae) as dtype:
+        latents = unscaled(latents[:1].to(device=vae.device, dtype=dtype), vae.config)
         image = decode(latents) if decode is not None else vae.decode(latents, return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(dtype=torch.float16)
     return image_to_pil(pipe, image)
 
 

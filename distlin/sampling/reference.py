@@ -8,19 +8,18 @@ size by :class:`SizedCoder`): at 16K the encoder's full-resolution maps fit no G
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from torch import nn
 
 from distlin.parallel.runtime import Runtime
 from distlin.parallel.topology import LATENT_FACTOR
 from distlin.sampling.stages import Stage
+from distlin.vae.latents import scaled, unscaled, vae_in_float32_if_needed
 from distlin.vae.parallel import ParallelVAE
 from distlin.vae.sequential import decode_sequential, encode_sequential
 
@@ -119,24 +118,11 @@ class SizedCoder:
 Coder = ParallelVAE | PlainVAE | SequentialVAE | SizedCoder
 
 
-@contextmanager
-def vae_in_float32_if_needed(vae: nn.Module) -> Iterator[torch.dtype]:
-    """SDXL's VAE overflows in float16 (``force_upcast``): run it in float32 between stages."""
-    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
-        yield vae.dtype
-    finally:
-        if upcast:
-            vae.to(dtype=torch.float16)
-
-
 def upscaled_reference(pipe: Any, coder: Coder, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
     """The previous stage's result at ``stage``'s size: decode, bicubic upscale in pixel space, encode (the
     posterior mean, so a cascade is deterministic given its seed); scaled latents in and out."""
     with vae_in_float32_if_needed(pipe.vae) as dtype:
-        image = coder.decode(latents.to(dtype) / pipe.vae.config.scaling_factor)
+        image = coder.decode(unscaled(latents.to(dtype), pipe.vae.config))
         return encoded(pipe, coder, image, stage).to(latents.dtype)
 
 
@@ -145,4 +131,4 @@ def encoded(pipe: Any, coder: Coder, image: torch.Tensor, stage: Stage) -> torch
     mean, so a cascade is deterministic given its seed; in the VAE's dtype."""
     with vae_in_float32_if_needed(pipe.vae) as dtype:
         image = F.interpolate(image.float(), size=(stage.height, stage.width), mode="bicubic", align_corners=False)
-        return coder.encode(image.clamp(-1, 1).to(dtype)).mean * pipe.vae.config.scaling_factor
+        return scaled(coder.encode(image.clamp(-1, 1).to(dtype)).mean, pipe.vae.config)
