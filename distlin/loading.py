@@ -1,7 +1,8 @@
-"""Where models come from: built-in offline pipelines, local folders or Hugging Face Hub ids.
+"""Loading a pipeline (a built-in offline one, a local folder or a Hugging Face Hub id) and its LinFusion layers,
+and turning the final latents into the image.
 
-Every way a model or a LinFusion checkpoint can be missing becomes one :class:`UsageError` line naming the
-value and the fixes. Cheap ``check_*`` functions let the CLI reject bad sources before any weights load.
+Every way a model or a LinFusion checkpoint can be missing when it loads becomes one :class:`UsageError` line
+naming the value and the fixes; the cheap checks made before any weights load are :mod:`distlin.sources`'.
 Diffusers' pipeline classes are imported only when a pipeline is loaded, to keep ``--help`` and errors fast.
 """
 

@@ -146,13 +146,13 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
         for model in (family.denoiser_of(pipe), pipe.vae, getattr(pipe, "controlnet", None)):
             if model is not None:
                 bound_memory(model, limits.token_chunk, limits.index_limit)
-        engine = parallelize(pipe, settings.engine, runtime)  # the ControlNets too; hides the bar off rank 0
+        handle = parallelize(pipe, settings.engine, runtime)  # the ControlNets too; hides the bar off rank 0
         vae_stats = CommStats()
         vae = load(family.parallelize_vae)(pipe.vae, runtime, stats=vae_stats, index_limit=limits.index_limit)
     if settings.compile:
         with phase("compile (set up; the first step compiles)"):
             compile_unet(pipe.unet)
-    return Prepared(pipe, engine, vae, engine.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
+    return Prepared(pipe, handle, vae, handle.ctx.stats, vae_stats, pipeline_key(settings), pipe.scheduler)
 
 
 def device_capacity(settings: RunSettings, runtime: Runtime) -> int | None:

@@ -4,12 +4,12 @@ The model (validated against meta-tensor measurements in ``tests/test_memory.py`
 max(UNet activation peak, VAE-decode peak) + the full latent and image every rank holds. No-grad
 activations peak in a feed-forward of a transformer level of the UNet's up path (or, with chunked
 transformers, in a resnet of that level: concatenated input, its norm and SiLU, in place with
-``bound_memory``, and the conv output). There, per token of
+:func:`~distlin.lean.bound_memory`, and the conv output). There, per token of
 that level (C channels, ``m`` the FF multiplier, ``L`` layers per block), are alive: the block's
 ``L+1`` skip tensors (diffusers keeps the whole tuple referenced), the caller's input (the deeper
 level's C' channels), five C-wide tensors of the transformer (residual, hidden, attention output,
 norm output, proj_in output) and the GEGLU's ``2mC`` projection, ``mC`` GELU and ``mC`` product; the
-skips of every shallower level are alive too. With ``ff_chunk`` (generate.py's ``bound_memory``) a
+skips of every shallower level are alive too. With ``ff_chunk`` (the run's :func:`~distlin.lean.bound_memory`) a
 transformer above that many tokens runs in token chunks end to end (:mod:`distlin.lean.transformer`):
 its input, the hidden-state buffer and the output (3 C-wide tensors) plus one chunk's GEGLU working set.
 A direct VAE decode peaks at its last upsampling: three tensors of the second level's width at full image

@@ -1,5 +1,5 @@
 """SDEdit cascade to ultra-high resolution (LinFusion's SD-1.5 recipe): generate at the native size, then per
-stage take the upscaled previous result (:func:`~distlin.sampling.stage.upscaled_reference`), noise it to
+stage take the upscaled previous result (:func:`~distlin.sampling.reference.upscaled_reference`), noise it to
 strength ``s_k`` and denoise with the image-to-image pipeline built from the same components.
 
 Native-size generation fixes the composition; each later stage only re-synthesises detail, with less noise as
