@@ -163,17 +163,26 @@ def device_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
     return capacity
 
 
-def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
-    """On a GPU (or with ``DISTLIN_DEVICE_MEMORY`` set), switch memory savers on until the plan fits, or refuse
-    with one line; on a CPU, refuse a run its machine's RAM cannot hold; elsewhere the settings as they are.
-    Prints the savers it chose on rank 0."""
+def fitted_settings(
+    settings: RunSettings, runtime: Runtime, host_ram: Callable[[RunSettings], int | None] = host_capacity
+) -> RunSettings:
+    """On a GPU (or with ``DISTLIN_DEVICE_MEMORY`` set), the settings with memory savers switched on until the
+    plan fits, or a one-line refusal; on a CPU, a refusal of a run the machine's RAM (``host_ram``: this
+    process's view by default) cannot hold; elsewhere the settings as they are. The one fit of a run and the
+    web app's."""
     capacity = device_capacity(settings, runtime)
     if capacity is None:
-        host = _agreed_host_capacity(settings, runtime) if runtime.device.type == "cpu" else None
+        host = host_ram(settings) if runtime.device.type == "cpu" else None
         if host is not None:
             check_host_memory(settings, runtime.world_size, local_ranks(runtime.world_size), host)
         return settings
-    fitted = fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
+    return fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
+
+
+def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
+    """:func:`fitted_settings` with the least RAM any rank sees (every rank refuses or none does); prints the
+    savers it chose on rank 0."""
+    fitted = fitted_settings(settings, runtime, lambda s: _agreed_host_capacity(s, runtime))
     flags = saver_flags(settings, fitted)
     if flags and runtime.is_main:
         print(f"note: to fit {runtime.device}, running with {flags} (same image)", flush=True)

@@ -1,15 +1,15 @@
 """The memory plan a request is shown before it runs, and the refusal of one that would not fit.
 
-The same planner and the same fit as :func:`distlin.run.fit_to_device`: memory savers (same image) are switched
-on when needed, and a run that no saver makes fit is refused with the planner's one-line reason.
+The same planner and the same fit as a run (:func:`distlin.run.fitted_settings`): memory savers (same image) are
+switched on when needed, and a run that no saver makes fit is refused with the planner's one-line reason.
 """
 
 from __future__ import annotations
 
-from distlin.memory.fit import check_host_memory, fit_to_capacity, host_capacity, local_ranks, plan_run, saver_flags
+from distlin.memory.fit import plan_run, saver_flags
 from distlin.memory.planner import format_plan
 from distlin.parallel.runtime import Runtime
-from distlin.run import device_capacity
+from distlin.run import fitted_settings
 from distlin.settings import RunSettings
 from distlin.sizes import format_size
 
@@ -17,13 +17,7 @@ from distlin.sizes import format_size
 def fit_settings(settings: RunSettings, runtime: Runtime) -> RunSettings:
     """The settings the run will use (savers included); UsageError with the planner's reason if none fits (on a
     CPU: if rank 0's machine cannot hold its ranks, checked again by every rank when the run starts)."""
-    capacity = device_capacity(settings, runtime)
-    if capacity is None:
-        host = host_capacity(settings) if runtime.device.type == "cpu" else None
-        if host is not None:
-            check_host_memory(settings, runtime.world_size, local_ranks(runtime.world_size), host)
-        return settings
-    return fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
+    return fitted_settings(settings, runtime)
 
 
 def describe_plan(settings: RunSettings, fitted: RunSettings, runtime: Runtime) -> str:
