@@ -163,6 +163,18 @@ def device_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
     return capacity
 
 
+def kept_or_prepared(
+    prepared: Prepared | None, settings: RunSettings, runtime: Runtime, release: Callable[[], None] = lambda: None
+) -> Prepared:
+    """``prepared`` while its :func:`pipeline_key` is the settings', else a new pipeline, after ``release()`` (which
+    may drop the caller's reference to the old one, so two large models are never held together)."""
+    if prepared is not None and prepared.key == pipeline_key(settings):
+        return prepared
+    del prepared
+    release()
+    return prepare_pipeline(settings, runtime)
+
+
 def fitted_settings(
     settings: RunSettings, runtime: Runtime, host_ram: Callable[[RunSettings], int | None] = host_capacity
 ) -> RunSettings:
@@ -465,8 +477,7 @@ def generate(
     runtime = runtime or init_runtime(settings.backend, settings.timeout_s, settings.device)
     check_kernel(settings.attention_kernel, str(runtime.device))  # device auto: known now, before any loading
     settings = fit_to_device(settings, runtime)
-    if prepared is None or prepared.key != pipeline_key(settings):
-        prepared = prepare_pipeline(settings, runtime)
+    prepared = kept_or_prepared(prepared, settings, runtime)
     pipe, engine = prepared.pipe, prepared.engine
     warn_long_prompt(pipe, settings, runtime)
     # before any collective: every rank fails alike

@@ -13,7 +13,7 @@ from distlin.app.agreement import agree
 from distlin.app.library import ComponentLibrary
 from distlin.app.request import GenerationRequest
 from distlin.parallel.runtime import Runtime
-from distlin.run import Prepared, ProgressReport, Result, generate, pipeline_key, prepare_pipeline
+from distlin.run import Prepared, ProgressReport, Result, generate, kept_or_prepared
 from distlin.settings import RunSettings
 
 
@@ -55,9 +55,7 @@ class GenerationSession:
 
     def _pipeline(self, settings: RunSettings) -> Prepared:
         """The prepared pipeline for ``settings``: the kept one while :func:`~distlin.run.pipeline_key` holds."""
-        if self._prepared is None or self._prepared.key != pipeline_key(settings):
-            self._release()
-            self._prepared = prepare_pipeline(settings, self.runtime)
+        self._prepared = kept_or_prepared(self._prepared, settings, self.runtime, self._release)
         return self._prepared
 
     def _release(self) -> None:
