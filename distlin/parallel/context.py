@@ -70,6 +70,7 @@ class ParallelContext:
         self._dilations: tuple[Any, ...] = ()  # theirs at the last evaluation
         self._slots: list[StaleSlot] = []
         self._groups = self._build_groups(runtime, config, dry_run_ranks)
+        self._topologies = {guidance: self._read_topology(guidance) for guidance in (False, True)}  # held for the run
         self.patch, self.cfg = self._groups[False]
         self.topology = self.topology_for(guidance=False)
 
@@ -95,8 +96,12 @@ class ParallelContext:
         return groups
 
     def topology_for(self, guidance: bool) -> Topology:
-        """The topology of a call whose batch holds both guidance halves (``guidance``) or not, read off the
-        communicators built for it (so a dry run's simulated ranks count like real ones)."""
+        """The topology of a call whose batch holds both guidance halves (``guidance``) or not."""
+        return self._topologies[guidance]
+
+    def _read_topology(self, guidance: bool) -> Topology:
+        """The topology read off the communicators built for it (so a dry run's simulated ranks count like real
+        ones)."""
         split = guidance and True in self._groups
         patch, cfg = self._groups[split]
         world, rank = patch.size * (cfg.size if cfg else 1), (cfg.index if cfg else 0) * patch.size + patch.index
