@@ -279,10 +279,17 @@ def test_a_100_kb_prompt_prints_one_line_not_the_cut_text(
 
     diffusers_logging.get_logger("diffusers")  # its handler, as the run will find it, writing where we read
     notices = io.StringIO()
-    for handler in logging.getLogger("diffusers").handlers:
-        monkeypatch.setattr(handler, "stream", notices)
+    diffusers_root = logging.getLogger("diffusers")
+    for handler in diffusers_root.handlers:  # pytest may add handlers of its own, with no stream
+        if isinstance(handler, logging.StreamHandler):
+            monkeypatch.setattr(handler, "stream", notices)
+    ours = logging.StreamHandler(notices)  # a handler the run finds like diffusers' own
+    diffusers_root.addHandler(ours)
     prompt = "a red cube " * 10_000
-    assert cli.main(["--quiet", "--steps", "1", "--prompt", prompt, "--output", str(tmp_path / "out.png")]) == 0
+    try:
+        assert cli.main(["--quiet", "--steps", "1", "--prompt", prompt, "--output", str(tmp_path / "out.png")]) == 0
+    finally:
+        diffusers_root.removeHandler(ours)
     out, err = capsys.readouterr()
     assert "note: the prompt is " in out and "tokens; the text encoder reads the first 77" in out
     assert "red cube" not in notices.getvalue() + out + err and len(notices.getvalue() + out + err) < 2000
