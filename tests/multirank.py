@@ -36,6 +36,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
     try:
         result = fn(Runtime(rank=rank, world_size=world, backend="gloo"), *args)
         torch.save(result, f"{out}.{rank}")
+        # No rank tears its transport down while a peer may still be reading from it (gloo aborts the process
+        # when a connection closes under a pending operation).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -234,7 +234,8 @@ def test_corrected_moments_equal_fresh_ones_when_every_band_changes_alike() -> N
         estimate = corrected_moments(
             group_moments(before[:, :, rows], 4), group_moments(before, 4), group_moments(after[:, :, rows], 4)
         )
-        torch.testing.assert_close(estimate, group_moments(after, 4))
+        # the moments are float32-accurate (float64 only to add up over bands): float32's tolerance
+        torch.testing.assert_close(estimate, group_moments(after, 4), rtol=1.3e-6, atol=1e-5)
 
 
 def test_corrected_moments_never_give_a_negative_variance() -> None:

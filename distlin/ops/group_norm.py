@@ -13,17 +13,32 @@ MOMENT_CHUNK_ELEMENTS = 1 << 26  # largest float32 copy group_moments makes of a
 
 
 def group_moments(x: torch.Tensor, groups: int, chunk_elements: int = MOMENT_CHUNK_ELEMENTS) -> torch.Tensor:
-    """Per (batch, group): ``[count, sum, sum of squares]`` in float64, computed stably from var_mean.
+    """Per (batch, group): ``[count, sum, sum of squares]`` in float64, from a centred two-pass in float32.
 
-    Groups are visited a few at a time so the float32 copy of a half-precision input stays below
-    ``chunk_elements`` whatever the resolution.
+    Two passes (the mean, then the sum of the centred values' squares, with the centred sum as a correction) are
+    float32-accurate and several times faster than ``var_mean`` on a CPU, whose Welford loop does not vectorise
+    (2x320x64x128 band, one thread, 2-core EPYC, 2026-12-04: 22-33 ms against 3-4 ms). Groups are visited a few
+    at a time so the float32 centred copy stays below ``chunk_elements`` whatever the resolution, and never
+    exceeds the band the GroupNorm then writes.
     """
     xg = x.reshape(x.shape[0], groups, -1)
     n = xg.shape[-1]
     step = max(1, chunk_elements // max(1, n * x.shape[0]))
-    parts = [torch.var_mean(xg[:, g : g + step].float(), dim=-1, unbiased=False) for g in range(0, groups, step)]
-    var, mean = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-    mean, var = mean.double(), var.double()
+    means, variances = [], []
+    for g in range(0, groups, step):
+        part = xg[:, g : g + step]
+        if part.dtype == torch.float32:
+            mean = part.mean(dim=-1, keepdim=True)
+            centred = part - mean
+        else:  # the float32 copy is the centred one: no second buffer
+            centred = part.float()
+            mean = centred.mean(dim=-1, keepdim=True)
+            centred.sub_(mean)
+        residual = centred.sum(dim=-1, keepdim=True).double() / n
+        square = centred.square_().sum(dim=-1, keepdim=True).double() / n
+        means.append(mean.double() + residual)
+        variances.append((square - residual * residual).clamp_min(0.0))
+    mean, var = torch.cat(means, dim=1).squeeze(-1), torch.cat(variances, dim=1).squeeze(-1)
     return torch.stack([torch.full_like(mean, n), mean * n, (var + mean * mean) * n], dim=-1)
 
 
