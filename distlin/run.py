@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -31,7 +30,6 @@ from distlin.inputs import load_rgb
 from distlin.lean import bound_memory
 from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
 from distlin.memory.fit import check_host_memory, fit_to_capacity, host_capacity, local_ranks, saver_flags
-from distlin.memory.planner import sequential_vae, sequential_vae_settings
 from distlin.ops.kernels import check_kernel
 from distlin.parallel.comm import CommStats
 from distlin.parallel.compile import compile_unet
@@ -39,13 +37,12 @@ from distlin.parallel.pipeline import parallelize
 from distlin.parallel.runtime import Runtime, init_runtime
 from distlin.parallel.unet import ParallelUNet
 from distlin.progress import phase, plural
-from distlin.sampling.reference import SequentialVAE, SizedCoder
 from distlin.sampling.stages import Stage, StageClock
 from distlin.schedulers import build_scheduler, unet_calls
 from distlin.settings import RunSettings, check_sizes
 from distlin.sizes import format_size
 from distlin.sources import NO_LINFUSION
-from distlin.vae.parallel import ParallelVAE
+from distlin.vae.coders import Coder, SizedCoder, run_coder
 
 # Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
 WEIGHTS_SEED = 0
@@ -71,7 +68,7 @@ class Prepared:
 
     pipe: Any
     engine: ParallelUNet
-    vae: ParallelVAE
+    vae: Coder  # the band-parallel coder (the family's parallelize_vae)
     unet_stats: CommStats
     vae_stats: CommStats
     key: tuple  # pipeline_key of the settings it was prepared for
@@ -406,56 +403,22 @@ def _control_scale(settings: RunSettings) -> float | list[float]:
     return scales[0] if len(scales) == 1 else scales
 
 
-def _transfer_printer(what: str, moved: int, seconds: float) -> None:
-    """A sequential VAE pass's one line: how much crossed between host RAM and the device, and how fast."""
-    rate = moved / seconds / 1e9 if seconds > 0 else float("inf")
-    print(f"VAE {what} band by band: {moved / 1e9:.2f} GB host<->device in {seconds:.1f} s ({rate:.2f} GB/s)")
-
-
-def _on_device_printer(what: str, moved: int, seconds: float) -> None:
-    """A sequential VAE pass's one line when its activations stay on the device: nothing crossed to the host."""
-    print(f"VAE {what} band by band on the device (activations kept there, --vae-store device) in {seconds:.1f} s")
-
-
-def _sequential_vae(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SequentialVAE:
-    """The VAE band by band on rank 0, its full-size activations in host RAM or (``vae_store`` device) on the
-    device, with the run's band rows and attention streaming."""
-    options = sequential_vae_settings(settings.vae_attention_rows, settings.thresholds.sequential_band_rows)
-    on_device = settings.vae_store == "device"
-    report = (_on_device_printer if on_device else _transfer_printer) if runtime.is_main else None
-    store = runtime.device if on_device else torch.device("cpu")
-    family = family_of_pipeline(prepared.pipe)
-    if family.sequential_coder:
-        return load(family.sequential_coder)(prepared.pipe.vae, runtime, options["band_rows"], store, report)
-    return SequentialVAE(prepared.pipe.vae, runtime, options, report, store)
-
-
-def _is_large(settings: RunSettings, runtime: Runtime) -> Callable[[int, int], bool]:
-    """Whether an image of (height, width) px goes through the sequential VAE (the planner's rule)."""
-    pixels = settings.thresholds.sequential_vae_pixels
-    return partial(sequential_vae, ranks=runtime.world_size, vae_decode=settings.vae_decode, pixels_per_rank=pixels)
-
-
 def _coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SizedCoder:
-    """What decodes and encodes between cascade stages: per image size, like the final decode."""
+    """What decodes and encodes in this run, per image size: the final decode and the cascade's between stages
+    (:func:`~distlin.vae.coders.run_coder`, with the model family's sequential coder if it has one)."""
     family = family_of_pipeline(prepared.pipe)
-    if not family.sequential_vae:
-        return prepared.vae
-    factor = family.latent_factor(prepared.pipe.vae.config)
-    return SizedCoder(prepared.vae, _sequential_vae(prepared, settings, runtime), _is_large(settings, runtime), factor)
-
-
-def _decoder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> tuple[Callable | None, bool]:
-    """How the final latents are decoded: (``vae.decode`` replacement or None for the plain one, sequential?).
-
-    Several ranks decode band-parallel (exact, seam-free), one rank directly; an image too large for
-    the device(s) is decoded by rank 0 alone, band by band, with the activations in host RAM (same image).
-    """
-    if family_of_pipeline(prepared.pipe).sequential_vae and _is_large(settings, runtime)(
-        settings.height, settings.width
-    ):
-        return _sequential_vae(prepared, settings, runtime).decode, True
-    return prepared.vae.decode, False
+    return run_coder(
+        prepared.pipe.vae,
+        prepared.vae,
+        runtime,
+        vae_decode=settings.vae_decode,
+        thresholds=settings.thresholds,
+        attention_rows=settings.vae_attention_rows,
+        vae_store=settings.vae_store,
+        factor=family.latent_factor(prepared.pipe.vae.config),
+        sequential=family.sequential_vae,
+        sequential_coder=load(family.sequential_coder) if family.sequential_coder else None,
+    )
 
 
 def generate(
@@ -512,10 +475,10 @@ def generate(
     if not settings.stages:
         timings["stage 1"] = clock.seconds(latents)
     clock = StageClock(None)
-    decode, sequential = _decoder(prepared, settings, runtime)
+    coder = _coder(prepared, settings, runtime)
     image = None
-    if runtime.is_main or not sequential:  # the band-parallel decode needs every rank
-        image = decode_latents(pipe, latents, decode)
+    if runtime.is_main or not coder.is_sequential(settings.height, settings.width):  # banded: every rank decodes
+        image = decode_latents(pipe, latents, coder.at(settings.height, settings.width).decode)
     timings["decode"] = clock.seconds(latents)
     denoiser = family_of_pipeline(pipe).denoiser  # "unet", "transformer": the report names the model's own part
     comm = {denoiser: prepared.unet_stats.summary(), "vae": prepared.vae_stats.totals()}

@@ -212,6 +212,12 @@ def build_settings(
     return settings
 
 
+def check_vae_decode(vae_decode: str) -> None:
+    """A known ``--vae-decode`` (the run's and the memory planner's)."""
+    if vae_decode not in VAE_DECODES:
+        raise UsageError(f"unknown VAE decode {vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
+
+
 def check_settings(settings: RunSettings, world_size: int) -> None:
     """Range checks on every value, so a bad preset file is caught as surely as a bad flag."""
     for key in ("height", "width"):
@@ -233,8 +239,7 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
     if not DEVICE_PATTERN.fullmatch(settings.device):
         raise UsageError(f"unknown device {settings.device!r}; use cpu, cuda, cuda:N or auto")
     check_kernel(settings.attention_kernel, settings.device)
-    if settings.vae_decode not in VAE_DECODES:
-        raise UsageError(f"unknown VAE decode {settings.vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
+    check_vae_decode(settings.vae_decode)
     if settings.vae_store not in VAE_STORES:
         raise UsageError(f"unknown VAE store {settings.vae_store!r}; use one of {', '.join(VAE_STORES)}")
     if settings.vae_attention_rows is not None and settings.vae_attention_rows < 1:

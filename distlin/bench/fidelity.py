@@ -49,6 +49,7 @@ from distlin.parallel import PatchParallelConfig, init_runtime, parallelize
 from distlin.parallel.config import DEFAULT_STALE, STALE_KINDS, parse_stale
 from distlin.sizes import format_size
 from distlin.sources import FRESH_LINFUSION, NO_LINFUSION
+from distlin.vae.latents import unscaled
 
 PROMPT = "a red cube on a wooden table"
 GUIDANCE = 7.5
@@ -167,7 +168,7 @@ def generate(pipe: Any, case: Case, steps: int) -> torch.Tensor:
 @torch.inference_mode()
 def decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     """The RGB image in [0, 1], float32, as the pipeline would output it before 8-bit quantisation."""
-    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    decoded = pipe.vae.decode(unscaled(latents, pipe.vae.config), return_dict=False)[0]
     return pipe.image_processor.postprocess(decoded, output_type="pt").float()
 
 

@@ -54,7 +54,7 @@ from distlin.run import generate
 from distlin.settings import build_settings
 from distlin.sizes import format_size, parse_size
 from distlin.thresholds import Thresholds
-from distlin.vae.sequential import decode_sequential
+from distlin.vae.coders import PlainVAE, run_coder
 
 DEFAULT_DTYPE = torch.float16
 KERNELS = ("torch", "triton")
@@ -354,16 +354,20 @@ def measure_memory_format(model: str, side: int, device: torch.device, dtype: to
 
 
 def measure_sequential_vae(model: str, side: int, band_rows: int, device: torch.device, dtype: torch.dtype) -> Record:
-    """The sequential decode through host RAM (what ``--vae-decode sequential`` runs) at ``side`` px square: the
-    bytes it moves between host and device, its seconds, and the achieved rate (the decode's own timing line)."""
+    """The sequential decode through host RAM (the run's coder with ``--vae-decode sequential``,
+    :func:`~distlin.vae.coders.run_coder`) at ``side`` px square: the bytes it moves between host and device, its
+    seconds, and the achieved rate (the decode's own timing line)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = AutoencoderKL.from_config(load_architecture(model_name(model))["vae"]).to(device, dtype).eval()
     latent = side // 8
     latents = torch.randn(1, vae.config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
-    reported: list[tuple[int, float]] = []
-    decode_sequential(vae, latents.to(device, dtype), band_rows, store="cpu", on_done=lambda *r: reported.append(r))
-    moved, seconds = reported[0]
+    reported: list[tuple[str, int, float]] = []
+    limits = Thresholds(sequential_band_rows=band_rows)
+    coder = run_coder(vae, PlainVAE(vae), Runtime(device=device), vae_decode="sequential", thresholds=limits,
+                      report=lambda *r: reported.append(r))  # fmt: skip
+    coder.decode(latents.to(device, dtype))
+    _, moved, seconds = reported[0]
     record: Record = {"section": "vae", "model": model_name(model), "height": side, "width": side}
     record |= {"band_rows": band_rows, "gb_moved": moved / 1e9, "seconds": seconds, "gb_s": moved / seconds / 1e9}
     progress("gpu", f"sequential VAE {format_size(side, side)}: {record['gb_s']:.1f} GB/s")

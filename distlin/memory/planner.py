@@ -29,9 +29,10 @@ import torch
 from distlin.errors import UsageError
 from distlin.models.architectures import load_architecture
 from distlin.parallel.topology import LATENT_FACTOR, Topology, row_unit
-from distlin.settings import DTYPE_BYTES, VAE_DECODES
+from distlin.settings import DTYPE_BYTES, check_vae_decode
 from distlin.sizes import format_size
 from distlin.thresholds import Thresholds
+from distlin.vae.coders import decodes_sequentially, sequential_options
 
 
 def _param_count(config: dict[str, Any]) -> int:
@@ -92,33 +93,6 @@ def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) ->
     return int(3 * second * pixels + 2 * widths[-1] * latent_tokens)
 
 
-def sequential_vae_settings(
-    attention_rows: int | None, band_rows: int = Thresholds.sequential_band_rows
-) -> dict[str, Any]:
-    """``decode_sequential``'s keyword arguments as a run uses it: ``band_rows`` latent rows per band; with
-    ``attention_rows`` the mid-block's keys/values stream from host RAM that many latent rows at a time, with a
-    smaller score tile."""
-    if attention_rows is not None and attention_rows < 1:
-        raise UsageError(f"VAE attention rows {attention_rows} must be at least 1")
-    query_chunk = 4096 if attention_rows is None else 1024
-    return {"band_rows": band_rows, "attention_rows": attention_rows, "query_chunk": query_chunk}
-
-
-def sequential_vae(
-    height: int,
-    width: int,
-    ranks: int,
-    vae_decode: str = "auto",
-    pixels_per_rank: int = Thresholds.sequential_vae_pixels,
-) -> bool:
-    """Whether a run decodes with the sequential (host-RAM) VAE on rank 0 rather than directly on the device(s)
-    (plain on one rank, band-parallel on several): when asked to, or in ``auto`` above ``pixels_per_rank``
-    pixels per rank, where a direct decode (~3 KB per pixel in fp16) would set the run's peak."""
-    if vae_decode not in VAE_DECODES:
-        raise UsageError(f"unknown VAE decode {vae_decode!r}; use one of {', '.join(VAE_DECODES)}")
-    return vae_decode == "sequential" or (vae_decode == "auto" and height * width > pixels_per_rank * ranks)
-
-
 def plan(
     preset_or_arch: str | dict[str, Any],
     height: int,
@@ -144,18 +118,18 @@ def plan(
     as :func:`load_architecture` returns. ``cfg`` doubles the UNet batch; with ``cfg_parallel`` and an
     even number of ranks the two halves run on separate rank groups (batch 1 over ``ranks/2`` bands);
     ``micro_batch`` caps the samples per UNet call (1: the guidance halves one after the other);
-    ``vae_decode`` picks the VAE path (:func:`sequential_vae`); ``vae_attention_rows`` streams the
-    sequential decode's mid-block keys/values from host RAM. ``thresholds`` (a run's) set the token chunk of the
-    transformers and the sequential VAE's switch-on size and band rows; without them the transformers are
-    planned unchunked (``ff_chunk`` alone sets their chunk). ``extra_parameters`` counts the parameters of a
-    run's own components by name (ControlNets, an IP-Adapter's image encoder: :func:`component_parameters`), held
-    on every rank beside the model's; ``controlnets`` ControlNets add their residuals to the UNet call's
-    activations, for the whole guidance batch (micro-batches bound each call, ControlNet's and UNet's, but the
-    UNet's calls take their slices of residuals computed for every sample first). ``vae_fetch_ahead``: the
-    sequential decode holds one band more on the device, where its copies overlap compute (a GPU; not on the
-    CPU). A cascade's encode between stages takes the VAE
-    path of its size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the
-    decode's term covers it. ``vae_store``: where the sequential VAE keeps its full-size activations, ``host``
+    ``vae_decode`` picks the VAE path (the run's rule, :func:`~distlin.vae.coders.decodes_sequentially`);
+    ``vae_attention_rows`` streams the sequential decode's mid-block keys/values from host RAM. ``thresholds``
+    (a run's) set the token chunk of the transformers and the sequential VAE's switch-on size and band rows;
+    without them the transformers are planned unchunked (``ff_chunk`` alone sets their chunk).
+    ``extra_parameters`` counts the parameters of a run's own components by name (ControlNets, an IP-Adapter's
+    image encoder: :func:`component_parameters`), held on every rank beside the model's; ``controlnets``
+    ControlNets add their residuals to the UNet call's activations, for the whole guidance batch (micro-batches
+    bound each call, ControlNet's and UNet's, but the UNet's calls take their slices of residuals computed for
+    every sample first). ``vae_fetch_ahead``: the sequential decode holds one band more on the device, where its
+    copies overlap compute (a GPU; not on the CPU). A cascade's encode between stages takes the VAE path of its
+    size, like the decode, and needs less on the device (tests/test_sequential_vae.py), so the decode's term
+    covers it. ``vae_store``: where the sequential VAE keeps its full-size activations, ``host``
     RAM or the ``device`` (no host transfers; they then count on the device, beside the decode's bands).
     """
     chunk = thresholds.token_chunk if thresholds is not None else ff_chunk
@@ -166,6 +140,7 @@ def plan(
         raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {LATENT_FACTOR}")
     if micro_batch is not None and micro_batch < 1:
         raise UsageError(f"micro_batch {micro_batch} must be at least 1")
+    check_vae_decode(vae_decode)
     arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
     size = DTYPE_BYTES[dtype]
     rows, cols = height // LATENT_FACTOR, width // LATENT_FACTOR
@@ -175,11 +150,11 @@ def plan(
     guidance_batch = 2 if cfg and not split_cfg else 1  # samples of one UNet evaluation on this rank
     batch = min(guidance_batch, micro_batch or 2)  # samples of one UNet call
     unet_tokens = topology.band_rows(rows, cols, row_unit(unet)) * cols
-    sequential = sequential_vae(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
+    sequential = decodes_sequentially(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
     if sequential:
         from distlin.vae.peak import device_peak_elements
 
-        settings = sequential_vae_settings(vae_attention_rows, limits.sequential_band_rows)
+        settings = sequential_options(vae_attention_rows, limits.sequential_band_rows)
         vae_elements = device_peak_elements(
             arch["vae"], rows, cols, dtype=getattr(torch, dtype), fetch_ahead=vae_fetch_ahead, **settings
         )

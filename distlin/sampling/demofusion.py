@@ -49,9 +49,10 @@ from torch import nn
 
 from distlin.errors import UsageError
 from distlin.parallel.unet import ParallelUNet
-from distlin.sampling.reference import Coder, PlainVAE, encoded, upscaled_reference
+from distlin.sampling.reference import encoded, upscaled_reference
 from distlin.sampling.stages import Stage, StageClock, StageReport, check_stages
 from distlin.sizes import format_size
+from distlin.vae.coders import Coder, PlainVAE
 
 UPSCALE_STRENGTH = 0.32  # LinFusion's SDXL ``upscale_strength``: the first upscaling stage's strength
 SKIP_POWER, DILATED_POWER = 3.0, 1.0  # DemoFusion's cosine_scale_1 and cosine_scale_2

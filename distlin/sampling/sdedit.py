@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from distlin.sampling.reference import Coder, PlainVAE, encoded, upscaled_reference
+from distlin.sampling.reference import encoded, upscaled_reference
 from distlin.sampling.stages import SD15_STAGES, Stage, StageClock, StageReport, check_stages
 from distlin.surgery import calls_like
+from distlin.vae.coders import Coder, PlainVAE
 
 
 def run_sdedit(

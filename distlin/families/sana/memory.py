@@ -17,8 +17,8 @@ every rank holds, as for Stable Diffusion (:func:`distlin.memory.planner.plan`),
 
 All three are validated against meta-tensor measurements of the real modules (:func:`measured_activation_peak`,
 :func:`measured_decode_peak`, :func:`measured_band_decode_peak`) in ``tests/test_sana_memory.py``. This module
-is the planner's (layer 5): it asks :func:`distlin.memory.planner.sequential_vae` when the DC-AE goes band by
-band.
+is the planner's (layer 5): it asks :func:`distlin.vae.coders.decodes_sequentially` (the run's rule) when the
+DC-AE goes band by band.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from torch import nn
 
 from distlin.errors import UsageError
 from distlin.families.sana.family import dc_ae_factor, token_row_unit
-from distlin.memory.planner import sequential_vae
 from distlin.parallel.topology import Topology
-from distlin.settings import DTYPE_BYTES
+from distlin.settings import DTYPE_BYTES, check_vae_decode
 from distlin.sizes import format_size
 from distlin.thresholds import Thresholds
+from distlin.vae.coders import decodes_sequentially
 
 
 def activation_elements(transformer: dict[str, Any], tokens: int, batch: int) -> int:
@@ -119,13 +119,14 @@ def plan_sana(
     """Predicted peak bytes per rank of a SANA generation of ``height`` x ``width`` px on ``ranks`` ranks, in
     the planner's layout (:func:`distlin.memory.planner.format_plan`). ``arch``: ``transformer``, ``vae`` and
     ``text_encoder`` configs. The DC-AE decodes band-parallel on every rank, or band by band on rank 0 as
-    :func:`~distlin.memory.planner.sequential_vae` says (``thresholds``: the switch-on size and band rows), its
+    :func:`~distlin.vae.coders.decodes_sequentially` says (``thresholds``: the switch-on size and band rows), its
     image in ``vae_store``; the planner's options for Stable Diffusion parts (ControlNets, IP-Adapters, the
     AutoencoderKL's attention rows) do not apply and are ignored."""
     if dtype not in DTYPE_BYTES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     limits = thresholds or Thresholds()
-    sequential = sequential_vae(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
+    check_vae_decode(vae_decode)
+    sequential = decodes_sequentially(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
     if micro_batch is not None and micro_batch < 1:
         raise UsageError(f"micro_batch {micro_batch} must be at least 1")
     transformer, vae = arch["transformer"], arch["vae"]

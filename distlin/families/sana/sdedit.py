@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from distlin.sampling.reference import Coder, encoded, upscaled_reference
+from distlin.sampling.reference import encoded, upscaled_reference
 from distlin.sampling.stages import Stage, StageClock, StageReport, check_stages
+from distlin.vae.coders import Coder
 
 
 @contextmanager
