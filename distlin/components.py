@@ -217,13 +217,20 @@ def check_controlnet(source: str, unet: dict[str, Any] | None) -> None:
         check_controlnet_fits(source, config, unet)
 
 
-def check_controlnet_fits(source: str, controlnet: dict[str, Any], unet: dict[str, Any]) -> None:
-    """The ControlNet was made for a UNet like this one (same widths, text width, latent channels)."""
-    for key in CONTROLNET_FIT_KEYS:
-        if key in controlnet and controlnet.get(key) != unet.get(key):
-            mine, theirs = _as_text(controlnet[key]), _as_text(unet.get(key))
+def check_controlnet_fits(
+    source: str,
+    controlnet: dict[str, Any],
+    denoiser: dict[str, Any],
+    keys: Sequence[str] = CONTROLNET_FIT_KEYS,
+    what: str = "UNet",
+) -> None:
+    """The ControlNet was made for a denoiser like this one: the config ``keys`` it copies from it are equal
+    (a UNet's: its widths, text width, latent channels)."""
+    for key in keys:
+        if key in controlnet and controlnet.get(key) != denoiser.get(key):
+            mine, theirs = _as_text(controlnet[key]), _as_text(denoiser.get(key))
             raise UsageError(
-                f"ControlNet {source!r} was made for another base model ({key} {mine}, the model's UNet has "
+                f"ControlNet {source!r} was made for another base model ({key} {mine}, the model's {what} has "
                 f"{theirs}); pass a ControlNet trained for this model"
             )
 
@@ -328,6 +335,12 @@ def load_controlnet(source: str, pipe: Any) -> Any:
         raise UsageError(f"ControlNet {source!r} cannot be loaded ({err}); fix --controlnet") from None
     check_controlnet_fits(source, dict(controlnet.config), dict(pipe.unet.config))
     return controlnet.to(pipe.unet.device)
+
+
+def controlnet_pipeline(pipe: Any, controlnets: list[Any]) -> Any:
+    """The Stable Diffusion family's ControlNet variant of ``pipe`` (several ControlNets: a MultiControlNetModel
+    summing their residuals)."""
+    return pipeline_for("text-to-image", pipe, controlnet=controlnets[0] if len(controlnets) == 1 else controlnets)
 
 
 def pipeline_for(task: str, pipe: Any, **components: Any) -> Any:

@@ -21,7 +21,6 @@ from distlin.components import (
     apply_ip_adapter,
     apply_loras,
     ip_adapter_scales,
-    load_controlnet,
     pipeline_for,
 )
 from distlin.errors import Cancelled, UsageError
@@ -121,6 +120,8 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
         ("linfusion", settings.linfusion != NO_LINFUSION),
         ("compile", settings.compile),
         ("controlnet", bool(settings.controlnet)),
+        ("several_controlnets", len(settings.controlnet) > 1),
+        ("controlnet_cascade", bool(settings.controlnet and (settings.stages or settings.init_image is not None))),
         ("ip_adapter", bool(settings.ip_adapter)),
     ):
         family.refuse(feature, used)
@@ -133,9 +134,8 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
         controlnets = []
         for source in settings.controlnet:
             with phase(f"loading the ControlNet {source}"):
-                controlnets.append(load_controlnet(source, pipe))
-        controlnet = controlnets[0] if len(controlnets) == 1 else controlnets  # several: a MultiControlNetModel
-        pipe = pipeline_for("text-to-image", pipe, controlnet=controlnet)
+                controlnets.append(load(family.load_controlnet)(source, pipe))
+        pipe = load(family.controlnet_pipeline)(pipe, controlnets)
     if settings.ip_adapter:
         with phase(f"loading {plural(len(settings.ip_adapter), 'IP-Adapter')} and the image encoder"):
             apply_ip_adapter(pipe, settings.ip_adapters)
@@ -334,7 +334,8 @@ def _sample(
         if settings.mask is not None:
             inputs.update(mask_image=load_rgb(settings.mask, "--mask", (width, height)), height=height, width=width)
         if settings.controlnet:
-            control = "control_image" if settings.init_image is not None else "image"
+            # the image-to-image pipelines (and SANA's) take it as control_image, the others as image
+            control = "control_image" if "control_image" in inspect.signature(pipe.__call__).parameters else "image"
             inputs[control] = _control_images(settings, Stage(height, width))
             inputs["controlnet_conditioning_scale"] = _control_scale(settings)
         latents = pipe(

@@ -187,16 +187,6 @@ def test_a_sana_size_the_ranks_cannot_split_is_refused_with_the_settings(preset,
         build_settings(preset, overrides, ranks)
 
 
-def test_a_sana_controlnet_refuses_in_one_line() -> None:
-    from distlin.errors import UsageError
-    from distlin.families.sana.transformer import parallelize_sana
-    from distlin.parallel.runtime import Runtime
-
-    pipe = type("SanaControlNetPipeline", (), {"controlnet": object(), "transformer": None, "vae": None})()
-    with pytest.raises(UsageError, match="SANA ControlNet .* drop --controlnet"):
-        parallelize_sana(pipe, None, Runtime())
-
-
 def test_transformer_on_four_ranks_equals_one_process(four_ranks) -> None:
     model = transformer()
     for (height, width), (outputs, _) in zip(SIZES, four_ranks["transformer"], strict=True):

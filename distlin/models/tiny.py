@@ -20,6 +20,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     ModelMixin,
     PNDMScheduler,
+    SanaControlNetModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -65,6 +66,7 @@ _DIFFUSERS_MODELS: dict[str, type[ModelMixin]] = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "AutoencoderKL": AutoencoderKL,
     "ControlNetModel": ControlNetModel,
+    "SanaControlNetModel": SanaControlNetModel,  # counted for the plan of a SANA run with --controlnet
 }
 _TRANSFORMERS_MODELS: dict[str, tuple[type[PreTrainedModel], type]] = {  # (model, its config class)
     "CLIPTextModel": (CLIPTextModel, CLIPTextConfig),

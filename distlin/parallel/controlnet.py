@@ -35,8 +35,12 @@ class ParallelControlNet:
         self._micro_batches = MicroBatches()
         self._return_dict = True
 
-    def apply(self) -> ParallelControlNet:
+    def swap_layers(self) -> None:
+        """The ControlNet's layers for their band twins (a UNet encoder's: convs, GroupNorms, ``attn1``)."""
         swap_band_layers(self.controlnet, self.ctx, self._swaps)
+
+    def apply(self) -> ParallelControlNet:
+        self.swap_layers()
         self._hooks = [
             self.controlnet.register_forward_pre_hook(self._before, with_kwargs=True),
             self.controlnet.register_forward_hook(self._after, with_kwargs=True),

@@ -95,6 +95,7 @@ SANA = Family(
     name="sana",
     denoiser="transformer",
     latent_argument="hidden_states",
+    residual_arguments=("controlnet_block_samples",),
     row_unit=token_row_unit,
     latent_factor=dc_ae_factor,
     parallelize="distlin.families.sana.transformer:parallelize_sana",
@@ -114,11 +115,14 @@ SANA = Family(
     call_options=(("use_resolution_binning", False),),
     no_negative_prompt="",
     cascade="distlin.families.sana.sdedit:run_sana_sdedit",
+    load_controlnet="distlin.families.sana.controlnet:load_sana_controlnet",
+    controlnet_pipeline="distlin.families.sana.controlnet:sana_controlnet_pipeline",
     unsupported=(
         ("linfusion", "SANA's self-attention is linear already; pass --linfusion none"),
         ("compile", "--compile covers Stable Diffusion UNets only; drop it for SANA"),
         ("mask", "SANA has no inpainting pipeline; drop --mask"),
-        ("controlnet", "a SANA ControlNet is not split into row bands yet; drop --controlnet"),
+        ("several_controlnets", "SANA's ControlNet pipeline takes one ControlNet; pass one --controlnet"),
+        ("controlnet_cascade", "a SANA ControlNet runs in one pass; drop --init-image or pass a one-pass preset"),
         ("ip_adapter", "SANA has no IP-Adapter; drop --ip-adapter"),
     ),
 )

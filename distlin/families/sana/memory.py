@@ -46,6 +46,13 @@ def activation_elements(transformer: dict[str, Any], tokens: int, batch: int) ->
     return int(batch * tokens * (4 * width + 4 * hidden))
 
 
+def residual_elements(transformer: dict[str, Any], tokens: int, batch: int) -> int:
+    """Elements of a SANA ControlNet's residuals for ``tokens`` band tokens: one ``(batch, tokens, C)`` per
+    transformer block at most (a ControlNet has as many blocks or fewer; the transformer adds no more)."""
+    width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    return int(batch * tokens * width * transformer["num_layers"])
+
+
 def decode_elements(vae: dict[str, Any], pixels: int, dtype_bytes: int) -> int:
     """Peak live elements (of the model dtype) of decoding a band of ``pixels`` image pixels."""
     width = vae["decoder_block_out_channels"][0]
@@ -114,14 +121,18 @@ def plan_sana(
     vae_decode: str = "auto",
     thresholds: Thresholds | None = None,
     vae_store: str = "host",
+    extra_parameters: dict[str, int] | None = None,
+    controlnets: int = 0,
     **_: Any,
 ) -> dict[str, Any]:
     """Predicted peak bytes per rank of a SANA generation of ``height`` x ``width`` px on ``ranks`` ranks, in
     the planner's layout (:func:`distlin.memory.planner.format_plan`). ``arch``: ``transformer``, ``vae`` and
     ``text_encoder`` configs. The DC-AE decodes band-parallel on every rank, or band by band on rank 0 as
     :func:`~distlin.vae.coders.decodes_sequentially` says (``thresholds``: the switch-on size and band rows), its
-    image in ``vae_store``; the planner's options for Stable Diffusion parts (ControlNets, IP-Adapters, the
-    AutoencoderKL's attention rows) do not apply and are ignored."""
+    image in ``vae_store``. ``extra_parameters``: the parameter counts of a run's own components (a SANA
+    ControlNet's, :func:`~distlin.memory.planner.component_parameters`); with ``controlnets``, the ControlNet's
+    band residuals (one per transformer block at most) stay alive through the transformer call. The planner's
+    options for Stable Diffusion parts (IP-Adapters, the AutoencoderKL's attention rows) are ignored."""
     if dtype not in DTYPE_BYTES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     limits = thresholds or Thresholds()
@@ -147,11 +158,14 @@ def plan_sana(
         vae_pixels = vae_rows * cols * factor**2
     breakdown = {
         **{f"weights_{kind}": parameters(kind, arch[kind]) * size for kind in ("transformer", "vae", "text_encoder")},
+        **{f"weights_{kind}": count * size for kind, count in (extra_parameters or {}).items()},
         "transformer_activations": activation_elements(transformer, band_tokens, batch) * size,
         "vae_decode_activations": decode_elements(vae, vae_pixels, size) * size,
         "full_latents": 4 * transformer["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (fp32)
         "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
     }
+    if controlnets:
+        breakdown["controlnet_residuals"] = residual_elements(transformer, band_tokens, batch) * size
     if sequential:  # the decoded bands gather in the store: host RAM, or the device
         stored = 3 * height * width * size
         if vae_store == "device":
@@ -161,7 +175,8 @@ def plan_sana(
             breakdown["full_image"] = 0  # assembled in host RAM too
     weights = sum(value for key, value in breakdown.items() if key.startswith("weights_"))
     vae_total = breakdown["vae_decode_activations"] + breakdown.get("vae_store_on_device", 0)
-    activations = max(breakdown["transformer_activations"], vae_total)
+    denoise = breakdown["transformer_activations"] + breakdown.get("controlnet_residuals", 0)
+    activations = max(denoise, vae_total)
     return {
         "peak_bytes_per_rank": int(weights + activations + breakdown["full_latents"] + breakdown["full_image"]),
         "ranks": ranks,

@@ -108,6 +108,62 @@ class BandPatchEmbed(PatchEmbed):
         return (tokens + band_pos_embed(self, height, width, start, stop, latent.device)).to(tokens.dtype)
 
 
+def swap_band_layers(model: nn.Module, ctx: ParallelContext, swaps: Swaps) -> None:
+    """The band twins of a SANA model's split layers (a transformer's or a ControlNet's, whose blocks are the
+    transformer's): its patch embedding, every Mix-FFN conv and every self-attention's processor, on ``ctx``."""
+    if model.patch_embed.pos_embed_max_size:
+        raise UsageError(
+            f"a SANA {type(model).__name__} with a cropped positional embedding (pos_embed_max_size) is not "
+            "split into bands; run it on one rank"
+        )
+    swaps.module("patch_embed", twin(model.patch_embed, bound_class(BandPatchEmbed, ctx=ctx)))
+    for name, module in list(model.transformer_blocks.named_modules()):
+        if type(module) is nn.Conv2d:
+            swaps.module(f"transformer_blocks.{name}", PatchConv2d.from_conv(module, ctx))
+        elif name.split(".")[-1] == "attn1" and isinstance(module, Attention):
+            if not isinstance(module.processor, SanaLinearAttnProcessor2_0):
+                raise UsageError(
+                    f"the self-attention of {name} runs {type(module.processor).__name__}, not SANA's linear "
+                    "attention; restore it (set_attn_processor) before parallelize"
+                )
+            swaps.processor(f"transformer_blocks.{name}", BandLinearAttnProcessor(ctx))
+
+
+def band_arguments(
+    ctx: ParallelContext, arguments: dict[str, Any], unit: int, factor: int, rows: tuple[str, ...]
+) -> tuple[dict[str, Any], RowLayout, bool]:
+    """A SANA model call's arguments on this rank (the transformer's or its ControlNet's): its guidance half when
+    the topology splits the batch, and this band's rows of each argument in ``rows``; the step begun on the layout.
+    Returns the arguments, the layout and whether the guidance batch is split."""
+    if arguments.get("attention_mask") is not None:
+        raise UsageError("band-parallel SANA takes no attention_mask; run without it or on one rank")
+    latent = arguments["hidden_states"]
+    batch = latent.shape[0]
+    topology = ctx.use_topology(batch)
+    arguments = guidance_half(arguments, batch, topology)  # a ControlNet's control latent is batched alike
+    layout = topology.layout(latent.shape[2], latent.shape[3], unit, factor)
+    ctx.begin_step(layout, arguments.get("timestep"))  # once per step: a ControlNet's call, then the transformer's
+    start, stop = layout.band(ctx.patch.index)
+    for key in rows:
+        arguments[key] = arguments[key][:, :, start:stop]
+    return arguments, layout, topology.cfg_split
+
+
+def band_tokens(tokens: torch.Tensor, layout: RowLayout, index: int, width: int) -> torch.Tensor:
+    """Band ``index``'s tokens of a ControlNet residual ``(B, tokens, C)`` over a token grid ``width`` wide: cut
+    from a whole image's (a ControlNet left whole), or as they are when they are the band's already."""
+    bounds = layout.boundaries_at_width(width)
+    start, stop = bounds[index] * width, bounds[index + 1] * width
+    if tokens.shape[1] == bounds[-1] * width:
+        return tokens[:, start:stop]
+    if tokens.shape[1] != stop - start:
+        raise ValueError(
+            f"a SANA ControlNet residual of {tokens.shape[1]} tokens is neither the image's {bounds[-1] * width} nor "
+            f"this band's {stop - start}: the ControlNet ran on another size or batch split than the transformer"
+        )
+    return tokens
+
+
 class ParallelSanaTransformer:
     """Handle of a band-parallel ``SanaTransformer2DModel``: its context, ``check_size`` and ``undo()``."""
 
@@ -122,26 +178,10 @@ class ParallelSanaTransformer:
         self._split_cfg, self._return_dict = False, True
 
     def apply(self) -> ParallelSanaTransformer:
-        model = self.transformer
-        if model.patch_embed.pos_embed_max_size:
-            raise UsageError(
-                "a SANA transformer with a cropped positional embedding (pos_embed_max_size) is not "
-                "split into bands; run it on one rank"
-            )
-        self._swaps.module("patch_embed", twin(model.patch_embed, bound_class(BandPatchEmbed, ctx=self.ctx)))
-        for name, module in list(model.transformer_blocks.named_modules()):
-            if type(module) is nn.Conv2d:
-                self._swaps.module(f"transformer_blocks.{name}", PatchConv2d.from_conv(module, self.ctx))
-            elif name.split(".")[-1] == "attn1" and isinstance(module, Attention):
-                if not isinstance(module.processor, SanaLinearAttnProcessor2_0):
-                    raise UsageError(
-                        f"the self-attention of {name} runs {type(module.processor).__name__}, not SANA's linear "
-                        "attention; restore it (set_attn_processor) before parallelize"
-                    )
-                self._swaps.processor(f"transformer_blocks.{name}", BandLinearAttnProcessor(self.ctx))
+        swap_band_layers(self.transformer, self.ctx, self._swaps)
         self._hooks = [
-            model.register_forward_pre_hook(self._before, with_kwargs=True),
-            model.register_forward_hook(self._after, with_kwargs=True),
+            self.transformer.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.transformer.register_forward_hook(self._after, with_kwargs=True),
         ]
         return self
 
@@ -150,6 +190,9 @@ class ParallelSanaTransformer:
         return self.ctx.topology_for(guidance).check_image(height, width, self.unit, self.factor)
 
     def undo(self) -> None:
+        for controlnet in self.controlnets:
+            controlnet.undo()
+        self.controlnets = []
         for hook in self._hooks:
             hook.remove()
         self._swaps.restore()
@@ -159,19 +202,12 @@ class ParallelSanaTransformer:
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ctx = self.ctx
         arguments = dict(self._signature.bind(*args, **kwargs).arguments)
-        for unsupported in ("controlnet_block_samples", "attention_mask"):
-            if arguments.get(unsupported) is not None:
-                raise UsageError(f"band-parallel SANA takes no {unsupported}; run without it or on one rank")
-        latent = arguments["hidden_states"]
-        batch = latent.shape[0]
-        topology = ctx.use_topology(batch)
-        self._split_cfg = topology.cfg_split
         self._return_dict = arguments.get("return_dict", True)
-        arguments = guidance_half(arguments, batch, topology)
-        layout = topology.layout(latent.shape[2], latent.shape[3], self.unit, self.factor)
-        ctx.begin_step(layout, arguments.get("timestep"))
-        start, stop = layout.band(ctx.patch.index)
-        arguments["hidden_states"] = arguments["hidden_states"][:, :, start:stop]
+        arguments, layout, self._split_cfg = band_arguments(ctx, arguments, self.unit, self.factor, ("hidden_states",))
+        residuals = arguments.get("controlnet_block_samples")
+        if residuals is not None:
+            width = layout.width // self.unit
+            arguments["controlnet_block_samples"] = [band_tokens(t, layout, ctx.patch.index, width) for t in residuals]
         arguments["return_dict"] = False
         return (), self._micro_batches.first(ctx, arguments, "hidden_states")
 
@@ -193,7 +229,11 @@ def parallelize_transformer(
 
 
 def parallelize_sana(pipe: Any, config: PatchParallelConfig | None, runtime: Runtime) -> ParallelSanaTransformer:
-    """The family's ``parallelize``: the pipeline's transformer on row bands (a SANA ControlNet refuses)."""
+    """The family's ``parallelize``: the pipeline's transformer on row bands, and its ControlNet (a
+    ``SanaControlNetPipeline``'s) on the same engine."""
+    from distlin.families.sana.controlnet import parallelize_sana_controlnet  # it builds on this module
+
+    handle = parallelize_transformer(pipe.transformer, config, runtime, SANA.latent_factor(pipe.vae.config))
     if getattr(pipe, "controlnet", None) is not None:
-        raise UsageError(SANA.refusal("controlnet"))
-    return parallelize_transformer(pipe.transformer, config, runtime, SANA.latent_factor(pipe.vae.config))
+        parallelize_sana_controlnet(pipe.controlnet, handle)
+    return handle
