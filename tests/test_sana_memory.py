@@ -21,7 +21,7 @@ from distlin.families.sana.memory import (
     measured_band_decode_peak,
     measured_decode_peak,
 )
-from distlin.memory.fit import fit_to_capacity, plan_run
+from distlin.memory.fit import fit_to_capacity, plan_run, saver_flags
 from distlin.settings import build_settings
 
 SANA_4K = "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers"
@@ -87,3 +87,15 @@ def test_the_fit_refuses_a_sana_run_too_large_for_the_device_naming_a_rank_count
     assert replace(fitted, vae_store=settings.vae_store) == settings  # it fits: no saver switched on
     with pytest.raises(UsageError, match=r"use at least \d+ ranks"):
         fit_to_capacity(settings, 1, peak // 2, "cuda:0")
+
+
+def test_a_sana_run_that_does_not_fit_is_fitted_and_advised_with_savers_sana_has_only() -> None:
+    """The AutoencoderKL's ``--vae-attention-rows`` has nothing to stream in a DC-AE: never switched on, never
+    named."""
+    settings = build_settings("sana-4k", {"vae_decode": "direct"}, 1)
+    peak = plan_run(settings, 1)["peak_bytes_per_rank"]
+    with pytest.raises(UsageError, match=r"use at least 4 ranks with --micro-batch 1 \(see --plan\)$"):
+        fit_to_capacity(settings, 1, peak // 2, "cuda:0")
+    one_k = build_settings("sana-1k", {}, 1)
+    fitted = fit_to_capacity(one_k, 1, plan_run(one_k, 1)["peak_bytes_per_rank"] - 1, "cuda:0")
+    assert saver_flags(one_k, fitted) == "--micro-batch 1 --vae-decode sequential"

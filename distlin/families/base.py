@@ -40,6 +40,8 @@ class Family:
     coder, ``(vae, runtime, stats, index_limit) -> coder``; ``plan``: ``module:function`` predicting a run's
     peak memory per rank for ``--plan`` and the automatic savers, ``(arch, height, width, ranks, **options) ->``
     the planner's dict, from ``architecture(model)``: a model's configs known offline (None: not planned);
+    ``savers``: the memory savers its ``plan`` reads (:data:`distlin.memory.fit.SAVERS` names), the only ones a
+    run that does not fit switches on or its refusal names;
     ``sequential_vae``: whether
     its VAE decodes band by band through host RAM (or on the device: ``--vae-store``) above the size threshold,
     with ``sequential_coder`` (``module:function``, ``(vae, runtime, band_rows, store, on_done) -> coder``; empty: the
@@ -65,6 +67,7 @@ class Family:
     load_controlnet: str = "distlin.components:load_controlnet"
     controlnet_pipeline: str = "distlin.components:controlnet_pipeline"
     plan: str = ""
+    savers: tuple[str, ...] = ("micro_batch", "vae_decode", "vae_attention_rows")
     architecture: Callable[[str], dict | None] = lambda model: None
     sequential_vae: bool = True
     sequential_coder: str = ""

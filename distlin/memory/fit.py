@@ -107,33 +107,46 @@ def place_vae_store(settings: RunSettings, ranks: int, capacity: int) -> RunSett
 
 
 def fit_to_capacity(settings: RunSettings, ranks: int, capacity: int, device: str) -> RunSettings:
-    """``settings`` with savers switched on until the plan fits ``capacity`` bytes per rank, then the
-    sequential VAE's store placed (:func:`place_vae_store`); UsageError if no saver suffices (the same on every
-    rank: it depends on the settings alone)."""
+    """``settings`` with the savers its model family's plan reads switched on until the plan fits ``capacity``
+    bytes per rank, then the sequential VAE's store placed (:func:`place_vae_store`); UsageError if no saver
+    suffices (the same on every rank: it depends on the settings alone)."""
     result = plan_run(settings, ranks)
     if result is None or result["peak_bytes_per_rank"] <= capacity:
         return place_vae_store(settings, ranks, capacity)
+    family = family_of_model(settings.model)
     fitted = settings
     for name, value, _ in SAVERS:
-        if _saver(fitted, name) is not None:
+        if name not in family.savers or _saver(fitted, name) is not None:
             continue
         fitted = _with(fitted, name, value)
         planned = plan_run(fitted, ranks)
         if planned is not None and planned["peak_bytes_per_rank"] <= capacity:
             return place_vae_store(fitted, ranks, capacity)
-    kwargs = plan_kwargs(fitted)
-    family = family_of_model(settings.model)
-    arch = family.architecture(settings.model)
-    try:
-        needed = ranks_needed(capacity, arch, settings.height, settings.width, planner=load(family.plan), **kwargs)
-        flags = saver_flags(settings, fitted)
-        advice = f"at least {needed} ranks with {flags}" if flags else f"{needed} ranks"
-    except UsageError:
-        advice = "a smaller size"
     raise UsageError(
         f"predicted peak {result['peak_bytes_per_rank'] / 2**30:.1f} GiB per rank does not fit {device} "
-        f"({capacity / 2**30:.1f} GiB); use {advice} (see --plan)"
+        f"({capacity / 2**30:.1f} GiB); use {_advice(settings, fitted, capacity)} (see --plan)"
     )
+
+
+def _advice(settings: RunSettings, fitted: RunSettings, capacity: int) -> str:
+    """The fewest ranks that fit ``capacity`` with the savers of ``fitted``, or with the user's own VAE path
+    (band by band on rank 0 may hold more than a band-parallel decode on many ranks), and the flags; else a
+    smaller size."""
+    family = family_of_model(settings.model)
+    arch, planner = family.architecture(settings.model), load(family.plan)
+    own_vae = replace(fitted, vae_decode=settings.vae_decode)
+    options = []
+    for candidate in [fitted] if own_vae == fitted else [fitted, own_vae]:
+        try:
+            kwargs = plan_kwargs(candidate)
+            needed = ranks_needed(capacity, arch, settings.height, settings.width, planner=planner, **kwargs)
+        except UsageError:
+            continue
+        options.append((needed, saver_flags(settings, candidate)))
+    if not options:
+        return "a smaller size"
+    needed, flags = min(options, key=lambda option: option[0])
+    return f"at least {needed} ranks with {flags}" if flags else f"{needed} ranks"
 
 
 def available_host_memory() -> int | None:

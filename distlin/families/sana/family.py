@@ -101,6 +101,7 @@ SANA = Family(
     parallelize="distlin.families.sana.transformer:parallelize_sana",
     parallelize_vae="distlin.families.sana.vae:parallelize_dc_ae",
     plan="distlin.families.sana.memory:plan_sana",
+    savers=("micro_batch", "vae_decode"),  # the DC-AE has no softmax mid-block to stream (--vae-attention-rows)
     architecture=architecture,
     sequential_coder="distlin.families.sana.sequential:SequentialDCAE",
     linfusion=False,
