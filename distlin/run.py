@@ -419,6 +419,7 @@ def _coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> Sized
         factor=family.latent_factor(prepared.pipe.vae.config),
         sequential=family.sequential_vae,
         sequential_coder=load(family.sequential_coder) if family.sequential_coder else None,
+        holds_less=load(family.sequential_holds_less) if family.sequential_holds_less else None,
     )
 
 

@@ -99,3 +99,39 @@ def test_a_sana_run_that_does_not_fit_is_fitted_and_advised_with_savers_sana_has
     one_k = build_settings("sana-1k", {}, 1)
     fitted = fit_to_capacity(one_k, 1, plan_run(one_k, 1)["peak_bytes_per_rank"] - 1, "cuda:0")
     assert saver_flags(one_k, fitted) == "--micro-batch 1 --vae-decode sequential"
+
+
+@pytest.mark.parametrize(("ranks", "path"), [(1, "sequential"), (8, "banded")])
+def test_auto_decodes_sana_4k_the_way_that_holds_less_and_the_run_agrees(ranks: int, path: str) -> None:
+    """Above the size threshold, band by band on rank 0 recomputes its neighbours' rows: 20 latent rows at once
+    for SANA-1600M, more than the 16 a rank decodes band-parallel at 4096² on 8 ranks, so ``auto`` keeps that
+    decode there; the planner and the run's coder take the same rule (``sequential_holds_less``)."""
+    from types import SimpleNamespace
+
+    from distlin.families import FAMILIES, load
+    from distlin.parallel.runtime import Runtime
+    from distlin.vae.coders import run_coder
+
+    plans = {
+        vae_decode: plan_run(build_settings("sana-4k", {"vae_decode": vae_decode}, ranks), ranks)
+        for vae_decode in ("auto", "direct", "sequential")
+    }
+    assert plans["auto"]["vae"] == path
+    assert plans["auto"]["peak_bytes_per_rank"] == min(plan["peak_bytes_per_rank"] for plan in plans.values())
+    sana = FAMILIES["sana"]
+    vae = SimpleNamespace(config=architecture(SANA_4K)["vae"])
+    coder = run_coder(
+        vae,
+        direct=None,
+        runtime=Runtime(world_size=ranks),
+        factor=32,
+        sequential_coder=lambda *args: object(),  # not built: only the choice is asked
+        holds_less=load(sana.sequential_holds_less),
+    )
+    assert coder.is_sequential(4096, 4096) is (path == "sequential")
+    if ranks == 1:  # more ranks do not shrink a band-by-band pass, but the band-parallel decode on 8 fits
+        capacity = (
+            plans["auto"]["peak_bytes_per_rank"] + plan_run(build_settings("sana-4k", {}, 8), 8)["peak_bytes_per_rank"]
+        ) // 2
+        with pytest.raises(UsageError, match="use at least 8 ranks"):
+            fit_to_capacity(build_settings("sana-4k", {}, 1), 1, capacity, "cuda:0")

@@ -42,11 +42,13 @@ class Family:
     the planner's dict, from ``architecture(model)``: a model's configs known offline (None: not planned);
     ``savers``: the memory savers its ``plan`` reads (:data:`distlin.memory.fit.SAVERS` names), the only ones a
     run that does not fit switches on or its refusal names;
-    ``sequential_vae``: whether
-    its VAE decodes band by band through host RAM (or on the device: ``--vae-store``) above the size threshold,
-    with ``sequential_coder`` (``module:function``, ``(vae, runtime, band_rows, store, on_done) -> coder``; empty: the
-    AutoencoderKL interpreter of :mod:`distlin.vae.sequential`); ``linfusion``: whether LinFusion
-    layers mount on it (SANA's attention is linear already);
+    ``sequential_vae``: whether its VAE decodes band by band through host RAM (or on the device:
+    ``--vae-store``) above the size threshold, with ``sequential_coder`` (``module:function``, ``(vae, runtime,
+    band_rows, store, on_done) -> coder``; empty: the AutoencoderKL interpreter of :mod:`distlin.vae.sequential`)
+    and ``sequential_holds_less`` (``module:function``, ``(vae_config, band_rows, height, width, ranks) ->
+    bool``: whether a band-by-band pass holds less than a rank's band-parallel decode, asked by ``auto`` above
+    the threshold; empty: always); ``linfusion``: whether LinFusion layers mount on it (SANA's attention is
+    linear already);
     ``hub_models``: Hub ids its presets use (with ``builtin``, the models whose rank split is checked from
     ``architecture`` before any rank starts);
     ``builtin``: offline model names, built by ``build`` (``module:function``, ``(name, seed, torch_dtype)``);
@@ -71,6 +73,7 @@ class Family:
     architecture: Callable[[str], dict | None] = lambda model: None
     sequential_vae: bool = True
     sequential_coder: str = ""
+    sequential_holds_less: str = ""
     linfusion: bool = True
     builtin: tuple[str, ...] = ()
     hub_models: tuple[str, ...] = ()

@@ -13,6 +13,7 @@ the float32 upcast come from the VAE's config (:mod:`distlin.vae.latents`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -47,12 +48,18 @@ def decodes_sequentially(
     ranks: int,
     vae_decode: str = "auto",
     pixels_per_rank: int = Thresholds.sequential_vae_pixels,
+    holds_less: Callable[[int, int, int], bool] | None = None,
 ) -> bool:
     """Whether an image of ``height`` x ``width`` px is decoded (and encoded) band by band on rank 0 rather than
     directly on the device(s) (plain on one rank, band-parallel on several): when asked to (``vae_decode``
     ``sequential``), or in ``auto`` above ``pixels_per_rank`` pixels per rank, where a direct decode (~3 KB per
-    pixel in fp16) would set the run's peak. ``vae_decode`` is checked by the caller (``settings.VAE_DECODES``)."""
-    return vae_decode == "sequential" or (vae_decode == "auto" and height * width > pixels_per_rank * ranks)
+    pixel in fp16) would set the run's peak, and where the model family can tell (``holds_less(height, width,
+    ranks)``, its ``sequential_holds_less``) only if a band-by-band pass holds less than a rank's direct band.
+    ``vae_decode`` is checked by the caller (``settings.VAE_DECODES``)."""
+    if vae_decode != "auto":
+        return vae_decode == "sequential"
+    large = height * width > pixels_per_rank * ranks
+    return large and (holds_less is None or holds_less(height, width, ranks))
 
 
 def sequential_options(attention_rows: int | None, band_rows: int = Thresholds.sequential_band_rows) -> dict[str, Any]:
@@ -187,6 +194,7 @@ def run_coder(
     factor: int = LATENT_FACTOR,
     sequential: bool = True,
     sequential_coder: SequentialFactory | None = None,
+    holds_less: Callable[[Any, int, int, int, int], bool] | None = None,
     report: TransferReport | None = None,
 ) -> SizedCoder:
     """The coder of a run (a ``RunSettings``' ``vae_decode``, ``thresholds``, ``vae_attention_rows`` and
@@ -195,11 +203,15 @@ def run_coder(
     streaming, its activations in host RAM or (``vae_store`` ``device``) on the device; rank 0 prints one line
     per sequential pass (``report``: gets each pass's what, bytes moved and seconds instead). ``factor``: image
     pixels per latent pixel; ``sequential``: whether the model family has a sequential coder
-    (``sequential_coder``: its own; None: :class:`SequentialVAE`, for an AutoencoderKL)."""
+    (``sequential_coder``: its own; None: :class:`SequentialVAE`, for an AutoencoderKL; ``holds_less``: its
+    ``sequential_holds_less``, ``(vae_config, band_rows, height, width, ranks) -> bool``)."""
     limits = thresholds or Thresholds()
+    smaller = None if holds_less is None else partial(holds_less, dict(vae.config), limits.sequential_band_rows)
 
     def is_large(height: int, width: int) -> bool:
-        return decodes_sequentially(height, width, runtime.world_size, vae_decode, limits.sequential_vae_pixels)
+        return decodes_sequentially(
+            height, width, runtime.world_size, vae_decode, limits.sequential_vae_pixels, smaller
+        )
 
     if not sequential:
         return SizedCoder(direct, None, is_large, factor)

@@ -104,6 +104,7 @@ SANA = Family(
     savers=("micro_batch", "vae_decode"),  # the DC-AE has no softmax mid-block to stream (--vae-attention-rows)
     architecture=architecture,
     sequential_coder="distlin.families.sana.sequential:SequentialDCAE",
+    sequential_holds_less="distlin.families.sana.memory:band_by_band_holds_less",
     linfusion=False,
     builtin=TINY_SANA_MODELS + FULL_SANA_MODELS,
     hub_models=(

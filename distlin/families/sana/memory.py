@@ -24,7 +24,7 @@ DC-AE goes band by band.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -98,6 +98,22 @@ def band_decode_pixels(vae: dict[str, Any], band_rows: int, width: int) -> int:
     return rows * dc_ae_factor(vae) * width
 
 
+def direct_decode_pixels(vae: dict[str, Any], height: int, width: int, ranks: int) -> int:
+    """Pixels of the last level a rank decodes band-parallel (plain on one rank): its band of the image's rows."""
+    factor = dc_ae_factor(vae)
+    layout = Topology.for_run(ranks, cfg_parallel=False, guidance=False).layout(
+        height // factor, width // factor, 1, factor
+    )
+    return max(layout.sizes()) * factor * width
+
+
+def band_by_band_holds_less(vae: dict[str, Any], band_rows: int, height: int, width: int, ranks: int) -> bool:
+    """The family's ``sequential_holds_less``: whether a band-by-band pass of ``band_rows`` latent rows (its
+    neighbours' rows recomputed) decodes fewer pixels at once than a rank's band-parallel band. On many ranks it
+    does not (SANA-1600M at 4096² on 8 ranks: 16 latent rows a rank), so ``auto`` keeps the direct decode."""
+    return band_decode_pixels(vae, band_rows, width) < direct_decode_pixels(vae, height, width, ranks)
+
+
 @lru_cache(maxsize=16)
 def _parameters(kind: str, config_json: str) -> int:
     return sum(p.numel() for p in _build(kind, config_json).parameters())
@@ -137,10 +153,11 @@ def plan_sana(
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     limits = thresholds or Thresholds()
     check_vae_decode(vae_decode)
-    sequential = decodes_sequentially(height, width, ranks, vae_decode, limits.sequential_vae_pixels)
     if micro_batch is not None and micro_batch < 1:
         raise UsageError(f"micro_batch {micro_batch} must be at least 1")
     transformer, vae = arch["transformer"], arch["vae"]
+    holds_less = partial(band_by_band_holds_less, vae, limits.sequential_band_rows)
+    sequential = decodes_sequentially(height, width, ranks, vae_decode, limits.sequential_vae_pixels, holds_less)
     factor, size = dc_ae_factor(vae), DTYPE_BYTES[dtype]
     if height % factor or width % factor:
         raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {factor}")
@@ -152,10 +169,7 @@ def plan_sana(
     if sequential:
         vae_pixels = band_decode_pixels(vae, limits.sequential_band_rows, width)
     else:
-        vae_rows = max(
-            Topology.for_run(ranks, cfg_parallel=False, guidance=False).layout(rows, cols, 1, factor).sizes()
-        )
-        vae_pixels = vae_rows * cols * factor**2
+        vae_pixels = direct_decode_pixels(vae, height, width, ranks)
     breakdown = {
         **{f"weights_{kind}": parameters(kind, arch[kind]) * size for kind in ("transformer", "vae", "text_encoder")},
         **{f"weights_{kind}": count * size for kind, count in (extra_parameters or {}).items()},
