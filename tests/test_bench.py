@@ -132,6 +132,8 @@ def test_scaling_suite_and_dry_run_equals_real_counters(tmp_path: Path, softmax_
         assert {"model", "height", "width", "ranks", "mode", "ms_per_step", "speedup", "efficiency"} <= r.keys()
         assert KINDS == r["bytes_per_step"].keys() == r["distrifusion_bytes_per_step"].keys()
         assert KINDS == r["hidden_bytes_per_step"].keys() == r["wait_ms_per_step"].keys()
+        assert KINDS == r["launch_ms_per_step"].keys()
+        assert (r["launch_ms_per_step"]["total"] > 0) == (r["ranks"] > 1)  # where the time goes: launch, then wait
         assert r["rounds"] == 2 and r["steps"] == 2 and r["vs_exact"] > 0
         assert r["comm_cpu_ms_per_step"] is not None and r["comm_cpu_ms_per_step"] <= r["cpu_ms_per_step"]
         assert r["cpu_speedup"] > 0 and r["cpu_vs_exact"] > 0  # the ratios in CPU time, robust to a shared machine

@@ -175,6 +175,7 @@ def assemble(results: list[dict[str, Any]]) -> list[Record]:
                     "calls_per_step": counters["calls_per_step"],
                     "hidden_bytes_per_step": counters["hidden_bytes_per_step"],
                     "wait_ms_per_step": _median_by_kind([r["wait_ms_per_step"] for r in rounds]),
+                    "launch_ms_per_step": _median_by_kind([r["launch_ms_per_step"] for r in rounds]),
                     "distrifusion_bytes_per_step": distrifusion_bytes(shapes, n, element_size),
                 }
             )
@@ -242,6 +243,7 @@ def markdown(records: list[Record]) -> str:
             r["setting"],
             *(fmt(r["calls_per_step"][k]) for k in TOTAL_KINDS),
             *(fmt_bytes(r["bytes_per_step"][k]) for k in TOTAL_KINDS),
+            *(fmt(r["launch_ms_per_step"][k]) for k in TOTAL_KINDS),
             *(fmt(r["wait_ms_per_step"][k]) for k in TOTAL_KINDS),
         ]
         for r in records
@@ -249,14 +251,16 @@ def markdown(records: list[Record]) -> str:
     ]
     if kinds:
         parts += [
-            "Engine counters per UNet step by kind (calls, bytes received, ms blocked waiting):",
+            "Engine counters per UNet step by kind (calls, bytes received, ms launching: padding, copies and handing "
+            "buffers to the backend; ms blocked waiting):",
             markdown_table(
                 [
                     "ranks",
                     "setting",
                     *(f"calls {k}" for k in TOTAL_KINDS),
                     *(f"bytes {k}" for k in TOTAL_KINDS),
-                    *(f"ms {k}" for k in TOTAL_KINDS),
+                    *(f"launch ms {k}" for k in TOTAL_KINDS),
+                    *(f"blocked ms {k}" for k in TOTAL_KINDS),
                 ],
                 kinds,
             ),

@@ -1,7 +1,8 @@
 """Every collective the engine issues goes through a :class:`Communicator`, which counts it.
 
 The counts (bytes received per rank and calls, by kind; of those bytes, the ones that travelled behind compute
-(launched asynchronously); the time the caller spent blocked waiting) are what ``--report-comm`` and the
+(launched asynchronously); the time the caller spent launching them (buffers, copies, handing them to the
+backend) and blocked waiting) are what ``--report-comm`` and the
 benchmarks report. :class:`DryRunCommunicator` issues nothing and only counts, so the same accounting runs for
 sizes that cannot run here (meta tensors).
 """
@@ -23,13 +24,15 @@ KINDS = ("attention", "halo", "groupnorm", "gather")
 @dataclass
 class CommStats:
     """Bytes received by this rank and number of calls, per kind of exchange, over ``steps`` UNet calls; of the
-    bytes, those ``hidden`` behind compute (launched asynchronously, waited for a step later); and the seconds
-    this rank was blocked in ``wait`` (what the exchanges cost it beyond their launch)."""
+    bytes, those ``hidden`` behind compute (launched asynchronously, waited for a step later); the seconds this
+    rank spent launching them (``launch_s``: padding, copies, handing buffers to the backend) and blocked in
+    ``wait`` (``wait_s``: what the exchanges cost it beyond their launch)."""
 
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     hidden: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     wait_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    launch_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     steps: int = 0
 
     def add(self, kind: str, nbytes: int, hidden: bool = False) -> None:
@@ -41,8 +44,11 @@ class CommStats:
     def waited(self, kind: str, seconds: float) -> None:
         self.wait_s[kind] += seconds
 
+    def launched(self, kind: str, seconds: float) -> None:
+        self.launch_s[kind] += seconds
+
     def reset(self) -> None:
-        for counts in (self.bytes, self.calls, self.hidden, self.wait_s):
+        for counts in (self.bytes, self.calls, self.hidden, self.wait_s, self.launch_s):
             counts.clear()
         self.steps = 0
 
@@ -53,7 +59,7 @@ class CommStats:
         return {"bytes": {**bytes_, "total": sum(bytes_.values())}, "calls": {**calls, "total": sum(calls.values())}}
 
     def summary(self) -> dict[str, object]:
-        """Per-step bytes, calls, hidden bytes and milliseconds blocked by kind, plus totals (what
+        """Per-step bytes, calls, hidden bytes, milliseconds launching and blocked by kind, plus totals (what
         ``--report-comm`` prints)."""
         steps = max(self.steps, 1)
 
@@ -67,6 +73,7 @@ class CommStats:
             "calls_per_step": per_step(self.calls),
             "hidden_bytes_per_step": per_step(self.hidden),
             "wait_ms_per_step": per_step(self.wait_s, 1e3),
+            "launch_ms_per_step": per_step(self.launch_s, 1e3),
         }
 
 
@@ -141,8 +148,11 @@ class Communicator:
         """Sum ``t`` in place over the group."""
         if self.size == 1:
             return Work([], t)
+        start = perf_counter()
         self.stats.add(kind, _nbytes(t), hidden=async_op)
-        return Work(self._all_reduce(t), t, blocked=self._blocked(kind))
+        handles = self._all_reduce(t)
+        self.stats.launched(kind, perf_counter() - start)
+        return Work(handles, t, blocked=self._blocked(kind))
 
     def _blocked(self, kind: str) -> Callable[[float], None]:
         return lambda seconds: self.stats.waited(kind, seconds)
@@ -153,6 +163,7 @@ class Communicator:
         """Gather bands of different lengths along ``dim``; the result is the list of every rank's band."""
         if self.size == 1:
             return Work([], [t])
+        start = perf_counter()
         longest = max(sizes)
         pad = list(t.shape)
         pad[dim] = longest - t.shape[dim]
@@ -160,6 +171,7 @@ class Communicator:
         out = [torch.empty_like(padded) for _ in range(self.size)]
         self.stats.add(kind, _nbytes(padded) * (self.size - 1), hidden=async_op)
         handles = self._all_gather(out, padded)
+        self.stats.launched(kind, perf_counter() - start)
         return Work(
             handles,
             out,
@@ -177,6 +189,7 @@ class Communicator:
         async_op: bool = False,
     ) -> Work:
         """Point-to-point with the band above (prev) and below (next) only; receives into the given buffers."""
+        start = perf_counter()
         ops: list[tuple[bool, torch.Tensor, int]] = []
         for buf, peer, send in (
             (to_prev, self.index - 1, True),
@@ -189,7 +202,9 @@ class Communicator:
             if not send:
                 self.stats.add(kind, _nbytes(buf), hidden=async_op)
             ops.append((send, buf.contiguous(), self.ranks[peer]))
-        return Work(self._p2p(ops), (from_prev, from_next), blocked=self._blocked(kind))
+        handles = self._p2p(ops)
+        self.stats.launched(kind, perf_counter() - start)
+        return Work(handles, (from_prev, from_next), blocked=self._blocked(kind))
 
 
 class DryRunCommunicator(Communicator):
