@@ -121,7 +121,6 @@ def on_ranks(runtime, lora: str) -> dict:
     results: dict = {"transformer": []}
     with torch.no_grad():
         for height, width in SIZES:
-            handle.ctx.reset()
             handle.ctx.stats.reset()
             outputs = [model(**inputs(height, width)).sample for _ in range(STEPS)]
             results["transformer"].append((outputs, handle.ctx.stats.summary()["bytes_per_step"]))
