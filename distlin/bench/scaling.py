@@ -27,8 +27,9 @@ import torch
 
 from distlin.bench import options
 from distlin.bench.accounting import TOTAL_KINDS, distrifusion_bytes, layer_shapes
+from distlin.bench.denoisers import check_attention, denoiser_name, is_sana
 from distlin.bench.launch import run_ranks
-from distlin.bench.models import ATTENTIONS, build, model_name
+from distlin.bench.models import ATTENTIONS, build
 from distlin.bench.report import (
     Record,
     SuiteResult,
@@ -48,7 +49,9 @@ TARGET = {"model": "full-sd15", "height": 1024, "width": 1024, "ranks": 2, "spee
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add(parser, "--model", "full-sd15", "tiny-sd15", "built-in model", type=model_name)
+    options.add(
+        parser, "--model", "full-sd15", "tiny-sd15", "built-in model (a UNet, or full-sana)", type=denoiser_name
+    )
     options.add(parser, "--height", 1024, 128, "image height in pixels", type=int)
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the height)")
     parser.add_argument("--ranks", type=options.int_list, default=[1, 2], help="numbers of ranks (default 1,2)")
@@ -117,8 +120,12 @@ def assemble(results: list[dict[str, Any]]) -> list[Record]:
     time relative to exact on as many ranks, counters (blocked time: the median round's)."""
     first = results[0]
     dtype = getattr(torch, first["dtype"])
-    shapes = layer_shapes(
-        build(first["model"], first["attention"], "meta", dtype), first["height"], first["width"], first["batch"]
+    shapes = (  # DistriFusion's scheme is a UNet's: none for SANA's transformer
+        None
+        if is_sana(first["model"])
+        else layer_shapes(
+            build(first["model"], first["attention"], "meta", dtype), first["height"], first["width"], first["batch"]
+        )
     )
     element_size = torch.empty((), dtype=dtype).element_size()
     single = next((r for r in results if r["ranks"] == 1), None)
@@ -176,7 +183,7 @@ def assemble(results: list[dict[str, Any]]) -> list[Record]:
                     "hidden_bytes_per_step": counters["hidden_bytes_per_step"],
                     "wait_ms_per_step": _median_by_kind([r["wait_ms_per_step"] for r in rounds]),
                     "launch_ms_per_step": _median_by_kind([r["launch_ms_per_step"] for r in rounds]),
-                    "distrifusion_bytes_per_step": distrifusion_bytes(shapes, n, element_size),
+                    "distrifusion_bytes_per_step": shapes and distrifusion_bytes(shapes, n, element_size),
                 }
             )
     return records
@@ -204,7 +211,7 @@ def markdown(records: list[Record]) -> str:
                 fmt_bytes(ours["total"]),
                 fmt_bytes(r["hidden_bytes_per_step"]["total"]),
                 fmt(r["wait_ms_per_step"]["total"]),
-                fmt_bytes(theirs["total"]),
+                fmt_bytes(theirs["total"]) if theirs else "n/a",
             ]
         )
     headers = [
@@ -317,10 +324,13 @@ def plot(records: list[Record]) -> Any:
         ("distlin (engine counters)", "bytes_per_step"),
         ("DistriFusion", "distrifusion_bytes_per_step"),
     ):
+        if any(r[key] is None for r in multi):
+            continue
         values = [next(r[key]["total"] for r in multi if r["ranks"] == n) for n in ranks]
         volume.plot(ranks, values, "-o", label=label)
     times.set(xlabel="ranks", ylabel="ms per UNet step (median)", title="time per step")
-    volume.set(xlabel="ranks", ylabel="bytes received per step (middle rank)", yscale="log", title="communication")
+    scale = "log" if multi else "linear"  # one rank alone: nothing crossed
+    volume.set(xlabel="ranks", ylabel="bytes received per step (middle rank)", yscale=scale, title="communication")
     for ax in (times, volume):
         ranks_axis(ax)
     finish_axes(times, volume)
@@ -329,6 +339,7 @@ def plot(records: list[Record]) -> Any:
 
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
     """Spawn one torchrun launch per rank count (results kept in ``OUT/scaling-workers`` for ``--collect``)."""
+    check_attention(args.model, args.attention)  # before any rank starts
     folder = args.collect
     if folder is None:
         folder = args.out / "scaling-workers"

@@ -1,9 +1,10 @@
 """One rank of a ``scaling`` run, started by torchrun (the suite spawns it; ``launch/slurm/bench.sbatch`` too).
 
-Every rank builds the same seeded UNet, then for each setting (``exact``, ``displaced`` with each stale set of
-``--stale-sets``, ``naive``; in that order, the whole sequence ``--rounds`` times, so that a change of load
-touches every setting alike) parallelizes it, runs ``--warmup`` untimed steps (the synchronous warm-up of
-``displaced``) and ``--steps`` timed ones with decreasing timesteps; a step's time is the slowest rank's.
+Every rank builds the same seeded UNet (or SANA transformer, :mod:`distlin.bench.denoisers`), then for each
+setting (``exact``, ``displaced`` with each stale set of ``--stale-sets``, ``naive``; in that order, the whole
+sequence ``--rounds`` times, so that a change of load touches every setting alike) parallelizes it, runs
+``--warmup`` untimed steps (the synchronous warm-up of ``displaced``) and ``--steps`` timed ones with decreasing
+timesteps; a step's time is the slowest rank's.
 Rank 0 writes ``--result``: per setting, the step times and every rank's engine counters of each round.
 
     python -m torch.distributed.run --nproc_per_node N -m distlin.bench.worker --result ranks-N.json ...
@@ -20,14 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distlin.bench.denoisers import build_denoiser, denoiser_inputs, parallelize_denoiser, timestep
 from distlin.bench.fidelity import stale_label, stale_sets
-from distlin.bench.models import ATTENTIONS, build, unet_inputs
+from distlin.bench.models import ATTENTIONS
 from distlin.bench.options import str_list
 from distlin.bench.report import describe_device, progress
 from distlin.bench.timing import synchronize
 from distlin.io import atomic_write
 from distlin.loading import parse_dtype
-from distlin.parallel import PatchParallelConfig, Runtime, init_runtime, parallelize_unet
+from distlin.parallel import PatchParallelConfig, Runtime, init_runtime
 from distlin.parallel.config import MODES
 
 
@@ -78,7 +80,7 @@ def time_mode(
     (the exchange threads: gloo's workers and socket loop) (ms, maximum over ranks) after the warm-up, and every
     rank's counters over the timed steps. CPU time well below wall time on one rank means other processes took
     cores; exchange-thread time is what the exchanges took from a rank's cores beside the blocked time."""
-    handle = parallelize_unet(unet, config, runtime)
+    handle = parallelize_denoiser(args.model, unet, config, runtime)
     step_ms, cpu_ms, comm_cpu_ms = [], [], []
     try:
         with torch.inference_mode():
@@ -88,7 +90,7 @@ def time_mode(
                 runtime.barrier()
                 synchronize(runtime.device)
                 start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
-                unet(timestep=999 - step, **inputs)
+                unet(timestep=timestep(args.model, 999 - step, args.batch, runtime.device), **inputs)
                 synchronize(runtime.device)
                 cpu, thread = time.process_time() - start_cpu, time.thread_time() - start_thread
                 wall, cpu, others = _slowest([time.perf_counter() - start, cpu, cpu - thread], runtime)
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_dtype(args.dtype) if args.dtype else (torch.float32 if runtime.device.type == "cpu" else torch.bfloat16)
     )
     try:
-        unet = build(args.model, args.attention, runtime.device, dtype)
-        inputs = unet_inputs(unet, args.batch, args.height, args.width)
+        unet = build_denoiser(args.model, args.attention, runtime.device, dtype)
+        inputs = denoiser_inputs(args.model, unet, args.batch, args.height, args.width)
         if runtime.world_size == 1:
             args.modes = ["exact"]  # one rank: every mode is the same code
         configs = settings(args)
