@@ -14,3 +14,15 @@ class UsageError(ValueError):
 
 class Cancelled(Exception):
     """A generation stopped on request (the web app's cancel), on every rank at the same UNet step."""
+
+
+def is_lost_rank(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank died or exceeded the group's timeout."""
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistBackendError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection closed", "timed out", "peer")
+    )

@@ -9,6 +9,7 @@ import io
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,7 @@ def test_only_finished_results_are_served_and_nothing_else_under_the_output_fold
 # --- no request stops the rank group ---------------------------------------------------------------------------
 
 RANK_1_FAILS = "a request rank 1 fails alone"
+RANK_1_FAULTS_MID_STEP = "a request rank 1 fails alone inside a denoising step"
 
 
 def tiny(**changes: Any) -> Any:
@@ -226,24 +228,43 @@ def bomb_png(width: int, height: int) -> bytes:
 
 
 class FailsAloneOnRank1(GenerationSession):
-    """Rank 1's session: fails alone on one request, before the others could notice (its disk is full)."""
+    """Rank 1's session: fails alone on one request before the others could notice (its disk is full), and on
+    another in the middle of its second UNet call, while rank 0 waits for it in a band exchange."""
 
     def settings(self, request):  # noqa: ANN001, ANN201 - as the base class
         if request.prompt == RANK_1_FAILS:
             raise OSError(28, "No space left on device")
         return super().settings(request)
 
+    def _pipeline(self, settings):  # noqa: ANN001, ANN202 - as the base class
+        prepared = super()._pipeline(settings)
+        if settings.prompt == RANK_1_FAULTS_MID_STEP:
+            calls = []
+
+            def fault(module: Any, args: Any) -> None:
+                calls.append(module)
+                if len(calls) == 2:
+                    handle.remove()
+                    raise RuntimeError("injected fault in rank 1's UNet")
+
+            handle = prepared.pipe.unet.up_blocks[-1].register_forward_pre_hook(fault)
+        return prepared
+
 
 def hostile_requests(runtime: Runtime, output_dir: str) -> dict[str, Any]:
-    """Rank 0 is sent a truncated PNG, a decompression bomb, steps=1001, NaN guidance and a request one rank
-    fails alone, then a normal request; rank 1 serves until shutdown."""
+    """Rank 0 is sent a truncated PNG, a decompression bomb, steps=1001, NaN guidance, a request one rank
+    fails alone and one it fails alone mid-step (each followed by a normal request); rank 1 serves until
+    shutdown."""
     from distlin.app.ranks import serve_worker
+    from distlin.app.regroup import GroupRecovery
 
     channel = RankChannel(runtime)
+    recovery = GroupRecovery(runtime, timeout_s=6)  # the app's --timeout-s
     if runtime.rank != 0:
-        serve_worker(channel, FailsAloneOnRank1(runtime))
-        return {"worker": "stopped by shutdown"}
-    coordinator = Coordinator(channel, GenerationSession(runtime), ResultStore(output_dir), idle_message_s=0.2)
+        serve_worker(channel, FailsAloneOnRank1(runtime, recovery=recovery))
+        return {"worker": "stopped by shutdown", "rebuilds": recovery.rounds}
+    session = GenerationSession(runtime, recovery=recovery)
+    coordinator = Coordinator(channel, session, ResultStore(output_dir), idle_message_s=0.2)
     serving = threading.Thread(target=coordinator.serve)
     serving.start()
     refusals = []
@@ -254,13 +275,18 @@ def hostile_requests(runtime: Runtime, output_dir: str) -> dict[str, Any]:
             refusals.append("accepted")
         except UsageError as err:
             refusals.append(str(err))
-    alone = coordinator.submit(tiny(prompt=RANK_1_FAILS))
-    alone.finished.wait()
-    after = coordinator.submit(tiny())
-    after.finished.wait()
+    outcomes = []
+    for failing in (tiny(prompt=RANK_1_FAILS), tiny(prompt=RANK_1_FAULTS_MID_STEP, guidance_scale=1.0)):
+        started = time.monotonic()  # guidance 1: one batch, both ranks on its row bands, exchanging mid-step
+        failed = coordinator.submit(failing)
+        failed.finished.wait(timeout=120)
+        seconds = time.monotonic() - started
+        after = coordinator.submit(tiny())
+        after.finished.wait(timeout=120)
+        outcomes.append((failed.error, seconds, after.result is not None))
     coordinator.close()
     serving.join()
-    return {"refusals": refusals, "alone": alone.error, "after": after.result is not None, "lost": coordinator.failure}
+    return {"refusals": refusals, "outcomes": outcomes, "lost": coordinator.failure, "rebuilds": recovery.rounds}
 
 
 def test_no_request_stops_a_two_rank_group(tmp_path: Path) -> None:
@@ -273,8 +299,12 @@ def test_no_request_stops_a_two_rank_group(tmp_path: Path) -> None:
     assert "1001" in steps and "1000" in steps
     assert nan.startswith("guidance scale nan must be a finite number")
     assert not any("/" in refusal for refusal in main["refusals"])  # no server path in what the page shows
-    assert main["alone"] == "rank 1: OSError: [Errno 28] No space left on device"  # refused on every rank
-    assert main["after"] and main["lost"] is None and worker == {"worker": "stopped by shutdown"}
+    (disk_full, _, served), (fault, seconds, served_after_fault) = main["outcomes"]
+    assert disk_full == "rank 1: OSError: [Errno 28] No space left on device"  # refused on every rank
+    assert fault == "rank 1: RuntimeError: injected fault in rank 1's UNet"  # rank 0 was waiting for it mid-step
+    assert seconds < 30  # at most about the app's --timeout-s (6 s here), not gloo's default 30 minutes
+    assert served and served_after_fault and main["lost"] is None  # the same processes serve the next request
+    assert worker == {"worker": "stopped by shutdown", "rebuilds": 2} and main["rebuilds"] == 2
 
 
 # --- Cancel stops the request it names -------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Rank 0 checks a request before broadcasting it, but a rank can still fail alone 
 reads). Every rank therefore runs a request in parts (its settings, the pipeline, the generation) and after each
 part joins :func:`agree`: one ``all_gather_object`` of each rank's one-line failure (or None). If any rank
 failed, every rank raises and the request ends on all of them at the same point, as a refusal; the next request
-runs as usual. A rank that fails inside a collective leaves the others waiting in it: that is caught by the
-group's timeout (``--timeout-s``) and ends the app with one line, as a lost rank does.
+runs as usual. A rank that fails alone while the others may be waiting in a collective for it (inside a denoising
+step) cannot join the exchange: given a :class:`~distlin.app.regroup.GroupRecovery`, every rank rebuilds the group
+instead (:mod:`distlin.app.regroup`) and the request ends as a refusal on every rank all the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
+from distlin.app.regroup import GroupRecovery, one_line
 from distlin.errors import Cancelled, UsageError
 from distlin.parallel.runtime import Runtime
 from distlin.parallel.unet import NonFiniteError
@@ -30,10 +32,19 @@ class RankFailed(Exception):
     """A request failed on some rank(s); raised on every rank once all agreed, the group still in step."""
 
 
-def agree(runtime: Runtime, part: Callable[[], T]) -> T:
+def agree(
+    runtime: Runtime,
+    part: Callable[[], T],
+    recovery: GroupRecovery | None = None,
+    release: Callable[[], None] = lambda: None,
+) -> T:
     """``part()`` on this rank, then every rank learns whether any failed: a failed rank raises its own error
     (a :data:`SHARED_FAILURES` one as it is, any other as :class:`RankFailed`), the others RankFailed naming
-    the first rank that failed. Without a process group, ``part()`` alone."""
+    the first rank that failed. Without a process group, ``part()`` alone.
+
+    With ``recovery``, a failure of this rank alone (not a shared one), or a collective broken by another rank's,
+    rebuilds the group on every rank (after ``release()``, which drops what holds the old one) and raises
+    RankFailed naming the rank that failed first."""
     if not runtime.distributed:
         return part()
     try:
@@ -41,18 +52,20 @@ def agree(runtime: Runtime, part: Callable[[], T]) -> T:
     except Exception as err:  # noqa: BLE001 - every failure is agreed on, then raised
         value, error = None, err
     failures: list[str | None] = [None] * runtime.world_size
-    dist.all_gather_object(failures, None if error is None else _line(error))
+    try:
+        if recovery is not None and error is not None and not isinstance(error, SHARED_FAILURES):
+            raise error  # the others may be waiting for this rank in a collective: rebuild instead of exchanging
+        dist.all_gather_object(failures, None if error is None else one_line(error))
+    except Exception as broken:  # noqa: BLE001 - this rank's failure, or another's reaching this rank
+        if recovery is None:
+            raise
+        raise RankFailed(recovery.recover(broken, release)) from broken
     if error is not None:
         if isinstance(error, SHARED_FAILURES):
             raise error
-        raise RankFailed(f"rank {runtime.rank}: {_line(error)}") from error
+        raise RankFailed(f"rank {runtime.rank}: {one_line(error)}") from error
     failed = [(rank, line) for rank, line in enumerate(failures) if line is not None]
     if failed:
         rank, line = failed[0]
         raise RankFailed(f"rank {rank}: {line}")
     return value  # type: ignore[return-value]
-
-
-def _line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

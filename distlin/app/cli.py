@@ -118,6 +118,7 @@ def serve(options: AppOptions) -> int:
         print(f"starting the distlin app on http://{options.host}:{options.port} (importing torch, Gradio)", flush=True)
     from distlin.app.coordinator import Coordinator
     from distlin.app.ranks import RankChannel, serve_worker
+    from distlin.app.regroup import GroupRecovery
     from distlin.app.results import ResultStore
     from distlin.app.session import GenerationSession
     from distlin.notices import quiet_third_party
@@ -125,7 +126,8 @@ def serve(options: AppOptions) -> int:
 
     quiet_third_party()
     runtime = init_runtime(options.backend, options.timeout_s, options.device)
-    session = GenerationSession(runtime, options.device, options.library)
+    recovery = GroupRecovery(runtime, options.timeout_s) if runtime.distributed else None
+    session = GenerationSession(runtime, options.device, options.library, recovery)
     channel = RankChannel(runtime)
     try:
         if not runtime.is_main:

@@ -6,28 +6,40 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TypeVar
 
 import torch
 
 from distlin.app.agreement import agree
 from distlin.app.library import ComponentLibrary
+from distlin.app.regroup import GroupRecovery
 from distlin.app.request import GenerationRequest
 from distlin.parallel.runtime import Runtime
 from distlin.run import Prepared, ProgressReport, Result, generate, kept_or_prepared
 from distlin.settings import RunSettings
+
+T = TypeVar("T")
 
 
 class GenerationSession:
     """Runs requests on this rank, reusing the prepared pipeline while :func:`~distlin.run.pipeline_key` holds.
 
     ``device`` (the app's ``--device``) overrides the preset's, so every request runs where the ranks are;
-    ``library`` (the app's ``--components``) holds the components a request may name.
+    ``library`` (the app's ``--components``) holds the components a request may name; ``recovery`` (on a rank
+    group) rebuilds the group when a rank fails alone mid-run (:mod:`distlin.app.regroup`).
     """
 
-    def __init__(self, runtime: Runtime, device: str | None = None, library: ComponentLibrary | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        device: str | None = None,
+        library: ComponentLibrary | None = None,
+        recovery: GroupRecovery | None = None,
+    ):
         self.runtime = runtime
         self.device = device
         self.library = library or ComponentLibrary()
+        self.recovery = recovery
         self._prepared: Prepared | None = None
 
     @contextmanager
@@ -45,13 +57,20 @@ class GenerationSession:
         """Generate on every rank together (each rank calls this with the same request). Each part (settings,
         pipeline, generation) ends with every rank agreeing that none failed (:func:`~distlin.app.agreement.agree`),
         so a failure on one rank is a refusal on all. The metadata names the request's components and uploads, not
-        the paths they had on this server."""
+        the paths they had on this server. A rank's pipeline is handed to the generation part by lookup, not held
+        here, so a rebuilt group (:mod:`distlin.app.regroup`) can drop it with the old group's communicators."""
         with ExitStack() as uploads:
-            settings = agree(self.runtime, lambda: uploads.enter_context(self.settings(request)))
-            prepared = agree(self.runtime, lambda: self._pipeline(settings))
-            result = agree(self.runtime, lambda: generate(settings, self.runtime, prepared, on_progress, should_stop))
+            settings = self._agreed(lambda: uploads.enter_context(self.settings(request)))
+            self._agreed(lambda: self._pipeline(settings))
+            result = self._agreed(
+                lambda: generate(settings, self.runtime, self._pipeline(settings), on_progress, should_stop)
+            )
         result.metadata.update(request.metadata())
         return result
+
+    def _agreed(self, part: Callable[[], T]) -> T:
+        """:func:`~distlin.app.agreement.agree` on ``part``; rebuilding the group drops the prepared pipeline."""
+        return agree(self.runtime, part, self.recovery, self._release)
 
     def _pipeline(self, settings: RunSettings) -> Prepared:
         """The prepared pipeline for ``settings``: the kept one while :func:`~distlin.run.pipeline_key` holds."""

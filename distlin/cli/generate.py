@@ -27,6 +27,7 @@ from distlin.errors import (
     USAGE_EXIT_CODE,
     Cancelled,
     UsageError,
+    is_lost_rank,
 )
 from distlin.io import IMAGE_SUFFIXES, atomic_write, check_output_path
 from distlin.parallel.config import BACKENDS, MODES
@@ -430,11 +431,7 @@ def _failure_code(err: BaseException) -> int | None:
 
     if isinstance(err, NonFiniteError):
         return NON_FINITE_EXIT_CODE
-    import torch.distributed as dist
-
-    if isinstance(err, dist.DistBackendError) or (isinstance(err, RuntimeError) and _is_comm_failure(err)):
-        return LOST_RANK_EXIT_CODE
-    return None
+    return LOST_RANK_EXIT_CODE if is_lost_rank(err) else None
 
 
 def _failure_message(err: BaseException, code: int) -> str:
@@ -455,11 +452,6 @@ def _interrupt(signum: int, frame: object) -> NoReturn:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
-
-
-def _is_comm_failure(err: BaseException) -> bool:
-    text = str(err).lower()
-    return any(word in text for word in ("gloo", "nccl", "connection closed", "timed out", "peer"))
 
 
 def entry_point() -> NoReturn:
