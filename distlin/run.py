@@ -121,7 +121,6 @@ def prepare_pipeline(settings: RunSettings, runtime: Runtime) -> Prepared:
         ("compile", settings.compile),
         ("controlnet", bool(settings.controlnet)),
         ("several_controlnets", len(settings.controlnet) > 1),
-        ("controlnet_cascade", bool(settings.controlnet and (settings.stages or settings.init_image is not None))),
         ("ip_adapter", bool(settings.ip_adapter)),
     ):
         family.refuse(feature, used)
@@ -269,8 +268,9 @@ def denoising_steps(settings: RunSettings, index: int) -> int:
 
 
 def _stage_printer(runtime: Runtime, settings: RunSettings) -> Callable[[int, Stage, float], None] | None:
-    """Rank 0 prints one line per finished cascade stage: its size, steps and wall time."""
-    if not runtime.is_main:
+    """Rank 0 prints one line per finished cascade stage: its size, steps and wall time (nothing for one pass,
+    which a family's sampler may run as a one-stage cascade)."""
+    if not runtime.is_main or not settings.stages:
         return None
     count = len(settings.stages)
 
@@ -320,7 +320,7 @@ def _sample(
     if settings.ip_image:  # the scales are per generation: a web app keeps the pipeline across scales
         pipe.set_ip_adapter_scale(ip_adapter_scales(settings.ip_adapters))
         common["ip_adapter_image"] = [load_rgb(path, "--ip-image") for path in settings.ip_image]
-    if family.cascade and (settings.stages or settings.init_image is not None):
+    if family.cascade and (settings.stages or settings.init_image is not None or settings.controlnet):
         return _family_cascade(prepared, settings, runtime, on_stage, common)
     if not settings.stages:
         height, width = settings.height, settings.width
@@ -377,7 +377,8 @@ def _family_cascade(
     on_stage: Callable[[int, Stage, float], None],
     common: dict[str, Any],
 ) -> torch.Tensor:
-    """A family's own cascade sampler: the preset's stages, or one stage refining ``--init-image``."""
+    """A family's own cascade sampler: the preset's stages, or one stage refining ``--init-image`` or from noise
+    (a ControlNet's run: its control image, at every stage's size, encoded by the run's coder)."""
     pipe = prepared.pipe
     stages = settings.stages or (Stage(settings.height, settings.width, settings.strength or 1.0),)
     init = None
@@ -388,6 +389,9 @@ def _family_cascade(
         )
     cascade = load(family_of_pipeline(pipe).cascade)
     vae = _coder(prepared, settings, runtime)
+    if settings.controlnet:
+        common = {**common, "controls": [_control_images(settings, stage) for stage in stages]}
+        common["controlnet_conditioning_scale"] = _control_scale(settings)
     return cascade(pipe, stages, settings.steps, settings.seed, vae, prepared.engine, on_stage, init, **common)
 
 

@@ -1,5 +1,6 @@
 """A SANA ControlNet on the row bands of SANA's transformer: a run with ``--controlnet`` (a local folder in
-diffusers' layout) gives one process's image on several ranks, and the ControlNet does steer it."""
+diffusers' layout), in one pass, from an init image or through the cascade, gives one process's image on
+several ranks, and the ControlNet does steer it."""
 
 from __future__ import annotations
 
@@ -51,33 +52,42 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"controlnet": str(build_controlnet(root / "controlnet")), "control_image": str(root / "control.png")}
 
 
-def latents(runtime, overrides: dict) -> torch.Tensor:
+def latents(runtime, overrides: dict, preset: str = "tiny-sana") -> torch.Tensor:
     """tiny-sana's final latents through the Python API (``generate``), as a run makes them."""
     from distlin import build_settings, generate
 
-    settings = build_settings("tiny-sana", {"steps": 2, **overrides}, runtime and runtime.world_size)
+    settings = build_settings(preset, {"steps": 2, **overrides}, runtime and runtime.world_size)
     return generate(settings, runtime).latents
 
 
-def on_ranks(runtime, inputs: dict[str, str]) -> list[torch.Tensor]:
-    """Every rank a band of both guidance halves, then each rank one half (the control latent split with it)."""
+def runs(inputs: dict[str, str]) -> list[tuple[dict, str]]:
+    """Every rank a band of both guidance halves, then each rank one half (the control latent split with it);
+    from the control image as init image; the three-stage cascade (the control image at each stage's size)."""
     control = {key: (value,) for key, value in inputs.items()}
-    return [latents(runtime, {**control, "cfg_parallel": cfg}) for cfg in (False, True)]
+    return [
+        ({**control, "cfg_parallel": False}, "tiny-sana"),
+        ({**control, "cfg_parallel": True}, "tiny-sana"),
+        ({**control, "init_image": inputs["control_image"], "strength": 0.6}, "tiny-sana"),
+        ({**control, "steps": 3}, "tiny-sana-cascade"),
+    ]
+
+
+def on_ranks(runtime, inputs: dict[str, str]) -> list[torch.Tensor]:
+    return [latents(runtime, overrides, preset) for overrides, preset in runs(inputs)]
 
 
 def test_a_sana_controlnet_on_two_ranks_gives_the_one_process_latents(inputs) -> None:
+    ranked = run_ranks(2, on_ranks, inputs)[0]
+    for (overrides, preset), latent in zip(runs(inputs), ranked, strict=True):
+        torch.testing.assert_close(latent, latents(None, overrides, preset), rtol=0, atol=1e-5)
     control = {key: (value,) for key, value in inputs.items()}
-    alone = latents(None, control)
-    for ranked in run_ranks(2, on_ranks, inputs)[0]:
-        torch.testing.assert_close(ranked, alone, rtol=0, atol=1e-5)
-    assert (alone - latents(None, {})).abs().max() > 1e-2  # the ControlNet steers the image
+    assert (latents(None, control) - latents(None, {})).abs().max() > 1e-2  # the ControlNet steers the image
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"controlnet_twice": True}, "takes one ControlNet; pass one --controlnet"),
-        ({"init_image": True}, "runs in one pass; drop --init-image"),
         ({"attention_head_dim": 4}, "attention_head_dim 4, the model's transformer has 8"),
     ],
 )
@@ -85,8 +95,6 @@ def test_what_a_sana_controlnet_cannot_do_refuses_in_one_line(inputs, tmp_path, 
     control = {key: (value,) for key, value in inputs.items()}
     if overrides.pop("controlnet_twice", False):
         control = {key: value * 2 for key, value in control.items()}
-    if overrides.pop("init_image", False):
-        control["init_image"] = inputs["control_image"]
     if overrides:
         control["controlnet"] = (str(build_controlnet(tmp_path / "other", **overrides)),)
     with pytest.raises(UsageError, match=message):
@@ -117,3 +125,20 @@ def test_the_plan_of_a_sana_run_counts_its_controlnet(inputs) -> None:
     added = controlled["breakdown"].keys() - plain["breakdown"].keys()
     assert added == {"weights_controlnet", "controlnet_residuals"}
     assert controlled["peak_bytes_per_rank"] > plain["peak_bytes_per_rank"]
+
+
+def test_the_control_image_is_encoded_by_the_runs_coder_then_the_vae_is_as_before() -> None:
+    """SanaControlNetPipeline encodes its control image with ``vae.encode`` itself: inside a run that is the run's
+    band-parallel (or band-by-band) coder, never a whole-image encode on every rank."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderDC
+
+    from distlin.families.sana.sdedit import encoding_through
+
+    vae = AutoencoderDC.from_config(TINY_SANA["vae"])
+    marker = torch.zeros(1, 8, 2, 3)
+    coder = SimpleNamespace(encode=lambda image: SimpleNamespace(mean=marker))
+    with encoding_through(vae, coder):
+        assert vae.encode(torch.zeros(1, 3, 8, 12)).latent is marker
+    assert "encode" not in vae.__dict__ and vae.encode(torch.zeros(1, 3, 8, 12)).latent.shape == (1, 8, 2, 3)

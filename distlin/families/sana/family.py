@@ -124,7 +124,6 @@ SANA = Family(
         ("compile", "--compile covers Stable Diffusion UNets only; drop it for SANA"),
         ("mask", "SANA has no inpainting pipeline; drop --mask"),
         ("several_controlnets", "SANA's ControlNet pipeline takes one ControlNet; pass one --controlnet"),
-        ("controlnet_cascade", "a SANA ControlNet runs in one pass; drop --init-image or pass a one-pass preset"),
         ("ip_adapter", "SANA has no IP-Adapter; drop --ip-adapter"),
     ),
 )

@@ -10,13 +10,14 @@ Stage ``k`` draws its noise with the generator seeded ``seed + k``, like :func:`
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
 from distlin.sampling.reference import encoded, upscaled_reference
 from distlin.sampling.stages import Stage, StageClock, StageReport, check_stages
+from distlin.surgery import Swaps
 from distlin.vae.coders import Coder
 
 
@@ -64,30 +65,52 @@ def run_sana_sdedit(
     handle: Any = None,
     on_stage: StageReport | None = None,
     init_image: torch.Tensor | None = None,
+    controls: Sequence[Any] | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """The final scaled latents of a SANA cascade (or of one refined ``init_image``, a one-stage cascade) on
-    every rank; ``options`` go to every pipeline call (prompt, guidance, ...)."""
+    every rank; ``options`` go to every pipeline call (prompt, guidance, ...); ``controls``: a
+    ``SanaControlNetPipeline``'s control image at each stage's size, encoded by ``vae`` (the run's coder)."""
     check_stages(stages)
     clock = StageClock(on_stage)
     refined = list(enumerate(stages))
-    if init_image is None:
-        first = stages[0]
-        generator = torch.Generator().manual_seed(seed)
-        latents = pipe(
-            height=first.height,
-            width=first.width,
-            num_inference_steps=steps,
-            generator=generator,
-            output_type="latent",
-            **options,
-        ).images
-        clock.lap(0, first, latents)
-        refined = refined[1:]
-    for index, stage in refined:
-        reference = (
-            encoded(pipe, vae, init_image, stage) if index == 0 else upscaled_reference(pipe, vae, latents, stage)
-        )
-        latents = refine(pipe, reference, stage.strength, steps, seed + index, **options)
-        clock.lap(index, stage, latents)
+
+    def at(index: int) -> dict[str, Any]:
+        return options if controls is None else {**options, "control_image": controls[index]}
+
+    with nullcontext() if controls is None else encoding_through(pipe.vae, vae):
+        if init_image is None:
+            first = stages[0]
+            generator = torch.Generator().manual_seed(seed)
+            latents = pipe(
+                height=first.height,
+                width=first.width,
+                num_inference_steps=steps,
+                generator=generator,
+                output_type="latent",
+                **at(0),
+            ).images
+            clock.lap(0, first, latents)
+            refined = refined[1:]
+        for index, stage in refined:
+            reference = (
+                encoded(pipe, vae, init_image, stage) if index == 0 else upscaled_reference(pipe, vae, latents, stage)
+            )
+            latents = refine(pipe, reference, stage.strength, steps, seed + index, **at(index))
+            clock.lap(index, stage, latents)
     return latents
+
+
+@contextmanager
+def encoding_through(vae: Any, coder: Coder) -> Iterator[None]:
+    """While inside, ``vae.encode(image).latent`` is ``coder.encode(image).mean``: the control image a
+    ``SanaControlNetPipeline`` encodes itself goes band-parallel (or band by band above the size threshold), as
+    every other encode of the run, rather than whole on every rank."""
+    from diffusers.models.autoencoders.autoencoder_dc import EncoderOutput
+
+    swaps = Swaps(vae)
+    swaps.attribute("", "encode", lambda image, *args, **kwargs: EncoderOutput(latent=coder.encode(image).mean))
+    try:
+        yield
+    finally:
+        swaps.restore()
