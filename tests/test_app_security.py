@@ -46,7 +46,8 @@ def png_bytes(width: int, height: int) -> bytes:
 
 
 class App:
-    """The app's HTTP side as a browser or a script reaches it (``--max-upload-mb 1``), its ranks not started."""
+    """The app's HTTP side as a browser or a script reaches it (``--max-upload-mb 1 --max-upload-folder-mb 1``),
+    its ranks not started."""
 
     def __init__(self, client: TestClient, uploads: Path, store: ResultStore):
         self.client, self.uploads, self.store = client, uploads, store
@@ -82,7 +83,8 @@ def app(tmp_path: Path) -> Iterator[App]:
     coordinator = Coordinator(RankChannel(runtime), GenerationSession(runtime), store, Limits(max_upload_mb=1))
     with private_upload_folder() as uploads:
         page = AppPage(coordinator, "tiny-sd15").build()
-        with TestClient(build_server(page, store, None, CSS, max_upload_mb=1)) as client:
+        server = build_server(page, store, None, CSS, max_upload_mb=1, max_upload_folder_mb=1)
+        with TestClient(server) as client:
             yield App(client, uploads, store)
 
 
@@ -181,6 +183,49 @@ def test_the_upload_limit_holds_for_a_picture_sent_inline(app: App) -> None:
     status, text = app.plan(init_image={"url": f"data:image/png;base64,{base64.b64encode(exactly_over).decode()}"})
     assert status == 200 and "up to 1 MiB" in text
     assert app.client.post("/gradio_api/upload", files={"files": ("x.png", large, "image/png")}).status_code == 413
+
+
+# --- what waits on the server is bounded ----------------------------------------------------------------------
+
+
+def test_an_upload_that_would_fill_the_upload_folder_is_refused_and_nothing_is_written(app: App) -> None:
+    pictures = [png_bytes(400 + n, 300) for n in range(3)]  # 0.34 MiB each, within --max-upload-mb 1
+    app.upload(pictures[0])
+    app.upload(pictures[1])  # the folder holds 1 MiB in all
+    before = app.cached()
+    response = app.client.post("/gradio_api/upload", files={"files": ("x.png", pictures[2], "image/png")})
+    assert (response.status_code, response.text) == (
+        413,
+        "the server's upload folder holds 0.7 MiB of its 1 MiB; try again later",
+    )
+    assert app.cached() == before
+    unsized = app.client.post("/gradio_api/upload", content=iter([b"--x--\r\n"]),
+                              headers={"content-type": "multipart/form-data; boundary=x"})  # fmt: skip
+    assert unsized.status_code == 411 and app.cached() == before
+
+
+def test_a_request_beyond_the_queues_limits_is_refused_in_one_line_and_not_queued(tmp_path: Path) -> None:
+    from distlin.app.page import CONTROLS, AppPage
+
+    runtime = Runtime()
+    limits = Limits(max_queued=2, max_queued_mb=1)
+    coordinator = Coordinator(RankChannel(runtime), GenerationSession(runtime), ResultStore(tmp_path), limits)
+    page = AppPage(coordinator, "tiny-sd15")  # its ranks not started: requests wait in the queue
+    values = tuple(FORM[name] for name in CONTROLS)
+    waiting = [coordinator.submit(tiny()), coordinator.submit(tiny())]
+    assert next(page._run(*values))[0] == (
+        "refused: 2 requests are waiting, the most this server queues; try again once one has run"
+    )
+    coordinator.cancel(waiting[0])
+    photo = png_bytes(512, 400)  # 0.59 MiB
+    coordinator.submit(tiny(init_image=photo, strength=0.5))
+    coordinator.cancel(waiting[1])
+    with pytest.raises(UsageError) as refused:
+        coordinator.submit(tiny(init_image=photo, strength=0.5))
+    assert str(refused.value) == (
+        "the queue's pictures would take 1.2 MiB, over this server's 1 MiB; try again once a request has run"
+    )
+    assert coordinator.ahead_of(coordinator.submit(tiny())) == 1  # a request without pictures still fits
 
 
 # --- only finished results, under /results/<id>/<known file> ---------------------------------------------------

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from distlin.app.auth import parse_credentials
 from distlin.app.library import LAYOUT, ComponentLibrary
-from distlin.app.request import Limits
+from distlin.app.request import MAX_QUEUED, MAX_QUEUED_MB, MAX_UPLOAD_FOLDER_MB, Limits
 from distlin.app.tiles import TILE_SIZE
 from distlin.commands import command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
@@ -70,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-upload-mb", type=int, help="largest picture a page may upload, in MiB (default: none locally, else 64)"
     )
+    p.add_argument(
+        "--max-queued", type=int, default=MAX_QUEUED, help=f"most requests waiting at once (default {MAX_QUEUED})"
+    )
+    p.add_argument(
+        "--max-queued-mb",
+        type=int,
+        default=MAX_QUEUED_MB,
+        help=f"most MiB of pictures the waiting requests hold (default {MAX_QUEUED_MB})",
+    )
+    p.add_argument(
+        "--max-upload-folder-mb",
+        type=int,
+        default=MAX_UPLOAD_FOLDER_MB,
+        help=f"most MiB in the upload folder, all uploads together (default {MAX_UPLOAD_FOLDER_MB})",
+    )
     p.add_argument("--output-dir", default="distlin-results", help="where results go (default ./distlin-results)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset shown first (default {DEFAULT_PRESET})")
     p.add_argument("--tile-size", type=int, default=TILE_SIZE, help=f"viewer tile size in px (default {TILE_SIZE})")
@@ -86,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> AppOptions:
     args = build_parser().parse_args(argv)
-    for name in ("max_pixels", "max_steps", "max_upload_mb", "tile_size"):
+    for name in ("max_pixels", "max_steps", "max_upload_mb", "max_queued", "max_queued_mb", "max_upload_folder_mb",
+                 "tile_size"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
@@ -101,7 +117,15 @@ def parse(argv: list[str] | None = None) -> AppOptions:
         host=args.host,
         port=args.port,
         credentials=parse_credentials(args.auth) if args.auth else None,
-        limits=Limits.for_host(args.host in LOOPBACK_HOSTS, args.max_pixels, args.max_steps, args.max_upload_mb),
+        limits=Limits.for_host(
+            args.host in LOOPBACK_HOSTS,
+            args.max_pixels,
+            args.max_steps,
+            args.max_upload_mb,
+            args.max_queued,
+            args.max_queued_mb,
+            args.max_upload_folder_mb,
+        ),
         output_dir=output_dir,
         preset=args.preset,
         tile_size=args.tile_size,
@@ -152,7 +176,10 @@ def _serve_page(coordinator: Coordinator, options: AppOptions) -> int:
     from distlin.app.server import build_server, http_server
 
     page = AppPage(coordinator, options.preset).build()
-    app = build_server(page, coordinator.store, options.credentials, CSS, options.limits.max_upload_mb)
+    limits = options.limits
+    app = build_server(
+        page, coordinator.store, options.credentials, CSS, limits.max_upload_mb, limits.max_upload_folder_mb
+    )
     server = http_server(app, options.host, options.port)
 
     def run_ranks() -> None:

@@ -82,15 +82,22 @@ class Coordinator:
             raise UsageError(in_field_terms(str(err))) from None
 
     def submit(self, request: GenerationRequest) -> Job:
-        """Queue a request; UsageError (one line for the user) if it is refused."""
+        """Queue a request; UsageError (one line for the user) if it is refused: by the queue's limits (checked
+        before its pictures are decoded, and again as it joins), or by :meth:`plan`."""
+        self._check_room(request)
         self.plan(request)
         job = Job(request)
         with self._changed:
-            if self.failure is not None or self._closed:
-                raise UsageError(self.failure or "the app is shutting down")
+            self._check_room(request)
             self._waiting.append(job)
             self._changed.notify_all()
         return job
+
+    def _check_room(self, request: GenerationRequest) -> None:
+        with self._changed:
+            if self.failure is not None or self._closed:
+                raise UsageError(self.failure or "the app is shutting down")
+            self.limits.check_queue([job.request for job in self._waiting], request)
 
     def ahead_of(self, job: Job) -> int:
         """How many requests run before this one (0 once it runs)."""

@@ -40,6 +40,10 @@ UPLOADS = ("init_image", "mask", "control_image", "ip_image")  # the settings' p
 PUBLIC_MAX_PIXELS = 2048 * 2048
 PUBLIC_MAX_STEPS = 100
 PUBLIC_MAX_UPLOAD_MB = 64
+# What waits on the server, on every host: requests in the queue, their pictures' bytes, and Gradio's upload folder.
+MAX_QUEUED = 32
+MAX_QUEUED_MB = 1024
+MAX_UPLOAD_FOLDER_MB = 2048
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,10 @@ class GenerationRequest:
             "strength": self.strength,
         }
 
+    def picture_bytes(self) -> int:
+        """The bytes of the pictures this request carries (what it holds while it waits)."""
+        return sum(len(getattr(self, name) or b"") for name in UPLOADS)
+
     def _write_uploads(self, folder: Path) -> dict[str, str]:
         """Each uploaded picture as a file in ``folder``; its path for the settings."""
         paths = {}
@@ -155,22 +163,51 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Limits:
     """Most pixels (of the final image) and most steps one request may ask for, and the largest file a page
-    may upload (Gradio refuses a larger one while it arrives); None: no limit."""
+    may upload (Gradio refuses a larger one while it arrives); None: no limit. Then what may wait on the server
+    at once: requests in the queue, the bytes of their pictures, and the bytes in the upload folder."""
 
     max_pixels: int | None = None
     max_steps: int | None = None
     max_upload_mb: int | None = None
+    max_queued: int = MAX_QUEUED
+    max_queued_mb: int = MAX_QUEUED_MB
+    max_upload_folder_mb: int = MAX_UPLOAD_FOLDER_MB
 
     @classmethod
     def for_host(
-        cls, local: bool, max_pixels: int | None, max_steps: int | None, max_upload_mb: int | None = None
+        cls,
+        local: bool,
+        max_pixels: int | None,
+        max_steps: int | None,
+        max_upload_mb: int | None = None,
+        max_queued: int = MAX_QUEUED,
+        max_queued_mb: int = MAX_QUEUED_MB,
+        max_upload_folder_mb: int = MAX_UPLOAD_FOLDER_MB,
     ) -> Limits:
         """The operator's limits, or, when the app listens beyond this machine, the public defaults."""
+        waiting = (max_queued, max_queued_mb, max_upload_folder_mb)
         if local:
-            return cls(max_pixels, max_steps, max_upload_mb)
+            return cls(max_pixels, max_steps, max_upload_mb, *waiting)
         return cls(
-            max_pixels or PUBLIC_MAX_PIXELS, max_steps or PUBLIC_MAX_STEPS, max_upload_mb or PUBLIC_MAX_UPLOAD_MB
+            max_pixels or PUBLIC_MAX_PIXELS,
+            max_steps or PUBLIC_MAX_STEPS,
+            max_upload_mb or PUBLIC_MAX_UPLOAD_MB,
+            *waiting,
         )
+
+    def check_queue(self, waiting: list[GenerationRequest], request: GenerationRequest) -> None:
+        """UsageError when ``request`` would not fit in a queue holding ``waiting``: too many requests, or too
+        many bytes of pictures (a request's own beyond the whole allowance included)."""
+        if len(waiting) >= self.max_queued:
+            raise UsageError(
+                f"{len(waiting)} requests are waiting, the most this server queues; try again once one has run"
+            )
+        held = sum(queued.picture_bytes() for queued in waiting) + request.picture_bytes()
+        if held > self.max_queued_mb * 2**20:
+            raise UsageError(
+                f"the queue's pictures would take {held / 2**20:.1f} MiB, over this server's {self.max_queued_mb} MiB; "
+                "try again once a request has run"
+            )
 
     def check(self, settings: RunSettings) -> None:
         """UsageError when the settings exceed a limit."""

@@ -33,9 +33,10 @@ def build_server(
     credentials: tuple[str, str] | None = None,
     css: str | None = None,
     max_upload_mb: int | None = None,
+    max_upload_folder_mb: int | None = None,
 ) -> FastAPI:
-    """The ASGI app: viewer, results and the Gradio page (uploads up to ``max_upload_mb`` MiB), wrapped in
-    basic auth when credentials are given."""
+    """The ASGI app: viewer, results and the Gradio page (uploads up to ``max_upload_mb`` MiB each, and
+    ``max_upload_folder_mb`` MiB in all), wrapped in basic auth when credentials are given."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/results/{result_id}/{name:path}")
@@ -56,7 +57,8 @@ def build_server(
         app, page, path="/", blocked_paths=[str(store.root)], footer_links=[], run_history=False, css=css,
         max_file_size=max_bytes,
     )  # fmt: skip
-    app.add_middleware(RequestGuard, max_bytes=max_bytes)
+    folder_bytes = None if max_upload_folder_mb is None else max_upload_folder_mb * 2**20
+    app.add_middleware(RequestGuard, max_bytes=max_bytes, max_folder_bytes=folder_bytes)
     if credentials is not None:  # added last: asked before the guard reads a body
         app.add_middleware(BasicAuth, user=credentials[0], password=credentials[1])
     return app

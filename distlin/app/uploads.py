@@ -156,12 +156,16 @@ class RequestGuard:
     """ASGI middleware in front of Gradio: reads each request body (other than an upload) before the app does,
     refusing one over :func:`body_limit` (413), one that is not JSON (400: the upload route is the only one that
     takes a file) or one naming a file that is not one of this server's uploads (400), and refusing the routes by
-    which Gradio fetches a URL on a request's behalf (404)."""
+    which Gradio fetches a URL on a request's behalf (404). An upload that would take the upload folder past
+    ``max_folder_bytes`` (with the uploads still arriving) is refused (413) before Gradio writes anything, and
+    so is one that does not say its size (411)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int | None):
+    def __init__(self, app: ASGIApp, max_bytes: int | None, max_folder_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.limit = body_limit(max_bytes)
+        self.max_folder_bytes = max_folder_bytes
+        self._arriving = 0  # bytes of uploads let through and still being written (one event loop: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,7 +174,10 @@ class RequestGuard:
         if FETCH_ROUTE.search(scope["path"]):
             await PlainTextResponse("not found", 404)(scope, receive, send)
             return
-        if scope["method"] in ("GET", "HEAD", "OPTIONS") or scope["path"].rstrip("/").endswith(UPLOAD_ROUTE):
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and scope["path"].rstrip("/").endswith(UPLOAD_ROUTE):
+            await self._upload(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         body = await self._body(receive)
@@ -204,6 +211,29 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
+    async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Gradio's upload route, if the upload folder has room for the whole body (told by Content-Length)."""
+        if self.max_folder_bytes is None:
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit():
+            await PlainTextResponse("an upload must say its size (Content-Length)", 411)(scope, receive, send)
+            return
+        held = folder_bytes(Path(get_upload_folder())) + self._arriving
+        if held + int(length) > self.max_folder_bytes:
+            text = (
+                f"the server's upload folder holds {held / 2**20:.1f} MiB of its {self.max_folder_bytes / 2**20:g} "
+                "MiB; try again later"
+            )
+            await PlainTextResponse(text, 413)(scope, receive, send)
+            return
+        self._arriving += int(length)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._arriving -= int(length)
+
     async def _body(self, receive: Receive) -> bytes | None:
         """The whole body, or None as soon as it passes the limit."""
         chunks, size, more = [], 0, True
@@ -218,6 +248,18 @@ class RequestGuard:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files below ``folder`` (0 if it is gone)."""
+    total = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_size
+            except OSError:  # removed meanwhile (Gradio's cache cleanup)
+                continue
+    return total
 
 
 def _check_size(size: int, max_bytes: int | None) -> None:
