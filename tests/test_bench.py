@@ -278,11 +278,13 @@ def test_gpu_suite_keeps_measuring_after_a_part_fails(tmp_path: Path) -> None:
 def test_gpu_suite_unet_part_measures_the_unet_as_a_run_makes_it_and_survives_a_failing_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The unet part runs the UNet with :func:`distlin.lean.bound_memory` and the run's thresholds, as generate does
-    (at 16384² a plain UNet's upsampling exceeds a CUDA kernel's index limit); a size that still fails is one
-    skipped row naming the error, and the other sizes are measured (here on CPU, CUDA's memory calls stubbed)."""
+    """The unet part runs the UNet prepared by :func:`distlin.run.prepare_pipeline`, as generate does (memory bounds
+    with the run's thresholds: at 16384² a plain UNet's upsampling exceeds a CUDA kernel's index limit); a size that
+    still fails is one skipped row naming the error, and the other sizes are measured (here on CPU, CUDA's memory
+    calls stubbed)."""
     from argparse import Namespace
 
+    import distlin.run
     from distlin.bench import gpu
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**40, 2**40))
@@ -291,7 +293,10 @@ def test_gpu_suite_unet_part_measures_the_unet_as_a_run_makes_it_and_survives_a_
     monkeypatch.setattr(gpu, "device_peak", lambda device, dtype: (1e12, "a test peak"))
     monkeypatch.setenv("DISTLIN_TOKEN_CHUNK", "16")
     bounded: list[int] = []
-    monkeypatch.setattr(gpu, "bound_memory", lambda unet, chunk, limit: bounded.append(chunk))
+    real_bound = distlin.run.bound_memory
+    monkeypatch.setattr(
+        distlin.run, "bound_memory", lambda m, chunk, limit: [bounded.append(chunk), real_bound(m, chunk, limit)]
+    )
     real_count = gpu.count_flops
 
     def count_flops(meta: Any, height: int, width: int, batch: int) -> float:
@@ -302,7 +307,7 @@ def test_gpu_suite_unet_part_measures_the_unet_as_a_run_makes_it_and_survives_a_
     monkeypatch.setattr(gpu, "count_flops", count_flops)
     args = Namespace(model="tiny-sd15", sizes=[256, 128, 192], warmup=1, repeats=1)
     records = gpu.measure_unet(args, torch.device("cpu"), torch.float32)
-    assert bounded == [16]
+    assert bounded == [16, 16]  # the UNet and the VAE, with the run's token chunk
     assert [(r["height"], r["batch"]) for r in records] == [(128, 2), (192, 2), (256, 2)]
     assert all(r["ms"] > 0 and r["utilisation"] > 0 and r["skipped"] is None for r in records[:2])
     skipped = records[2]["skipped"]

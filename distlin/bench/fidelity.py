@@ -30,9 +30,10 @@ import torch
 
 from distlin.bench import options
 from distlin.bench.accounting import dry_run
+from distlin.bench.hardware import GPUS, LINKS, comm_seconds, projected_seconds
 from distlin.bench.launch import run_ranks
 from distlin.bench.models import build
-from distlin.bench.project import GPUS, LINKS, comm_seconds, projected_seconds
+from distlin.bench.options import EVERYTHING, stale_label, stale_sets
 from distlin.bench.report import (
     Record,
     SuiteResult,
@@ -46,7 +47,7 @@ from distlin.io import atomic_write
 from distlin.loading import mount_linfusion
 from distlin.models.tiny import build_pipeline
 from distlin.parallel import PatchParallelConfig, init_runtime, parallelize
-from distlin.parallel.config import DEFAULT_STALE, STALE_KINDS, parse_stale
+from distlin.parallel.config import DEFAULT_STALE
 from distlin.sizes import format_size
 from distlin.sources import FRESH_LINFUSION, NO_LINFUSION
 from distlin.vae.latents import unscaled
@@ -60,7 +61,6 @@ PROJECTION_GPU = "h100"
 # DistriFusion's corrected asynchronous GroupNorm, warm-up 4, on the protocol case (issue #13), dB.
 DISTRIFUSION_DB = {2: 71.4, 4: 66.4}
 TARGET_GAIN_DB, TARGET_EFFICIENCY_POINTS = 10.0, 2.0
-EVERYTHING = frozenset(STALE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -78,17 +78,6 @@ CASES = {
     "tiny": Case("tiny-sd15", 320, 192, 20),  # the tests' size: five 8-row units, uneven bands on 3 ranks
     "full": Case("full-sd15", 256, 256, 4),  # the published SD-1.5 architecture, small and short
 }
-
-
-def stale_sets(text: str) -> list[frozenset[str]]:
-    """``every`` (all non-empty subsets), or a comma list of sets written ``halo`` or ``attention+groupnorm``."""
-    if text.strip() == "every":
-        return [frozenset(c) for r in range(1, len(STALE_KINDS) + 1) for c in itertools.combinations(STALE_KINDS, r)]
-    return [parse_stale(part.replace("+", ",")) for part in text.split(",") if part.strip()]
-
-
-def stale_label(stale: frozenset[str]) -> str:
-    return "all" if stale == EVERYTHING else "+".join(k for k in STALE_KINDS if k in stale) or "none"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,12 @@ the time of each phase, the speed-up, the largest difference relative to the out
 memory. ``blocks``: each kernel's tiling rule against the candidate tilings at the largest token count.
 ``unet``: one UNet call with LinFusion (kernel ``auto``, so Triton) per image size: time per CFG step, TFLOP/s
 against the device's dense fp16/bf16 peak, and ``torch.cuda.max_memory_allocated`` next to the memory planner's
-prediction (UNet weights plus activations); a size whose predicted activations exceed the free memory runs
-micro-batched (the guidance halves one after the other, as ``--micro-batch 1`` does), or is skipped with the
-reason. ``layout``: one UNet call with NCHW and with ``channels_last`` activations. ``vae``: the sequential
-decode through host RAM: bytes moved between host and device, seconds and GB/s. ``generation``: the 16384x8192
+prediction (the weights of every component plus the UNet's activations); a size whose predicted activations
+exceed the free memory runs micro-batched (the guidance halves one after the other, as ``--micro-batch 1``
+does), or is skipped with the reason. ``layout``: one UNet call with NCHW and with ``channels_last``
+activations. ``vae``: the sequential decode through host RAM: bytes moved between host and device, seconds and
+GB/s. The ``unet``, ``layout``, ``vae`` and ``compile`` parts take a pipeline prepared as a run prepares it
+(:func:`distlin.bench.models.run_pipeline`; the FLOPs are counted on a meta copy). ``generation``: the 16384x8192
 SD-1.5 cascade (``--preset sd15-16k`` with ``full-sd15`` random weights and fresh LinFusion layers) end to end
 through :func:`distlin.run.generate`, the function the command line runs: wall seconds per stage and for the
 decode, ``torch.cuda.max_memory_allocated`` and the peak host RSS next to the planner's prediction. ``sana``:
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 import traceback
@@ -34,19 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
 
 from distlin.bench import options
-from distlin.bench.models import build, model_name, unet_inputs
+from distlin.bench.hardware import device_peak
+from distlin.bench.models import build, count_flops, model_name, run_pipeline, unet_inputs
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
 from distlin.bench.timing import peak_memory_mb, synchronize, time_calls
-from distlin.bench.unet import count_flops, device_peak
 from distlin.errors import UsageError
 from distlin.io import atomic_write
-from distlin.lean import bound_memory
 from distlin.memory.fit import plan_run, saver_flags
 from distlin.memory.planner import plan
-from distlin.models.architectures import load_architecture
 from distlin.ops.linear_attention import apply_state, check_kernel, linear_attention, partial_state, select_kernel
 from distlin.parallel.compile import Backend, compile_unet
 from distlin.parallel.runtime import Runtime
@@ -54,7 +52,7 @@ from distlin.run import generate
 from distlin.settings import build_settings
 from distlin.sizes import format_size, parse_size
 from distlin.thresholds import Thresholds
-from distlin.vae.coders import PlainVAE, run_coder
+from distlin.vae.coders import run_coder
 
 DEFAULT_DTYPE = torch.float16
 KERNELS = ("torch", "triton")
@@ -234,8 +232,9 @@ def blocks_markdown(records: list[Record]) -> str:
 def planned_unet_bytes(
     model: str, side: int, batch: int, dtype: torch.dtype, thresholds: Thresholds | None = None
 ) -> tuple[int, int]:
-    """The planner's ``(UNet weights, UNet activations)`` in bytes for one call on one rank, with the token
-    chunk of ``thresholds`` (a run's; None: unchunked).
+    """The planner's ``(weights, UNet activations)`` in bytes for one call on one rank: the weights of every
+    component a run loads (the UNet's, the text encoders', the VAE's), with the token chunk of ``thresholds`` (a
+    run's; None: unchunked).
 
     ``micro_batch`` sets the samples per call; the VAE path does not enter the UNet's share, so the cheaper
     direct-decode plan serves.
@@ -243,18 +242,18 @@ def planned_unet_bytes(
     name = str(dtype).removeprefix("torch.")
     options = {"dtype": name, "cfg": True, "micro_batch": batch, "vae_decode": "direct", "thresholds": thresholds}
     breakdown = plan(model, side, side, 1, **options)["breakdown"]
-    return breakdown["weights_unet"], breakdown["unet_activations"]
+    weights = sum(value for key, value in breakdown.items() if key.startswith("weights_"))
+    return weights, breakdown["unet_activations"]
 
 
 def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Record]:
-    """Each size's UNet call as a run makes it (:func:`~distlin.lean.bound_memory` with the run's thresholds:
-    token-chunked transformers, index-safe upsampling); a size that fails is recorded as skipped, with why."""
+    """Each size's UNet call as a run makes it (the pipeline of :func:`~distlin.bench.models.run_pipeline`: memory
+    bounds with the run's thresholds, the engine on one rank); a size that fails is recorded as skipped, with why."""
     peak, source = device_peak(device, dtype)
     model = model_name(args.model)
-    thresholds = Thresholds.from_env(os.environ)
     meta = build(model, "linear", "meta", dtype)
-    unet = build(model, "linear", device, dtype)
-    bound_memory(unet, thresholds.token_chunk, thresholds.index_limit)
+    prepared, settings = run_pipeline(model, device, dtype)
+    unet, thresholds = prepared.pipe.unet, settings.thresholds
     records: list[Record] = []
     for side in sorted(args.sizes):
         free = torch.cuda.mem_get_info(device)[0]
@@ -309,10 +308,11 @@ def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure_compile(
     model: str, side: int, device: torch.device, dtype: torch.dtype, repeats: int, backend: Backend | None = None
 ) -> Record:
-    """One UNet call (a CFG batch, LinFusion) eager, then with ``--compile``'s modules compiled: the time of each,
-    the first compiled call (tracing and code generation) and how far the outputs are apart."""
+    """One UNet call (a CFG batch, LinFusion) of a run's pipeline eager, then with ``--compile``'s modules compiled
+    (:func:`~distlin.parallel.compile.compile_unet` on the prepared UNet, as a run does): the time of each, the
+    first compiled call (tracing and code generation) and how far the outputs are apart."""
     model = model_name(model)
-    unet = build(model, "linear", device, dtype)
+    unet = run_pipeline(model, device, dtype)[0].pipe.unet
     call = partial(unet, timestep=999, return_dict=False, **unet_inputs(unet, CFG_BATCH, side, side))
     record: Record = {"section": "compile", "model": model, "height": side, "width": side, "batch": CFG_BATCH}
     with torch.inference_mode():
@@ -333,9 +333,9 @@ def measure_compile(
 def measure_memory_format(model: str, side: int, device: torch.device, dtype: torch.dtype, repeats: int) -> Record:
     """One UNet call (a CFG batch, LinFusion) with NCHW activations, then with the UNet and its input in
     ``channels_last`` (the layout cuDNN's half-precision convolutions prefer): the time of each and how far the
-    outputs are apart; whether the engine should carry activations in that layout."""
+    outputs are apart; whether the engine should carry activations in that layout (a run's prepared UNet)."""
     model = model_name(model)
-    unet = build(model, "linear", device, dtype)
+    unet = run_pipeline(model, device, dtype)[0].pipe.unet
     inputs = unet_inputs(unet, CFG_BATCH, side, side)
     call = partial(unet, timestep=999, return_dict=False, **inputs)
     record: Record = {"section": "layout", "model": model, "height": side, "width": side, "batch": CFG_BATCH}
@@ -357,14 +357,13 @@ def measure_sequential_vae(model: str, side: int, band_rows: int, device: torch.
     """The sequential decode through host RAM (the run's coder with ``--vae-decode sequential``,
     :func:`~distlin.vae.coders.run_coder`) at ``side`` px square: the bytes it moves between host and device, its
     seconds, and the achieved rate (the decode's own timing line)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL.from_config(load_architecture(model_name(model))["vae"]).to(device, dtype).eval()
+    prepared = run_pipeline(model_name(model), device, dtype)[0]
+    vae = prepared.pipe.vae
     latent = side // 8
     latents = torch.randn(1, vae.config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
     reported: list[tuple[str, int, float]] = []
     limits = Thresholds(sequential_band_rows=band_rows)
-    coder = run_coder(vae, PlainVAE(vae), Runtime(device=device), vae_decode="sequential", thresholds=limits,
+    coder = run_coder(vae, prepared.vae, Runtime(device=device), vae_decode="sequential", thresholds=limits,
                       report=lambda *r: reported.append(r))  # fmt: skip
     coder.decode(latents.to(device, dtype))
     _, moved, seconds = reported[0]
@@ -482,8 +481,8 @@ def unet_markdown(records: list[Record], args: argparse.Namespace) -> str:
         f"UNet: {args.model} with LinFusion (attention kernel auto), one call of `batch` samples; median of "
         f"{args.repeats} calls after {args.warmup} warm-up; ms per step: a CFG step of {CFG_BATCH} samples. TFLOP "
         f"counted on the meta device. Peak: {records[0]['peak_source']}. Measured GiB: "
-        "`torch.cuda.max_memory_allocated` during the calls; planned GiB: the memory planner's UNet weights plus "
-        "activations.\n\n" + markdown_table(headers, rows)
+        "`torch.cuda.max_memory_allocated` during the calls; planned GiB: the memory planner's weights (every "
+        "component of the prepared pipeline) plus the UNet's activations.\n\n" + markdown_table(headers, rows)
     )
     skipped = [f"- {format_size(r['width'], r['height'])}: {r['skipped']}" for r in records if r["skipped"]]
     return text + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "")

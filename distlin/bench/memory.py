@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from distlin.bench import options
+from distlin.bench.hardware import GPU_BYTES
 from distlin.bench.models import model_name
 from distlin.bench.report import Record, SuiteResult, finish_axes, markdown_table, new_figure, progress, ranks_axis
 from distlin.errors import UsageError
@@ -30,7 +31,6 @@ from distlin.sizes import TIMES, format_size, parse_size
 
 DEFAULT_DTYPE = torch.float16
 GIB = 2**30
-GPU_BYTES = 80 * 10**9  # an "80 GB" H100/A100: 80e9 bytes, of which CUDA leaves the program ~79.1 GiB
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"cfg_parallel": True, "micro_batch": None},
     "lowmem": {"cfg_parallel": False, "micro_batch": 1, "vae_decode": "sequential", "vae_attention_rows": 64},

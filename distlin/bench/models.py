@@ -1,4 +1,5 @@
-"""Benchmark models: built-in UNets (real weights or meta), with LinFusion or softmax self-attention, and inputs."""
+"""Benchmark models: built-in UNets (real weights or meta), with LinFusion or softmax self-attention, and inputs;
+a built-in pipeline prepared as a run prepares it (:func:`run_pipeline`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
 
 from distlin.errors import UsageError
 from distlin.linfusion import LinFusion
 from distlin.models.architectures import FULL_NAMES, TINY_NAMES
 from distlin.models.tiny import build_unet
+from distlin.parallel.runtime import Runtime
 from distlin.parallel.topology import LATENT_FACTOR
+from distlin.run import Prepared, prepare_pipeline
+from distlin.settings import RunSettings, build_settings
 from distlin.sizes import format_size
 
 ALIASES = {"sd15": "full-sd15", "sd21": "full-sd21", "sdxl": "full-sdxl"}
@@ -82,3 +87,19 @@ def unet_inputs(unet: UNet2DConditionModel, batch: int, height: int, width: int,
         text = cfg.projection_class_embeddings_input_dim - time_ids * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": tensor(batch, text), "time_ids": tensor(batch, time_ids)}
     return kwargs
+
+
+def count_flops(unet: UNet2DConditionModel, height: int, width: int, batch: int) -> int:
+    """FLOPs of one call, counted on whatever device ``unet`` is on (meta: nothing computed)."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        unet(timestep=999, **unet_inputs(unet, batch, height, width))
+    return counter.get_total_flops()
+
+
+def run_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> tuple[Prepared, RunSettings]:
+    """The built-in ``model`` with fresh LinFusion layers, prepared on one rank of ``device`` exactly as a run
+    prepares it (:func:`distlin.run.prepare_pipeline`: memory bounds with the ``DISTLIN_*`` thresholds, the
+    engine, the band VAE), and the settings it was prepared for."""
+    overrides = {"model": model_name(model), "linfusion": "fresh", "device": str(device)}
+    settings = build_settings("sd15", {**overrides, "dtype": str(dtype).removeprefix("torch.")}, world_size=1)
+    return prepare_pipeline(settings, Runtime(device=device)), settings

@@ -1,13 +1,17 @@
-"""Command-line pieces the suites share: comma lists, and defaults that differ under ``--quick``."""
+"""Command-line pieces the suites share: comma lists, stale sets, and defaults that differ under ``--quick``."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from distlin.errors import UsageError
+from distlin.parallel.config import STALE_KINDS, parse_stale
+
+EVERYTHING = frozenset(STALE_KINDS)
 
 
 def int_list(text: str) -> list[int]:
@@ -62,3 +66,14 @@ def sizes(args: argparse.Namespace) -> list[tuple[int, int]]:
     if len(widths) != len(args.height):
         raise UsageError(f"--width lists {len(widths)} values but --height {len(args.height)}; pair them")
     return list(zip(args.height, widths, strict=True))
+
+
+def stale_sets(text: str) -> list[frozenset[str]]:
+    """``every`` (all non-empty subsets), or a comma list of sets written ``halo`` or ``attention+groupnorm``."""
+    if text.strip() == "every":
+        return [frozenset(c) for r in range(1, len(STALE_KINDS) + 1) for c in itertools.combinations(STALE_KINDS, r)]
+    return [parse_stale(part.replace("+", ",")) for part in text.split(",") if part.strip()]
+
+
+def stale_label(stale: frozenset[str]) -> str:
+    return "all" if stale == EVERYTHING else "+".join(k for k in STALE_KINDS if k in stale) or "none"

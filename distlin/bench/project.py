@@ -19,15 +19,13 @@ the compute of the whole image on one GPU.
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Collection
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from distlin.bench import options
-from distlin.bench.accounting import TOTAL_KINDS, DryRun, distrifusion_bytes, dry_run, layer_shapes
+from distlin.bench.accounting import distrifusion_bytes, dry_run, layer_shapes
+from distlin.bench.hardware import GPUS, LINKS, comm_seconds, projected_seconds
 from distlin.bench.models import build, model_name
 from distlin.bench.report import (
     Record,
@@ -48,23 +46,6 @@ DEFAULT_DTYPE = torch.bfloat16
 PROJECTED_MODES = ("exact", "displaced")
 
 
-@dataclass(frozen=True)
-class Link:
-    """Assumed per-GPU link: latency per message ``alpha_s`` and achievable bandwidth ``beta`` (bytes/s)."""
-
-    description: str
-    alpha_s: float
-    beta: float
-
-
-LINKS = {
-    "nvlink": Link("NVLink 4 within one H100/H200 SXM node: alpha 10 us, 350 GB/s", 10e-6, 350e9),
-    "pcie": Link("PCIe Gen4 x16 between GPUs: alpha 15 us, 22 GB/s", 15e-6, 22e9),
-    "ib": Link(
-        "InfiniBand NDR 400 Gb/s, one NIC per GPU, every exchange across nodes: alpha 25 us, 45 GB/s", 25e-6, 45e9
-    ),
-}
-GPUS = {"h100": ("H100 SXM", 989e12), "h200": ("H200 SXM", 989e12), "a100": ("A100 SXM", 312e12)}
 TARGET = {
     "model": "full-sd15",
     "height": 16384,
@@ -105,28 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mfu", type=float, default=0.5, help="assumed fraction of the peak the UNet achieves (default 0.5)"
     )
     parser.add_argument("--batch", type=int, default=2, help="batch per UNet call; 2 is one CFG step (default 2)")
-
-
-def comm_seconds(dry: DryRun, ranks: int, link: Link) -> dict[str, float]:
-    """Alpha-beta time of each kind of exchange in one step, from the engine's calls and bytes."""
-    if ranks == 1:
-        return dict.fromkeys(TOTAL_KINDS, 0.0)
-    calls, nbytes = dry.calls_per_step, dry.bytes_per_step
-    all_reduce_alpha, all_reduce_beta = 2 * math.ceil(math.log2(ranks)), 2 * (ranks - 1) / ranks
-    seconds = {
-        kind: calls[kind] * all_reduce_alpha * link.alpha_s + nbytes[kind] * all_reduce_beta / link.beta
-        for kind in ("attention", "groupnorm")
-    }
-    seconds["gather"] = calls["gather"] * (ranks - 1) * link.alpha_s + nbytes["gather"] / link.beta
-    seconds["halo"] = calls["halo"] * link.alpha_s + nbytes["halo"] / link.beta
-    seconds["total"] = sum(seconds.values())
-    return seconds
-
-
-def projected_seconds(compute_s: float, comm: dict[str, float], stale: Collection[str] = ()) -> float:
-    """One step: the compute plus every synchronous exchange; the ``stale`` kinds overlap the compute."""
-    hidden = sum(comm[k] for k in stale)
-    return max(compute_s, hidden) + comm["total"] - hidden
 
 
 def project(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:

@@ -14,18 +14,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
-from torch.utils.flop_counter import FlopCounterMode
 
 from distlin.bench import options
-from distlin.bench.models import ATTENTIONS, build, model_name, mount_fresh_linfusion, unet_inputs
+from distlin.bench.hardware import device_peak
+from distlin.bench.models import ATTENTIONS, build, count_flops, model_name, mount_fresh_linfusion, unet_inputs
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
-from distlin.bench.timing import matmul_peak_flops, peak_memory_mb, time_calls
+from distlin.bench.timing import peak_memory_mb, time_calls
 from distlin.sizes import format_size
-
-# Dense bf16/fp16 tensor-core peaks (SXM parts), FLOP/s, by a substring of the CUDA device name.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-GPU_PEAK_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,29 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(parser, "--repeats", 3, 2, "timed calls per size", type=int)
     parser.add_argument(
         "--max-call-s", type=float, default=120.0, help="skip sizes predicted to take longer per call (default 120)"
-    )
-
-
-def count_flops(unet: UNet2DConditionModel, height: int, width: int, batch: int) -> int:
-    """FLOPs of one call, counted on whatever device ``unet`` is on (meta: nothing computed)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        unet(timestep=999, **unet_inputs(unet, batch, height, width))
-    return counter.get_total_flops()
-
-
-def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
-    """Peak FLOP/s to compare against, and where the number comes from."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_FLOPS.items():
-            if key in name and dtype in GPU_PEAK_DTYPES:
-                return peak, f"{key} spec, dense bf16/fp16"
-        return None, f"no known peak for {name} in {dtype}"
-    size = 2048
-    peak = matmul_peak_flops(device, dtype, size)
-    return (
-        peak,
-        f"measured {size}x{size} {str(dtype).removeprefix('torch.')} matmul, threads: {torch.get_num_threads()}",
     )
 
 

@@ -22,9 +22,8 @@ import torch
 import torch.distributed as dist
 
 from distlin.bench.denoisers import build_denoiser, denoiser_inputs, parallelize_denoiser, timestep
-from distlin.bench.fidelity import stale_label, stale_sets
 from distlin.bench.models import ATTENTIONS
-from distlin.bench.options import str_list
+from distlin.bench.options import stale_label, stale_sets, str_list
 from distlin.bench.report import describe_device, progress
 from distlin.bench.timing import synchronize
 from distlin.io import atomic_write
