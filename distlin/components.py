@@ -205,8 +205,11 @@ def _ip_adapter_text_width(path: Path, source: str) -> int:
         raise UsageError(f"IP-Adapter {source!r}: {path} is not a readable .safetensors file ({err})") from None
 
 
-def check_controlnet(source: str, unet: dict[str, Any] | None) -> None:
-    """A ControlNet folder (or Hub id) whose config fits the base UNet's config ``unet`` (when known)."""
+def check_controlnet(
+    source: str, unet: dict[str, Any] | None, keys: Sequence[str] = CONTROLNET_FIT_KEYS, what: str = "UNet"
+) -> None:
+    """A ControlNet folder (or Hub id) whose config fits the base model's denoiser config ``unet`` (when known;
+    ``keys``, ``what``: its family's, :func:`check_controlnet_fits`)."""
     path = local_path(source)
     if path is None:
         return
@@ -214,7 +217,7 @@ def check_controlnet(source: str, unet: dict[str, Any] | None) -> None:
         raise UsageError(f"ControlNet {source!r} is not a folder with a config.json; fix --controlnet")
     config = read_json(path / "config.json", f"ControlNet {source!r}", "--controlnet")
     if unet is not None:
-        check_controlnet_fits(source, config, unet)
+        check_controlnet_fits(source, config, unet, keys, what)
 
 
 def check_controlnet_fits(

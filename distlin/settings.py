@@ -328,6 +328,16 @@ def check_ip_adapters(settings: RunSettings, unet: dict[str, Any] | None) -> Non
     check_shared_image_encoder(settings.ip_adapters, unet)
 
 
+def _denoiser_fit(settings: RunSettings, unet: dict[str, Any] | None) -> tuple[dict[str, Any] | None, tuple, str]:
+    """What a ControlNet must fit: the model's denoiser config when known offline (the UNet's, or its family's
+    own denoiser's, SANA's transformer), the config keys it shares with it and the denoiser's name."""
+    family = family_of_model(settings.model)
+    if family.denoiser != "unet":
+        unet = (family.architecture(settings.model) or {}).get(family.denoiser)
+    what = "UNet" if family.denoiser == "unet" else family.denoiser
+    return unet, family.controlnet_fits, what
+
+
 def check_control(settings: RunSettings, unet: dict[str, Any] | None) -> None:
     """ControlNets paired in order with their control images (and scales); each control image at the output
     size, or with a cascade preset (every stage gets it resized) at the output's aspect ratio."""
@@ -343,7 +353,7 @@ def check_control(settings: RunSettings, unet: dict[str, Any] | None) -> None:
         if not (math.isfinite(scale) and scale >= 0):
             raise UsageError(f"control scale {scale} must be a number >= 0; pass e.g. --control-scale 1")
     for source in nets:
-        check_controlnet(source, unet)
+        check_controlnet(source, *_denoiser_fit(settings, unet))
     for path in images:
         width, height = check_image(path, "--control-image")
         if settings.stages and abs(width * settings.height - height * settings.width) > 0.01 * width * settings.height:

@@ -95,8 +95,13 @@ def test_what_a_sana_controlnet_cannot_do_refuses_in_one_line(inputs, tmp_path, 
     control = {key: (value,) for key, value in inputs.items()}
     if overrides.pop("controlnet_twice", False):
         control = {key: value * 2 for key, value in control.items()}
-    if overrides:
+    if overrides:  # a ControlNet for another model: refused from its config, before anything loads
+        from distlin import build_settings
+
         control["controlnet"] = (str(build_controlnet(tmp_path / "other", **overrides)),)
+        with pytest.raises(UsageError, match=message):
+            build_settings("tiny-sana", control, 1)
+        return
     with pytest.raises(UsageError, match=message):
         latents(None, control)
 

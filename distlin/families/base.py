@@ -29,9 +29,11 @@ class Family:
 
     ``denoiser``: the pipeline attribute that is called once per step (``unet``, ``transformer``);
     ``latent_argument``: its argument holding the ``(B, C, H, W)`` latent; ``residual_arguments``: conditioning
-    residuals a ControlNet hands it (cut into bands when whole); ``load_controlnet``: ``module:function``
-    loading one ControlNet that fits the denoiser, ``(source, pipe) -> model``; ``controlnet_pipeline``:
-    ``module:function`` giving the pipeline variant that runs them, ``(pipe, controlnets) -> pipe``;
+    residuals a ControlNet hands it (cut into bands when whole); ``controlnet_fits``: the denoiser config keys a
+    ControlNet copies from the model it was made for (checked before anything loads); ``load_controlnet``:
+    ``module:function`` loading one ControlNet that fits the denoiser, ``(source, pipe) -> model``;
+    ``controlnet_pipeline``: ``module:function`` giving the pipeline variant that runs them, ``(pipe,
+    controlnets) -> pipe``;
     ``row_unit(denoiser_config)``: the latent rows a band boundary must be a multiple of (2**downsamplings for a
     UNet, the patch size for a DiT);
     ``latent_factor(vae_config)``: image pixels per latent pixel; ``parallelize``: ``module:function`` making the
@@ -66,6 +68,7 @@ class Family:
     parallelize: str
     parallelize_vae: str
     residual_arguments: tuple[str, ...] = ()
+    controlnet_fits: tuple[str, ...] = ()
     load_controlnet: str = "distlin.components:load_controlnet"
     controlnet_pipeline: str = "distlin.components:controlnet_pipeline"
     plan: str = ""

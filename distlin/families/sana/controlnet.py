@@ -17,20 +17,12 @@ from torch import nn
 
 from distlin.components import check_controlnet_fits
 from distlin.errors import UsageError
+from distlin.families.sana.family import SANA
 from distlin.families.sana.transformer import ParallelSanaTransformer, band_arguments, swap_band_layers
 from distlin.parallel.controlnet import ParallelControlNet
 from distlin.parallel.unet import concat_batches
 from distlin.sources import local_path
 from distlin.surgery import calls_like
-
-# transformer config keys a SANA ControlNet copies from the transformer it was made for: equal ones mean it fits
-SANA_CONTROLNET_FIT_KEYS = (
-    "in_channels",
-    "patch_size",
-    "num_attention_heads",
-    "attention_head_dim",
-    "caption_channels",
-)
 
 
 class ParallelSanaControlNet(ParallelControlNet):
@@ -79,7 +71,7 @@ def load_sana_controlnet(source: str, pipe: Any) -> nn.Module:
     except (OSError, ValueError) as err:
         raise UsageError(f"SANA ControlNet {source!r} cannot be loaded ({err}); fix --controlnet") from None
     fits = dict(controlnet.config)
-    check_controlnet_fits(source, fits, dict(pipe.transformer.config), SANA_CONTROLNET_FIT_KEYS, "transformer")
+    check_controlnet_fits(source, fits, dict(pipe.transformer.config), SANA.controlnet_fits, "transformer")
     return controlnet.to(pipe.transformer.device)
 
 

@@ -96,6 +96,7 @@ SANA = Family(
     denoiser="transformer",
     latent_argument="hidden_states",
     residual_arguments=("controlnet_block_samples",),
+    controlnet_fits=("in_channels", "patch_size", "num_attention_heads", "attention_head_dim", "caption_channels"),
     row_unit=token_row_unit,
     latent_factor=dc_ae_factor,
     parallelize="distlin.families.sana.transformer:parallelize_sana",
