@@ -1,5 +1,5 @@
-"""Loading a pipeline (a built-in offline one, a local folder or a Hugging Face Hub id) and its LinFusion layers,
-and turning the final latents into the image.
+"""Loading a pipeline (a built-in offline one, a local folder or a Hugging Face Hub id) and its LinFusion layers
+(the final latents become the image in :func:`distlin.vae.coders.decode_latents`).
 
 Every way a model or a LinFusion checkpoint can be missing when it loads becomes one :class:`UsageError` line
 naming the value and the fixes; the cheap checks made before any weights load are :mod:`distlin.sources`'.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +22,9 @@ from distlin.linfusion import LinFusion, LinFusionAttnProcessor
 from distlin.models.architectures import is_builtin
 from distlin.settings import canonical_dtype
 from distlin.sources import FRESH_LINFUSION, NO_LINFUSION, check_linfusion_source, check_model_source, local_path
-from distlin.vae.latents import unscaled, vae_in_float32_if_needed
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
-    from PIL import Image
 
 # Loggers whose chatter ("Couldn't connect to the Hub ...") would bury the one-line error of a failed load.
 _LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub")
@@ -135,28 +133,3 @@ def _mount(pipe: Any, linfusion: str, seed: int) -> LinFusion | None:
             f"LinFusion checkpoint {linfusion!r} does not fit {pipe.unet.__class__.__name__} of this model "
             f"({first[:200]}); pass the checkpoint made for this base model, or --linfusion fresh or none"
         ) from None
-
-
-@torch.no_grad()
-def decode_latents(
-    pipe: Any, latents: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> Image.Image:
-    """Decode the first latent of a batch into a PIL image with the pipeline's VAE, as diffusers would.
-
-    Undoes the VAE's scaling (and shift, or SDXL-style per-channel mean/std), decodes in float32 where the VAE
-    asks for it (``force_upcast``: the SDXL VAE overflows in float16) and applies the pipeline's watermark.
-    ``decode`` replaces ``vae.decode`` (e.g. the band-parallel VAE's; then every rank must call this).
-    """
-    vae = pipe.vae
-    with vae_in_float32_if_needed(vae) as dtype:
-        latents = unscaled(latents[:1].to(device=vae.device, dtype=dtype), vae.config)
-        image = decode(latents) if decode is not None else vae.decode(latents, return_dict=False)[0]
-    return image_to_pil(pipe, image)
-
-
-def image_to_pil(pipe: Any, image: torch.Tensor) -> Image.Image:
-    """The first image of a ``[-1, 1]`` batch as PIL, with the pipeline's watermark if it has one."""
-    watermark = getattr(pipe, "watermark", None)
-    if watermark is not None:
-        image = watermark.apply_watermark(image)
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]

@@ -27,7 +27,7 @@ from distlin.errors import Cancelled, UsageError
 from distlin.families import family_of_pipeline, load
 from distlin.inputs import load_rgb
 from distlin.lean import bound_memory
-from distlin.loading import decode_latents, load_pipeline, mount_linfusion, parse_dtype
+from distlin.loading import load_pipeline, mount_linfusion, parse_dtype
 from distlin.memory.fit import check_host_memory, fit_to_capacity, host_capacity, local_ranks, saver_flags
 from distlin.ops.kernels import check_kernel
 from distlin.parallel.comm import CommStats
@@ -41,7 +41,7 @@ from distlin.schedulers import build_scheduler, unet_calls
 from distlin.settings import RunSettings, check_sizes
 from distlin.sizes import format_size
 from distlin.sources import NO_LINFUSION
-from distlin.vae.coders import Coder, SizedCoder, run_coder
+from distlin.vae.coders import Coder, SizedCoder, decode_latents, run_coder
 
 # Built-in weights and fresh LinFusion layers always come from this seed, so --seed only changes the noise.
 WEIGHTS_SEED = 0

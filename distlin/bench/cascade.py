@@ -26,6 +26,7 @@ from distlin.presets import load_preset
 from distlin.sampling.sdedit import run_sdedit
 from distlin.sampling.stages import Stage, cascade_stages
 from distlin.sizes import format_size, parse_size
+from distlin.vae.coders import Coder, PlainVAE
 
 PARTS = ("unet_ms", "decode_ms", "encode_ms")
 
@@ -61,10 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class StageClock:
-    """Times one cascade run stage by stage: UNet calls by hooks, VAE calls as the cascade's coder."""
+    """Times one cascade run stage by stage: UNet calls by hooks, VAE calls as the cascade's coder (it times
+    ``coder``'s, the plain VAE's by default)."""
 
-    def __init__(self, pipe: Any, device: torch.device):
-        self.vae, self.device = pipe.vae, device
+    def __init__(self, pipe: Any, device: torch.device, coder: Coder | None = None):
+        self.coder, self.device = coder or PlainVAE(pipe.vae), device
         self.stages: list[dict[str, float]] = []
         self._hooks = [
             pipe.unet.register_forward_pre_hook(lambda *_: self._start("unet")),
@@ -96,14 +98,14 @@ class StageClock:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self._new_stage()
         self._start("decode")
-        image = self.vae.decode(latents).sample
+        image = self.coder.decode(latents)
         self._stop("decode_ms", "decode")
         return image
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> Any:
         self._start("encode")
-        posterior = self.vae.encode(image).latent_dist
+        posterior = self.coder.encode(image)
         self._stop("encode_ms", "encode")
         return posterior
 

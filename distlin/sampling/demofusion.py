@@ -261,7 +261,7 @@ def run_demofusion(
     ``pipe`` is a ``StableDiffusionXLPipeline``; stage 0 runs it (generator ``seed``), stage ``k`` draws its
     noise from ``seed + k``. ``vae`` (band-parallel) replaces the plain VAE between stages; ``handle`` (the
     parallelized UNet) is checked against every stage's size up front. Decode the result with
-    :func:`distlin.loading.decode_latents`. ``on_stage`` gets each stage's wall time as it ends.
+    :func:`distlin.vae.coders.decode_latents`. ``on_stage`` gets each stage's wall time as it ends.
 
     With ``init_image`` (``(1, 3, H, W)`` in [-1, 1], any size) stage 0 refines that picture, resized to its
     size, at its strength, like a later stage; its latents then anchor the per-channel statistics, and

@@ -6,8 +6,8 @@ sequential-VAE threshold (:func:`decodes_sequentially`, also the memory planner'
 by band, its full-size activations in host RAM or on the device (:class:`SequentialVAE`, or the family's
 ``sequential_coder``), so no device holds a full-resolution activation: at 16K the encoder's full-resolution maps
 fit no GPU either. :func:`run_coder` builds the :class:`SizedCoder` that picks between the two per image size,
-for the final decode and for the decode, upscale and encode between cascade stages alike. Latent (un)scaling and
-the float32 upcast come from the VAE's config (:mod:`distlin.vae.latents`).
+for the final decode (:func:`decode_latents`) and for the decode, upscale and encode between cascade stages
+alike. Latent (un)scaling and the float32 upcast come from the VAE's config (:mod:`distlin.vae.latents`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from distlin.errors import UsageError
 from distlin.parallel.runtime import Runtime
 from distlin.parallel.topology import LATENT_FACTOR
 from distlin.thresholds import Thresholds
+from distlin.vae.latents import unscaled, vae_in_float32_if_needed
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from PIL import Image
 
 TransferReport = Callable[[str, int, float], None]  # (what, bytes moved, seconds)
 
@@ -225,3 +227,29 @@ def run_coder(
     else:
         coder = SequentialVAE(vae, runtime, options, report, store)
     return SizedCoder(direct, coder, is_large, factor)
+
+
+@torch.no_grad()
+def decode_latents(
+    pipe: Any, latents: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Image.Image:
+    """Decode the first latent of a batch into a PIL image with the pipeline's VAE, as diffusers would (a run's
+    final decode, ``decode`` its coder's at the image's size).
+
+    Undoes the VAE's scaling (and shift, or SDXL-style per-channel mean/std), decodes in float32 where the VAE
+    asks for it (``force_upcast``: the SDXL VAE overflows in float16) and applies the pipeline's watermark.
+    ``decode`` replaces ``vae.decode`` (e.g. the band-parallel VAE's; then every rank must call this).
+    """
+    vae = pipe.vae
+    with vae_in_float32_if_needed(vae) as dtype:
+        latents = unscaled(latents[:1].to(device=vae.device, dtype=dtype), vae.config)
+        image = decode(latents) if decode is not None else vae.decode(latents, return_dict=False)[0]
+    return image_to_pil(pipe, image)
+
+
+def image_to_pil(pipe: Any, image: torch.Tensor) -> Image.Image:
+    """The first image of a ``[-1, 1]`` batch as PIL, with the pipeline's watermark if it has one."""
+    watermark = getattr(pipe, "watermark", None)
+    if watermark is not None:
+        image = watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
