@@ -4,8 +4,9 @@ Why: a rank that raises inside a denoising step leaves the others blocked in a c
 without this they would wait there until the group's timeout (``--timeout-s``) and the app would end. Instead
 the failing rank announces its failure in the rendezvous store (which outlives any process group), drops what
 holds the group (the prepared pipeline, the failed frames) and aborts its communicators. A peer's collective then
-fails, at once when the failing rank had no exchange in flight (gloo: "Connection closed by peer"), else when the
-peer's own wait reaches the group's timeout (gloo's abort does not end an exchange already under way). Each rank
+fails: at once if that closes the failing rank's connections (gloo: "Connection closed by peer"; gloo closes them
+only once nothing of that rank holds the group), else when the peer's wait reaches the group's timeout (gloo's
+abort does not end an exchange under way; a failure inside a UNet step is refused after that timeout). Each rank
 that fails so finds the announcement, aborts its own communicators (freeing any rank waiting on it in turn), and
 all of them meet in the store and build a fresh process group under a new key prefix
 (``distlin-regroup/<round>``). The request ends as a refusal naming the failing rank's error. The new group
