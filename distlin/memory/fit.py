@@ -20,6 +20,7 @@ from distlin.memory.planner import component_parameters, ranks_needed
 from distlin.settings import RunSettings
 from distlin.sizes import format_size
 from distlin.sources import base_family, local_path, read_json, safetensors_parameters, unet_config
+from distlin.vae.transfer import copies_overlap
 
 # In this order: the guidance halves one after the other, the VAE decoded band by band through host RAM, then
 # its mid-block keys/values streamed from there too. The last two cost host transfers.
@@ -53,6 +54,7 @@ def component_configs(settings: RunSettings) -> tuple[dict[str, dict[str, Any]],
 
 def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
     """The planner's keyword arguments for a run's settings (everything but the model, size and ranks)."""
+    device = "cuda" if settings.device == "auto" else settings.device  # auto: planned for a GPU
     return {
         "extra_parameters": component_parameters(*component_configs(settings)),
         "controlnets": len(settings.controlnet),
@@ -63,7 +65,7 @@ def plan_kwargs(settings: RunSettings) -> dict[str, Any]:
         "vae_attention_rows": settings.vae_attention_rows,
         "vae_decode": settings.vae_decode,
         "thresholds": settings.thresholds,
-        "vae_fetch_ahead": settings.device != "cpu" and settings.vae_store != "device",  # copies overlap compute
+        "vae_fetch_ahead": copies_overlap(device, device if settings.vae_store == "device" else "cpu"),
         "vae_store": "device" if settings.vae_store == "device" else "host",  # auto: host until placed
     }
 

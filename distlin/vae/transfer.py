@@ -54,6 +54,12 @@ class Fetch:
         return self.tensor.to(self.dtype)
 
 
+def copies_overlap(compute: torch.device | str, store: torch.device | str) -> bool:
+    """Whether copies between ``store`` and ``compute`` overlap compute (CUDA compute, host-RAM store); the
+    sequential VAE then holds the next band on the device beside the one computing (the planner counts it)."""
+    return torch.device(compute).type == "cuda" and torch.device(store).type == "cpu"
+
+
 class HostStore:
     """The store side of the sequential decoder: copies to and from ``compute``, counted in bytes (``moved``).
 
@@ -63,7 +69,7 @@ class HostStore:
 
     def __init__(self, compute: torch.device, store: torch.device):
         self.compute, self.store = compute, store
-        self.overlap = compute.type == "cuda" and store.type == "cpu"
+        self.overlap = copies_overlap(compute, store)
         self.stream = torch.cuda.Stream(compute) if self.overlap else None
         self.moved = 0  # bytes copied between store and compute, both ways
         self._writes: dict[int, torch.cuda.Event] = {}  # host buffer address -> event of the copy writing it
