@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from distlin.errors import UsageError
+from distlin.families.base import check_controlnet_fits
+from distlin.families.sd import SD
 from distlin.inputs import check_image
 from distlin.notices import without_cast_notice
 from distlin.sources import IMAGE_ENCODER_FOLDER, IP_ADAPTER_WEIGHTS, base_family, local_path, read_json
 
 # UNet config keys a ControlNet copies from the UNet it was made for: equal ones mean it fits.
-CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type")
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 IP_ADAPTER_SUFFIXES = (".safetensors", ".bin")
 
@@ -206,7 +207,7 @@ def _ip_adapter_text_width(path: Path, source: str) -> int:
 
 
 def check_controlnet(
-    source: str, unet: dict[str, Any] | None, keys: Sequence[str] = CONTROLNET_FIT_KEYS, what: str = "UNet"
+    source: str, unet: dict[str, Any] | None, keys: Sequence[str] = SD.controlnet_fits, what: str = "UNet"
 ) -> None:
     """A ControlNet folder (or Hub id) whose config fits the base model's denoiser config ``unet`` (when known;
     ``keys``, ``what``: its family's, :func:`check_controlnet_fits`)."""
@@ -218,28 +219,6 @@ def check_controlnet(
     config = read_json(path / "config.json", f"ControlNet {source!r}", "--controlnet")
     if unet is not None:
         check_controlnet_fits(source, config, unet, keys, what)
-
-
-def check_controlnet_fits(
-    source: str,
-    controlnet: dict[str, Any],
-    denoiser: dict[str, Any],
-    keys: Sequence[str] = CONTROLNET_FIT_KEYS,
-    what: str = "UNet",
-) -> None:
-    """The ControlNet was made for a denoiser like this one: the config ``keys`` it copies from it are equal
-    (a UNet's: its widths, text width, latent channels)."""
-    for key in keys:
-        if key in controlnet and controlnet.get(key) != denoiser.get(key):
-            mine, theirs = _as_text(controlnet[key]), _as_text(denoiser.get(key))
-            raise UsageError(
-                f"ControlNet {source!r} was made for another base model ({key} {mine}, the model's {what} has "
-                f"{theirs}); pass a ControlNet trained for this model"
-            )
-
-
-def _as_text(value: Any) -> str:
-    return str(tuple(value)) if isinstance(value, list) else str(value)
 
 
 def apply_loras(pipe: Any, loras: tuple[Lora, ...]) -> None:
@@ -336,7 +315,7 @@ def load_controlnet(source: str, pipe: Any) -> Any:
         controlnet = ControlNetModel.from_pretrained(str(local_path(source) or source), torch_dtype=pipe.unet.dtype)
     except (OSError, ValueError) as err:
         raise UsageError(f"ControlNet {source!r} cannot be loaded ({err}); fix --controlnet") from None
-    check_controlnet_fits(source, dict(controlnet.config), dict(pipe.unet.config))
+    check_controlnet_fits(source, dict(controlnet.config), dict(pipe.unet.config), SD.controlnet_fits, "UNet")
     return controlnet.to(pipe.unet.device)
 
 

@@ -9,7 +9,7 @@ its VAE, its cascade sampler, its memory formula) is one :class:`Family`, regist
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
@@ -110,3 +110,25 @@ class Family:
         why = self.refusal(feature)
         if used and why is not None:
             raise UsageError(f"{self.name}: {why}")
+
+
+def check_controlnet_fits(
+    source: str,
+    controlnet: dict[str, Any],
+    denoiser: dict[str, Any],
+    keys: Sequence[str],
+    what: str,
+) -> None:
+    """The ControlNet was made for a denoiser like this one: the config ``keys`` it copies from it are equal
+    (a UNet's: its widths, text width, latent channels)."""
+    for key in keys:
+        if key in controlnet and controlnet.get(key) != denoiser.get(key):
+            mine, theirs = _as_text(controlnet[key]), _as_text(denoiser.get(key))
+            raise UsageError(
+                f"ControlNet {source!r} was made for another base model ({key} {mine}, the model's {what} has "
+                f"{theirs}); pass a ControlNet trained for this model"
+            )
+
+
+def _as_text(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, list) else str(value)

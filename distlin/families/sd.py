@@ -6,7 +6,6 @@ Its model-side code is the engine's first client and lives where it grew: the UN
 
 from __future__ import annotations
 
-from distlin.components import CONTROLNET_FIT_KEYS
 from distlin.families.base import Family
 from distlin.parallel.topology import LATENT_FACTOR, row_unit
 from distlin.sources import architecture_of
@@ -21,7 +20,7 @@ SD = Family(
     parallelize_vae="distlin.vae.parallel:parallelize_vae",
     plan="distlin.memory.planner:plan",
     architecture=architecture_of,
-    controlnet_fits=CONTROLNET_FIT_KEYS,
+    controlnet_fits=("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type"),
     residual_arguments=(
         "down_block_additional_residuals",
         "mid_block_additional_residual",

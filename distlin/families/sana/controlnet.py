@@ -15,8 +15,8 @@ from diffusers import SanaControlNetModel, SanaControlNetPipeline
 from diffusers.models.controlnets.controlnet_sana import SanaControlNetOutput
 from torch import nn
 
-from distlin.components import check_controlnet_fits
 from distlin.errors import UsageError
+from distlin.families.base import check_controlnet_fits
 from distlin.families.sana.family import SANA
 from distlin.families.sana.transformer import ParallelSanaTransformer, band_arguments, swap_band_layers
 from distlin.parallel.controlnet import ParallelControlNet

@@ -226,14 +226,3 @@ def parallelize_transformer(
     """Make a ``SanaTransformer2DModel`` patch-parallel over the ranks of ``runtime`` (one rank: no exchange)."""
     ctx = ParallelContext(runtime or Runtime(), config or PatchParallelConfig())
     return ParallelSanaTransformer(transformer, ctx, latent_factor).apply()
-
-
-def parallelize_sana(pipe: Any, config: PatchParallelConfig | None, runtime: Runtime) -> ParallelSanaTransformer:
-    """The family's ``parallelize``: the pipeline's transformer on row bands, and its ControlNet (a
-    ``SanaControlNetPipeline``'s) on the same engine."""
-    from distlin.families.sana.controlnet import parallelize_sana_controlnet  # it builds on this module
-
-    handle = parallelize_transformer(pipe.transformer, config, runtime, SANA.latent_factor(pipe.vae.config))
-    if getattr(pipe, "controlnet", None) is not None:
-        parallelize_sana_controlnet(pipe.controlnet, handle)
-    return handle
