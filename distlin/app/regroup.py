@@ -4,9 +4,9 @@ Why: a rank that raises inside a denoising step leaves the others blocked in a c
 without this they would wait there until the group's timeout (``--timeout-s``) and the app would end. Instead
 the failing rank announces its failure in the rendezvous store (which outlives any process group), drops what
 holds the group (the prepared pipeline, the failed frames) and aborts its communicators. A peer's collective then
-fails: at once if that closes the failing rank's connections (gloo: "Connection closed by peer"; gloo closes them
-only once nothing of that rank holds the group), else when the peer's wait reaches the group's timeout (gloo's
-abort does not end an exchange under way; a failure inside a UNet step is refused after that timeout). Each rank
+fails at once when that closes the failing rank's connections (gloo: "Connection closed by peer"; gloo closes
+them once nothing of that rank holds the group, hence :func:`clear_tracebacks`), else when the peer's wait
+reaches the group's timeout (gloo's abort does not end an exchange under way). Each rank
 that fails so finds the announcement, aborts its own communicators (freeing any rank waiting on it in turn), and
 all of them meet in the store and build a fresh process group under a new key prefix
 (``distlin-regroup/<round>``). The request ends as a refusal naming the failing rank's error. The new group
@@ -56,7 +56,7 @@ class GroupRecovery:
                 raise error
             self.store.set(failed, f"rank {self.runtime.rank}: {one_line(error)}")
         line = self.store.get(failed).decode()
-        traceback.clear_frames(error.__traceback__)  # their locals may hold the group's exchanges
+        clear_tracebacks(error)  # the failed call's frames hold its engine, and so the group's connections
         release()
         gc.collect()  # the group's connections close once nothing holds it
         self._rebuild()
@@ -80,6 +80,22 @@ class GroupRecovery:
             timeout=self.timeout,
             device_id=self.runtime.device if self.runtime.backend == "nccl" else None,
         )
+
+
+def clear_tracebacks(error: BaseException) -> None:
+    """Drop the frames ``error`` and the exceptions it was raised from or during still hold. Clearing their locals
+    is not enough: a frame holds its function too, and the pipeline's wrapped ``__call__`` closes over its engine
+    (:func:`distlin.surgery.around_calls`), which holds the group; while it lives gloo keeps the connections open
+    and a peer waits out its collective's timeout instead of failing at once."""
+    pending, seen = [error], set()
+    while pending:
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err.__traceback__ = None
+        pending += [err.__cause__, err.__context__]
 
 
 def one_line(err: BaseException) -> str:
