@@ -15,6 +15,7 @@ from distlin.errors import UsageError
 from distlin.families.sana.family import SANA, architecture
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.runtime import Runtime
+from distlin.parallel.topology import LATENT_FACTOR
 
 SANA_TEXT_TOKENS = 300  # the Gemma-2 tokens SanaPipeline encodes a prompt into (max_sequence_length)
 
@@ -54,8 +55,8 @@ def build_denoiser(name: str, attention: str, device: str | torch.device, dtype:
 
 
 def latent_factor(name: str) -> int:
-    """Image pixels per latent pixel of ``name``'s VAE (8 for a UNet's, SANA's DC-AE's for SANA)."""
-    return SANA.latent_factor(architecture(name)["vae"]) if is_sana(name) else 8
+    """Image pixels per latent pixel of ``name``'s VAE (a UNet's AutoencoderKL's, SANA's DC-AE's for SANA)."""
+    return SANA.latent_factor(architecture(name)["vae"]) if is_sana(name) else LATENT_FACTOR
 
 
 def denoiser_inputs(name: str, model: nn.Module, batch: int, height: int, width: int) -> dict[str, Any]:
