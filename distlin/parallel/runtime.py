@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -50,8 +51,8 @@ class Runtime:
 
     def shutdown(self) -> None:
         """Destroy the process group (idempotent)."""
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.distributed:
+            _destroy_process_group()
         self.backend = None
 
 
@@ -74,6 +75,11 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
 
 
 def _destroy_process_group() -> None:
+    """Destroy every group once nothing holds it. A parallelized model is cyclic garbage (its rewritten classes
+    refer to themselves) whose communicators keep their groups alive; left to the interpreter's final collection,
+    gloo's threads would be torn down after the interpreter and abort the process ("terminate called without an
+    active exception") though the run succeeded."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
