@@ -19,8 +19,20 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from distlin.bench import options
-from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
-from distlin.bench.timing import peak_memory_mb, time_calls
+from distlin.bench.report import (
+    Record,
+    SuiteResult,
+    bullets,
+    factor,
+    finish_axes,
+    fmt,
+    markdown_table,
+    met,
+    new_figure,
+    progress,
+    spread,
+)
+from distlin.bench.timing import time_call
 from distlin.linfusion import LinFusionAttention
 
 IMPLS = ("linear", "sdpa")
@@ -31,14 +43,8 @@ TARGET = {"channels": 320, "tokens": 16384, "speedup": 12.0, "exponent": 1.15}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(parser, "--channels", [320, 640], [320], "layer widths C", type=options.int_list)
-    options.add(
-        parser,
-        "--tokens",
-        [1024, 4096, 16384, 65536, 262144],
-        [1024, 4096, 16384],
-        "token counts (h*w)",
-        type=options.int_list,
-    )
+    tokens = [1024, 4096, 16384, 65536, 262144]
+    options.add(parser, "--tokens", tokens, tokens[:3], "token counts (h*w)", type=options.int_list)
     parser.add_argument("--heads", type=int, default=8, help="attention heads, SD-1.5's 8 (default 8)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     options.add(parser, "--repeats", 5, 3, "timed calls per size", type=int)
@@ -98,11 +104,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
                     continue
                 call = partial(layer, torch.randn(args.batch, tokens, channels, device=device, dtype=dtype))
                 with torch.inference_mode():
-                    peak = peak_memory_mb(call, device)  # also the first warm-up call
-                    for _ in range(args.warmup - 1):
-                        call()
-                    timing = time_calls(call, device, args.repeats)
-                last = {**base, **timing.fields(), "peak_mb": peak, "skipped": None}
+                    last = {**base, **time_call(call, device, args.warmup, args.repeats), "skipped": None}
                 progress("attention", f"{impl} C={channels} {tokens} tokens: {last['ms']:.1f} ms")
                 records.append(last)
                 del call
@@ -130,18 +132,10 @@ def _find(records: list[Record], impl: str, tokens: int, channels: int) -> Recor
     return None
 
 
-def _cell(r: Record | None) -> str:
-    return "skipped" if r is None else f"{fmt(r['ms'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]"
-
-
 def speedup(records: list[Record], tokens: int, channels: int, key: str = "ms") -> float | None:
     """SDPA time over LinFusion time (``key``: ``ms`` wall-clock or ``cpu_ms`` process CPU time)."""
     lin, sdpa = _find(records, "linear", tokens, channels), _find(records, "sdpa", tokens, channels)
     return sdpa[key] / lin[key] if lin and sdpa else None
-
-
-def _times(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}×"
 
 
 def markdown(records: list[Record], args: argparse.Namespace, device: torch.device) -> str:
@@ -150,27 +144,12 @@ def markdown(records: list[Record], args: argparse.Namespace, device: torch.devi
         for tokens in sorted(args.tokens):
             lin, sdpa = _find(records, "linear", tokens, channels), _find(records, "sdpa", tokens, channels)
             rows.append(
-                [
-                    tokens,
-                    channels,
-                    _cell(lin),
-                    _cell(sdpa),
-                    _times(speedup(records, tokens, channels)),
-                    _times(speedup(records, tokens, channels, "cpu_ms")),
-                    fmt(lin and lin["peak_mb"]),
-                    fmt(sdpa and sdpa["peak_mb"]),
-                ]
+                [tokens, channels, *("skipped" if r is None else spread(r) for r in (lin, sdpa))]
+                + [factor(speedup(records, tokens, channels, key), 1) for key in ("ms", "cpu_ms")]
+                + [fmt(lin and lin["peak_mb"]), fmt(sdpa and sdpa["peak_mb"])]
             )
-    headers = [
-        "tokens",
-        "C",
-        "linear ms [min–max]",
-        "sdpa ms [min–max]",
-        "speed-up",
-        "speed-up (CPU time)",
-        "linear MiB",
-        "sdpa MiB",
-    ]
+    headers = ["tokens", "C", "linear ms [min–max]", "sdpa ms [min–max]", "speed-up", "speed-up (CPU time)"]
+    headers += ["linear MiB", "sdpa MiB"]
     parts = [
         f"Whole self-attention layer (projections included), batch {args.batch}, {args.heads} heads; median of "
         f"{args.repeats} calls after {args.warmup} warm-up. MiB: peak memory of one call above what was held "
@@ -186,11 +165,10 @@ def markdown(records: list[Record], args: argparse.Namespace, device: torch.devi
         f"Scaling exponent (log-log least-squares fit of time against tokens, {FIT_RANGE[0]} to {FIT_RANGE[1]}):",
         markdown_table(["impl", "C", "exponent", "exponent (CPU time)"], exponents),
     ]
-    skipped = [
-        f"- {r['impl']} at {r['tokens']} tokens, C={r['channels']}: {r['skipped']}" for r in records if r["skipped"]
-    ]
-    if skipped:
-        parts.append("Skipped:\n" + "\n".join(skipped))
+    parts += bullets(
+        "Skipped",
+        [f"- {r['impl']} at {r['tokens']} tokens, C={r['channels']}: {r['skipped']}" for r in records if r["skipped"]],
+    )
     if device.type == "cpu" and torch.get_num_threads() == 1:
         parts += _targets(records)
     return "\n\n".join(parts)
@@ -206,10 +184,10 @@ def _targets(records: list[Record]) -> list[str]:
             continue
         lines.append(
             f"- {label}: speed-up at {TARGET['tokens']} tokens {s:.1f}× (target ≥ {TARGET['speedup']:g}×: "
-            f"{'met' if s >= TARGET['speedup'] else 'NOT met'}); linear exponent {e:.2f} (target ≤ "
-            f"{TARGET['exponent']}: {'met' if e <= TARGET['exponent'] else 'NOT met'})"
+            f"{met(s >= TARGET['speedup'])}); linear exponent {e:.2f} (target ≤ "
+            f"{TARGET['exponent']}: {met(e <= TARGET['exponent'])})"
         )
-    return [f"Targets (CPU, 1 thread, C={TARGET['channels']}):\n" + "\n".join(lines)] if lines else []
+    return bullets(f"Targets (CPU, 1 thread, C={TARGET['channels']})", lines)
 
 
 def plot(records: list[Record], args: argparse.Namespace) -> Any:
@@ -219,25 +197,14 @@ def plot(records: list[Record], args: argparse.Namespace) -> Any:
             rs = [r for r in records if r["impl"] == impl and r["channels"] == channels and r["ms"] is not None]
             if rs:
                 err = [[r["ms"] - r["ms_min"] for r in rs], [r["ms_max"] - r["ms"] for r in rs]]
-                times.errorbar(
-                    [r["tokens"] for r in rs],
-                    [r["ms"] for r in rs],
-                    yerr=err,
-                    marker=marker,
-                    capsize=3,
-                    label=f"{impl} C={channels}",
-                )
+                x, y = [r["tokens"] for r in rs], [r["ms"] for r in rs]
+                times.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=f"{impl} C={channels}")
         pairs = [(t, speedup(records, t, channels)) for t in sorted(args.tokens)]
         pairs = [(t, s) for t, s in pairs if s is not None]
         if pairs:
             gains.plot(*zip(*pairs, strict=True), marker="o", label=f"C={channels}")
-    times.set(
-        xscale="log",
-        yscale="log",
-        xlabel="tokens",
-        ylabel="ms per call (median, min–max)",
-        title="self-attention layer",
-    )
+    times.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per call (median, min–max)")
+    times.set_title("self-attention layer")
     gains.set(xscale="log", xlabel="tokens", ylabel="SDPA time / LinFusion time", title="speed-up of LinFusion")
     finish_axes(times, gains)
     return fig

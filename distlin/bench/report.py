@@ -51,7 +51,7 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int, command:
     the 1-minute load average before the run (other processes on a shared machine skew CPU timings)."""
     return {
         "device": describe_device(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "distlin": distlin.__version__,
@@ -92,6 +92,34 @@ def fmt_bytes(n: float | None) -> str:
         if abs(n) >= scale:
             return f"{fmt(n / scale)} {unit}"
     return f"{n:.0f} B"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def factor(value: float | None, digits: int = 2) -> str:
+    """``1.23×``, or ``n/a`` for None."""
+    return "n/a" if value is None else f"{value:.{digits}f}×"
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """A fraction as ``12.3%``, or ``n/a`` for None."""
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def spread(r: Record, key: str = "ms") -> str:
+    """The median of a timed record with its range: ``12.3 [11.0–14.2]``."""
+    return f"{fmt(r[key])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]"
+
+
+def bullets(title: str, lines: Sequence[str]) -> list[str]:
+    """``title:`` over a list of lines, or nothing when there are none (a Markdown part of a suite)."""
+    return [f"{title}:\n" + "\n".join(lines)] if lines else []
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

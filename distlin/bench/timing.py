@@ -58,6 +58,14 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> 
     return Timing(wall, cpu)
 
 
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict[str, float | None]:
+    """Peak memory of the first call (a warm-up too), the other warm-ups, then the timed calls' fields."""
+    peak = peak_memory_mb(fn, device)
+    for _ in range(warmup - 1):
+        fn()
+    return {**time_calls(fn, device, repeats).fields(), "peak_mb": peak}
+
+
 def _rss_mb(field: str) -> float:
     match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
     if match is None:
