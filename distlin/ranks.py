@@ -1,5 +1,6 @@
-"""Which rank this process is, as torchrun tells it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): read here and
-nowhere else, without torch, so the input checks and the start line know it before anything heavy loads."""
+"""Which rank this process is, as torchrun tells it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``LOCAL_WORLD_SIZE``) or ``--nproc-per-node`` adds (``DISTLIN_RENDEZVOUS_FILE``): read here and nowhere else,
+without torch, so the input checks and the start line know it before anything heavy loads."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from distlin.errors import UsageError
+
+# Set by --nproc-per-node (distlin.cli.launcher): the file store in a private folder its ranks meet through,
+# instead of torchrun's MASTER_ADDR:MASTER_PORT.
+RENDEZVOUS_ENV = "DISTLIN_RENDEZVOUS_FILE"
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,8 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0  # the device index on this node: cuda:LOCAL_RANK
     launched: bool = False  # started by torchrun (RANK and WORLD_SIZE are set)
+    local_world_size: int | None = None  # the ranks on this machine, sharing its RAM (None: not told)
+    rendezvous_file: str | None = None  # started by --nproc-per-node: the file store its ranks meet through
 
     @property
     def is_main(self) -> bool:
@@ -41,6 +48,8 @@ def ranks_from_env(environ: Mapping[str, str] = os.environ) -> Ranks:
         world_size=number("WORLD_SIZE", "1"),
         local_rank=number("LOCAL_RANK", str(rank)),
         launched="RANK" in environ and "WORLD_SIZE" in environ,
+        local_world_size=number("LOCAL_WORLD_SIZE", "") if "LOCAL_WORLD_SIZE" in environ else None,
+        rendezvous_file=environ.get(RENDEZVOUS_ENV) or None,
     )
 
 

@@ -39,8 +39,6 @@ from distlin.settings import VAE_DECODES, VAE_STORES, RunSettings, build_setting
 from distlin.sizes import format_size
 
 DEFAULT_PRESET = "tiny-sd15"
-# Set for the ranks --nproc-per-node starts: the launching process has printed the start line already.
-ANNOUNCED_ENV = "DISTLIN_ANNOUNCED"
 
 
 @dataclass(frozen=True)
@@ -327,7 +325,7 @@ def print_plan(settings: RunSettings, outputs: Outputs, ranks: int) -> None:
 
 def announce(args: argparse.Namespace, settings: RunSettings) -> None:
     """The start line, on rank 0 and once (not again in the ranks ``--nproc-per-node`` starts)."""
-    if args.quiet or not _is_rank0() or os.environ.get(ANNOUNCED_ENV):
+    if args.quiet or not _is_rank0() or _started_by_nproc_per_node():
         return
     ranks = args.nproc_per_node or ranks_from_env().world_size
     steps, stages = settings.steps, len(settings.stages)
@@ -372,7 +370,7 @@ def start_ranks(ranks: int, argv: list[str]) -> int:
     from distlin.parallel.runtime import rank_environment  # imports torch: only once every check has passed
 
     # one OpenMP thread: torchrun's default for several ranks, without its banner
-    env = {**rank_environment(dict(os.environ), threads=1), ANNOUNCED_ENV: "1"}
+    env = rank_environment(dict(os.environ), threads=1)
     sys.stdout.flush()
     return run_ranks(ranks, argv, env)
 
@@ -380,6 +378,12 @@ def start_ranks(ranks: int, argv: list[str]) -> int:
 def _is_rank0() -> bool:
     """Rank 0 of a torchrun group, or a single process (known before torch is imported)."""
     return ranks_from_env().is_main
+
+
+def _started_by_nproc_per_node() -> bool:
+    """A rank ``--nproc-per-node`` started (it meets the others through its file store): the launching process
+    has printed the start line already, and says ``interrupted`` once for all its ranks."""
+    return ranks_from_env().rendezvous_file is not None
 
 
 def _silence_progress() -> None:
@@ -411,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {rank_prefix()}{err}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except (KeyboardInterrupt, Cancelled):
-        if _is_rank0() or not os.environ.get(ANNOUNCED_ENV):  # --nproc-per-node: one line for all its ranks
+        if _is_rank0() or not _started_by_nproc_per_node():  # --nproc-per-node: one line for all its ranks
             print("interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     except Exception as err:  # noqa: BLE001 - the two kinds of run failure a user can act on, else re-raised

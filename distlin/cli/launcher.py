@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distlin.errors import INTERRUPTED_EXIT_CODE, LOST_RANK_EXIT_CODE
-from distlin.parallel.config import RENDEZVOUS_ENV
+from distlin.ranks import RENDEZVOUS_ENV
 
 # After the first rank fails, how long the others get to stop by themselves (and print why) before being killed:
 # a rank blocked in a collective with a dead or stopped peer times out within this of the first.

@@ -9,7 +9,6 @@ machine's available RAM (or ``DISTLIN_HOST_MEMORY``) instead, which all its rank
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from distlin.errors import UsageError
 from distlin.families import family_of_model, load
 from distlin.memory.planner import component_parameters, ranks_needed
+from distlin.ranks import ranks_from_env
 from distlin.settings import RunSettings
 from distlin.sizes import format_size
 from distlin.sources import base_family, local_path, read_json, safetensors_parameters, unet_config
@@ -193,4 +193,4 @@ def check_host_memory(settings: RunSettings, ranks: int, local_ranks: int, capac
 
 def local_ranks(world_size: int) -> int:
     """The ranks sharing this machine's RAM (torchrun's LOCAL_WORLD_SIZE; all of them without torchrun)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return ranks_from_env().local_world_size or world_size

@@ -20,6 +20,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interprets() -> bool:
+    """Whether triton's interpreter is on (``TRITON_INTERPRET=1``, triton's own switch): the kernels then run on
+    CPU tensors, which is how the tests check them without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def check_kernel(kernel: str, device: str | None = None) -> None:
     """Reject an unknown kernel name, ``triton`` where triton is not installed, or ``triton`` on a device that is
     not CUDA (``device`` as the user gave it: ``cpu``, ``cuda:1``; ``auto`` and None are checked per tensor)."""
@@ -34,7 +40,7 @@ def check_kernel(kernel: str, device: str | None = None) -> None:
             "attention kernel 'triton' needs the triton package: pip install 'distlin[gpu]', or use auto/torch"
         )
     on_cpu = device is not None and device.split(":")[0] in ("cpu", "mps")
-    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if on_cpu and not triton_interprets():
         raise UsageError(
             f"attention kernel 'triton' runs on CUDA, and the device is {device}; pass --attention-kernel auto "
             "or torch (or a CUDA --device)"

@@ -20,13 +20,11 @@ PyTorch ops here (``*_torch``, the naive reference, any device, differentiable) 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from distlin.errors import UsageError
 from distlin.ops.attention_state import EPS, LinearAttentionState
-from distlin.ops.kernels import check_kernel, triton_available
+from distlin.ops.kernels import check_kernel, triton_available, triton_interprets
 
 DEFAULT_CHUNK = 65536
 # On CPU, chunks this small reuse the allocator's freed blocks instead of page-faulting fresh 20 MB buffers on every
@@ -73,7 +71,7 @@ def select_kernel(kernel: str, *tensors: torch.Tensor) -> str:
             raise UsageError(f"attention kernel 'triton' takes float16, bfloat16 or float32, not {x.dtype}")
         if needs_grad:
             raise UsageError("attention kernel 'triton' has no backward pass; use auto or torch for training")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not x.is_cuda and not triton_interprets():
             raise UsageError(f"attention kernel 'triton' runs on CUDA tensors, not {x.device.type}; use auto or torch")
     return kernel
 

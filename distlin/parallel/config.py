@@ -12,9 +12,6 @@ from distlin.thresholds import INDEX_LIMIT
 Mode = Literal["exact", "displaced", "naive"]
 MODES: tuple[str, ...] = ("exact", "displaced", "naive")
 BACKENDS: tuple[str, ...] = ("nccl", "gloo")  # torch.distributed process-group backends a run may use
-# Set by --nproc-per-node (distlin.cli.launcher): the file store in a private folder its ranks meet through,
-# instead of torchrun's MASTER_ADDR:MASTER_PORT.
-RENDEZVOUS_ENV = "DISTLIN_RENDEZVOUS_FILE"
 # Exchanges displaced mode can take from the previous step: the self-attention exchange (LinFusion's state, or
 # the other bands' K/V with softmax attention), the GroupNorm moments and the convolution halo rows.
 STALE_KINDS: tuple[str, ...] = ("attention", "groupnorm", "halo")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from distlin.errors import UsageError
-from distlin.parallel.config import BACKENDS, RENDEZVOUS_ENV
+from distlin.parallel.config import BACKENDS
 from distlin.ranks import ranks_from_env
 
 # glibc hands every freed block above its mmap threshold back to the OS, so each large activation is faulted in and
@@ -105,7 +104,7 @@ def init_runtime(backend: str | None = None, timeout_s: float = 300.0, device: s
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        store = os.environ.get(RENDEZVOUS_ENV)  # --nproc-per-node: a file store, no port (else torchrun's env://)
+        store = ranks.rendezvous_file  # --nproc-per-node: a file store, no port (else torchrun's env://)
         dist.init_process_group(
             backend=backend,
             init_method=f"file://{store}" if store else None,
