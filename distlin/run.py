@@ -63,7 +63,7 @@ ProgressReport = Callable[[Progress], None]
 @dataclass
 class Prepared:
     """A pipeline rewritten for a run: the parallel UNet handle, the VAE coder, the exchange counters and the
-    model's own scheduler (a generation may swap in another, :func:`_sample`)."""
+    model's own scheduler (a generation may swap in another, :func:`sample`)."""
 
     pipe: Any
     engine: ParallelUNet
@@ -295,13 +295,17 @@ def metadata(settings: RunSettings, runtime: Runtime) -> dict[str, Any]:
     }
 
 
-def _sample(
-    prepared: Prepared, settings: RunSettings, runtime: Runtime, on_stage: Callable[[int, Stage, float], None]
+def sample(
+    prepared: Prepared,
+    settings: RunSettings,
+    coder: Coder,
+    on_stage: Callable[[int, Stage, float], None] | None = None,
 ) -> torch.Tensor:
     """The final latents of one pass or of the preset's cascade (SDXL: DemoFusion-style; SD: SDEdit; between
-    stages the VAE of :func:`_coder`), with the scheduler asked for, from noise or from ``--init-image``
-    (inpainting where ``--mask`` is white), with a ControlNet's control image and an IP-Adapter's reference
-    picture (every stage) if there are."""
+    stages ``coder`` decodes and encodes: the run's :func:`vae_coder`, or a wrapper of it), with the scheduler
+    asked for, from noise or from ``--init-image`` (inpainting where ``--mask`` is white), with a ControlNet's
+    control image and an IP-Adapter's reference picture (every stage) if there are; ``on_stage`` gets each
+    cascade stage's wall time as it ends."""
     pipe = prepared.pipe
     own = prepared.scheduler
     pipe.scheduler = own if settings.scheduler is None else build_scheduler(settings.scheduler, own.config)
@@ -321,7 +325,7 @@ def _sample(
         pipe.set_ip_adapter_scale(ip_adapter_scales(settings.ip_adapters))
         common["ip_adapter_image"] = [load_rgb(path, "--ip-image") for path in settings.ip_image]
     if family.cascade and (settings.stages or settings.init_image is not None or settings.controlnet):
-        return _family_cascade(prepared, settings, runtime, on_stage, common)
+        return _family_cascade(prepared, settings, coder, on_stage, common)
     if not settings.stages:
         height, width = settings.height, settings.width
         inputs: dict[str, Any] = {"height": height, "width": width}
@@ -354,7 +358,7 @@ def _sample(
         "stages": settings.stages,
         "steps": settings.steps,
         "seed": settings.seed,
-        "vae": _coder(prepared, settings, runtime),
+        "vae": coder,
     }
     first = settings.stages[0]
     if settings.controlnet:
@@ -373,12 +377,12 @@ def _sample(
 def _family_cascade(
     prepared: Prepared,
     settings: RunSettings,
-    runtime: Runtime,
-    on_stage: Callable[[int, Stage, float], None],
+    vae: Coder,
+    on_stage: Callable[[int, Stage, float], None] | None,
     common: dict[str, Any],
 ) -> torch.Tensor:
     """A family's own cascade sampler: the preset's stages, or one stage refining ``--init-image`` or from noise
-    (a ControlNet's run: its control image, at every stage's size, encoded by the run's coder)."""
+    (a ControlNet's run: its control image, at every stage's size, encoded by ``vae``, the run's coder)."""
     pipe = prepared.pipe
     stages = settings.stages or (Stage(settings.height, settings.width, settings.strength or 1.0),)
     init = None
@@ -388,7 +392,6 @@ def _family_cascade(
             load_rgb(settings.init_image, "--init-image", (first.width, first.height))
         )
     cascade = load(family_of_pipeline(pipe).cascade)
-    vae = _coder(prepared, settings, runtime)
     if settings.controlnet:
         common = {**common, "controls": [_control_images(settings, stage) for stage in stages]}
         common["controlnet_conditioning_scale"] = _control_scale(settings)
@@ -408,9 +411,9 @@ def _control_scale(settings: RunSettings) -> float | list[float]:
     return scales[0] if len(scales) == 1 else scales
 
 
-def _coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SizedCoder:
-    """What decodes and encodes in this run, per image size: the final decode and the cascade's between stages
-    (:func:`~distlin.vae.coders.run_coder`, with the model family's sequential coder if it has one)."""
+def vae_coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> SizedCoder:
+    """The run's VAE coder: what decodes and encodes, per image size, the cascade's between stages and the final
+    decode (:func:`~distlin.vae.coders.run_coder`, with the model family's sequential coder if it has one)."""
     family = family_of_pipeline(prepared.pipe)
     return run_coder(
         prepared.pipe.vae,
@@ -473,15 +476,15 @@ def generate(
     prepared.unet_stats.reset()
     prepared.vae_stats.reset()
     hook = family_of_pipeline(pipe).denoiser_of(pipe).register_forward_hook(monitor)
+    coder = vae_coder(prepared, settings, runtime)
     clock = StageClock(None)
     try:
-        latents = _sample(prepared, settings, runtime, on_stage)
+        latents = sample(prepared, settings, coder, on_stage)
     finally:
         hook.remove()
     if not settings.stages:
         timings["stage 1"] = clock.seconds(latents)
     clock = StageClock(None)
-    coder = _coder(prepared, settings, runtime)
     image = None
     if runtime.is_main or not coder.is_sequential(settings.height, settings.width):  # banded: every rank decodes
         image = decode_latents(pipe, latents, coder.at(settings.height, settings.width).decode)

@@ -20,6 +20,7 @@ from distlin.bench.cli import main
 from distlin.bench.models import build
 from distlin.parallel import PatchParallelConfig
 from distlin.parallel.config import STALE_KINDS
+from distlin.vae.coders import SizedCoder
 
 KINDS = {"attention", "halo", "groupnorm", "gather", "total"}
 ENV_KEYS = {"device", "dtype", "torch", "threads", "date", "command"}
@@ -111,8 +112,19 @@ def test_project_suite(tmp_path: Path) -> None:
     assert 0 < two["bytes_per_step"]["total"] < two["distrifusion_bytes_per_step"]["total"]
 
 
-def test_cascade_suite(tmp_path: Path) -> None:
+def test_cascade_suite_times_the_runs_cascade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each stage is timed as a run samples it: every later stage starts by decoding the previous stage's latents
+    with the run's VAE coder (:func:`distlin.run.vae_coder`), and that decode is the stage's decode time."""
+    decoded: list[tuple[int, ...]] = []
+    real_decode = SizedCoder.decode
+
+    def decode(coder: SizedCoder, latents: torch.Tensor) -> torch.Tensor:
+        decoded.append(tuple(latents.shape[-2:]))
+        return real_decode(coder, latents)
+
+    monkeypatch.setattr(SizedCoder, "decode", decode)
     records = run_suite(tmp_path, "cascade")  # the tiny-sd15-cascade preset: 64x96 -> 128x192 -> 256x384
+    assert decoded == [(8, 12), (16, 24)] * 2  # latents of stages 0 and 1; a warm-up cascade, then a timed one
     assert [(r["stage"], r["height"], r["width"]) for r in records] == [(0, 64, 96), (1, 128, 192), (2, 256, 384)]
     for r in records:
         assert r["unet_calls"] > 0 and r["ms"] >= r["unet_ms"] > 0

@@ -1,11 +1,14 @@
-"""Suite ``cascade``: end-to-end time per stage of the SDEdit cascade (:func:`distlin.sampling.sdedit.run_sdedit`).
+"""Suite ``cascade``: end-to-end time per stage of the cascade, sampled as a run samples it.
 
 Stages, steps, prompt and guidance come from a preset's ``cascade:`` section (default ``sd15-16k``, LinFusion's
 16K recipe; ``--quick``: ``tiny-sd15-cascade``) or ``--stages``; the weights are the built-in random ones of
-``--model`` with fresh LinFusion layers (timings do not depend on weight values). One device, plain VAE.
-Each stage's wall time is split into UNet calls (forward hooks), VAE decode and encode (a timing wrapper passed
-as the cascade's coder; a stage after the first starts with the decode of the previous stage's latents), and
-the rest (text encoding, scheduler, bicubic upscale).
+``--model`` with fresh LinFusion layers (timings do not depend on weight values). One device; the pipeline is
+prepared as a run prepares it (:func:`distlin.bench.models.run_pipeline`) and the cascade is the run's own
+sampler (:func:`distlin.run.sample`: SDEdit for SD-1.5/2.1) with the run's VAE coder
+(:func:`distlin.run.vae_coder`) between stages. Each stage's wall time, as the run reports it, is split into
+UNet calls (forward hooks), VAE decode and encode (:class:`StageClock` wraps the run's coder; a stage after the
+first starts with the decode of the previous stage's latents), and the rest (text encoding, scheduler, bicubic
+upscale).
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from typing import Any
 import torch
 
 from distlin.bench import options
-from distlin.bench.models import model_name, mount_fresh_linfusion
+from distlin.bench.models import model_name, run_pipeline
 from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
 from distlin.bench.timing import synchronize
-from distlin.models.tiny import build_pipeline
+from distlin.parallel.runtime import Runtime
 from distlin.presets import load_preset
-from distlin.sampling.sdedit import run_sdedit
-from distlin.sampling.stages import Stage, cascade_stages
+from distlin.run import sample, vae_coder
+from distlin.sampling.stages import Stage
 from distlin.sizes import format_size, parse_size
-from distlin.vae.coders import Coder, PlainVAE
+from distlin.vae.coders import Coder
 
 PARTS = ("unet_ms", "decode_ms", "encode_ms")
 
@@ -62,29 +65,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class StageClock:
-    """Times one cascade run stage by stage: UNet calls by hooks, VAE calls as the cascade's coder (it times
-    ``coder``'s, the plain VAE's by default)."""
+    """Times one cascade stage by stage: each stage's wall time as the run reports it (:meth:`on_stage`), UNet
+    calls by hooks, decode and encode by wrapping the run's VAE coder (sample with the clock as the coder)."""
 
-    def __init__(self, pipe: Any, device: torch.device, coder: Coder | None = None):
-        self.coder, self.device = coder or PlainVAE(pipe.vae), device
-        self.stages: list[dict[str, float]] = []
+    def __init__(self, unet: torch.nn.Module, coder: Coder, device: torch.device):
+        self.coder, self.device = coder, device
+        self.stages: list[dict[str, float]] = [self._blank()]
         self._hooks = [
-            pipe.unet.register_forward_pre_hook(lambda *_: self._start("unet")),
-            pipe.unet.register_forward_hook(lambda *_: self._stop("unet_ms", "unet")),
+            unet.register_forward_pre_hook(lambda *_: self._start("unet")),
+            unet.register_forward_hook(lambda *_: self._stop("unet_ms", "unet")),
         ]
         self._began: dict[str, float] = {}
-        self._new_stage()
+
+    @staticmethod
+    def _blank() -> dict[str, float]:
+        return {"unet_calls": 0, **dict.fromkeys(PARTS, 0.0)}
 
     def _now(self) -> float:
         synchronize(self.device)
         return time.perf_counter()
-
-    def _new_stage(self) -> None:
-        now = self._now()
-        if self.stages:
-            self.stages[-1]["ms"] = (now - self._stage_start) * 1e3
-        self._stage_start = now
-        self.stages.append({"unet_calls": 0, **dict.fromkeys(PARTS, 0.0)})
 
     def _start(self, key: str) -> None:
         self._began[key] = self._now()
@@ -94,9 +93,13 @@ class StageClock:
         if part == "unet_ms":
             self.stages[-1]["unet_calls"] += 1
 
+    def on_stage(self, index: int, stage: Stage, seconds: float) -> None:
+        """The run's report of a finished stage: its wall time; what follows belongs to the next stage."""
+        self.stages[-1]["ms"] = seconds * 1e3
+        self.stages.append(self._blank())
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        self._new_stage()
         self._start("decode")
         image = self.coder.decode(latents)
         self._stop("decode_ms", "decode")
@@ -110,34 +113,24 @@ class StageClock:
         return posterior
 
     def finish(self) -> list[dict[str, float]]:
-        """Close the last stage, remove the hooks; per stage: ms, unet_ms, decode_ms, encode_ms, unet_calls."""
-        self.stages[-1]["ms"] = (self._now() - self._stage_start) * 1e3
+        """Remove the hooks; per reported stage: ms, unet_ms, decode_ms, encode_ms, unet_calls."""
         for hook in self._hooks:
             hook.remove()
-        return self.stages
+        return self.stages[:-1]
 
 
 def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[list[Record], str]:
     preset = load_preset(args.preset)
-    stages = args.stages or list(cascade_stages(load_preset(args.preset)))
     model = args.model or (preset["model"] if preset["model"].startswith(("tiny-", "full-")) else "full-sd15")
-    steps = args.steps or preset["steps"]
-    pipe = build_pipeline(model_name(model), torch_dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    mount_fresh_linfusion(pipe.unet)
+    prepared, settings = run_pipeline(model, device, dtype, args.preset, args.stages, steps=args.steps)
+    prepared.pipe.set_progress_bar_config(disable=True)
+    coder = vae_coder(prepared, settings, Runtime(device=device))
+    stages, steps = settings.stages, settings.steps
     runs = []
     for run in range(args.warmup + args.repeats):
-        clock = StageClock(pipe, device)
+        clock = StageClock(prepared.pipe.unet, coder, device)
         try:
-            run_sdedit(
-                pipe,
-                preset["prompt"],
-                stages,
-                steps=steps,
-                seed=preset["seed"],
-                guidance_scale=preset["guidance_scale"],
-                vae=clock,
-            )
+            sample(prepared, settings, clock, clock.on_stage)
         finally:
             timed = clock.finish()
         progress("cascade", f"run {run}: " + ", ".join(f"{s['ms'] / 1e3:.1f} s" for s in timed))
@@ -148,7 +141,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
         per_run = [r[index] for r in runs]
         total = [r["ms"] for r in per_run]
         record = {
-            "model": model,
+            "model": settings.model,
             "attention": "linear",
             "stage": index,
             "height": stage.height,
@@ -163,7 +156,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
         }
         record["other_ms"] = record["ms"] - sum(record[p] for p in PARTS)
         records.append(record)
-    return records, f"preset {args.preset}, {steps} steps at full strength, prompt {preset['prompt']!r}"
+    return records, f"preset {args.preset}, {steps} steps at full strength, prompt {settings.prompt!r}"
 
 
 def markdown(records: list[Record], args: argparse.Namespace, setting: str) -> str:
@@ -201,7 +194,8 @@ def markdown(records: list[Record], args: argparse.Namespace, setting: str) -> s
     ]
     return "\n\n".join(
         [
-            f"SDEdit cascade of {records[0]['model']} with LinFusion ({setting}); one device, plain VAE; median of "
+            f"Cascade of {records[0]['model']} with LinFusion ({setting}), sampled as a run samples it; one device, "
+            f"the run's VAE coder between stages; median of "
             f"{args.repeats} run(s) after {args.warmup} warm-up run(s). A stage after the first starts with the VAE "
             "decode of the previous stage's latents; UNet calls include CFG (batch 2).",
             markdown_table(headers, rows),

@@ -3,7 +3,9 @@ a built-in pipeline prepared as a run prepares it (:func:`run_pipeline`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,7 +18,8 @@ from distlin.models.architectures import FULL_NAMES, TINY_NAMES
 from distlin.models.tiny import build_unet
 from distlin.parallel.runtime import Runtime
 from distlin.parallel.topology import LATENT_FACTOR
-from distlin.run import Prepared, prepare_pipeline
+from distlin.run import Prepared, fitted_settings, prepare_pipeline
+from distlin.sampling.stages import Stage
 from distlin.settings import RunSettings, build_settings
 from distlin.sizes import format_size
 
@@ -96,10 +99,24 @@ def count_flops(unet: UNet2DConditionModel, height: int, width: int, batch: int)
     return counter.get_total_flops()
 
 
-def run_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> tuple[Prepared, RunSettings]:
-    """The built-in ``model`` with fresh LinFusion layers, prepared on one rank of ``device`` exactly as a run
-    prepares it (:func:`distlin.run.prepare_pipeline`: memory bounds with the ``DISTLIN_*`` thresholds, the
-    engine, the band VAE), and the settings it was prepared for."""
-    overrides = {"model": model_name(model), "linfusion": "fresh", "device": str(device)}
-    settings = build_settings("sd15", {**overrides, "dtype": str(dtype).removeprefix("torch.")}, world_size=1)
-    return prepare_pipeline(settings, Runtime(device=device)), settings
+def run_pipeline(
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    preset: str = "sd15",
+    stages: Sequence[Stage] | None = None,
+    **overrides: Any,
+) -> tuple[Prepared, RunSettings]:
+    """The built-in ``model`` on one rank of ``device``, fitted and prepared exactly as a run does it
+    (:func:`distlin.run.fitted_settings`: the memory savers a GPU needs; :func:`distlin.run.prepare_pipeline`:
+    memory bounds with the ``DISTLIN_*`` thresholds, the engine, the band VAE), and the settings it was prepared
+    for: ``preset``'s values with ``overrides`` (keys of :class:`~distlin.settings.RunSettings`; fresh LinFusion
+    layers unless ``linfusion="none"``, softmax) and, if given, ``stages`` as the cascade (the last one the image
+    size)."""
+    values = {"linfusion": "fresh", **overrides, "model": model_name(model), "device": str(device)}
+    settings = build_settings(preset, {**values, "dtype": str(dtype).removeprefix("torch.")}, world_size=1)
+    if stages:
+        settings = replace(settings, stages=tuple(stages), height=stages[-1].height, width=stages[-1].width)
+    runtime = Runtime(device=device)
+    settings = fitted_settings(settings, runtime)
+    return prepare_pipeline(settings, runtime), settings
