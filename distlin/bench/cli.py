@@ -16,7 +16,6 @@ from distlin.bench import attention, cascade, fidelity, gpu, memory, options, pr
 from distlin.bench.report import environment, write_suite
 from distlin.commands import command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
-from distlin.loading import parse_dtype
 from distlin.parallel.runtime import resolve_device
 
 SUITES: dict[str, ModuleType] = {
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise UsageError(f"--{name} must be at least 1, got {value}")
         device = resolve_device(args.device)
-        default = getattr(module, "DEFAULT_DTYPE", torch.float32 if device.type == "cpu" else torch.bfloat16)
-        dtype = parse_dtype(args.dtype) if args.dtype else default
+        dtype = options.resolve_dtype(args.dtype, device, getattr(module, "DEFAULT_DTYPE", None))
         torch.set_num_threads(args.threads)
         result = module.run(args, device, dtype)
     except UsageError as err:

@@ -8,7 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from distlin.errors import UsageError
+from distlin.loading import parse_dtype
 from distlin.parallel.config import STALE_KINDS, parse_stale
 
 EVERYTHING = frozenset(STALE_KINDS)
@@ -58,6 +61,13 @@ def resolve_quick(args: argparse.Namespace) -> argparse.Namespace:
         if isinstance(value, QuickDefault):
             setattr(args, key, value.quick if args.quick else value.normal)
     return args
+
+
+def resolve_dtype(text: str | None, device: torch.device, default: torch.dtype | None = None) -> torch.dtype:
+    """``--dtype``, else the suite's ``default``, else float32 on a CPU and bfloat16 on a GPU."""
+    if text:
+        return parse_dtype(text)
+    return default or (torch.float32 if device.type == "cpu" else torch.bfloat16)
 
 
 def sizes(args: argparse.Namespace) -> list[tuple[int, int]]:

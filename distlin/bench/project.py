@@ -30,10 +30,14 @@ from distlin.bench.models import build, model_name
 from distlin.bench.report import (
     Record,
     SuiteResult,
+    bullets,
+    dtype_name,
     finish_axes,
     fmt,
     fmt_bytes,
+    groups,
     markdown_table,
+    met,
     new_figure,
     progress,
     ranks_axis,
@@ -44,28 +48,13 @@ from distlin.sizes import format_size
 
 DEFAULT_DTYPE = torch.bfloat16
 PROJECTED_MODES = ("exact", "displaced")
-
-
-TARGET = {
-    "model": "full-sd15",
-    "height": 16384,
-    "ranks": 8,
-    "bytes": 1 / 100,
-    "attention": 1 / 1000,
-    "link": "nvlink",
-    "efficiency": 0.9,
-}
+TARGET = {"model": "full-sd15", "height": 16384, "ranks": 8, "bytes": 1 / 100, "attention": 1 / 1000}
+TARGET |= {"link": "nvlink", "efficiency": 0.9}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add(
-        parser,
-        "--model",
-        ["sd15", "sdxl"],
-        ["sd15"],
-        "models (sd15, sdxl, sd21 or built-in names)",
-        type=options.str_list(),
-    )
+    models = "models (sd15, sdxl, sd21 or built-in names)"
+    options.add(parser, "--model", ["sd15", "sdxl"], ["sd15"], models, type=options.str_list())
     options.add(parser, "--height", [4096, 8192, 16384], [1024, 2048], "image heights in pixels", type=options.int_list)
     parser.add_argument("--width", type=options.int_list, default=None, help="image widths (default: the heights)")
     options.add(parser, "--ranks", [1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8], "numbers of GPUs", type=options.int_list)
@@ -99,17 +88,8 @@ def project(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
             shapes = layer_shapes(unet, height, width, args.batch)
             single_s = dry_run(unet, height, width, 1, args.batch).flops / rate
             for n in args.ranks:
-                base = {
-                    "model": model,
-                    "height": height,
-                    "width": width,
-                    "ranks": n,
-                    "batch": args.batch,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "gpu": gpu_name,
-                    "mfu": args.mfu,
-                    "projection": True,
-                }
+                base = {"model": model, "height": height, "width": width, "ranks": n, "batch": args.batch}
+                base |= {"dtype": dtype_name(dtype), "gpu": gpu_name, "mfu": args.mfu, "projection": True}
                 try:
                     dry = dry_run(unet, height, width, n, args.batch)
                 except UsageError as err:  # more ranks than the latent has row units
@@ -124,21 +104,13 @@ def project(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
                         config = PatchParallelConfig(mode=mode)  # displaced: the default stale exchanges
                         stale = [kind for kind in STALE_KINDS if config.is_stale(kind)]
                         total_s = projected_seconds(compute_s, comm, stale)
+                        record = {**base, "mode": mode, "link": link_name, "skipped": None}
+                        record |= {"bytes_per_step": dry.bytes_per_step, "calls_per_step": dry.calls_per_step}
+                        record["distrifusion_bytes_per_step"] = distrifusion_bytes(shapes, n, element_size)
+                        record |= {"tflop_per_rank": dry.flops / 1e12, "compute_ms_per_step": compute_s * 1e3}
+                        record["comm_ms_per_step"] = {k: v * 1e3 for k, v in comm.items()}
                         records.append(
-                            {
-                                **base,
-                                "mode": mode,
-                                "link": link_name,
-                                "skipped": None,
-                                "bytes_per_step": dry.bytes_per_step,
-                                "calls_per_step": dry.calls_per_step,
-                                "distrifusion_bytes_per_step": distrifusion_bytes(shapes, n, element_size),
-                                "tflop_per_rank": dry.flops / 1e12,
-                                "compute_ms_per_step": compute_s * 1e3,
-                                "comm_ms_per_step": {k: v * 1e3 for k, v in comm.items()},
-                                "projected_ms_per_step": total_s * 1e3,
-                                "efficiency": single_s / (n * total_s),
-                            }
+                            record | {"projected_ms_per_step": total_s * 1e3, "efficiency": single_s / (n * total_s)}
                         )
     return records
 
@@ -151,18 +123,12 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
     done = [r for r in records if not r["skipped"]]
     first_link = args.link[0]
     comm_rows = [
-        [
-            r["model"],
-            format_size(r["width"], r["height"]),
-            r["ranks"],
-            fmt_bytes(r["bytes_per_step"]["total"]),
-            fmt_bytes(r["distrifusion_bytes_per_step"]["total"]),
-            _ratio(r["bytes_per_step"]["total"], r["distrifusion_bytes_per_step"]["total"]),
-            fmt_bytes(r["bytes_per_step"]["attention"]),
-            fmt_bytes(r["distrifusion_bytes_per_step"]["attention"]),
-            _ratio(r["bytes_per_step"]["attention"], r["distrifusion_bytes_per_step"]["attention"]),
-            fmt_bytes(r["bytes_per_step"]["halo"]),
-            fmt_bytes(r["distrifusion_bytes_per_step"]["halo"]),
+        [r["model"], format_size(r["width"], r["height"]), r["ranks"]]
+        + [
+            text
+            for kind in ("total", "attention", "halo")
+            for ours, theirs in [(r["bytes_per_step"][kind], r["distrifusion_bytes_per_step"][kind])]
+            for text in (fmt_bytes(ours), fmt_bytes(theirs), *([_ratio(ours, theirs)] if kind != "halo" else []))
         ]
         for r in done
         if r["link"] == first_link and r["mode"] == "exact" and r["ranks"] > 1
@@ -176,24 +142,12 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
             for mode in PROJECTED_MODES:
                 p = next(x for x in done if _same_point(x, r) and x["link"] == link and x["mode"] == mode)
                 cells.append(f"{fmt(p['projected_ms_per_step'])} ({100 * p['efficiency']:.0f}%)")
-        time_rows.append(
-            [
-                r["model"],
-                format_size(r["width"], r["height"]),
-                r["ranks"],
-                fmt(r["tflop_per_rank"]),
-                fmt(r["compute_ms_per_step"]),
-                *cells,
-            ]
-        )
-    time_headers = [
-        "model",
-        "image",
-        "GPUs",
-        "TFLOP/rank",
-        "compute ms",
-        *(f"{link} {mode} ms (eff.)" for link in args.link for mode in PROJECTED_MODES),
-    ]
+        point = [r["model"], format_size(r["width"], r["height"]), r["ranks"]]
+        time_rows.append([*point, fmt(r["tflop_per_rank"]), fmt(r["compute_ms_per_step"]), *cells])
+    time_headers = ["model", "image", "GPUs", "TFLOP/rank", "compute ms"]
+    time_headers += [f"{link} {mode} ms (eff.)" for link in args.link for mode in PROJECTED_MODES]
+    comm_headers = ["model", "image", "GPUs", "distlin total", "DistriFusion total", "ratio", "distlin attention state"]
+    comm_headers += ["DistriFusion K/V", "ratio", "distlin halo", "DistriFusion halo"]
     gpu_name, peak = GPUS[args.gpu]
     parts = [
         "**PROJECTION, not a measurement.** Bytes and calls are the engine's own counters from a dry run on the "
@@ -204,34 +158,16 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
         + ".",
         "Communication per UNet step, received by one rank (distlin: engine counters; DistriFusion: its "
         "scheme for the same model, size, batch and ranks):",
-        markdown_table(
-            [
-                "model",
-                "image",
-                "GPUs",
-                "distlin total",
-                "DistriFusion total",
-                "ratio",
-                "distlin attention state",
-                "DistriFusion K/V",
-                "ratio",
-                "distlin halo",
-                "DistriFusion halo",
-            ],
-            comm_rows,
-        ),
+        markdown_table(comm_headers, comm_rows),
         "Projected ms per UNet step (efficiency vs one GPU):",
         markdown_table(time_headers, time_rows),
     ]
-    skipped = sorted(
-        {
-            f"- {r['model']} {format_size(r['width'], r['height'])} on {r['ranks']}: {r['skipped']}"
-            for r in records
-            if r["skipped"]
-        }
-    )
-    if skipped:
-        parts.append("Skipped:\n" + "\n".join(skipped))
+    skipped = {
+        f"- {r['model']} {format_size(r['width'], r['height'])} on {r['ranks']}: {r['skipped']}"
+        for r in records
+        if r["skipped"]
+    }
+    parts += bullets("Skipped", sorted(skipped))
     parts += _targets(done)
     return "\n\n".join(parts)
 
@@ -254,62 +190,41 @@ def _targets(done: list[Record]) -> list[str]:
     total, attention = ours["total"] / theirs["total"], ours["attention"] / theirs["attention"]
     lines = [
         f"- total bytes {_ratio(ours['total'], theirs['total'])} of DistriFusion's (target ≤ 1/100: "
-        f"{'met' if total <= TARGET['bytes'] else 'NOT met'})",
+        f"{met(total <= TARGET['bytes'])})",
         f"- attention-state bytes {_ratio(ours['attention'], theirs['attention'])} of its K/V all-gather (target ≤ "
-        f"1/1000: {'met' if attention <= TARGET['attention'] else 'NOT met'})",
+        f"1/1000: {met(attention <= TARGET['attention'])})",
     ]
     for p in points:
         if p["link"] == TARGET["link"]:
-            ok = p["efficiency"] >= TARGET["efficiency"]
             lines.append(
                 f"- projected efficiency, {p['mode']}, {p['link']}: {100 * p['efficiency']:.1f}% "
-                f"(target ≥ 90%: {'met' if ok else 'NOT met'}; a PROJECTION)"
+                f"(target ≥ 90%: {met(p['efficiency'] >= TARGET['efficiency'])}; a PROJECTION)"
             )
     return [f"Targets (SD-1.5 at {TARGET['height']}², {TARGET['ranks']} GPUs):\n" + "\n".join(lines)]
 
 
 def plot(records: list[Record], args: argparse.Namespace) -> Any:
     fig, axes = new_figure(len(args.link) + 1)
-    done = [r for r in records if not r["skipped"]]
-    series = list(dict.fromkeys((r["model"], r["height"], r["width"]) for r in done))
+    series = groups([r for r in records if not r["skipped"]], ("model", "height", "width"))
     for ax, link in zip(axes, args.link, strict=False):
-        for model, height, width in series:
+        for (model, height, width), rs in series.items():
             color = None
             for mode, style in zip(PROJECTED_MODES, ("-o", ":^"), strict=True):
-                rs = [
-                    r
-                    for r in done
-                    if (r["model"], r["height"], r["width"], r["link"], r["mode"]) == (model, height, width, link, mode)
-                ]
+                mine = [r for r in rs if (r["link"], r["mode"]) == (link, mode)]
+                label = f"{model} {format_size(width, height)} {mode}"
                 line = ax.plot(
-                    [r["ranks"] for r in rs],
-                    [100 * r["efficiency"] for r in rs],
-                    style,
-                    color=color,
-                    label=f"{model} {format_size(width, height)} {mode}",
+                    [r["ranks"] for r in mine], [100 * r["efficiency"] for r in mine], style, color=color, label=label
                 )
                 color = line[0].get_color()
         ax.set(xlabel="GPUs", ylabel="projected efficiency (%)", title=f"PROJECTION: {link}")
         ranks_axis(ax)
     volume = axes[-1]
-    for model, height, width in series:
-        rs = [
-            r
-            for r in done
-            if (r["model"], r["height"], r["width"]) == (model, height, width)
-            and r["link"] == args.link[0]
-            and r["mode"] == "exact"
-            and r["ranks"] > 1
-        ]
+    for (model, height, _), rs in series.items():
+        rs = [r for r in rs if r["link"] == args.link[0] and r["mode"] == "exact" and r["ranks"] > 1]
         ranks = [r["ranks"] for r in rs]
         line = volume.plot(ranks, [r["bytes_per_step"]["total"] for r in rs], "-o", label=f"distlin {model} {height}")
-        volume.plot(
-            ranks,
-            [r["distrifusion_bytes_per_step"]["total"] for r in rs],
-            "--",
-            color=line[0].get_color(),
-            label=f"DistriFusion {model} {height}",
-        )
+        theirs = [r["distrifusion_bytes_per_step"]["total"] for r in rs]
+        volume.plot(ranks, theirs, "--", color=line[0].get_color(), label=f"DistriFusion {model} {height}")
     volume.set(yscale="log", xlabel="GPUs", ylabel="bytes received per step", title="communication")
     ranks_axis(volume)
     finish_axes(*axes)
@@ -318,9 +233,5 @@ def plot(records: list[Record], args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
     records = project(args, dtype)
-    return SuiteResult(
-        records,
-        markdown(records, args),
-        plot(records, args),
-        label="PROJECTION from dry-run counters and an alpha-beta model; not measured on a cluster",
-    )
+    label = "PROJECTION from dry-run counters and an alpha-beta model; not measured on a cluster"
+    return SuiteResult(records, markdown(records, args), plot(records, args), label)

@@ -122,6 +122,14 @@ def bullets(title: str, lines: Sequence[str]) -> list[str]:
     return [f"{title}:\n" + "\n".join(lines)] if lines else []
 
 
+def groups(records: list[Record], keys: Sequence[str]) -> dict[tuple, list[Record]]:
+    """Records grouped by ``keys`` (lists made hashable), in order of first appearance."""
+    out: dict[tuple, list[Record]] = {}
+    for r in records:
+        out.setdefault(tuple(tuple(r[k]) if isinstance(r[k], list) else r[k] for k in keys), []).append(r)
+    return out
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(v if isinstance(v, str) else fmt(v) for v in row) + " |" for row in rows]

@@ -33,17 +33,28 @@ from distlin.bench.models import ATTENTIONS, build
 from distlin.bench.report import (
     Record,
     SuiteResult,
+    bullets,
+    dtype_name,
+    factor,
     finish_axes,
     fmt,
     fmt_bytes,
     markdown_table,
+    met,
     new_figure,
+    percent,
     ranks_axis,
+    spread,
 )
 from distlin.errors import UsageError
 from distlin.parallel.config import MODES
 from distlin.sizes import format_size
 
+# A worker result's configuration (one per suite run), and what of it every record repeats.
+CONFIG_KEYS = ("model", "height", "width", "attention", "batch", "cfg_parallel", "dtype")
+RECORD_KEYS = (*CONFIG_KEYS[:3], "ranks", *CONFIG_KEYS[3:], "device", "backend", "threads_per_rank", "warmup")
+WORKER_OPTIONS = ("model", "height", "width", "modes", "attention", "batch", "steps", "warmup", "threads")
+WORKER_OPTIONS += ("stale_sets", "rounds", "timeout_s")
 # the CPU targets of issues #9 (exact) and #26 (displaced): no stale set slower than exact, everything stale 1.95x
 TARGET = {"model": "full-sd15", "height": 1024, "width": 1024, "ranks": 2, "speedup": 1.8, "all_speedup": 1.95}
 
@@ -84,17 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spawn(ranks: int, result: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
-    """One torchrun launch of ``ranks`` workers; raises with the exit code when it fails."""
+    """One torchrun launch of ``ranks`` workers, each given this run's worker options; raises when it fails."""
+    given = {**vars(args), "width": args.width or args.height, "device": device.type, "dtype": dtype_name(dtype)}
+    given |= {"result": result, "cfg_parallel": args.cfg_parallel or None}
     worker_args = [
-        "--model", args.model, "--height", str(args.height), "--width", str(args.width or args.height),
-        "--modes", ",".join(args.modes), "--attention", args.attention, "--batch", str(args.batch),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--stale-sets", args.stale_sets, "--rounds", str(args.rounds),
-        "--device", device.type, "--dtype", str(dtype).removeprefix("torch."), "--timeout-s", str(args.timeout_s),
-        "--result", str(result),
-        *(["--cfg-parallel"] if args.cfg_parallel else []),
-        *(["--backend", args.backend] if args.backend else []),
-    ]  # fmt: skip
+        text
+        for name in (*WORKER_OPTIONS, "device", "dtype", "result", "cfg_parallel", "backend")
+        if given[name] is not None
+        for text in (f"--{name.replace('_', '-')}", *([] if given[name] is True else [options.show(given[name])]))
+    ]
     run_ranks("scaling", ranks, "distlin.bench.worker", worker_args, args.threads, args.timeout_s)
 
 
@@ -104,8 +113,7 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
     results = [r for r in results if "modes" in r]
     if not results:
         raise UsageError(f"no worker results (*.json with 'modes') in {str(folder)!r}")
-    keys = ("model", "height", "width", "attention", "batch", "cfg_parallel", "dtype")
-    configs = {tuple(r[k] for k in keys) for r in results}
+    configs = {tuple(r[k] for k in CONFIG_KEYS) for r in results}
     if len(configs) > 1:
         raise UsageError(f"worker results in {str(folder)!r} mix configurations: {sorted(configs)}")
     return sorted(results, key=lambda r: r["ranks"])
@@ -145,23 +153,7 @@ def assemble(results: list[dict[str, Any]]) -> list[Record]:
             cpu = statistics.median(run["cpu_ms"])
             records.append(
                 {
-                    **{
-                        k: result[k]
-                        for k in (
-                            "model",
-                            "height",
-                            "width",
-                            "ranks",
-                            "attention",
-                            "batch",
-                            "cfg_parallel",
-                            "dtype",
-                            "device",
-                            "backend",
-                            "threads_per_rank",
-                            "warmup",
-                        )
-                    },
+                    **{k: result[k] for k in RECORD_KEYS},
                     "mode": run.get("mode", setting),
                     "stale": run.get("stale"),
                     "setting": setting,
@@ -189,45 +181,22 @@ def assemble(results: list[dict[str, Any]]) -> list[Record]:
     return records
 
 
-def _ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}×"
-
-
 def markdown(records: list[Record]) -> str:
     r0 = records[0]
     rows = []
     for r in records:
         ours, theirs = r["bytes_per_step"], r["distrifusion_bytes_per_step"]
         rows.append(
-            [
-                r["ranks"],
-                r["setting"] if r["ranks"] > 1 else "(one rank)",
-                f"{fmt(r['ms_per_step'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
-                fmt(r["cpu_ms_per_step"]),
-                fmt(r["comm_cpu_ms_per_step"]),
-                f"{_ratio(r['speedup'])} ({_ratio(r['cpu_speedup'])})",
-                "n/a" if r["efficiency"] is None else f"{100 * r['efficiency']:.0f}%",
-                f"{_ratio(r['vs_exact'])} ({_ratio(r['cpu_vs_exact'])})",
-                fmt_bytes(ours["total"]),
-                fmt_bytes(r["hidden_bytes_per_step"]["total"]),
-                fmt(r["wait_ms_per_step"]["total"]),
-                fmt_bytes(theirs["total"]) if theirs else "n/a",
-            ]
+            [r["ranks"], r["setting"] if r["ranks"] > 1 else "(one rank)", spread(r, "ms_per_step")]
+            + [fmt(r["cpu_ms_per_step"]), fmt(r["comm_cpu_ms_per_step"])]
+            + [f"{factor(r['speedup'])} ({factor(r['cpu_speedup'])})", percent(r["efficiency"], 0)]
+            + [f"{factor(r['vs_exact'])} ({factor(r['cpu_vs_exact'])})", fmt_bytes(ours["total"])]
+            + [fmt_bytes(r["hidden_bytes_per_step"]["total"]), fmt(r["wait_ms_per_step"]["total"])]
+            + [fmt_bytes(theirs["total"]) if theirs else "n/a"]
         )
-    headers = [
-        "ranks",
-        "setting",
-        "ms per step [min–max]",
-        "CPU ms per step",
-        "of which exchange threads",
-        "speed-up (CPU time)",
-        "efficiency",
-        "vs exact (CPU time)",
-        "bytes/step",
-        "of which hidden",
-        "ms blocked/step",
-        "DistriFusion bytes/step",
-    ]
+    headers = ["ranks", "setting", "ms per step [min–max]", "CPU ms per step", "of which exchange threads"]
+    headers += ["speed-up (CPU time)", "efficiency", "vs exact (CPU time)", "bytes/step", "of which hidden"]
+    headers += ["ms blocked/step", "DistriFusion bytes/step"]
     cfg = "on (two rank groups)" if r0["cfg_parallel"] else "off (every rank splits the image, whole CFG batch)"
     parts = [
         f"{r0['model']} with {r0['attention']} self-attention at {format_size(r0['width'], r0['height'])}, "
@@ -244,15 +213,11 @@ def markdown(records: list[Record]) -> str:
         "exchanges (median round). DistriFusion's bytes computed for the same model, size, batch and ranks.",
         markdown_table(headers, rows),
     ]
+    counters = {"calls": "calls_per_step", "bytes": "bytes_per_step", "launch ms": "launch_ms_per_step"}
+    counters["blocked ms"] = "wait_ms_per_step"
     kinds = [
-        [
-            r["ranks"],
-            r["setting"],
-            *(fmt(r["calls_per_step"][k]) for k in TOTAL_KINDS),
-            *(fmt_bytes(r["bytes_per_step"][k]) for k in TOTAL_KINDS),
-            *(fmt(r["launch_ms_per_step"][k]) for k in TOTAL_KINDS),
-            *(fmt(r["wait_ms_per_step"][k]) for k in TOTAL_KINDS),
-        ]
+        [r["ranks"], r["setting"]]
+        + [(fmt_bytes if key == "bytes_per_step" else fmt)(r[key][k]) for key in counters.values() for k in TOTAL_KINDS]
         for r in records
         if r["ranks"] > 1
     ]
@@ -260,17 +225,7 @@ def markdown(records: list[Record]) -> str:
         parts += [
             "Engine counters per UNet step by kind (calls, bytes received, ms launching: padding, copies and handing "
             "buffers to the backend; ms blocked waiting):",
-            markdown_table(
-                [
-                    "ranks",
-                    "setting",
-                    *(f"calls {k}" for k in TOTAL_KINDS),
-                    *(f"bytes {k}" for k in TOTAL_KINDS),
-                    *(f"launch ms {k}" for k in TOTAL_KINDS),
-                    *(f"blocked ms {k}" for k in TOTAL_KINDS),
-                ],
-                kinds,
-            ),
+            markdown_table(["ranks", "setting", *(f"{c} {k}" for c in counters for k in TOTAL_KINDS)], kinds),
         ]
     parts += _targets(records)
     return "\n\n".join(parts)
@@ -289,27 +244,20 @@ def _targets(records: list[Record]) -> list[str]:
         if exact is None or exact["speedup"] is None:
             continue
         if n == TARGET["ranks"]:
-            met = exact["speedup"] >= TARGET["speedup"]
-            lines.append(
-                f"- exact on {n} ranks: {exact['speedup']:.2f}× one rank ({exact['cpu_speedup']:.2f}× in CPU time; "
-                f"target ≥ {TARGET['speedup']}×: {'met' if met else 'NOT met'})"
-            )
-            everything = by_setting.get("displaced all")
-            if everything is not None:
-                met = everything["speedup"] >= TARGET["all_speedup"]
-                lines.append(
-                    f"- displaced all on {n} ranks: {everything['speedup']:.2f}× one rank "
-                    f"({everything['cpu_speedup']:.2f}× in CPU time; target ≥ {TARGET['all_speedup']}×: "
-                    f"{'met' if met else 'NOT met'})"
-                )
+            for setting, target in (("exact", TARGET["speedup"]), ("displaced all", TARGET["all_speedup"])):
+                if (r := by_setting.get(setting)) is not None:
+                    lines.append(
+                        f"- {setting} on {n} ranks: {r['speedup']:.2f}× one rank ({r['cpu_speedup']:.2f}× in CPU "
+                        f"time; target ≥ {target}×: {met(r['speedup'] >= target)})"
+                    )
         for r in by_setting.values():
             if r["mode"] == "displaced":
                 lines.append(
                     f"- {r['setting']} on {n} ranks: {fmt(r['ms_per_step'])} ms vs exact {fmt(exact['ms_per_step'])}"
-                    f" ms per step, {_ratio(r['cpu_vs_exact'])} exact's speed in CPU time (target ≥ exact speed: "
-                    f"{'met' if r['vs_exact'] >= 1 else 'NOT met'})"
+                    f" ms per step, {factor(r['cpu_vs_exact'])} exact's speed in CPU time (target ≥ exact speed: "
+                    f"{met(r['vs_exact'] >= 1)})"
                 )
-    return ["Targets (CPU, gloo, 1 thread per rank):\n" + "\n".join(lines)] if lines else []
+    return bullets("Targets (CPU, gloo, 1 thread per rank)", lines)
 
 
 def plot(records: list[Record]) -> Any:

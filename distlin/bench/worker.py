@@ -23,11 +23,10 @@ import torch.distributed as dist
 
 from distlin.bench.denoisers import build_denoiser, denoiser_inputs, parallelize_denoiser, timestep
 from distlin.bench.models import ATTENTIONS
-from distlin.bench.options import stale_label, stale_sets, str_list
-from distlin.bench.report import describe_device, progress
+from distlin.bench.options import resolve_dtype, stale_label, stale_sets, str_list
+from distlin.bench.report import describe_device, dtype_name, progress
 from distlin.bench.timing import synchronize
 from distlin.io import atomic_write
-from distlin.loading import parse_dtype
 from distlin.parallel import PatchParallelConfig, Runtime, init_runtime
 from distlin.parallel.config import MODES
 
@@ -123,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     runtime = init_runtime(args.backend, args.timeout_s, args.device)
-    dtype = (
-        parse_dtype(args.dtype) if args.dtype else (torch.float32 if runtime.device.type == "cpu" else torch.bfloat16)
-    )
+    dtype = resolve_dtype(args.dtype, runtime.device)
     try:
         unet = build_denoiser(args.model, args.attention, runtime.device, dtype)
         inputs = denoiser_inputs(args.model, unet, args.batch, args.height, args.width)
@@ -144,22 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                     run.setdefault(key, []).extend(timed[key])
                 run.setdefault("counters_by_round", []).append(timed["counters_by_rank"])
                 run["counters_by_rank"] = timed["counters_by_rank"]
-        result = {
-            "model": args.model,
-            "height": args.height,
-            "width": args.width,
-            "ranks": runtime.world_size,
-            "attention": args.attention,
-            "batch": args.batch,
-            "cfg_parallel": args.cfg_parallel,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": describe_device(runtime.device),
-            "backend": runtime.backend,
-            "threads_per_rank": torch.get_num_threads(),
-            "warmup": args.warmup,
-            "rounds": args.rounds,
-            "modes": runs,
-        }
+        result = {k: getattr(args, k) for k in ("model", "height", "width")} | {"ranks": runtime.world_size}
+        result |= {k: getattr(args, k) for k in ("attention", "batch", "cfg_parallel")}
+        result |= {"dtype": dtype_name(dtype), "device": describe_device(runtime.device), "backend": runtime.backend}
+        result |= {"threads_per_rank": torch.get_num_threads(), "warmup": args.warmup, "rounds": args.rounds}
+        result["modes"] = runs
         if runtime.is_main:
             atomic_write(args.result, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     finally:
