@@ -37,10 +37,14 @@ from distlin.bench.options import EVERYTHING, stale_label, stale_sets
 from distlin.bench.report import (
     Record,
     SuiteResult,
+    bullets,
     finish_axes,
     fmt,
+    groups,
     markdown_table,
+    met,
     new_figure,
+    percent,
     progress,
 )
 from distlin.io import atomic_write
@@ -91,29 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=options.str_list(tuple(CASES)),
     )
     options.add(parser, "--ranks", [2, 3, 4], [2], "numbers of ranks", type=options.int_list)
-    options.add(
-        parser,
-        "--attention",
-        ["linear", "softmax"],
-        ["linear"],
-        "self-attention kinds",
-        type=options.str_list(tuple(LINFUSION)),
-    )
-    options.add(
-        parser,
-        "--warmup-steps",
-        [1, 2, 3, 4, 5],
-        [1],
-        "displaced warm-up W (steps 0..W synchronous)",
-        type=options.int_list,
-    )
-    options.add(
-        parser,
-        "--stale-sets",
-        "every",
-        f"{stale_label(DEFAULT_STALE)},{stale_label(EVERYTHING)}",
-        "stale sets of displaced mode: every (all non-empty ones), or a comma list such as halo,attention+groupnorm",
-    )
+    kinds = options.str_list(tuple(LINFUSION))
+    options.add(parser, "--attention", list(LINFUSION), ["linear"], "self-attention kinds", type=kinds)
+    warmup = "displaced warm-up W (steps 0..W synchronous)"
+    options.add(parser, "--warmup-steps", [1, 2, 3, 4, 5], [1], warmup, type=options.int_list)
+    quick = f"{stale_label(DEFAULT_STALE)},{stale_label(EVERYTHING)}"
+    stale = "stale sets of displaced mode: every (all non-empty ones), or a comma list such as halo,attention+groupnorm"
+    options.add(parser, "--stale-sets", "every", quick, stale)
     options.add(parser, "--steps", None, 4, "denoising steps instead of each case's own", type=int)
     parser.add_argument(
         "--link", choices=tuple(LINKS), default="nvlink", help="link of the projection (default nvlink)"
@@ -128,16 +116,6 @@ def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     for stale, warmup in itertools.product(stale_sets(args.stale_sets), args.warmup_steps):
         out.append({"mode": "displaced", "stale": sorted(stale), "warmup_steps": warmup})
     return out
-
-
-def engine_config(setting: dict[str, Any]) -> PatchParallelConfig:
-    warmup = setting["warmup_steps"]
-    return PatchParallelConfig(
-        mode=setting["mode"],
-        warmup_steps=0 if warmup is None else warmup,
-        cfg_parallel=False,
-        stale=frozenset(setting["stale"]),
-    )
 
 
 @torch.inference_mode()
@@ -187,7 +165,9 @@ def worker(spec: dict[str, Any]) -> None:
         reference = torch.load(spec["reference"]) if runtime.is_main else None
         results = []
         for setting in spec["settings"]:
-            handle = parallelize(pipe, engine_config(setting), runtime)
+            stale, warmup = frozenset(setting["stale"]), setting["warmup_steps"] or 0
+            config = PatchParallelConfig(setting["mode"], warmup_steps=warmup, cfg_parallel=False, stale=stale)
+            handle = parallelize(pipe, config, runtime)
             pipe.set_progress_bar_config(disable=True)  # parallelize shows rank 0's; one line per setting is enough
             start = time.perf_counter()
             try:
@@ -218,12 +198,8 @@ def projection(link: str) -> dict[str, Any]:
     unet = build(PROJECTION["model"], "linear", "meta", PROJECTION["dtype"])
     size, n, batch = PROJECTION["size"], PROJECTION["ranks"], PROJECTION["batch"]
     rate = GPUS[PROJECTION_GPU][1] * PROJECTION["mfu"]
-    dry = dry_run(unet, size, size, n, batch)
-    return {
-        "compute_s": dry.flops / rate,
-        "single_s": dry_run(unet, size, size, 1, batch).flops / rate,
-        "comm_s": comm_seconds(dry, n, LINKS[link]),
-    }
+    dry, single = dry_run(unet, size, size, n, batch), dry_run(unet, size, size, 1, batch)
+    return {"compute_s": dry.flops / rate, "single_s": single.flops / rate, "comm_s": comm_seconds(dry, n, LINKS[link])}
 
 
 def projected(setting: dict[str, Any], attention: str, cost: dict[str, Any]) -> dict[str, float | None]:
@@ -231,16 +207,15 @@ def projected(setting: dict[str, Any], attention: str, cost: dict[str, Any]) -> 
     if attention != "linear" or setting["mode"] == "naive":
         return {"projected_ms_per_step": None, "projected_efficiency": None}
     seconds = projected_seconds(cost["compute_s"], cost["comm_s"], setting["stale"])
-    return {
-        "projected_ms_per_step": 1e3 * seconds,
-        "projected_efficiency": cost["single_s"] / (PROJECTION["ranks"] * seconds),
-    }
+    efficiency = cost["single_s"] / (PROJECTION["ranks"] * seconds)
+    return {"projected_ms_per_step": 1e3 * seconds, "projected_efficiency": efficiency}
 
 
 def measure(args: argparse.Namespace) -> list[Record]:
     folder = args.out / "fidelity-workers"
     folder.mkdir(parents=True, exist_ok=True)
     cost = projection(args.link)
+    about = f"{PROJECTION['model']} {PROJECTION['size']}² on {PROJECTION['ranks']} GPUs, {args.link}"
     records: list[Record] = []
     for name, attention in itertools.product(args.cases, args.attention):
         case = CASES[name]
@@ -250,38 +225,19 @@ def measure(args: argparse.Namespace) -> list[Record]:
         torch.save(decode(pipe, generate(pipe, case, steps)), reference_path)
         del pipe  # the ranks build their own; full-size pipelines are GBs each
         for n in args.ranks:
-            spec = {
-                "name": name,
-                "case": asdict(case),
-                "steps": steps,
-                "attention": attention,
-                "settings": settings(args),
-                "reference": str(reference_path),
-                "result": str(folder / f"{name}-{attention}-{n}.json"),
-                "threads": args.threads,
-                "timeout_s": args.timeout_s,
-            }
+            spec = {"name": name, "case": asdict(case), "steps": steps, "attention": attention}
+            spec |= {"settings": settings(args), "reference": str(reference_path)}
+            spec |= {"result": str(folder / f"{name}-{attention}-{n}.json"), "threads": args.threads}
+            spec["timeout_s"] = args.timeout_s
             spec_path = folder / f"{name}-{attention}-{n}.spec.json"
             spec_path.write_text(json.dumps(spec, indent=1) + "\n")
             spawn(n, spec_path, args.timeout_s, args.threads)
             result = json.loads(Path(spec["result"]).read_text())
             for row in result["results"]:
                 sync_steps = steps if row["mode"] == "exact" else min(steps, (row["warmup_steps"] or 0) + 1)
-                records.append(
-                    {
-                        "case": name,
-                        **asdict(case),
-                        "steps": steps,
-                        "guidance": GUIDANCE,
-                        "attention": attention,
-                        "ranks": n,
-                        **row,
-                        "synchronous_steps": 0 if row["mode"] == "naive" else sync_steps,
-                        **projected(row, attention, cost),
-                        "projection": f"{PROJECTION['model']} {PROJECTION['size']}² on {PROJECTION['ranks']} GPUs, "
-                        f"{args.link}",
-                    }
-                )
+                record = {"case": name, **asdict(case), "steps": steps, "guidance": GUIDANCE, "attention": attention}
+                record |= {"ranks": n, **row, "synchronous_steps": 0 if row["mode"] == "naive" else sync_steps}
+                records.append({**record, **projected(row, attention, cost), "projection": about})
     return records
 
 
@@ -308,80 +264,45 @@ def markdown(records: list[Record]) -> str:
         "steps). Projection (LinFusion rows): the `project` suite's alpha-beta model for "
         f"{records[0]['projection']}, stale exchanges hidden behind the compute — a PROJECTION, not a measurement."
     ]
-    for (name, attention), group in _groups(records, ("case", "attention")).items():
+    for (name, attention), group in groups(records, ("case", "attention")).items():
         r0 = group[0]
         ranks = sorted({r["ranks"] for r in group})
         rows = []
-        for rs in _groups([r for r in group if r["warmup_steps"] in (None, w)], ("mode", "stale")).values():
+        for rs in groups([r for r in group if r["warmup_steps"] in (None, w)], ("mode", "stale")).values():
             by_n = {r["ranks"]: r for r in rs}
             last = by_n[max(by_n)]
-            efficiency = last["projected_efficiency"]
             rows.append(
-                [
-                    label(last),
-                    *(db(by_n[n]["psnr_db"]) if n in by_n else "n/a" for n in ranks),
-                    fmt(last["max_error_levels"]),
-                    fmt(last["projected_ms_per_step"]),
-                    "n/a" if efficiency is None else f"{100 * efficiency:.2f}%",
-                ]
+                [label(last), *(db(by_n[n]["psnr_db"]) if n in by_n else "n/a" for n in ranks)]
+                + [fmt(last["max_error_levels"]), fmt(last["projected_ms_per_step"])]
+                + [percent(last["projected_efficiency"], 2)]
             )
         parts.append(
             f"**{name}**: {r0['model']} {format_size(r0['width'], r0['height'])}, {r0['steps']} steps, {attention} "
             f"self-attention; displaced warm-up {w}:"
         )
-        parts.append(
-            markdown_table(
-                [
-                    "setting",
-                    *(f"PSNR dB, {n} ranks" for n in ranks),
-                    f"max error (levels), {ranks[-1]} ranks",
-                    "projected ms/step",
-                    "projected efficiency",
-                ],
-                rows,
-            )
-        )
+        headers = ["setting", *(f"PSNR dB, {n} ranks" for n in ranks), f"max error (levels), {ranks[-1]} ranks"]
+        parts.append(markdown_table([*headers, "projected ms/step", "projected efficiency"], rows))
         warmups = sorted({r["warmup_steps"] for r in group if r["mode"] == "displaced"})
         if len(warmups) > 1:
             n = ranks[-1]
-            sweep = _groups([r for r in group if r["mode"] == "displaced" and r["ranks"] == n], ("stale",))
+            sweep = groups([r for r in group if r["mode"] == "displaced" and r["ranks"] == n], ("stale",))
+            rows = [
+                [
+                    stale_label(frozenset(key[0])),
+                    *(db(r["psnr_db"]) for r in sorted(rs, key=lambda r: r["warmup_steps"])),
+                ]
+                for key, rs in sweep.items()
+            ]
             parts.append(f"PSNR dB vs warm-up W on {n} ranks ({name}, {attention}):")
-            parts.append(
-                markdown_table(
-                    ["stale", *(f"W={v}" for v in warmups)],
-                    [
-                        [stale_label(frozenset(key[0])), *(db(r["psnr_db"]) for r in sorted(rs, key=_warmup))]
-                        for key, rs in sweep.items()
-                    ],
-                )
-            )
+            parts.append(markdown_table(["stale", *(f"W={v}" for v in warmups)], rows))
     parts += _targets(records)
     return "\n\n".join(parts)
 
 
-def _warmup(r: Record) -> int:
-    return r["warmup_steps"]
-
-
-def _groups(records: list[Record], keys: tuple[str, ...]) -> dict[tuple, list[Record]]:
-    """Records grouped by ``keys`` (lists made hashable), in order of first appearance."""
-    out: dict[tuple, list[Record]] = {}
-    for r in records:
-        out.setdefault(tuple(tuple(r[k]) if isinstance(r[k], list) else r[k] for k in keys), []).append(r)
-    return out
-
-
 def _find(records: list[Record], stale: frozenset[str], ranks: int, warmup: int) -> Record | None:
+    point = ("displaced", stale, ranks, warmup)
     return next(
-        (
-            r
-            for r in records
-            if r["mode"] == "displaced"
-            and frozenset(r["stale"]) == stale
-            and r["ranks"] == ranks
-            and r["warmup_steps"] == warmup
-        ),
-        None,
+        (r for r in records if (r["mode"], frozenset(r["stale"]), r["ranks"], r["warmup_steps"]) == point), None
     )
 
 
@@ -393,28 +314,26 @@ def _targets(records: list[Record]) -> list[str]:
         for n, reference in DISTRIFUSION_DB.items():
             r = _find(protocol, EVERYTHING, n, 4)
             if r is not None and r["psnr_db"] is not None:
-                ok = r["psnr_db"] >= reference
                 lines.append(
                     f"- {attention}, everything stale, W=4, {n} ranks: {db(r['psnr_db'])} dB (DistriFusion's corrected "
-                    f"GroupNorm {reference} dB: {'met' if ok else 'NOT met'})"
+                    f"GroupNorm {reference} dB: {met(r['psnr_db'] >= reference)})"
                 )
         everything, default = _find(protocol, EVERYTHING, 4, 4), _find(protocol, DEFAULT_STALE, 4, 4)
         if everything and default and everything["psnr_db"] and default["psnr_db"]:
             gain = default["psnr_db"] - everything["psnr_db"]
             line = (
                 f"- {attention}, default stale set ({stale_label(DEFAULT_STALE)}) vs everything stale, W=4, 4 ranks: "
-                f"{gain:+.1f} dB (target ≥ +{TARGET_GAIN_DB:g} dB: {'met' if gain >= TARGET_GAIN_DB else 'NOT met'})"
+                f"{gain:+.1f} dB (target ≥ +{TARGET_GAIN_DB:g} dB: {met(gain >= TARGET_GAIN_DB)})"
             )
             if default["projected_efficiency"] is not None:
                 points = 100 * (everything["projected_efficiency"] - default["projected_efficiency"])
-                ok = points <= TARGET_EFFICIENCY_POINTS
                 line += (
-                    f"; projected efficiency {100 * default['projected_efficiency']:.2f}% vs "
-                    f"{100 * everything['projected_efficiency']:.2f}% ({points:.2f} points, target ≤ "
-                    f"{TARGET_EFFICIENCY_POINTS:g}: {'met' if ok else 'NOT met'})"
+                    f"; projected efficiency {percent(default['projected_efficiency'], 2)} vs "
+                    f"{percent(everything['projected_efficiency'], 2)} ({points:.2f} points, target ≤ "
+                    f"{TARGET_EFFICIENCY_POINTS:g}: {met(points <= TARGET_EFFICIENCY_POINTS)})"
                 )
             lines.append(line)
-    return ["Targets (issue #13, protocol case):\n" + "\n".join(lines)] if lines else []
+    return bullets("Targets (issue #13, protocol case)", lines)
 
 
 def plot(records: list[Record]) -> Any:
@@ -429,9 +348,9 @@ def plot(records: list[Record]) -> Any:
                 tradeoff.annotate(label(r).removeprefix("displaced "), (100 * r["projected_efficiency"], r["psnr_db"]))
         tradeoff.set(
             xlabel=f"projected efficiency, {linear[0]['projection']} (%)",
-            ylabel=f"PSNR vs one device (dB), {name}, {n} ranks",
             title=f"fidelity vs cost (LinFusion, warm-up {w})",
         )
+        tradeoff.set_ylabel(f"PSNR vs one device (dB), {name}, {n} ranks")
     displaced = [r for r in records if r["mode"] == "displaced" and r["psnr_db"] is not None]
     if displaced:
         name, attention = displaced[0]["case"], displaced[0]["attention"]
@@ -441,15 +360,12 @@ def plot(records: list[Record]) -> Any:
         x = "warmup_steps" if len({r["warmup_steps"] for r in mine}) > 1 else "ranks"
         if x == "warmup_steps":
             mine = [r for r in mine if r["ranks"] == n]
-        for key, rs in _groups(mine, ("stale",)).items():
+        for key, rs in groups(mine, ("stale",)).items():
             rs = sorted(rs, key=lambda r: r[x])
             sweep.plot([r[x] for r in rs], [r["psnr_db"] for r in rs], "-o", label=stale_label(frozenset(key[0])))
         fixed = f"{n} ranks" if x == "warmup_steps" else f"warm-up {mine[0]['warmup_steps']}"
-        sweep.set(
-            xlabel="warm-up W (W + 1 synchronous steps)" if x == "warmup_steps" else "ranks",
-            ylabel="PSNR vs one device (dB)",
-            title=f"{name}, {attention}, {fixed}",
-        )
+        xlabel = "warm-up W (W + 1 synchronous steps)" if x == "warmup_steps" else "ranks"
+        sweep.set(xlabel=xlabel, ylabel="PSNR vs one device (dB)", title=f"{name}, {attention}, {fixed}")
     finish_axes(tradeoff, sweep)
     return fig
 

@@ -20,7 +20,17 @@ import torch
 from distlin.bench import options
 from distlin.bench.hardware import GPU_BYTES
 from distlin.bench.models import model_name
-from distlin.bench.report import Record, SuiteResult, finish_axes, markdown_table, new_figure, progress, ranks_axis
+from distlin.bench.report import (
+    GIB,
+    Record,
+    SuiteResult,
+    dtype_name,
+    finish_axes,
+    markdown_table,
+    new_figure,
+    progress,
+    ranks_axis,
+)
 from distlin.errors import UsageError
 from distlin.memory.measure import measured_unet_activation_peak
 from distlin.memory.planner import plan, unet_activation_elements
@@ -30,7 +40,6 @@ from distlin.settings import DTYPE_BYTES
 from distlin.sizes import TIMES, format_size, parse_size
 
 DEFAULT_DTYPE = torch.float16
-GIB = 2**30
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"cfg_parallel": True, "micro_batch": None},
     "lowmem": {"cfg_parallel": False, "micro_batch": 1, "vae_decode": "sequential", "vae_attention_rows": 64},
@@ -54,14 +63,8 @@ def size_list(text: str) -> list[tuple[int, int]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     models = options.str_list()
     options.add(parser, "--models", ["full-sd15", "full-sdxl"], ["full-sd15"], "built-in models", type=models)
-    options.add(
-        parser,
-        "--sizes",
-        size_list("512,1024,2048,4096,8192,16384x8192,16384"),
-        size_list("512,16384x8192,16384"),
-        "image sizes (N: square, WIDTHxHEIGHT)",
-        type=size_list,
-    )
+    sizes, quick = size_list("512,1024,2048,4096,8192,16384x8192,16384"), size_list("512,16384x8192,16384")
+    options.add(parser, "--sizes", sizes, quick, "image sizes (N: square, WIDTHxHEIGHT)", type=size_list)
     options.add(parser, "--ranks", [1, 2, 4, 8], [1, 8], "rank counts", type=options.int_list)
     options.add(parser, "--validate-up-to", 1024, 512, "trace UNet calls up to this side squared, in px", type=int)
     parser.add_argument("--no-cfg", action="store_true", help="plan without classifier-free guidance")
@@ -72,11 +75,10 @@ def _validation(model: str, height: int, width: int, dtype: torch.dtype) -> floa
     rows, cols = height // LATENT_FACTOR, width // LATENT_FACTOR
     measured = measured_unet_activation_peak(model, rows, cols, 2, dtype)
     unet = load_architecture(model)["unet"]
-    return unet_activation_elements(unet, rows * cols, 2) * DTYPE_BYTES[str(dtype).removeprefix("torch.")] / measured
+    return unet_activation_elements(unet, rows * cols, 2) * DTYPE_BYTES[dtype_name(dtype)] / measured
 
 
 def measure(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
-    name = str(dtype).removeprefix("torch.")
     records = []
     for model in (model_name(m) for m in args.models):
         for height, width in args.sizes:
@@ -86,29 +88,19 @@ def measure(args: argparse.Namespace, dtype: torch.dtype) -> list[Record]:
                 for config, kwargs in CONFIGS.items():
                     try:
                         cfg = not args.no_cfg
-                        result = plan(model, height, width, ranks, dtype=name, cfg=cfg, ff_chunk=16384, **kwargs)
+                        result = plan(
+                            model, height, width, ranks, dtype=dtype_name(dtype), cfg=cfg, ff_chunk=16384, **kwargs
+                        )
                     except UsageError as err:  # too many ranks for this size
                         progress("memory", f"skip {model} {format_size(width, height)} on {ranks}: {err}")
                         continue
-                    breakdown = result["breakdown"]
-                    records.append(
-                        {
-                            "model": model,
-                            "height": height,
-                            "width": width,
-                            "ranks": ranks,
-                            "config": config,
-                            **kwargs,
-                            "cfg": not args.no_cfg,
-                            "prediction": True,
-                            "peak_bytes_per_rank": result["peak_bytes_per_rank"],
-                            "unet_activations": breakdown["unet_activations"],
-                            "vae_decode_activations": breakdown["vae_decode_activations"],
-                            "vae": result["vae"],
-                            "fits_80gb": result["peak_bytes_per_rank"] <= GPU_BYTES,
-                            "unet_predicted_over_measured": ratio if ranks == 1 and config == "default" else None,
-                        }
-                    )
+                    peak, breakdown = result["peak_bytes_per_rank"], result["breakdown"]
+                    record = {"model": model, "height": height, "width": width, "ranks": ranks, "config": config}
+                    record |= {**kwargs, "cfg": cfg, "prediction": True, "peak_bytes_per_rank": peak}
+                    record |= {k: breakdown[k] for k in ("unet_activations", "vae_decode_activations")}
+                    record |= {"vae": result["vae"], "fits_80gb": peak <= GPU_BYTES}
+                    record["unet_predicted_over_measured"] = ratio if ranks == 1 and config == "default" else None
+                    records.append(record)
             progress("memory", f"{model} {format_size(width, height)} planned")
     return records
 

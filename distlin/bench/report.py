@@ -22,6 +22,7 @@ import distlin
 from distlin.io import atomic_write
 
 Record = dict[str, Any]
+GIB = 2**30
 
 
 def progress(suite: str, message: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from distlin.bench import options
-from distlin.bench.report import SuiteResult, finish_axes, fmt_bytes, markdown_table, new_figure, ranks_axis
+from distlin.bench.report import SuiteResult, dtype_name, finish_axes, fmt_bytes, markdown_table, new_figure, ranks_axis
 from distlin.parallel.comm import CommStats
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.context import ParallelContext
@@ -22,21 +22,15 @@ from distlin.parallel.runtime import Runtime
 
 DEFAULT_DTYPE = torch.bfloat16
 # SANA-1600M (diffusers' SanaTransformer2DModel defaults): 20 layers, 70 heads of 32 (2240 wide), patch 1.
-SANA_1600M: dict[str, Any] = {
-    "num_layers": 20,
-    "num_attention_heads": 70,
-    "attention_head_dim": 32,
-    "patch_size": 1,
-    "sample_size": 128,
-}
+SANA_1600M: dict[str, Any] = {"num_layers": 20, "num_attention_heads": 70, "attention_head_dim": 32}
+SANA_1600M |= {"patch_size": 1, "sample_size": 128}
 DC_AE_FACTOR = 32
 TEXT_TOKENS, BATCH = 300, 2  # Gemma-2 tokens; the two guidance halves
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add(
-        parser, "--height", [4096, 8192, 16384], [1024, 2048], "square image sizes in pixels", type=options.int_list
-    )
+    sizes = "square image sizes in pixels"
+    options.add(parser, "--height", [4096, 8192, 16384], [1024, 2048], sizes, type=options.int_list)
     options.add(parser, "--ranks", [2, 4, 8], [2, 8], "numbers of GPUs", type=options.int_list)
 
 
@@ -70,30 +64,15 @@ def ulysses_bytes(height: int, ranks: int, dtype: torch.dtype) -> float:
 
 
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> SuiteResult:
-    records = []
-    for height in args.height:
-        for ranks in args.ranks:
-            counted = engine_bytes(height, ranks, dtype)
-            records.append(
-                {
-                    "height": height,
-                    "ranks": ranks,
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "engine": counted,
-                    "ulysses_total": ulysses_bytes(height, ranks, dtype),
-                }
-            )
+    records = [
+        {"height": height, "ranks": ranks, "dtype": dtype_name(dtype), "engine": engine_bytes(height, ranks, dtype)}
+        | {"ulysses_total": ulysses_bytes(height, ranks, dtype)}
+        for height in args.height
+        for ranks in args.ranks
+    ]
     rows = [
-        [
-            r["height"],
-            r["ranks"],
-            fmt_bytes(r["engine"]["attention"]),
-            fmt_bytes(r["engine"]["halo"]),
-            fmt_bytes(r["engine"]["gather"]),
-            fmt_bytes(r["engine"]["total"]),
-            fmt_bytes(r["ulysses_total"]),
-            f"{r['ulysses_total'] / r['engine']['total']:.1f}x",
-        ]
+        [r["height"], r["ranks"], *(fmt_bytes(r["engine"][k]) for k in ("attention", "halo", "gather", "total"))]
+        + [fmt_bytes(r["ulysses_total"]), f"{r['ulysses_total'] / r['engine']['total']:.1f}x"]
         for r in records
     ]
     table = markdown_table(
