@@ -39,7 +39,21 @@ import torch
 from distlin.bench import options
 from distlin.bench.hardware import device_peak
 from distlin.bench.models import build, count_flops, model_name, run_pipeline, unet_inputs
-from distlin.bench.report import Record, SuiteResult, finish_axes, fmt, markdown_table, new_figure, progress
+from distlin.bench.report import (
+    GIB,
+    Record,
+    SuiteResult,
+    bullets,
+    factor,
+    finish_axes,
+    fmt,
+    markdown_table,
+    met,
+    new_figure,
+    percent,
+    progress,
+    spread,
+)
 from distlin.bench.timing import peak_memory_mb, synchronize, time_calls
 from distlin.errors import UsageError
 from distlin.io import atomic_write
@@ -57,7 +71,6 @@ from distlin.vae.coders import run_coder
 DEFAULT_DTYPE = torch.float16
 KERNELS = ("torch", "triton")
 CFG_BATCH = 2  # samples in one UNet call of a guided step
-GIB = 2**30
 FREE_MEMORY_SHARE = 0.9  # of the free memory, what a UNet call's predicted activations may take
 PARTS = ("environment", "attention", "blocks", "unet", "layout", "vae", "generation", "sana", "compile")  # surest first
 TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5, "generation_seconds": 30.0}
@@ -65,31 +78,17 @@ TARGET = {"tokens": 1048576, "speedup": 3.0, "side": 8192, "utilisation": 0.5, "
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(parser, "--channels", [320, 640, 1280], [320], "attention layer widths C", type=options.int_list)
-    options.add(
-        parser,
-        "--tokens",
-        [16384, 65536, 262144, 1048576],
-        [16384, 65536],
-        "attention token counts",
-        type=options.int_list,
-    )
+    tokens = [16384, 65536, 262144, 1048576]
+    options.add(parser, "--tokens", tokens, tokens[:2], "attention token counts", type=options.int_list)
     parser.add_argument("--heads", type=int, default=8, help="attention heads, SD-1.5's 8 (default 8)")
     parser.add_argument("--batch", type=int, default=2, help="attention batch; 2 is one CFG step (default 2)")
     parser.add_argument("--model", default="full-sd15", help="built-in UNet of the UNet part (default full-sd15)")
-    options.add(
-        parser,
-        "--sizes",
-        [1024, 2048, 4096, 8192, 16384],
-        [1024],
-        "square image sides in pixels for the UNet part",
-        type=options.int_list,
-    )
+    sides = "square image sides in pixels for the UNet part"
+    options.add(parser, "--sizes", [1024, 2048, 4096, 8192, 16384], [1024], sides, type=options.int_list)
     options.add(parser, "--repeats", 5, 3, "timed calls per measurement", type=int)
     parser.add_argument("--generation-preset", default="sd15-16k", help="preset of the end-to-end part (sd15-16k)")
-    options.add(
-        parser, "--generation-size", "16384x8192", "4096x2048", "width x height of the end-to-end part", type=str
-    )
-    options.add(parser, "--sana-size", "4096x4096", "1024x1024", "width x height of the SANA end-to-end part", type=str)
+    options.add(parser, "--generation-size", "16384x8192", "4096x2048", "width x height of the end-to-end part")
+    options.add(parser, "--sana-size", "4096x4096", "1024x1024", "width x height of the SANA end-to-end part")
     options.add(parser, "--compile-size", 2048, 512, "square side in pixels of the eager vs --compile UNet", type=int)
     options.add(parser, "--layout-size", 4096, 512, "square side in pixels of the NCHW vs channels_last UNet", type=int)
     options.add(parser, "--vae-size", 4096, 1024, "square side in pixels of the sequential VAE decode", type=int)
@@ -106,17 +105,10 @@ def environment_record(device: torch.device) -> Record:
     import triton  # here: only after the suite has checked that triton is installed
 
     props = torch.cuda.get_device_properties(device)
-    return {
-        "section": "environment",
-        "gpu": props.name,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "multiprocessors": props.multi_processor_count,
-        "memory_gib": props.total_memory / GIB,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "auto_kernel": select_kernel("auto", torch.empty(1, device=device)),
-    }
+    record = {"section": "environment", "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+    record |= {"multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / GIB}
+    record |= {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
+    return record | {"auto_kernel": select_kernel("auto", torch.empty(1, device=device))}
 
 
 def _median_ms(call: Any, device: torch.device, repeats: int) -> float:
@@ -215,7 +207,7 @@ def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.
 def blocks_markdown(records: list[Record]) -> str:
     rows = [
         [r["channels"], r["head_dim"], r["tokens"], r["phase"], r["rule"], fmt(r["rule_ms"]), r["best"],
-         fmt(r["best_ms"]), _times(r["rule_ms"] / r["best_ms"] if r["rule_ms"] and r["best_ms"] else None)]
+         fmt(r["best_ms"]), factor(r["rule_ms"] / r["best_ms"] if r["rule_ms"] and r["best_ms"] else None)]
         for r in records
     ]  # fmt: skip
     failures = [
@@ -381,13 +373,13 @@ def compile_vae_markdown(records: list[Record]) -> str:
             lines.append(
                 f"- `--compile`, {r['model']} UNet at {format_size(r['width'], r['height'])} (batch {r['batch']}, "
                 f"compiled modules: {r['modules']}): eager {fmt(r['eager_ms'])} ms, compiled "
-                f"{fmt(r['compiled_ms'])} ms ({_times(r['speedup'])}); first compiled call {fmt(r['first_call_s'])} s; "
+                f"{fmt(r['compiled_ms'])} ms ({factor(r['speedup'])}); first compiled call {fmt(r['first_call_s'])} s; "
                 f"largest difference {fmt(r['max_rel_error'])} of the largest output"
             )
         if r["section"] == "layout":
             lines.append(
                 f"- channels_last, {r['model']} UNet at {format_size(r['width'], r['height'])} (batch {r['batch']}): "
-                f"NCHW {fmt(r['nchw_ms'])} ms, channels_last {fmt(r['channels_last_ms'])} ms ({_times(r['speedup'])}); "
+                f"NCHW {fmt(r['nchw_ms'])} ms, channels_last {fmt(r['channels_last_ms'])} ms ({factor(r['speedup'])}); "
                 f"largest difference {fmt(r['max_rel_error'])} of the largest output"
             )
         if r["section"] == "vae":
@@ -399,18 +391,6 @@ def compile_vae_markdown(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def _times(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}×"
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
 def targets(records: list[Record]) -> str:
     """Each target against what was measured: ``met``, ``NOT met`` or not measured."""
     lines = []
@@ -418,12 +398,12 @@ def targets(records: list[Record]) -> str:
         if r["section"] == "attention" and r["tokens"] == TARGET["tokens"]:
             lines.append(
                 f"- attention C={r['channels']} at {r['tokens']} tokens: kernels {r['speedup']:.2f}× faster than the "
-                f"PyTorch ops (target ≥ {TARGET['speedup']:g}×: {_met(r['speedup'] >= TARGET['speedup'])})"
+                f"PyTorch ops (target ≥ {TARGET['speedup']:g}×: {met(r['speedup'] >= TARGET['speedup'])})"
             )
         if r["section"] == "unet" and r["height"] >= TARGET["side"] and not r["skipped"] and r["utilisation"]:
             lines.append(
-                f"- UNet {r['model']} at {r['height']}²: {_percent(r['utilisation'])} of the dense peak (target ≥ "
-                f"{_percent(TARGET['utilisation'])}: {_met(r['utilisation'] >= TARGET['utilisation'])})"
+                f"- UNet {r['model']} at {r['height']}²: {percent(r['utilisation'])} of the dense peak (target ≥ "
+                f"{percent(TARGET['utilisation'])}: {met(r['utilisation'] >= TARGET['utilisation'])})"
             )
     return "Targets:\n" + ("\n".join(lines) or "- none measured: the target sizes were not part of this run")
 
@@ -438,16 +418,9 @@ def environment_markdown(env: Record) -> str:
 
 def attention_markdown(records: list[Record], args: argparse.Namespace) -> str:
     rows = [
-        [
-            r["channels"],
-            r["head_dim"],
-            r["tokens"],
-            *(fmt(r[f"{kernel}_{phase}_ms"]) for kernel in KERNELS for phase in ("partial", "apply")),
-            _times(r["speedup"]),
-            fmt(r["max_rel_error"]),
-            fmt(r["torch_peak_mb"]),
-            fmt(r["triton_peak_mb"]),
-        ]
+        [r["channels"], r["head_dim"], r["tokens"]]
+        + [fmt(r[f"{kernel}_{phase}_ms"]) for kernel in KERNELS for phase in ("partial", "apply")]
+        + [factor(r["speedup"]), *(fmt(r[key]) for key in ("max_rel_error", "torch_peak_mb", "triton_peak_mb"))]
         for r in records
     ]
     headers = ["C", "d", "tokens", "torch partial ms", "torch apply ms", "triton partial ms", "triton apply ms"]
@@ -462,17 +435,9 @@ def attention_markdown(records: list[Record], args: argparse.Namespace) -> str:
 
 def unet_markdown(records: list[Record], args: argparse.Namespace) -> str:
     rows = [
-        [
-            format_size(r["width"], r["height"]),
-            r["batch"],
-            "skipped" if r["skipped"] else f"{fmt(r['ms'])} [{fmt(r['ms_min'])}–{fmt(r['ms_max'])}]",
-            fmt(r.get("ms_per_step")),
-            fmt(r.get("tflop")),
-            fmt(r.get("achieved_tflop_s")),
-            _percent(r.get("utilisation")),
-            fmt(r.get("peak_gib")),
-            fmt(r["planned_gib"]),
-        ]
+        [format_size(r["width"], r["height"]), r["batch"], "skipped" if r["skipped"] else spread(r)]
+        + [fmt(r.get(key)) for key in ("ms_per_step", "tflop", "achieved_tflop_s")]
+        + [percent(r.get("utilisation")), fmt(r.get("peak_gib")), fmt(r["planned_gib"])]
         for r in records
     ]
     headers = ["image", "batch", "ms [min–max]", "ms per step", "TFLOP", "TFLOP/s", "utilisation"]
@@ -485,7 +450,7 @@ def unet_markdown(records: list[Record], args: argparse.Namespace) -> str:
         "component of the prepared pipeline) plus the UNet's activations.\n\n" + markdown_table(headers, rows)
     )
     skipped = [f"- {format_size(r['width'], r['height'])}: {r['skipped']}" for r in records if r["skipped"]]
-    return text + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "")
+    return "\n\n".join([text, *bullets("Skipped", skipped)])
 
 
 def errors_markdown(records: list[Record]) -> str:
@@ -551,20 +516,12 @@ def measure_generation(preset: str, overrides: dict[str, Any], device: torch.dev
     result = generate(settings, Runtime(device=device))
     seconds = time.perf_counter() - start
     planned = plan_run(result.settings, 1)
-    return {
-        "section": "generation",
-        "preset": preset,
-        "model": settings.model,
-        "width": settings.width,
-        "height": settings.height,
-        "seconds": seconds,
-        "part_seconds": result.seconds,
-        "savers": saver_flags(settings, result.settings),
-        "vae_store": result.settings.vae_store,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-        "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # Linux: KiB
-        "planned_gib": planned["peak_bytes_per_rank"] / GIB if planned else None,
-    }
+    record = {"section": "generation", "preset": preset, "model": settings.model, "width": settings.width}
+    record |= {"height": settings.height, "seconds": seconds, "part_seconds": result.seconds}
+    record |= {"savers": saver_flags(settings, result.settings), "vae_store": result.settings.vae_store}
+    record["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    record["host_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
+    return record | {"planned_gib": planned["peak_bytes_per_rank"] / GIB if planned else None}
 
 
 def measure_sana(preset: str, model: str, size: str, device: torch.device) -> Record:
@@ -595,7 +552,7 @@ def generation_markdown(record: Record) -> str:
     return (
         f"End to end: `--preset {record['preset']} --model {record['model']} --linfusion fresh` at "
         f"{_measured(record)}. Target: ≤ 30 s end to end on one H200 at 16384x8192 — "
-        f"{_met(record['seconds'] <= TARGET['generation_seconds'])}."
+        f"{met(record['seconds'] <= TARGET['generation_seconds'])}."
     )
 
 
