@@ -93,6 +93,39 @@ def vae_decode_elements(vae: dict[str, Any], pixels: int, latent_tokens: int) ->
     return int(3 * second * pixels + 2 * widths[-1] * latent_tokens)
 
 
+def check_plan_inputs(
+    height: int, width: int, factor: int, dtype: str, micro_batch: int | None, vae_decode: str
+) -> None:
+    """Every family's plan refuses the same inputs: an unknown dtype, sides that are not multiples of the
+    latent ``factor``, a micro-batch under 1, an unknown VAE path."""
+    if dtype not in DTYPE_BYTES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+    if height % factor or width % factor:
+        raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {factor}")
+    if micro_batch is not None and micro_batch < 1:
+        raise UsageError(f"micro_batch {micro_batch} must be at least 1")
+    check_vae_decode(vae_decode)
+
+
+def whole_image_terms(latent_channels: int, rows: int, cols: int, height: int, width: int) -> dict[str, int]:
+    """What every rank holds whole: the latents, noise, prediction and step (float32), the gathered image."""
+    return {"full_latents": 4 * latent_channels * rows * cols * 4, "full_image": 3 * height * width * 4}
+
+
+def store_terms(stored: int, vae_store: str) -> dict[str, int]:
+    """The sequential VAE's ``stored`` bytes on the device, or in host RAM (the image assembled there too)."""
+    if vae_store == "device":
+        return {"vae_store_on_device": stored}
+    return {"vae_host_ram_not_on_device": stored, "full_image": 0}
+
+
+def peak_bytes(breakdown: dict[str, int], denoise: int) -> int:
+    """Weights + the larger of the ``denoise`` call's and the VAE's activations + what every rank holds whole."""
+    weights = sum(value for key, value in breakdown.items() if key.startswith("weights_"))
+    vae = breakdown["vae_decode_activations"] + breakdown.get("vae_store_on_device", 0)
+    return int(weights + max(denoise, vae) + breakdown["full_latents"] + breakdown["full_image"])
+
+
 def plan(
     preset_or_arch: str | dict[str, Any],
     height: int,
@@ -134,13 +167,7 @@ def plan(
     """
     chunk = thresholds.token_chunk if thresholds is not None else ff_chunk
     limits = thresholds or Thresholds()
-    if dtype not in DTYPE_BYTES:
-        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
-    if height % LATENT_FACTOR or width % LATENT_FACTOR:
-        raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {LATENT_FACTOR}")
-    if micro_batch is not None and micro_batch < 1:
-        raise UsageError(f"micro_batch {micro_batch} must be at least 1")
-    check_vae_decode(vae_decode)
+    check_plan_inputs(height, width, LATENT_FACTOR, dtype, micro_batch, vae_decode)
     arch = load_architecture(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
     size = DTYPE_BYTES[dtype]
     rows, cols = height // LATENT_FACTOR, width // LATENT_FACTOR
@@ -171,27 +198,13 @@ def plan(
         )
         * size,
         "vae_decode_activations": vae_elements * size,
-        "full_latents": 4 * unet["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (float32)
-        "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
+        **whole_image_terms(unet["in_channels"], rows, cols, height, width),
     }
     if sequential:  # the decoder's full activations live in the store (float16), host RAM or the device:
         widths = arch["vae"]["block_out_channels"]  # at worst the last block's input and its hidden map
-        stored = (widths[0] + widths[min(1, len(widths) - 1)]) * height * width * 2
-        if vae_store == "device":
-            breakdown["vae_store_on_device"] = stored
-        else:
-            breakdown["vae_host_ram_not_on_device"] = stored
-            breakdown["full_image"] = 0  # assembled in host RAM too
-    weights_total = sum(v for k, v in breakdown.items() if k.startswith("weights_"))
-    vae_total = breakdown["vae_decode_activations"] + breakdown.get("vae_store_on_device", 0)
-    peak = (
-        weights_total
-        + max(breakdown["unet_activations"], vae_total)
-        + breakdown["full_latents"]
-        + breakdown["full_image"]
-    )
+        breakdown.update(store_terms((widths[0] + widths[min(1, len(widths) - 1)]) * height * width * 2, vae_store))
     return {
-        "peak_bytes_per_rank": int(peak),
+        "peak_bytes_per_rank": peak_bytes(breakdown, breakdown["unet_activations"]),
         "ranks": ranks,
         "height": height,
         "width": width,

@@ -30,11 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from distlin.errors import UsageError
 from distlin.families.sana.family import dc_ae_factor, token_row_unit
+from distlin.memory.planner import check_plan_inputs, peak_bytes, store_terms, whole_image_terms
 from distlin.parallel.topology import Topology
-from distlin.settings import DTYPE_BYTES, check_vae_decode
-from distlin.sizes import format_size
+from distlin.settings import DTYPE_BYTES
 from distlin.thresholds import Thresholds
 from distlin.vae.coders import decodes_sequentially
 
@@ -149,18 +148,13 @@ def plan_sana(
     ControlNet's, :func:`~distlin.memory.planner.component_parameters`); with ``controlnets``, the ControlNet's
     band residuals (one per transformer block at most) stay alive through the transformer call. The planner's
     options for Stable Diffusion parts (IP-Adapters, the AutoencoderKL's attention rows) are ignored."""
-    if dtype not in DTYPE_BYTES:
-        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
-    limits = thresholds or Thresholds()
-    check_vae_decode(vae_decode)
-    if micro_batch is not None and micro_batch < 1:
-        raise UsageError(f"micro_batch {micro_batch} must be at least 1")
     transformer, vae = arch["transformer"], arch["vae"]
+    factor = dc_ae_factor(vae)
+    check_plan_inputs(height, width, factor, dtype, micro_batch, vae_decode)
+    size = DTYPE_BYTES[dtype]
+    limits = thresholds or Thresholds()
     holds_less = partial(band_by_band_holds_less, vae, limits.sequential_band_rows)
     sequential = decodes_sequentially(height, width, ranks, vae_decode, limits.sequential_vae_pixels, holds_less)
-    factor, size = dc_ae_factor(vae), DTYPE_BYTES[dtype]
-    if height % factor or width % factor:
-        raise UsageError(f"{format_size(width, height)} px: both sides must be multiples of {factor}")
     rows, cols = height // factor, width // factor
     topology = Topology.for_run(ranks, cfg_parallel=cfg_parallel, guidance=cfg)
     batch = min(2 if cfg and not topology.cfg_split else 1, micro_batch or 2)
@@ -175,24 +169,15 @@ def plan_sana(
         **{f"weights_{kind}": count * size for kind, count in (extra_parameters or {}).items()},
         "transformer_activations": activation_elements(transformer, band_tokens, batch) * size,
         "vae_decode_activations": decode_elements(vae, vae_pixels, size) * size,
-        "full_latents": 4 * transformer["in_channels"] * rows * cols * 4,  # latents, noise, prediction, step (fp32)
-        "full_image": 3 * height * width * 4,  # the gathered decoded image, float32
+        **whole_image_terms(transformer["in_channels"], rows, cols, height, width),
     }
     if controlnets:
         breakdown["controlnet_residuals"] = residual_elements(transformer, band_tokens, batch) * size
     if sequential:  # the decoded bands gather in the store: host RAM, or the device
-        stored = 3 * height * width * size
-        if vae_store == "device":
-            breakdown["vae_store_on_device"] = stored
-        else:
-            breakdown["vae_host_ram_not_on_device"] = stored
-            breakdown["full_image"] = 0  # assembled in host RAM too
-    weights = sum(value for key, value in breakdown.items() if key.startswith("weights_"))
-    vae_total = breakdown["vae_decode_activations"] + breakdown.get("vae_store_on_device", 0)
+        breakdown.update(store_terms(3 * height * width * size, vae_store))
     denoise = breakdown["transformer_activations"] + breakdown.get("controlnet_residuals", 0)
-    activations = max(denoise, vae_total)
     return {
-        "peak_bytes_per_rank": int(weights + activations + breakdown["full_latents"] + breakdown["full_image"]),
+        "peak_bytes_per_rank": peak_bytes(breakdown, denoise),
         "ranks": ranks,
         "height": height,
         "width": width,
