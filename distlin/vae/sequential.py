@@ -126,6 +126,12 @@ class _Streamer:
     def save(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.host.save(t, dtype or self.store_dtype)
 
+    def bands(self, t: torch.Tensor, rows: int) -> Bands:
+        """The input ``t`` on the store, in bands of ``rows`` rows (the last one shorter)."""
+        height = t.shape[-2]
+        bounds = [*range(0, height, rows), height]
+        return Bands([self.save(t[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
+
     def keep(self, out: torch.Tensor, moments: dict[int, torch.Tensor]) -> torch.Tensor:
         """A finished band to the store, its GroupNorm moments (of the stored values) added to ``moments``."""
         out = out.to(self.store_dtype)
@@ -506,9 +512,7 @@ def decode_sequential(
     check_supported(vae)
     decoder = vae.decoder
     run = _streamer(decoder, compute, store, store_dtype, band_rows, query_chunk, attention_rows)
-    height = latents.shape[-2]
-    bounds = [*range(0, height, band_rows), height]
-    x = Bands([run.save(latents[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
+    x = run.bands(latents, band_rows)
 
     x = run.conv(x, decoder.conv_in, pre=vae.post_quant_conv)
     x = _mid_block(run, x, decoder.mid_block)
@@ -554,8 +558,7 @@ def encode_sequential(
     if height % factor or width % factor:
         size = format_size(width, height)
         raise UsageError(f"image of {size} px: both sides must be multiples of {factor} to encode")
-    bounds = [*range(0, height, band_rows * factor), height]
-    x = Bands([run.save(image[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
+    x = run.bands(image, band_rows * factor)
 
     x = run.conv(x, encoder.conv_in, consume=True)
     for down in encoder.down_blocks:
