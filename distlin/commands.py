@@ -1,14 +1,16 @@
-"""What every console script shares before its own work: the name the user typed (for ``--help``'s usage line)
-and a one-line refusal when the script needs an optional extra that a plain ``pip install distlin`` lacks."""
+"""What every console script shares before its own work: the name the user typed (for ``--help``'s usage line),
+a parser whose errors are usage errors, and a one-line refusal when the script needs an optional extra that a
+plain ``pip install distlin`` lacks."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
 from typing import NoReturn
 
-from distlin.errors import USAGE_EXIT_CODE
+from distlin.errors import USAGE_EXIT_CODE, UsageError
 
 
 def command_name() -> str:
@@ -18,6 +20,13 @@ def command_name() -> str:
         return f"python -m {spec.name}"
     typed = sys.argv[0] if sys.argv and sys.argv[0] else "distlin"
     return typed if typed.endswith(".py") and not os.path.isabs(typed) else os.path.basename(typed)
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see --help")
 
 
 def missing_modules(modules: tuple[str, ...]) -> list[str]:

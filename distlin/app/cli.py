@@ -19,7 +19,7 @@ from distlin.app.auth import parse_credentials
 from distlin.app.library import LAYOUT, ComponentLibrary
 from distlin.app.request import MAX_QUEUED, MAX_QUEUED_MB, MAX_UPLOAD_FOLDER_MB, Limits
 from distlin.app.tiles import TILE_SIZE
-from distlin.commands import command_name
+from distlin.commands import UsageParser, command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
 from distlin.presets import list_presets
 from distlin.ranks import rank_prefix, ranks_from_env
@@ -50,13 +50,8 @@ class AppOptions:
     library: ComponentLibrary
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}; see --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=command_name(), description="Web app for distlin: one device, or every rank under torchrun.")
+    p = UsageParser(prog=command_name(), description="Web app for distlin: one device, or every rank under torchrun.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this user and password (HTTP basic auth)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from distlin.cli.launcher import run_ranks
-from distlin.commands import command_name
+from distlin.commands import UsageParser, command_name
 from distlin.errors import (
     INTERRUPTED_EXIT_CODE,
     LOST_RANK_EXIT_CODE,
@@ -52,15 +52,8 @@ class Outputs:
     plan_json: Path | None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are UsageErrors: one line and exit code 2, like every other bad input."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}; see --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UsageParser(
         prog=command_name(),
         description="Generate one image with LinFusion linear attention, patch-parallel under torchrun. "
         "The preset gives every default; flags override it.",

@@ -13,9 +13,9 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from distlin.commands import command_name
+from distlin.commands import UsageParser, command_name
 from distlin.distill.cache import MANIFEST, write_cache
 from distlin.distill.config import MIXED_PRECISION, TrainConfig
 from distlin.distill.data import CROPS, open_source
@@ -31,13 +31,6 @@ from distlin.sizes import format_size
 
 INTERRUPTED_EXIT_CODE = 130
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are UsageErrors: one line and exit code 2, like every other bad input."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}; see --help")
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +49,7 @@ def _resolution_argument(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=command_name(), description="Distil LinFusion layers for any Stable Diffusion UNet.")
+    p = UsageParser(prog=command_name(), description="Distil LinFusion layers for any Stable Diffusion UNet.")
     commands = p.add_subparsers(dest="command", required=True, metavar="{train,eval,cache}")
 
     t = commands.add_parser("train", help="train LinFusion layers (one process, or DDP under torchrun)")
