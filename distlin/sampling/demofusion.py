@@ -85,8 +85,8 @@ def upscale_strengths(upscales: int, start: float = UPSCALE_STRENGTH) -> list[fl
 @contextmanager
 def dilated_convs(model: nn.Module, ratio: int) -> Iterator[None]:
     """Every conv of ``model`` (a UNet, a ControlNet, or a module holding both) with a kernel larger than 1 gets
-    ``dilation`` and ``padding`` (and a :class:`PatchConv2d`'s ``pad_top``) times ``ratio``; restored exactly on
-    exit, even on error.
+    ``dilation`` and ``padding`` (and a :class:`~distlin.parallel.conv.PatchConv2d`'s ``pad_top``) times
+    ``ratio``; restored exactly on exit, even on error.
 
     Padding grows with dilation, so every feature map keeps its size and the model runs unchanged.
     """

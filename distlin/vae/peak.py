@@ -27,12 +27,13 @@ def device_peak_elements(
     dtype: torch.dtype = torch.float16,
     fetch_ahead: bool = True,
 ) -> int:
-    """Predicted peak of live activation elements on ``compute`` during :func:`decode_sequential`.
+    """Predicted peak of live activation elements on ``compute`` during
+    :func:`~distlin.vae.sequential.decode_sequential`.
 
     To size ``band_rows`` / ``attention_rows`` / ``query_chunk`` for a device before a long decode.
     ``vae_config`` is diffusers' ``AutoencoderKL`` config; the decode walked is the one
-    :func:`check_supported` accepts (3x3 convs), with ``store_dtype`` equal to the compute ``dtype``. It
-    follows what each ``_Streamer`` primitive keeps alive, band by band (``_conv_peak``,
+    :func:`~distlin.vae.sequential.check_supported` accepts (3x3 convs), with ``store_dtype`` equal to the compute
+    ``dtype``. It follows what each ``_Streamer`` primitive keeps alive, band by band (``_conv_peak``,
     ``_attention_peak``). Float32 scratch (softmax state and score tile, GroupNorm moments of half-precision
     bands) counts ``4 / dtype.itemsize`` elements, so ``elements * dtype.itemsize`` is bytes. ``fetch_ahead``:
     the convolutions hold the next band's rows while one computes (CUDA with a host store,
