@@ -74,6 +74,27 @@ def sequential_options(attention_rows: int | None, band_rows: int = Thresholds.s
     return {"band_rows": band_rows, "attention_rows": attention_rows, "query_chunk": query_chunk}
 
 
+def rank0_placeholder(latents: torch.Tensor, channels: int, factor: int) -> torch.Tensor:
+    """What a rank other than 0 holds for the image a rank-0-only coder decodes from ``latents``: a ``meta``
+    tensor of its shape (``channels``, ``factor`` pixels per latent pixel), which costs nothing to upscale."""
+    batch, _, rows, cols = latents.shape
+    return torch.empty((batch, channels, rows * factor, cols * factor), device="meta", dtype=latents.dtype)
+
+
+def from_rank0(
+    runtime: Runtime, compute: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """``compute()`` on rank 0 alone, received by every other rank (as ``shape`` and ``dtype`` on its device) in
+    one broadcast: what a rank-0-only coder encodes."""
+    if runtime.is_main:
+        out = compute().contiguous()  # a collective sends the storage as it lies in memory
+    else:
+        out = torch.empty(shape, device=runtime.device, dtype=dtype)
+    if runtime.distributed:
+        dist.broadcast(out, src=0)
+    return out
+
+
 class PlainVAE:
     """The decode/encode interface of :class:`~distlin.vae.parallel.ParallelVAE` on an unparallelized VAE."""
 
@@ -118,10 +139,8 @@ class SequentialVAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         from distlin.vae.sequential import decode_sequential  # here: diffusers' VAE blocks, not for the planner
 
-        batch, _, rows, cols = latents.shape
         if not self.runtime.is_main:
-            shape = (batch, self.vae.config.out_channels, rows * LATENT_FACTOR, cols * LATENT_FACTOR)
-            return torch.empty(shape, device="meta", dtype=latents.dtype)
+            return rank0_placeholder(latents, self.vae.config.out_channels, LATENT_FACTOR)
         return decode_sequential(self.vae, latents, store=self.store, on_done=self._report("decoded"), **self.options)
 
     @torch.no_grad()
@@ -130,18 +149,13 @@ class SequentialVAE:
 
         from distlin.vae.sequential import encode_sequential
 
-        if self.runtime.is_main:
+        def posterior() -> torch.Tensor:
             report = self._report("encoded")
-            posterior = encode_sequential(self.vae, image, store=self.store, on_done=report, **self.options)
-            moments = posterior.parameters.contiguous()  # a collective sends the storage as it lies in memory
-        else:
-            batch, _, height, width = image.shape
-            channels = 2 * self.vae.config.latent_channels
-            shape = (batch, channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
-            moments = torch.empty(shape, device=self.runtime.device, dtype=self.vae.dtype)
-        if self.runtime.distributed:
-            dist.broadcast(moments, src=0)
-        return DiagonalGaussianDistribution(moments)
+            return encode_sequential(self.vae, image, store=self.store, on_done=report, **self.options).parameters
+
+        batch, _, height, width = image.shape
+        shape = (batch, 2 * self.vae.config.latent_channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
+        return DiagonalGaussianDistribution(from_rank0(self.runtime, posterior, shape, self.vae.dtype))
 
 
 class SizedCoder:

@@ -23,16 +23,18 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from distlin.families.sana.family import dc_ae_factor
 from distlin.families.sana.vae import Encoded, StateAttention
 from distlin.parallel.runtime import Runtime
 from distlin.sizes import format_size
 from distlin.surgery import Swaps, bound_class, original_type, twin
+from distlin.vae.coders import from_rank0, rank0_placeholder
 
 
 class StopPart(Exception):
@@ -182,7 +184,7 @@ class SequentialDCAE:
         on_done: Callable[[str, int, float], None] | None = None,
     ):
         self.vae, self.runtime, self.band_rows, self.store, self.on_done = vae, runtime, band_rows, store, on_done
-        self.factor = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
+        self.factor = dc_ae_factor(vae.config)
 
     def _run(self, what: str, part: nn.Module, x: torch.Tensor, unit: int, store: torch.device | str) -> torch.Tensor:
         began = time.perf_counter()
@@ -195,10 +197,8 @@ class SequentialDCAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``vae.decode(latents).sample`` (unscaled latents in, image in [-1, 1] out)."""
-        batch, _, rows, cols = latents.shape
         if not self.runtime.is_main:
-            shape = (batch, self.vae.config.in_channels, rows * self.factor, cols * self.factor)
-            return torch.empty(shape, device="meta", dtype=latents.dtype)
+            return rank0_placeholder(latents, self.vae.config.in_channels, self.factor)
         return self._run("decoded", self.vae.decoder, latents, 1, self.store)
 
     @torch.no_grad()
@@ -207,11 +207,6 @@ class SequentialDCAE:
         batch, _, height, width = image.shape
         if height % self.factor or width % self.factor:
             raise ValueError(f"image of {format_size(width, height)} px: both sides must be multiples of {self.factor}")
-        if self.runtime.is_main:
-            latent = self._run("encoded", self.vae.encoder, image, self.factor, self.runtime.device).contiguous()
-        else:
-            shape = (batch, self.vae.config.latent_channels, height // self.factor, width // self.factor)
-            latent = torch.empty(shape, device=self.runtime.device, dtype=self.vae.dtype)
-        if self.runtime.distributed:
-            dist.broadcast(latent, src=0)
-        return Encoded(latent)
+        shape = (batch, self.vae.config.latent_channels, height // self.factor, width // self.factor)
+        encoded = partial(self._run, "encoded", self.vae.encoder, image, self.factor, self.runtime.device)
+        return Encoded(from_rank0(self.runtime, encoded, shape, self.vae.dtype))
