@@ -35,13 +35,14 @@ from distlin.surgery import Swaps
 from distlin.thresholds import INDEX_LIMIT
 
 
-def _banded(ctx: ParallelContext) -> bool:
+def banded(ctx: ParallelContext) -> bool:
+    """Whether this call works on a band of rows (several patch ranks and a layout), not on the whole tensor."""
     return ctx.patch.size > 1 and ctx.layout is not None
 
 
-def _gather_rows(ctx: ParallelContext, band: torch.Tensor) -> torch.Tensor:
+def gather_rows(ctx: ParallelContext, band: torch.Tensor) -> torch.Tensor:
     """Every rank's band of a ``(B, C, rows, W)`` tensor, concatenated: the whole tensor on every rank."""
-    if not _banded(ctx):
+    if not banded(ctx):
         return band
     sizes = ctx.layout.sizes(band.shape[-1])
     return torch.cat(ctx.patch.all_gather_rows(band, sizes, 2, "gather").wait(), dim=2)
@@ -67,7 +68,7 @@ class BandDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
-        if not _banded(ctx):
+        if not banded(ctx):
             return self.conv(F.pad(x, (0, 1, 0, 1)))
         comm = ctx.patch
         me, last = comm.index, comm.size - 1
@@ -108,7 +109,7 @@ class GlobalAttnProcessor:
 
         q = split(attn.to_q(x))
         kv = torch.cat([attn.to_k(x), attn.to_v(x)], dim=-1)
-        if _banded(self.ctx):
+        if banded(self.ctx):
             sizes = [rows * w for rows in self.ctx.layout.sizes(w)]
             kv = torch.cat(self.ctx.patch.all_gather_rows(kv, sizes, 1, "attention").wait(), dim=1)
         k, v = (split(t) for t in kv.chunk(2, dim=-1))
@@ -171,7 +172,7 @@ class ParallelVAE:
             z = self._band(latents)
             if vae.post_quant_conv is not None:
                 z = vae.post_quant_conv(z)
-            return _gather_rows(self.ctx, vae.decoder(z))
+            return gather_rows(self.ctx, vae.decoder(z))
         finally:
             self.ctx.layout = None
 
@@ -188,7 +189,7 @@ class ParallelVAE:
             moments = vae.encoder(self._band(image))
             if vae.quant_conv is not None:
                 moments = vae.quant_conv(moments)
-            return DiagonalGaussianDistribution(_gather_rows(self.ctx, moments))
+            return DiagonalGaussianDistribution(gather_rows(self.ctx, moments))
         finally:
             self.ctx.layout = None
 

@@ -17,6 +17,7 @@ import torch
 from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
 from torch import nn
 
+from distlin.families.sana.family import dc_ae_factor
 from distlin.parallel.comm import CommStats
 from distlin.parallel.config import PatchParallelConfig
 from distlin.parallel.context import ParallelContext
@@ -26,7 +27,7 @@ from distlin.parallel.runtime import Runtime
 from distlin.sizes import format_size
 from distlin.surgery import Swaps, bound_class, twin
 from distlin.thresholds import INDEX_LIMIT
-from distlin.vae.parallel import _banded, _gather_rows
+from distlin.vae.parallel import banded, gather_rows
 
 
 class StateAttention(SanaMultiscaleLinearAttention):
@@ -72,7 +73,7 @@ class BandMultiscaleAttention(StateAttention):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
-        if not _banded(ctx):
+        if not banded(ctx):
             return self.processor(self, hidden_states)
         if (
             ctx.layout.boundaries_at_width(hidden_states.shape[-1])[-1] * hidden_states.shape[-1]
@@ -101,7 +102,7 @@ class ParallelDCAE:
         self.vae = vae
         config = PatchParallelConfig(mode="exact", cfg_parallel=False, index_limit=index_limit or INDEX_LIMIT)
         self.ctx = ParallelContext(runtime or Runtime(), config, stats=stats)
-        self.factor = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
+        self.factor = dc_ae_factor(vae.config)
         self._swaps = Swaps(vae)
         attention = bound_class(BandMultiscaleAttention, ctx=self.ctx)
         for name, module in list(vae.named_modules()):
@@ -122,7 +123,7 @@ class ParallelDCAE:
         self.ctx.layout = RowLayout(latent_height, latent_width, 1, self.ctx.patch.size, self.factor)
         try:
             start, stop = self.ctx.layout.band(self.ctx.patch.index, x.shape[-1])
-            return _gather_rows(self.ctx, part(x[..., start:stop, :]))
+            return gather_rows(self.ctx, part(x[..., start:stop, :]))
         finally:
             self.ctx.layout = None
 
