@@ -37,7 +37,6 @@ class ParallelSanaControlNet(ParallelControlNet):
             )
         super().__init__(controlnet, engine)
         self.engine = engine
-        engine.controlnets.append(self)
 
     def swap_layers(self) -> None:
         swap_band_layers(self.controlnet, self.ctx, self._swaps)
@@ -57,8 +56,10 @@ class ParallelSanaControlNet(ParallelControlNet):
 
 def parallelize_sana_controlnet(controlnet: nn.Module, engine: ParallelSanaTransformer) -> ParallelSanaControlNet:
     """Make a ``SanaControlNetModel`` run on the row bands of ``engine``'s transformer (its residuals come out as
-    this rank's band)."""
-    return ParallelSanaControlNet(controlnet, engine).apply()
+    this rank's band); ``engine.undo()`` restores it too."""
+    handle = ParallelSanaControlNet(controlnet, engine).apply()
+    engine.ctx.on_close(handle.undo)  # undone with the transformer's engine
+    return handle
 
 
 def load_sana_controlnet(source: str, pipe: Any) -> nn.Module:

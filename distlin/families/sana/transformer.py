@@ -170,7 +170,6 @@ class ParallelSanaTransformer:
     def __init__(self, transformer: nn.Module, ctx: ParallelContext, factor: int):
         self.transformer, self.ctx, self.factor = transformer, ctx, factor  # factor: image px per latent px
         self.unit = SANA.row_unit(transformer.config)
-        self.controlnets: list[Any] = []
         self._signature = inspect.signature(transformer.forward)
         self._swaps = Swaps(transformer)
         self._hooks: list[Any] = []
@@ -190,9 +189,7 @@ class ParallelSanaTransformer:
         return self.ctx.topology_for(guidance).check_image(height, width, self.unit, self.factor)
 
     def undo(self) -> None:
-        for controlnet in self.controlnets:
-            controlnet.undo()
-        self.controlnets = []
+        """Restore the original modules and forward (of the ControlNets on this engine too: the context's close)."""
         for hook in self._hooks:
             hook.remove()
         self._swaps.restore()
