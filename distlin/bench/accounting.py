@@ -83,32 +83,22 @@ def layer_shapes(unet: UNet2DConditionModel, height: int, width: int, batch: int
     """One forward of ``unet`` (best on meta) with hooks recording the inputs DistriFusion would exchange."""
     shapes = LayerShapes()
 
-    def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
+    def on_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        if isinstance(module, Attention):
+            shapes.attention.append((x.shape[0], x.shape[1], module.to_k.out_features))
+        elif isinstance(module, nn.Conv2d):
+            shapes.halo.append((x.shape[0], x.shape[1], module.padding[0], x.shape[3]))
+        else:
+            shapes.groupnorm.append((x.shape[0], module.num_groups))
 
-    def on_attention(module: Attention, args: tuple, kwargs: dict) -> None:
-        x = first_tensor(args, kwargs)
-        shapes.attention.append((x.shape[0], x.shape[1], module.to_k.out_features))
-
-    def on_conv(module: nn.Conv2d, args: tuple, kwargs: dict) -> None:
-        x = first_tensor(args, kwargs)
-        shapes.halo.append((x.shape[0], x.shape[1], module.padding[0], x.shape[3]))
-
-    def on_norm(module: nn.GroupNorm, args: tuple, kwargs: dict) -> None:
-        shapes.groupnorm.append((first_tensor(args, kwargs).shape[0], module.num_groups))
-
-    hooks = []
-    for name, module in unet.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        hook = None
-        if isinstance(module, Attention) and leaf == "attn1":
-            hook = on_attention
-        elif isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and name != "conv_in":
-            hook = on_conv
-        elif isinstance(module, nn.GroupNorm):
-            hook = on_norm
-        if hook is not None:
-            hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    hooks = [
+        module.register_forward_pre_hook(on_input, with_kwargs=True)
+        for name, module in unet.named_modules()
+        if (isinstance(module, Attention) and name.rsplit(".", 1)[-1] == "attn1")
+        or (isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and name != "conv_in")
+        or isinstance(module, nn.GroupNorm)
+    ]
     try:
         with torch.inference_mode():
             out = unet(timestep=999, **unet_inputs(unet, batch, height, width), return_dict=False)[0]
@@ -120,10 +110,8 @@ def layer_shapes(unet: UNet2DConditionModel, height: int, width: int, batch: int
 
 
 def distrifusion_bytes(shapes: LayerShapes, ranks: int, element_size: int) -> dict[str, float]:
-    """Bytes one rank receives per UNet step under DistriFusion's scheme with ``ranks`` equal bands.
-
-    An all-gather of a band-sized piece delivers ``ranks - 1`` pieces to every rank.
-    """
+    """Bytes one rank receives per UNet step under DistriFusion's scheme with ``ranks`` equal bands (an all-gather
+    of a band-sized piece delivers ``ranks - 1`` pieces to every rank)."""
     others = ranks - 1
     sent = {
         "attention": sum(b * tokens / ranks * 2 * c for b, tokens, c in shapes.attention),  # K and V

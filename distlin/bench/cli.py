@@ -37,31 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
     common.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
-    common.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (per rank in scaling); default 1, as the CPU targets are stated",
-    )
+    threads = "torch threads (per rank in scaling); default 1, as the CPU targets are stated"
+    common.add_argument("--threads", type=int, default=1, help=threads)
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    common.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA; bfloat16 for project)",
-    )
+    dtype = "float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA; bfloat16 for project)"
+    common.add_argument("--dtype", default=None, help=dtype)
     common.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     parser = argparse.ArgumentParser(prog=command_name(), description=__doc__)
     suites = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, module in SUITES.items():
-        doc = module.__doc__ or ""
-        sub = suites.add_parser(
-            name,
-            parents=[common],
-            help=doc.split("\n", 1)[0],
-            description=doc,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc, raw = module.__doc__ or "", argparse.RawDescriptionHelpFormatter
+        module.add_arguments(
+            suites.add_parser(name, parents=[common], help=doc.split("\n", 1)[0], description=doc, formatter_class=raw)
         )
-        module.add_arguments(sub)
     return parser
 
 

@@ -39,6 +39,7 @@ from distlin.bench.report import (
     markdown_table,
     met,
     new_figure,
+    percent,
     progress,
     ranks_axis,
 )
@@ -48,6 +49,7 @@ from distlin.sizes import format_size
 
 DEFAULT_DTYPE = torch.bfloat16
 PROJECTED_MODES = ("exact", "displaced")
+POINT = ("model", "height", "width", "ranks")  # one dry run: its records differ in link and mode
 TARGET = {"model": "full-sd15", "height": 16384, "ranks": 8, "bytes": 1 / 100, "attention": 1 / 1000}
 TARGET |= {"link": "nvlink", "efficiency": 0.9}
 
@@ -134,16 +136,14 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
         if r["link"] == first_link and r["mode"] == "exact" and r["ranks"] > 1
     ]
     time_rows = []
-    for r in done:
-        if r["link"] != first_link or r["mode"] != "exact":
-            continue
-        cells = []
-        for link in args.link:
-            for mode in PROJECTED_MODES:
-                p = next(x for x in done if _same_point(x, r) and x["link"] == link and x["mode"] == mode)
-                cells.append(f"{fmt(p['projected_ms_per_step'])} ({100 * p['efficiency']:.0f}%)")
-        point = [r["model"], format_size(r["width"], r["height"]), r["ranks"]]
-        time_rows.append([*point, fmt(r["tflop_per_rank"]), fmt(r["compute_ms_per_step"]), *cells])
+    for (model, height, width, n), rs in groups(done, POINT).items():
+        by = {(p["link"], p["mode"]): p for p in rs}
+        cells = [by[link, mode] for link in args.link for mode in PROJECTED_MODES]
+        cells = [f"{fmt(p['projected_ms_per_step'])} ({percent(p['efficiency'], 0)})" for p in cells]
+        r = by[first_link, "exact"]
+        time_rows.append(
+            [model, format_size(width, height), n, fmt(r["tflop_per_rank"]), fmt(r["compute_ms_per_step"])] + cells
+        )
     time_headers = ["model", "image", "GPUs", "TFLOP/rank", "compute ms"]
     time_headers += [f"{link} {mode} ms (eff.)" for link in args.link for mode in PROJECTED_MODES]
     comm_headers = ["model", "image", "GPUs", "distlin total", "DistriFusion total", "ratio", "distlin attention state"]
@@ -172,17 +172,9 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
     return "\n\n".join(parts)
 
 
-def _same_point(a: Record, b: Record) -> bool:
-    return all(a[k] == b[k] for k in ("model", "height", "width", "ranks"))
-
-
 def _targets(done: list[Record]) -> list[str]:
-    points = [
-        r
-        for r in done
-        if (r["model"], r["height"], r["width"], r["ranks"])
-        == (TARGET["model"], TARGET["height"], TARGET["height"], TARGET["ranks"])
-    ]
+    target = (TARGET["model"], TARGET["height"], TARGET["height"], TARGET["ranks"])
+    points = [r for r in done if tuple(r[k] for k in POINT) == target]
     if not points:
         return []
     r = points[0]

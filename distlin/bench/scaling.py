@@ -60,18 +60,13 @@ TARGET = {"model": "full-sd15", "height": 1024, "width": 1024, "ranks": 2, "spee
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add(
-        parser, "--model", "full-sd15", "tiny-sd15", "built-in model (a UNet, or full-sana)", type=denoiser_name
-    )
+    model = "built-in model (a UNet, or full-sana)"
+    options.add(parser, "--model", "full-sd15", "tiny-sd15", model, type=denoiser_name)
     options.add(parser, "--height", 1024, 128, "image height in pixels", type=int)
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the height)")
     parser.add_argument("--ranks", type=options.int_list, default=[1, 2], help="numbers of ranks (default 1,2)")
-    parser.add_argument(
-        "--modes",
-        type=options.str_list(MODES),
-        default=list(MODES),
-        help="engine modes (default exact,displaced,naive)",
-    )
+    modes = "engine modes (default exact,displaced,naive)"
+    parser.add_argument("--modes", type=options.str_list(MODES), default=list(MODES), help=modes)
     options.add(parser, "--steps", 3, 2, "timed UNet steps per setting and round", type=int)
     options.add(parser, "--rounds", 2, 1, "times the sequence of settings runs (interleaved timing)", type=int)
     parser.add_argument(
@@ -85,13 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-parallel", action="store_true", help="split the CFG batch over two rank groups")
     parser.add_argument("--backend", default=None, help="default gloo on CPU, nccl on CUDA")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per torchrun launch (default 3600)")
-    parser.add_argument(
-        "--collect",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="assemble the worker results (*.json) in DIR instead of spawning workers",
-    )
+    collect = "assemble the worker results (*.json) in DIR instead of spawning workers"
+    parser.add_argument("--collect", type=Path, default=None, metavar="DIR", help=collect)
 
 
 def spawn(ranks: int, result: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
@@ -119,65 +109,42 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: r["ranks"])
 
 
-def _median_by_kind(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in rounds) for k in TOTAL_KINDS}
-
-
 def assemble(results: list[dict[str, Any]]) -> list[Record]:
     """One record per (ranks, setting): median step time over every round, speed-up and efficiency vs one rank,
     time relative to exact on as many ranks, counters (blocked time: the median round's)."""
-    first = results[0]
+    first, median = results[0], statistics.median
     dtype = getattr(torch, first["dtype"])
-    shapes = (  # DistriFusion's scheme is a UNet's: none for SANA's transformer
-        None
-        if is_sana(first["model"])
-        else layer_shapes(
-            build(first["model"], first["attention"], "meta", dtype), first["height"], first["width"], first["batch"]
-        )
-    )
+    shapes = None  # DistriFusion's scheme is a UNet's: none for SANA's transformer
+    if not is_sana(first["model"]):
+        unet = build(first["model"], first["attention"], "meta", dtype)
+        shapes = layer_shapes(unet, first["height"], first["width"], first["batch"])
     element_size = torch.empty((), dtype=dtype).element_size()
-    single = next((r for r in results if r["ranks"] == 1), None)
-    base_ms = statistics.median(single["modes"]["exact"]["step_ms"]) if single else None
-    base_cpu = statistics.median(single["modes"]["exact"]["cpu_ms"]) if single else None
+    single = next((r["modes"]["exact"] for r in results if r["ranks"] == 1), None)
+    base_ms, base_cpu = (median(single["step_ms"]), median(single["cpu_ms"])) if single else (None, None)
     records = []
     for result in results:
-        n = result["ranks"]
-        exact = result["modes"].get("exact")
-        exact_ms = statistics.median(exact["step_ms"]) if exact else None
-        exact_cpu = statistics.median(exact["cpu_ms"]) if exact else None
+        n, exact = result["ranks"], result["modes"].get("exact")
+        exact_ms, exact_cpu = (median(exact["step_ms"]), median(exact["cpu_ms"])) if exact else (None, None)
         for setting, run in result["modes"].items():
-            ms = statistics.median(run["step_ms"])
-            counters = run["counters_by_rank"][n // 2]
+            ms, cpu, counters = median(run["step_ms"]), median(run["cpu_ms"]), run["counters_by_rank"][n // 2]
             rounds = [by_rank[n // 2] for by_rank in run.get("counters_by_round", [run["counters_by_rank"]])]
             speedup = base_ms / ms if base_ms else None
-            cpu = statistics.median(run["cpu_ms"])
-            records.append(
-                {
-                    **{k: result[k] for k in RECORD_KEYS},
-                    "mode": run.get("mode", setting),
-                    "stale": run.get("stale"),
-                    "setting": setting,
-                    "rounds": result.get("rounds", 1),
-                    "ms_per_step": ms,
-                    "vs_exact": exact_ms / ms if exact_ms else None,
-                    "cpu_vs_exact": exact_cpu / cpu if exact_cpu else None,
-                    "ms_min": min(run["step_ms"]),
-                    "ms_max": max(run["step_ms"]),
-                    "steps": len(run["step_ms"]),
-                    "cpu_ms_per_step": cpu,
-                    "comm_cpu_ms_per_step": statistics.median(run["comm_cpu_ms"]) if run.get("comm_cpu_ms") else None,
-                    "speedup": speedup,
-                    "cpu_speedup": base_cpu / cpu if base_cpu else None,
-                    "efficiency": speedup and speedup / n,
-                    "counters_rank": n // 2,
-                    "bytes_per_step": counters["bytes_per_step"],
-                    "calls_per_step": counters["calls_per_step"],
-                    "hidden_bytes_per_step": counters["hidden_bytes_per_step"],
-                    "wait_ms_per_step": _median_by_kind([r["wait_ms_per_step"] for r in rounds]),
-                    "launch_ms_per_step": _median_by_kind([r["launch_ms_per_step"] for r in rounds]),
-                    "distrifusion_bytes_per_step": shapes and distrifusion_bytes(shapes, n, element_size),
-                }
-            )
+            record = {k: result[k] for k in RECORD_KEYS} | {"mode": run.get("mode", setting), "stale": run.get("stale")}
+            record |= {"setting": setting, "rounds": result.get("rounds", 1), "ms_per_step": ms}
+            record |= {
+                "vs_exact": exact_ms / ms if exact_ms else None,
+                "cpu_vs_exact": exact_cpu / cpu if exact_cpu else None,
+            }
+            record |= {"ms_min": min(run["step_ms"]), "ms_max": max(run["step_ms"]), "steps": len(run["step_ms"])}
+            record["cpu_ms_per_step"] = cpu
+            record["comm_cpu_ms_per_step"] = median(run["comm_cpu_ms"]) if run.get("comm_cpu_ms") else None
+            record |= {"speedup": speedup, "cpu_speedup": base_cpu / cpu if base_cpu else None}
+            record |= {"efficiency": speedup and speedup / n, "counters_rank": n // 2}
+            record |= {k: counters[k] for k in ("bytes_per_step", "calls_per_step", "hidden_bytes_per_step")}
+            for key in ("wait_ms_per_step", "launch_ms_per_step"):
+                record[key] = {k: median(r[key][k] for r in rounds) for k in TOTAL_KINDS}
+            record["distrifusion_bytes_per_step"] = shapes and distrifusion_bytes(shapes, n, element_size)
+            records.append(record)
     return records
 
 
