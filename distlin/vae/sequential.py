@@ -101,6 +101,11 @@ class Bands:
                 self.parts[r] = None
 
 
+def _summed(total: dict[int, torch.Tensor], band: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """GroupNorm moments by group count: ``total`` with a band's added."""
+    return {**total, **{g: total[g] + m if g in total else m for g, m in band.items()}}
+
+
 class _Streamer:
     """Moves bands between the store and the compute device (:class:`HostStore`) and runs the decoder primitives
     on them; the convolutions fetch band ``r + 1`` while band ``r`` computes (:func:`ahead`)."""
@@ -132,14 +137,12 @@ class _Streamer:
         bounds = [*range(0, height, rows), height]
         return Bands([self.save(t[:, :, a:b]) for a, b in pairwise(bounds)], bounds)
 
-    def keep(self, out: torch.Tensor, moments: dict[int, torch.Tensor]) -> torch.Tensor:
-        """A finished band to the store, its GroupNorm moments (of the stored values) added to ``moments``."""
+    def keep(self, out: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """A finished band to the store, and its GroupNorm moments (of the stored values) by group count, for the
+        producer to sum (:func:`_summed`)."""
         out = out.to(self.store_dtype)
-        for g in self.groups:
-            if out.shape[1] % g == 0:
-                band = group_moments(out, g)
-                moments[g] = moments[g] + band if g in moments else band
-        return self.save(out)
+        moments = {g: group_moments(out, g) for g in self.groups if out.shape[1] % g == 0}
+        return self.save(out), moments
 
     @staticmethod
     def norm_act(x: Bands, norm: nn.GroupNorm, act: nn.Module) -> Pre:
@@ -200,7 +203,9 @@ class _Streamer:
             if residual is not None:
                 skip, add = residual
                 out = add(out, self.host.load([skip.take(r)], self.dtype))
-            parts.append(self.keep(out, moments))
+            kept, band = self.keep(out)
+            parts.append(kept)
+            moments = _summed(moments, band)
             del out  # ... and this band's output while the next band is fetched
             if consume and r + 1 < len(needs):
                 x.release_before(max(bounds[r + 1] - needs[r + 1][0], 0) // f)
@@ -286,7 +291,9 @@ class _Streamer:
             out = attend(a, b)
             for r, (lo, hi) in enumerate(pairwise(x.bounds)):
                 if lo < b and hi > a:
-                    pieces[r].append(self.keep(out[:, :, max(lo, a) - a : min(hi, b) - a], moments))
+                    kept, band = self.keep(out[:, :, max(lo, a) - a : min(hi, b) - a])
+                    pieces[r].append(kept)
+                    moments = _summed(moments, band)
             del out  # not alive on compute while the next group is computed
             x.release_before(b)
         for p in pieces:
