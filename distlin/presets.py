@@ -83,18 +83,23 @@ def load_preset(name: str) -> dict[str, Any]:
         raise UsageError(f"cannot read preset file {path}: {type(err).__name__}; fix or restore it") from None
     if not isinstance(preset, dict):
         raise UsageError(f"preset file {path} is not a mapping of settings; fix or restore it")
-    check_keys(preset, PRESET_SCHEMA, OPTIONAL_SCHEMA, f"preset file {path}")
+    preset = checked_values(preset, PRESET_SCHEMA, OPTIONAL_SCHEMA, f"preset file {path}")
+    stages = []
     for k, stage in enumerate(preset.get("cascade") or []):
         where = f"preset file {path}: cascade stage {k}"
         if not isinstance(stage, dict):
             raise UsageError(f"{where} must be a mapping of height, width (and strength), not {stage!r}; fix it")
-        check_keys(stage, {key: STAGE_SCHEMA[key] for key in STAGE_REQUIRED}, STAGE_SCHEMA, where)
+        stages.append(checked_values(stage, {key: STAGE_SCHEMA[key] for key in STAGE_REQUIRED}, STAGE_SCHEMA, where))
+    if stages:
+        preset["cascade"] = stages
     return preset
 
 
-def check_keys(values: dict[str, Any], required: dict[str, type], optional: dict[str, type], where: str) -> None:
-    """Every key of ``required``, none outside it and ``optional`` (the closest known key suggested for a typo),
-    each value of its type (an int where a float is due is made a float, in place)."""
+def checked_values(
+    values: dict[str, Any], required: dict[str, type], optional: dict[str, type], where: str
+) -> dict[str, Any]:
+    """``values`` with every key of ``required``, none outside it and ``optional`` (the closest known key
+    suggested for a typo), each value of its type; a copy in which an int where a float is due is a float."""
     known = {**required, **optional}
     for key in values:
         if key not in known:
@@ -104,11 +109,13 @@ def check_keys(values: dict[str, Any], required: dict[str, type], optional: dict
     missing = [key for key in required if key not in values]
     if missing:
         raise UsageError(f"{where}: missing keys {missing}; fix the file")
+    typed = dict(values)
     for key, kind in known.items():
         if key not in values:
             continue
         value = values[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
+            typed[key] = float(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UsageError(f"{where}: {key} must be {kind.__name__}, not {value!r}; fix it")
+    return typed
