@@ -144,9 +144,8 @@ def band_arguments(
     layout = topology.layout(latent.shape[2], latent.shape[3], unit, factor)
     ctx.begin_step(layout, arguments.get("timestep"))  # once per step: a ControlNet's call, then the transformer's
     start, stop = layout.band(ctx.patch.index)
-    for key in rows:
-        arguments[key] = arguments[key][:, :, start:stop]
-    return arguments, layout, topology.cfg_split
+    band = {key: arguments[key][:, :, start:stop] for key in rows}
+    return {**arguments, **band}, layout, topology.cfg_split
 
 
 def band_tokens(tokens: torch.Tensor, layout: RowLayout, index: int, width: int) -> torch.Tensor:
