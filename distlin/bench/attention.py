@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from distlin.bench.report import (
 )
 from distlin.bench.timing import time_call
 from distlin.linfusion import LinFusionAttention
+from distlin.memory.fit import available_host_memory
 
 IMPLS = ("linear", "sdpa")
 COST_EXPONENT = {"linear": 1, "sdpa": 2}  # how the time of each grows with tokens, for skipping sizes
@@ -65,17 +65,6 @@ def build_layer(impl: str, channels: int, heads: int, device: torch.device, dtyp
     return layer.to(device=device, dtype=dtype).eval()
 
 
-def available_mb() -> float:
-    """Memory the next size may use: ``MemAvailable`` on Linux, unlimited where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.inf
-
-
 def why_skip(impl: str, tokens: int, last: Record | None, max_call_s: float, device: torch.device) -> str | None:
     """A reason to skip ``tokens`` predicted from the last measured size, or None to measure it."""
     if last is None:
@@ -84,7 +73,8 @@ def why_skip(impl: str, tokens: int, last: Record | None, max_call_s: float, dev
     predicted_s = last["ms"] / 1e3 * ratio ** COST_EXPONENT[impl]
     if predicted_s > max_call_s:
         return f"predicted {predicted_s:.0f} s per call > --max-call-s {max_call_s:g}"
-    free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else available_mb()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_memory() or math.inf
+    free /= 2**20
     if last["peak_mb"] is not None and last["peak_mb"] * ratio > 0.8 * free:
         return f"predicted {last['peak_mb'] * ratio:.0f} MiB > 80% of the {free:.0f} MiB free"
     return None

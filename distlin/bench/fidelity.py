@@ -103,32 +103,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stale = "stale sets of displaced mode: every (all non-empty ones), or a comma list such as halo,attention+groupnorm"
     options.add(parser, "--stale-sets", "every", quick, stale)
     options.add(parser, "--steps", None, 4, "denoising steps instead of each case's own", type=int)
-    parser.add_argument(
-        "--link", choices=tuple(LINKS), default="nvlink", help="link of the projection (default nvlink)"
-    )
-    parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per torchrun launch (default 3600)")
+    parser.add_argument("--link", choices=tuple(LINKS), default="nvlink", help="projection's link (default nvlink)")
+    options.add_timeout(parser)
 
 
 def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every engine setting of one launch: exact, naive, then displaced for each stale set and warm-up."""
-    out: list[dict[str, Any]] = [{"mode": "exact", "stale": [], "warmup_steps": None}]
-    out.append({"mode": "naive", "stale": [], "warmup_steps": None})
-    for stale, warmup in itertools.product(stale_sets(args.stale_sets), args.warmup_steps):
-        out.append({"mode": "displaced", "stale": sorted(stale), "warmup_steps": warmup})
-    return out
+    displaced = itertools.product(stale_sets(args.stale_sets), args.warmup_steps)
+    return [{"mode": mode, "stale": [], "warmup_steps": None} for mode in ("exact", "naive")] + [
+        {"mode": "displaced", "stale": sorted(stale), "warmup_steps": warmup} for stale, warmup in displaced
+    ]
 
 
 @torch.inference_mode()
 def generate(pipe: Any, case: Case, steps: int) -> torch.Tensor:
     """Final latents of one generation (seed 0)."""
+    size = {"height": case.height, "width": case.width}
+    seed = torch.Generator().manual_seed(0)
     return pipe(
-        PROMPT,
-        height=case.height,
-        width=case.width,
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
+        PROMPT, **size, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="latent", generator=seed
     ).images
 
 

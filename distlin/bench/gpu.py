@@ -1,25 +1,19 @@
 """Suite ``gpu``: one prepared check of the CUDA fast path, under 8 minutes on one H100/H200 (CUDA only).
 
-Parts (:data:`PARTS`, cheapest and surest first; ``--parts`` picks some), told apart by each record's ``section``:
-``environment``: the GPU, torch, CUDA and triton. ``attention``: LinFusion's two attention phases, fused Triton
-kernels against the PyTorch ops, on token-major ``(batch, tokens, C)`` activations as the layer hands them over:
-the time of each phase, the speed-up, the largest difference relative to the output's largest value, and peak
-memory. ``blocks``: each kernel's tiling rule against the candidate tilings at the largest token count.
-``unet``: one UNet call with LinFusion (kernel ``auto``, so Triton) per image size: time per CFG step, TFLOP/s
-against the device's dense fp16/bf16 peak, and ``torch.cuda.max_memory_allocated`` next to the memory planner's
-prediction (the weights of every component plus the UNet's activations); a size whose predicted activations
-exceed the free memory runs micro-batched (the guidance halves one after the other, as ``--micro-batch 1``
-does), or is skipped with the reason. ``layout``: one UNet call with NCHW and with ``channels_last``
-activations. ``vae``: the sequential decode through host RAM: bytes moved between host and device, seconds and
-GB/s. The ``unet``, ``layout``, ``vae`` and ``compile`` parts take a pipeline prepared as a run prepares it
-(:func:`distlin.bench.models.run_pipeline`; the FLOPs are counted on a meta copy). ``generation``: the 16384x8192
-SD-1.5 cascade (``--preset sd15-16k`` with ``full-sd15`` random weights and fresh LinFusion layers) end to end
-through :func:`distlin.run.generate`, the function the command line runs: wall seconds per stage and for the
-decode, ``torch.cuda.max_memory_allocated`` and the peak host RSS next to the planner's prediction. ``sana``:
-the same for ``--preset sana-4k`` at 4096x4096 (``--sana-size``) with ``full-sana``, SANA-1600M's
-architecture with random weights (:func:`measure_sana`). ``compile``: one UNet call eager and after
-:func:`~distlin.parallel.compile.compile_unet` (``--compile``): time of each, the first compiled call's seconds
-and the largest difference. A part that fails is reported and the next one runs (:func:`run_parts`).
+Parts (:data:`PARTS`, cheapest and surest first; ``--parts`` picks some; a record's ``section`` names its part):
+``environment`` (GPU, torch, CUDA, triton); ``attention`` (LinFusion's two phases, fused Triton kernels vs the
+PyTorch ops on token-major ``(batch, tokens, C)`` activations: time of each phase, speed-up, largest difference
+relative to the largest output, peak memory); ``blocks`` (each kernel's tiling rule vs the candidate tilings);
+``unet`` (one LinFusion UNet call per size: time per CFG step, TFLOP/s against the dense fp16/bf16 peak,
+``torch.cuda.max_memory_allocated`` vs the planner's weights plus UNet activations; micro-batched as
+``--micro-batch 1`` does, or skipped with the reason, when the planned activations exceed the free memory);
+``layout`` (NCHW vs ``channels_last``); ``vae`` (the sequential decode through host RAM: bytes, seconds, GB/s);
+``compile`` (eager vs :func:`~distlin.parallel.compile.compile_unet`, first compiled call included). These take a
+pipeline prepared as a run prepares it (FLOPs counted on a meta copy). ``generation`` and ``sana``:
+``--preset sd15-16k`` at 16384x8192 (``full-sd15``, fresh LinFusion) and ``--preset sana-4k`` at ``--sana-size``
+(``full-sana``), random weights, end to end through :func:`distlin.run.generate` as the command line runs it:
+seconds per stage and decode, device and host peaks vs the planner. A part that fails is reported and the next
+one runs (:func:`run_parts`).
 """
 
 from __future__ import annotations

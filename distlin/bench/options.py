@@ -56,6 +56,11 @@ def add(parser: argparse.ArgumentParser, flag: str, normal: Any, quick: Any, hel
     parser.add_argument(flag, default=QuickDefault(normal, quick), help=f"{help} ({suffix})", **kwargs)
 
 
+def add_timeout(parser: argparse.ArgumentParser) -> None:
+    """``--timeout-s`` of the suites that start ranks."""
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per torchrun launch (default 3600)")
+
+
 def resolve_quick(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in vars(args).items():
         if isinstance(value, QuickDefault):

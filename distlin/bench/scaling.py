@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=2, help="batch per UNet call; 2 is one CFG step (default 2)")
     parser.add_argument("--cfg-parallel", action="store_true", help="split the CFG batch over two rank groups")
     parser.add_argument("--backend", default=None, help="default gloo on CPU, nccl on CUDA")
-    parser.add_argument("--timeout-s", type=float, default=3600.0, help="limit per torchrun launch (default 3600)")
+    options.add_timeout(parser)
     collect = "assemble the worker results (*.json) in DIR instead of spawning workers"
     parser.add_argument("--collect", type=Path, default=None, metavar="DIR", help=collect)
 
