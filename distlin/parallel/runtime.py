@@ -1,4 +1,5 @@
-"""Process-group setup: torchrun (or any env:// launcher) when present, a single process otherwise."""
+"""Process-group setup: torchrun (or any env:// launcher, or ``--nproc-per-node``'s file store) when present, a
+single process otherwise."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ every rank holds, as for Stable Diffusion (:func:`distlin.memory.planner.plan`),
 All three are validated against meta-tensor measurements of the real modules (:func:`measured_activation_peak`,
 :func:`measured_decode_peak`, :func:`measured_band_decode_peak`) in ``tests/test_sana_memory.py``. This module
 is the planner's (layer 5): it asks :func:`distlin.vae.coders.decodes_sequentially` (the run's rule) when the
-DC-AE goes band by band.
+DC-AE goes band by band, and takes the input checks and the peak's sum from :mod:`distlin.memory.planner`.
 """
 
 from __future__ import annotations
