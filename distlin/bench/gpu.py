@@ -38,6 +38,7 @@ from distlin.bench.report import (
     Record,
     SuiteResult,
     bullets,
+    dtype_name,
     factor,
     finish_axes,
     fmt,
@@ -225,9 +226,8 @@ def planned_unet_bytes(
     ``micro_batch`` sets the samples per call; the VAE path does not enter the UNet's share, so the cheaper
     direct-decode plan serves.
     """
-    name = str(dtype).removeprefix("torch.")
-    options = {"dtype": name, "cfg": True, "micro_batch": batch, "vae_decode": "direct", "thresholds": thresholds}
-    breakdown = plan(model, side, side, 1, **options)["breakdown"]
+    kwargs = {"cfg": True, "micro_batch": batch, "vae_decode": "direct", "thresholds": thresholds}
+    breakdown = plan(model, side, side, 1, dtype=dtype_name(dtype), **kwargs)["breakdown"]
     weights = sum(value for key, value in breakdown.items() if key.startswith("weights_"))
     return weights, breakdown["unet_activations"]
 
@@ -248,10 +248,10 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         batch = fitting[0] if fitting else 1
         record: Record = {"section": "unet", "model": model, "height": side, "width": side, "batch": batch}
         record |= {"planned_gib": sum(plans[batch]) / GIB, "skipped": None, "peak_source": source}
+        records.append(record)
         if not fitting:
             planned = plans[batch][1] / GIB
             record["skipped"] = f"planned activations {planned:.1f} GiB at batch 1 > 90% of {free / GIB:.1f} GiB free"
-            records.append(record)
             continue
         torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -268,20 +268,16 @@ def measure_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dt
                 f"{type(err).__name__} at batch {batch} (planned {record['planned_gib']:.1f} GiB): {first}"
             )
             progress("gpu", f"unet {model} {format_size(side, side)}: {record['skipped']}")
-            records.append(record)
-            call = None
-            torch.cuda.empty_cache()
-            continue
-        rate = flops / (timing["ms"] / 1e3)
-        record |= {**timing, "tflop": flops / 1e12, "ms_per_step": timing["ms"] * CFG_BATCH / batch}
-        record |= {"achieved_tflop_s": rate / 1e12, "peak_tflop_s": peak and peak / 1e12}
-        record |= {
-            "utilisation": peak and rate / peak,
-            "planned_over_measured": record["planned_gib"] / record["peak_gib"],
-        }
-        progress("gpu", f"unet {model} {format_size(side, side)} batch {batch}: {timing['ms']:.0f} ms")
-        records.append(record)
-        del call
+        else:
+            rate = flops / (timing["ms"] / 1e3)
+            record |= {**timing, "tflop": flops / 1e12, "ms_per_step": timing["ms"] * CFG_BATCH / batch}
+            record |= {"achieved_tflop_s": rate / 1e12, "peak_tflop_s": peak and peak / 1e12}
+            record |= {
+                "utilisation": peak and rate / peak,
+                "planned_over_measured": record["planned_gib"] / record["peak_gib"],
+            }
+            progress("gpu", f"unet {model} {format_size(side, side)} batch {batch}: {timing['ms']:.0f} ms")
+        call = None
         torch.cuda.empty_cache()
     return records
 

@@ -79,7 +79,7 @@ def time_mode(
     rank's counters over the timed steps. CPU time well below wall time on one rank means other processes took
     cores; exchange-thread time is what the exchanges took from a rank's cores beside the blocked time."""
     handle = parallelize_denoiser(args.model, unet, config, runtime)
-    step_ms, cpu_ms, comm_cpu_ms = [], [], []
+    timed: dict[str, list[float]] = {"step_ms": [], "cpu_ms": [], "comm_cpu_ms": []}
     try:
         with torch.inference_mode():
             for step in range(args.warmup + args.steps):
@@ -93,15 +93,14 @@ def time_mode(
                 cpu, thread = time.process_time() - start_cpu, time.thread_time() - start_thread
                 wall, cpu, others = _slowest([time.perf_counter() - start, cpu, cpu - thread], runtime)
                 if step >= args.warmup:
-                    step_ms.append(wall * 1e3)
-                    cpu_ms.append(cpu * 1e3)
-                    comm_cpu_ms.append(others * 1e3)
+                    for samples, seconds in zip(timed.values(), (wall, cpu, others), strict=True):
+                        samples.append(seconds * 1e3)
                 if runtime.is_main:
                     progress("scaling", f"{runtime.world_size} rank(s), {config.mode}, step {step}: {wall:.2f} s")
         counters = _gather(handle.ctx.stats.summary(), runtime)
     finally:
         handle.undo()
-    return {"step_ms": step_ms, "cpu_ms": cpu_ms, "comm_cpu_ms": comm_cpu_ms, "counters_by_rank": counters}
+    return {**timed, "counters_by_rank": counters}
 
 
 def settings(args: argparse.Namespace) -> dict[str, PatchParallelConfig]:
@@ -135,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         for _ in range(args.rounds):
             for label, config in configs.items():
-                timed = time_mode(unet, inputs, config, args, runtime)
-                run = runs[label]
-                for key in ("step_ms", "cpu_ms", "comm_cpu_ms"):
-                    run.setdefault(key, []).extend(timed[key])
-                run.setdefault("counters_by_round", []).append(timed["counters_by_rank"])
-                run["counters_by_rank"] = timed["counters_by_rank"]
+                timed, run = time_mode(unet, inputs, config, args, runtime), runs[label]
+                counters = timed.pop("counters_by_rank")
+                for key, samples in timed.items():
+                    run.setdefault(key, []).extend(samples)
+                run.setdefault("counters_by_round", []).append(counters)
+                run["counters_by_rank"] = counters
         result = {k: getattr(args, k) for k in ("model", "height", "width")} | {"ranks": runtime.world_size}
         result |= {k: getattr(args, k) for k in ("attention", "batch", "cfg_parallel")}
         result |= {"dtype": dtype_name(dtype), "device": describe_device(runtime.device), "backend": runtime.backend}
