@@ -31,3 +31,13 @@ def encoded(pipe: Any, coder: Coder, image: torch.Tensor, stage: Stage) -> torch
     with vae_in_float32_if_needed(pipe.vae) as dtype:
         image = F.interpolate(image.float(), size=(stage.height, stage.width), mode="bicubic", align_corners=False)
         return scaled(coder.encode(image.clamp(-1, 1).to(dtype)).mean, pipe.vae.config)
+
+
+def stage_reference(
+    pipe: Any, coder: Coder, index: int, stage: Stage, init_image: torch.Tensor | None, latents: torch.Tensor | None
+) -> torch.Tensor:
+    """What cascade stage ``index`` refines (SDEdit): the init image encoded at stage 0, else the previous stage's
+    ``latents`` upscaled to ``stage``'s size."""
+    if index == 0:
+        return encoded(pipe, coder, init_image, stage)
+    return upscaled_reference(pipe, coder, latents, stage)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from distlin.sampling.reference import encoded, upscaled_reference
+from distlin.sampling.reference import stage_reference
 from distlin.sampling.stages import SD15_STAGES, Stage, StageClock, StageReport, check_stages
 from distlin.surgery import calls_like
 from distlin.vae.coders import Coder, PlainVAE
@@ -63,6 +63,7 @@ def run_sdedit(
     def control(index: int, key: str) -> dict[str, Any]:
         return {key: controls[index], "controlnet_conditioning_scale": control_scale} if controls else {}
 
+    latents = None  # from noise (stage 0), unless the cascade starts from init_image
     if init_image is None:
         latents = pipe(
             prompt,
@@ -76,13 +77,9 @@ def run_sdedit(
         clock.lap(0, first, latents)
         refined = refined[1:]
     for index, stage in refined:
-        if index == 0:
-            init = encoded(pipe, coder, init_image, stage)
-        else:
-            init = upscaled_reference(pipe, coder, latents, stage)
         latents = refine(
             prompt,
-            image=init,
+            image=stage_reference(pipe, coder, index, stage, init_image, latents),
             strength=stage.strength,
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(seed + index),

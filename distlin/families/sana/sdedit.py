@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from distlin.sampling.reference import encoded, upscaled_reference
+from distlin.sampling.reference import stage_reference
 from distlin.sampling.stages import Stage, StageClock, StageReport, check_stages
 from distlin.surgery import Swaps
 from distlin.vae.coders import Coder
@@ -79,6 +79,7 @@ def run_sana_sdedit(
         return options if controls is None else {**options, "control_image": controls[index]}
 
     with nullcontext() if controls is None else encoding_through(pipe.vae, vae):
+        latents = None  # from noise (stage 0), unless the cascade starts from init_image
         if init_image is None:
             first = stages[0]
             generator = torch.Generator().manual_seed(seed)
@@ -93,9 +94,7 @@ def run_sana_sdedit(
             clock.lap(0, first, latents)
             refined = refined[1:]
         for index, stage in refined:
-            reference = (
-                encoded(pipe, vae, init_image, stage) if index == 0 else upscaled_reference(pipe, vae, latents, stage)
-            )
+            reference = stage_reference(pipe, vae, index, stage, init_image, latents)
             latents = refine(pipe, reference, stage.strength, steps, seed + index, **at(index))
             clock.lap(index, stage, latents)
     return latents
