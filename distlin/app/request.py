@@ -25,9 +25,9 @@ from distlin.app.library import ComponentLibrary
 from distlin.components import Lora
 from distlin.errors import UsageError
 from distlin.inputs import decode_image
-from distlin.parallel.config import MODES
+from distlin.parallel.config import check_mode
 from distlin.presets import list_presets, load_preset
-from distlin.schedulers import SCHEDULERS
+from distlin.schedulers import SCHEDULERS, check_scheduler
 from distlin.settings import RunSettings, build_settings
 from distlin.sizes import format_size
 
@@ -86,10 +86,8 @@ class GenerationRequest:
             raise UsageError(f"request fields: unknown {unknown}, missing {missing}")
         values = {key: _typed(key, message[key]) for key in names}
         _builtin_preset(values["preset"])
-        if values["mode"] not in MODES:
-            raise UsageError(f"unknown mode {values['mode']!r}; use one of {', '.join(MODES)}")
-        if values["scheduler"] not in SCHEDULER_CHOICES:
-            raise UsageError(f"unknown scheduler {values['scheduler']!r}; use one of {', '.join(SCHEDULER_CHOICES)}")
+        check_mode(values["mode"])
+        check_scheduler(None if values["scheduler"] == MODEL_SCHEDULER else values["scheduler"])
         return cls(**values)
 
     def to_message(self) -> dict[str, Any]:

@@ -21,6 +21,12 @@ STALE_KINDS: tuple[str, ...] = ("attention", "groupnorm", "halo")
 DEFAULT_STALE: frozenset[str] = frozenset({"attention"})
 
 
+def check_mode(mode: str) -> None:
+    """A UsageError listing the modes, unless ``mode`` is one."""
+    if mode not in MODES:
+        raise UsageError(f"unknown parallel mode {mode!r}; use one of {', '.join(MODES)}")
+
+
 def parse_stale(names: str | Iterable[str]) -> frozenset[str]:
     """The set of stale exchanges from names or a comma list (``"halo,groupnorm"``; ``"all"``; ``"none"``)."""
     if isinstance(names, str):
@@ -66,8 +72,7 @@ class PatchParallelConfig:
     index_limit: int = INDEX_LIMIT
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UsageError(f"unknown parallel mode {self.mode!r}; use one of {', '.join(MODES)}")
+        check_mode(self.mode)
         if self.warmup_steps < 0:
             raise UsageError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.micro_batch is not None and self.micro_batch < 1:
