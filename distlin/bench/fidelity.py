@@ -141,11 +141,8 @@ def build_case(case: Case, attention: str) -> Any:
 
 def compare(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float | None]:
     """PSNR in dB (None when identical) and the largest error in 8-bit levels."""
-    mse = float(((image - reference) ** 2).mean())
-    return {
-        "psnr_db": None if mse == 0 else 10 * math.log10(1 / mse),
-        "max_error_levels": 255 * float((image - reference).abs().max()),
-    }
+    mse, largest = float(((image - reference) ** 2).mean()), float((image - reference).abs().max())
+    return {"psnr_db": None if mse == 0 else 10 * math.log10(1 / mse), "max_error_levels": 255 * largest}
 
 
 def worker(spec: dict[str, Any]) -> None:
@@ -169,21 +166,14 @@ def worker(spec: dict[str, Any]) -> None:
                 handle.undo()
             seconds = time.perf_counter() - start
             if runtime.is_main:
-                results.append({**setting, **compare(decode(pipe, latents), reference), "seconds": seconds})
-                progress(
-                    "fidelity",
-                    f"{spec['name']} {spec['attention']} N={runtime.world_size} {label(results[-1])} "
-                    f"W={setting['warmup_steps']}: {db(results[-1]['psnr_db'])} dB, {seconds:.1f} s",
-                )
+                results.append(r := {**setting, **compare(decode(pipe, latents), reference), "seconds": seconds})
+                where = f"{spec['name']} {spec['attention']} N={runtime.world_size} {label(r)} W={r['warmup_steps']}"
+                progress("fidelity", f"{where}: {db(r['psnr_db'])} dB, {seconds:.1f} s")
         if runtime.is_main:
             payload = {**spec, "ranks": runtime.world_size, "results": results}
             atomic_write(spec["result"], lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
     finally:
         runtime.shutdown()
-
-
-def spawn(ranks: int, spec_path: Path, timeout_s: float, threads: int) -> None:
-    run_ranks("fidelity", ranks, "distlin.bench.fidelity", ["--spec", str(spec_path)], threads, timeout_s)
 
 
 def projection(link: str) -> dict[str, Any]:
@@ -224,7 +214,7 @@ def measure(args: argparse.Namespace) -> list[Record]:
             spec["timeout_s"] = args.timeout_s
             spec_path = folder / f"{name}-{attention}-{n}.spec.json"
             spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-            spawn(n, spec_path, args.timeout_s, args.threads)
+            run_ranks("fidelity", n, "distlin.bench.fidelity", ["--spec", str(spec_path)], args.threads, args.timeout_s)
             result = json.loads(Path(spec["result"]).read_text())
             for row in result["results"]:
                 sync_steps = steps if row["mode"] == "exact" else min(steps, (row["warmup_steps"] or 0) + 1)

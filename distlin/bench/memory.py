@@ -26,6 +26,7 @@ from distlin.bench.report import (
     SuiteResult,
     dtype_name,
     finish_axes,
+    groups,
     markdown_table,
     new_figure,
     progress,
@@ -114,11 +115,8 @@ def _row(model: str, height: int, width: int, points: list[Record], ranks: list[
 
 
 def markdown(records: list[Record], args: argparse.Namespace) -> str:
-    groups: dict[tuple[str, int, int], list[Record]] = {}
-    for r in records:
-        groups.setdefault((r["model"], r["height"], r["width"]), []).append(r)
     headers = ["model", "image (w×h)", *(f"N={n} default / lowmem" for n in args.ranks), "UNet pred./meas. (N=1)"]
-    rows = [_row(*key, points, args.ranks) for key, points in groups.items()]
+    rows = [_row(*key, points, args.ranks) for key, points in groups(records, ("model", "height", "width")).items()]
     fits = [
         f"{r['model']} {format_size(r['width'], r['height'])} on one GPU: {r['peak_bytes_per_rank'] / GIB:.1f} GiB "
         f"({r['config']}) — {'fits' if r['fits_80gb'] else 'does NOT fit'} 80 GB"
@@ -139,24 +137,19 @@ def markdown(records: list[Record], args: argparse.Namespace) -> str:
 
 
 def plot(records: list[Record]) -> Any:
-    models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = new_figure(len(models))
-    for ax, model in zip(axes, models, strict=True):
+    by_model = groups(records, ("model",))
+    fig, axes = new_figure(len(by_model))
+    for ax, ((model,), mine) in zip(axes, by_model.items(), strict=True):
         for ranks in dict.fromkeys(r["ranks"] for r in records):
             for config, style in (("default", "-"), ("lowmem", "--")):
-                points = [r for r in records if (r["model"], r["ranks"], r["config"]) == (model, ranks, config)]
+                points = [r for r in mine if (r["ranks"], r["config"]) == (ranks, config)]
                 if points:
-                    ax.plot(
-                        [(r["height"] * r["width"]) ** 0.5 for r in points],
-                        [r["peak_bytes_per_rank"] / GIB for r in points],
-                        style,
-                        marker="o",
-                        label=f"N={ranks} {config}",
-                    )
+                    side = [(r["height"] * r["width"]) ** 0.5 for r in points]
+                    peak = [r["peak_bytes_per_rank"] / GIB for r in points]
+                    ax.plot(side, peak, style, marker="o", label=f"N={ranks} {config}")
         ax.axhline(GPU_BYTES / GIB, color="gray", linewidth=1, label="80 GB")
         ranks_axis(ax)
-        ax.set_yscale("log")
-        ax.set(xlabel="image side, √(h·w) px", ylabel="predicted peak per rank, GiB", title=model)
+        ax.set(yscale="log", xlabel="image side, √(h·w) px", ylabel="predicted peak per rank, GiB", title=model)
         finish_axes(ax)
     return fig
 

@@ -148,10 +148,11 @@ def new_figure(panels: int) -> tuple[Figure, list[Any]]:
     return fig, axes[:panels]
 
 
-def ranks_axis(ax: Any) -> None:
+def ranks_axis(*axes: Any) -> None:
     """Rank counts on a log-2 axis with plain integer labels."""
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
 
 
 def finish_axes(*axes: Any) -> None:
