@@ -102,5 +102,3 @@ def test_the_web_page_shows_the_same_phases_while_a_run_starts() -> None:
     text = _progress_text(Idle(), job)  # type: ignore[arg-type]
     assert text.startswith("starting: loading the model tiny-sd15 on cpu ")
     assert text.endswith(" s · LinFusion layers (fresh)…")
-
-
