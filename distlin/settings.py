@@ -35,7 +35,7 @@ from distlin.presets import PRESET_SCHEMA, load_preset
 from distlin.ranks import ranks_from_env
 from distlin.sampling.stages import Stage, cascade_stages, stages_from_image
 from distlin.schedulers import check_scheduler, check_steps
-from distlin.sizes import format_size
+from distlin.sizes import check_side, format_size
 from distlin.sources import check_linfusion_source, check_model_source, scheduler_config, unet_config
 from distlin.thresholds import Thresholds
 
@@ -222,10 +222,7 @@ def check_settings(settings: RunSettings, world_size: int) -> None:
     """Range checks on every value, so a bad preset file is caught as surely as a bad flag."""
     for key in ("height", "width"):
         size = getattr(settings, key)
-        if size <= 0 or size % 8:
-            raise UsageError(
-                f"{key} {size} is not a positive multiple of 8; pass e.g. --{key} {max(8, round(size / 8) * 8)}"
-            )
+        check_side(key, size, f"--{key}")
         if size > MAX_SIDE:
             raise UsageError(f"{key} {size} is above {MAX_SIDE} px, the largest side planned; pass a smaller --{key}")
     if settings.steps < 1:

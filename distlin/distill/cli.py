@@ -27,7 +27,7 @@ from distlin.loading import check_model_source
 from distlin.parallel.runtime import BACKENDS, init_runtime, resolve_device
 from distlin.presets import list_presets, load_preset
 from distlin.ranks import rank_prefix, ranks_from_env
-from distlin.sizes import format_size
+from distlin.sizes import check_side, format_size
 
 INTERRUPTED_EXIT_CODE = 130
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -234,8 +234,8 @@ def _cache(args: argparse.Namespace) -> Callable[[], None]:
     out = Path(args.out)
     if (out / MANIFEST).exists():
         raise UsageError(f"--out {args.out!r} already holds a cache; pass a new folder")
-    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
-        raise UsageError(f"--resolution {args.resolution} is not a positive multiple of 8")
+    if args.resolution is not None:
+        check_side("--resolution", args.resolution, "--resolution")
     device = resolve_device(args.device)
 
     def run() -> None:

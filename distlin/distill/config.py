@@ -14,6 +14,7 @@ import torch
 from distlin.distill.data import CROPS
 from distlin.distill.losses import LossWeights
 from distlin.errors import UsageError
+from distlin.sizes import check_side
 
 MIXED_PRECISION: dict[str, torch.dtype | None] = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,11 +73,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.data is None and self.cache is None:
             raise UsageError("no training data; pass --data DIR (images with captions) or --cache DIR")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise UsageError(
-                f"--resolution {self.resolution} is not a positive multiple of 8; pass e.g. "
-                f"--resolution {max(8, round(self.resolution / 8) * 8)}"
-            )
+        if self.resolution is not None:
+            check_side("--resolution", self.resolution, "--resolution")
         if self.crop not in CROPS:
             raise UsageError(f"--crop {self.crop!r} is unknown; use {' or '.join(CROPS)}")
         if self.mixed_precision not in MIXED_PRECISION:
