@@ -85,14 +85,9 @@ CASES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cases = "; ".join(f"{k} = {v.model} {format_size(v.width, v.height)}, {v.steps} steps" for k, v in CASES.items())
     options.add(
-        parser,
-        "--cases",
-        ["protocol", "tiny"],
-        ["tiny"],
-        "cases: "
-        + "; ".join(f"{k} = {v.model} {format_size(v.width, v.height)}, {v.steps} steps" for k, v in CASES.items()),
-        type=options.str_list(tuple(CASES)),
+        parser, "--cases", ["protocol", "tiny"], ["tiny"], f"cases: {cases}", type=options.str_list(tuple(CASES))
     )
     options.add(parser, "--ranks", [2, 3, 4], [2], "numbers of ranks", type=options.int_list)
     kinds = options.str_list(tuple(LINFUSION))
@@ -103,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stale = "stale sets of displaced mode: every (all non-empty ones), or a comma list such as halo,attention+groupnorm"
     options.add(parser, "--stale-sets", "every", quick, stale)
     options.add(parser, "--steps", None, 4, "denoising steps instead of each case's own", type=int)
-    parser.add_argument("--link", choices=tuple(LINKS), default="nvlink", help="projection's link (default nvlink)")
+    link = "link of the projection (default nvlink)"
+    parser.add_argument("--link", choices=tuple(LINKS), default="nvlink", help=link)
     options.add_timeout(parser)
 
 

@@ -208,12 +208,12 @@ def blocks_markdown(records: list[Record]) -> str:
     failures = [
         f"- C={r['channels']} {r['phase']}, {name}: {why}" for r in records for name, why in r["failed"].items()
     ]
-    return (
+    text = (
         "Kernel tilings (tokens per step x warps per program), each phase at the largest token count: the rule's "
         "(`default_blocks`) median ms against the fastest of `BLOCK_CANDIDATES` (`APPLY_CANDIDATES` for apply).\n\n"
         + markdown_table(["C", "d", "tokens", "phase", "rule", "rule ms", "fastest", "fastest ms", "gain"], rows)
-        + ("\n\nTilings that failed:\n" + "\n".join(failures) if failures else "")
     )
+    return "\n\n".join([text, *bullets("Tilings that failed", failures)])
 
 
 def planned_unet_bytes(
@@ -444,9 +444,9 @@ def unet_markdown(records: list[Record], args: argparse.Namespace) -> str:
 
 
 def errors_markdown(records: list[Record]) -> str:
-    return "Parts that failed (their traceback is in the run's output):\n" + "\n".join(
-        f"- {r['part']}: {r['error']}" for r in records
-    )
+    return bullets(
+        "Parts that failed (their traceback is in the run's output)", [f"- {r['part']}: {r['error']}" for r in records]
+    )[0]
 
 
 SECTIONS: dict[str, Callable[..., str]] = {

@@ -60,22 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add(parser, "--height", [4096, 8192, 16384], [1024, 2048], "image heights in pixels", type=options.int_list)
     parser.add_argument("--width", type=options.int_list, default=None, help="image widths (default: the heights)")
     options.add(parser, "--ranks", [1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8], "numbers of GPUs", type=options.int_list)
-    parser.add_argument(
-        "--link",
-        type=options.str_list(tuple(LINKS)),
-        default=list(LINKS),
-        help="interconnect presets (default nvlink,pcie,ib): "
-        + "; ".join(f"{k}: {v.description}" for k, v in LINKS.items()),
+    links = "interconnect presets (default nvlink,pcie,ib): " + "; ".join(
+        f"{k}: {v.description}" for k, v in LINKS.items()
     )
-    parser.add_argument(
-        "--gpu",
-        choices=tuple(GPUS),
-        default="h100",
-        help="GPU whose dense bf16 peak sets the compute (default h100: 989 TFLOP/s)",
-    )
-    parser.add_argument(
-        "--mfu", type=float, default=0.5, help="assumed fraction of the peak the UNet achieves (default 0.5)"
-    )
+    parser.add_argument("--link", type=options.str_list(tuple(LINKS)), default=list(LINKS), help=links)
+    gpu = "GPU whose dense bf16 peak sets the compute (default h100: 989 TFLOP/s)"
+    parser.add_argument("--gpu", choices=tuple(GPUS), default="h100", help=gpu)
+    mfu = "assumed fraction of the peak the UNet achieves (default 0.5)"
+    parser.add_argument("--mfu", type=float, default=0.5, help=mfu)
     parser.add_argument("--batch", type=int, default=2, help="batch per UNet call; 2 is one CFG step (default 2)")
 
 
