@@ -50,17 +50,10 @@ def describe_device(device: torch.device) -> str:
 def environment(device: torch.device, dtype: torch.dtype, threads: int, command: str, load: float) -> Record:
     """The fields every file carries: device, dtype, versions, thread count, date and the exact command, plus
     the 1-minute load average before the run (other processes on a shared machine skew CPU timings)."""
-    return {
-        "device": describe_device(device),
-        "dtype": dtype_name(dtype),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "distlin": distlin.__version__,
-        "threads": threads,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "load_avg_before": round(load, 2),
-    }
+    env = {"device": describe_device(device), "dtype": dtype_name(dtype), "torch": torch.__version__}
+    env |= {"diffusers": diffusers.__version__, "distlin": distlin.__version__, "threads": threads}
+    env["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return env | {"command": command, "load_avg_before": round(load, 2)}
 
 
 @dataclass

@@ -34,15 +34,8 @@ class Timing:
     def fields(self) -> dict[str, float | int]:
         s = sorted(self.samples_ms)
         q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else (s[0], s[0], s[0])
-        return {
-            "ms": statistics.median(s),
-            "ms_min": s[0],
-            "ms_max": s[-1],
-            "ms_q1": q1,
-            "ms_q3": q3,
-            "cpu_ms": statistics.median(self.cpu_samples_ms),
-            "repeats": len(s),
-        }
+        spread = {"ms": statistics.median(s), "ms_min": s[0], "ms_max": s[-1], "ms_q1": q1, "ms_q3": q3}
+        return spread | {"cpu_ms": statistics.median(self.cpu_samples_ms), "repeats": len(s)}
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> Timing:
