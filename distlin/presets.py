@@ -58,6 +58,13 @@ def list_presets() -> list[str]:
     return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
+def builtin_preset(name: str) -> str:
+    """``name`` if it is a built-in preset's; anything else, a path included, is refused with the list."""
+    if name not in list_presets():
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    return name
+
+
 def preset_path(name: str) -> Path:
     """The YAML file of a built-in preset name, or of a user's preset path (ending in .yaml or .yml)."""
     if name.endswith((".yaml", ".yml")):

@@ -21,7 +21,7 @@ from distlin.app.request import MAX_QUEUED, MAX_QUEUED_MB, MAX_UPLOAD_FOLDER_MB,
 from distlin.app.tiles import TILE_SIZE
 from distlin.commands import UsageParser, command_name
 from distlin.errors import USAGE_EXIT_CODE, UsageError
-from distlin.presets import list_presets
+from distlin.presets import builtin_preset
 from distlin.ranks import rank_prefix, ranks_from_env
 
 if TYPE_CHECKING:  # imported where used: flags are checked before torch or Gradio load
@@ -103,8 +103,7 @@ def parse(argv: list[str] | None = None) -> AppOptions:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} must be between 1 and 65535")
-    if args.preset not in list_presets():
-        raise UsageError(f"unknown preset {args.preset!r}; choose one of: {', '.join(list_presets())}")
+    builtin_preset(args.preset)
     output_dir = Path(args.output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output-dir {str(output_dir)!r} is a file; pass a folder")

@@ -26,7 +26,7 @@ from distlin.components import Lora
 from distlin.errors import UsageError
 from distlin.inputs import decode_image
 from distlin.parallel.config import check_mode
-from distlin.presets import list_presets, load_preset
+from distlin.presets import builtin_preset, load_preset
 from distlin.schedulers import SCHEDULERS, check_scheduler
 from distlin.settings import RunSettings, build_settings
 from distlin.sizes import format_size
@@ -74,7 +74,7 @@ class GenerationRequest:
     @classmethod
     def for_preset(cls, preset: str) -> GenerationRequest:
         """The preset's own values, which the page shows when a preset is chosen."""
-        values = load_preset(_builtin_preset(preset))
+        values = load_preset(builtin_preset(preset))
         return cls(preset=preset, **{name: values[name] for name in PRESET_FIELDS})
 
     @classmethod
@@ -85,7 +85,7 @@ class GenerationRequest:
         if unknown or missing:
             raise UsageError(f"request fields: unknown {unknown}, missing {missing}")
         values = {key: _typed(key, message[key]) for key in names}
-        _builtin_preset(values["preset"])
+        builtin_preset(values["preset"])  # a request cannot name files on the server
         check_mode(values["mode"])
         check_scheduler(None if values["scheduler"] == MODEL_SCHEDULER else values["scheduler"])
         return cls(**values)
@@ -258,10 +258,3 @@ def _upload_label(data: bytes | None) -> str | None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else f"{text[:57]}..."
-
-
-def _builtin_preset(name: str) -> str:
-    """A built-in preset's name; a path (a request cannot name files on the server) is refused."""
-    if name not in list_presets():
-        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
-    return name
