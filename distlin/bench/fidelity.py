@@ -325,11 +325,9 @@ def plot(records: list[Record]) -> Any:
             if r["case"] == name and r["ranks"] == n and r["warmup_steps"] in (None, w) and r["psnr_db"] is not None:
                 tradeoff.plot(100 * r["projected_efficiency"], r["psnr_db"], "o")
                 tradeoff.annotate(label(r).removeprefix("displaced "), (100 * r["projected_efficiency"], r["psnr_db"]))
-        tradeoff.set(
-            xlabel=f"projected efficiency, {linear[0]['projection']} (%)",
-            title=f"fidelity vs cost (LinFusion, warm-up {w})",
-        )
-        tradeoff.set_ylabel(f"PSNR vs one device (dB), {name}, {n} ranks")
+        xlabel = f"projected efficiency, {linear[0]['projection']} (%)"
+        ylabel, title = f"PSNR vs one device (dB), {name}, {n} ranks", f"fidelity vs cost (LinFusion, warm-up {w})"
+        tradeoff.set(xlabel=xlabel, ylabel=ylabel, title=title)
     displaced = [r for r in records if r["mode"] == "displaced" and r["psnr_db"] is not None]
     if displaced:
         name, attention = displaced[0]["case"], displaced[0]["attention"]
