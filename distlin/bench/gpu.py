@@ -110,12 +110,13 @@ def _median_ms(call: Any, device: torch.device, repeats: int) -> float:
     return time_calls(call, device, repeats).fields()["ms"]
 
 
-def token_major_heads(
-    batch: int, tokens: int, channels: int, heads: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """A ``(B, h, N, d)`` view of random ``(B, N, C)`` activations, as the layer splits its projections."""
-    x = torch.randn(batch, tokens, channels, device=device, dtype=dtype)
-    return x.view(batch, tokens, heads, channels // heads).transpose(1, 2)
+def token_major_qkv(
+    args: argparse.Namespace, tokens: int, channels: int, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Q, K and V: ``(B, h, N, d)`` views of random ``(B, N, C)`` activations, as the layer splits its projections."""
+    heads = (args.batch, tokens, args.heads, channels // args.heads)
+    x = [torch.randn(args.batch, tokens, channels, device=device, dtype=dtype) for _ in range(3)]
+    return [t.view(heads).transpose(1, 2) for t in x]
 
 
 def measure_attention(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Record]:
@@ -123,7 +124,7 @@ def measure_attention(args: argparse.Namespace, device: torch.device, dtype: tor
     torch.manual_seed(0)
     for channels in args.channels:
         for tokens in sorted(args.tokens):
-            q, k, v = (token_major_heads(args.batch, tokens, channels, args.heads, device, dtype) for _ in range(3))
+            q, k, v = token_major_qkv(args, tokens, channels, device, dtype)
             record: Record = {"section": "attention", "channels": channels, "heads": args.heads, "tokens": tokens}
             record |= {"head_dim": channels // args.heads, "batch": args.batch}
             outputs = {}
@@ -168,7 +169,7 @@ def measure_blocks(args: argparse.Namespace, device: torch.device, dtype: torch.
     tokens = max(args.tokens)
     torch.manual_seed(0)
     for channels in args.channels:
-        q, k, v = (token_major_heads(args.batch, tokens, channels, args.heads, device, dtype) for _ in range(3))
+        q, k, v = token_major_qkv(args, tokens, channels, device, dtype)
         head_dim = channels // args.heads
         with torch.inference_mode():
             state = partial_state_triton(k, v)
