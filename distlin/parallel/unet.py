@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -28,7 +28,7 @@ from distlin.parallel.conv import PatchConv2d
 from distlin.parallel.groupnorm import PatchGroupNorm
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
-from distlin.parallel.topology import Topology, row_unit
+from distlin.parallel.topology import LATENT_FACTOR, Topology, row_unit
 from distlin.surgery import Swaps
 
 RESIDUAL_KWARGS = (
@@ -143,40 +143,65 @@ def gather_prediction(ctx: ParallelContext, band: torch.Tensor, split_cfg: bool,
     return full
 
 
-class ParallelUNet:
-    """Handle of a parallelized UNet: the context it runs with, and ``undo()`` to restore it."""
+H = TypeVar("H", bound="BandHandle")
 
-    def __init__(self, unet: nn.Module, ctx: ParallelContext):
-        self.unet, self.ctx = unet, ctx
-        self.unit = row_unit(unet.config)
-        self._signature = inspect.signature(unet.forward)
-        self._swaps = Swaps(unet)
+
+class BandHandle:
+    """Handle of a denoiser made band-parallel (a UNet, a family's own): the context it runs with, ``check_size``
+    and ``undo()``. :meth:`apply` swaps in the band twins (:meth:`swap_layers`) and hooks the forward: ``_before``
+    cuts this rank's band of the call's arguments, ``_after`` gathers the prediction."""
+
+    def __init__(self, model: nn.Module, ctx: ParallelContext, unit: int, factor: int = LATENT_FACTOR):
+        self.model, self.ctx, self.unit, self.factor = model, ctx, unit, factor  # factor: image px per latent px
+        self._signature = inspect.signature(model.forward)
+        self._swaps = Swaps(model)
         self._hooks: list[Any] = []
-        self._split_cfg = False
-        self._return_dict = True
+        self._split_cfg, self._return_dict = False, True
         self._micro_batches = MicroBatches()
-        self._processors: list[tuple[str, nn.Module, object]] = []  # (name, attn1, the processor the engine set)
 
-    def apply(self) -> ParallelUNet:
-        swap_band_layers(self.unet, self.ctx, self._swaps)
-        self._processors = [(name, attn, attn.processor) for name, attn in self_attention_layers(self.unet)]
+    def swap_layers(self) -> None:
+        """The model's layers for their band twins (a UNet's: convs, GroupNorms, ``attn1``)."""
+        swap_band_layers(self.model, self.ctx, self._swaps)
+
+    def apply(self: H) -> H:
+        self.swap_layers()
         self._hooks = [
-            self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.unet.register_forward_hook(self._after, with_kwargs=True),
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
         ]
         return self
 
     def check_size(self, height: int, width: int, guidance: bool = True) -> RowLayout:
         """Validate an image size against the ranks before any exchange (raises UsageError naming the fix)."""
-        return self.ctx.topology_for(guidance).check_image(height, width, self.unit)
+        return self.ctx.topology_for(guidance).check_image(height, width, self.unit, self.factor)
 
     def undo(self) -> None:
-        """Restore the original modules, processors and forward (of the ControlNets on this engine too)."""
+        """Restore the original modules, processors and forward (of the ControlNets on this engine too: they
+        registered their own ``undo`` with the context, which closing it calls)."""
         for hook in self._hooks:
             hook.remove()
         self._swaps.restore()
         self._hooks = []
         self.ctx.close()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        raise NotImplementedError
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        raise NotImplementedError
+
+
+class ParallelUNet(BandHandle):
+    """Handle of a parallelized UNet: the context it runs with, and ``undo()`` to restore it."""
+
+    def __init__(self, unet: nn.Module, ctx: ParallelContext):
+        super().__init__(unet, ctx, row_unit(unet.config))
+        self.unet = unet
+        self._processors: list[tuple[str, nn.Module, object]] = []  # (name, attn1, the processor the engine set)
+
+    def swap_layers(self) -> None:
+        super().swap_layers()
+        self._processors = [(name, attn, attn.processor) for name, attn in self_attention_layers(self.unet)]
 
     def _check_processors(self) -> None:
         """Every ``attn1`` still has the processor the engine gave it: diffusers' ``load_ip_adapter`` (and any

@@ -17,7 +17,6 @@ of one patch (the family's row unit), so the token grid is a level of it.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -36,7 +35,7 @@ from distlin.parallel.context import ParallelContext
 from distlin.parallel.conv import PatchConv2d
 from distlin.parallel.layout import RowLayout
 from distlin.parallel.runtime import Runtime
-from distlin.parallel.unet import MicroBatches, concat_batches, gather_prediction, guidance_half
+from distlin.parallel.unet import BandHandle, concat_batches, gather_prediction, guidance_half
 from distlin.surgery import Swaps, bound_class, twin
 
 
@@ -163,37 +162,15 @@ def band_tokens(tokens: torch.Tensor, layout: RowLayout, index: int, width: int)
     return tokens
 
 
-class ParallelSanaTransformer:
+class ParallelSanaTransformer(BandHandle):
     """Handle of a band-parallel ``SanaTransformer2DModel``: its context, ``check_size`` and ``undo()``."""
 
     def __init__(self, transformer: nn.Module, ctx: ParallelContext, factor: int):
-        self.transformer, self.ctx, self.factor = transformer, ctx, factor  # factor: image px per latent px
-        self.unit = SANA.row_unit(transformer.config)
-        self._signature = inspect.signature(transformer.forward)
-        self._swaps = Swaps(transformer)
-        self._hooks: list[Any] = []
-        self._micro_batches = MicroBatches()
-        self._split_cfg, self._return_dict = False, True
+        super().__init__(transformer, ctx, SANA.row_unit(transformer.config), factor)
+        self.transformer = transformer
 
-    def apply(self) -> ParallelSanaTransformer:
+    def swap_layers(self) -> None:
         swap_band_layers(self.transformer, self.ctx, self._swaps)
-        self._hooks = [
-            self.transformer.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.transformer.register_forward_hook(self._after, with_kwargs=True),
-        ]
-        return self
-
-    def check_size(self, height: int, width: int, guidance: bool = True) -> RowLayout:
-        """Validate an image size against the ranks before any exchange (raises UsageError naming the fix)."""
-        return self.ctx.topology_for(guidance).check_image(height, width, self.unit, self.factor)
-
-    def undo(self) -> None:
-        """Restore the original modules and forward (of the ControlNets on this engine too: the context's close)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._swaps.restore()
-        self._hooks = []
-        self.ctx.close()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ctx = self.ctx
