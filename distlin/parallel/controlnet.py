@@ -14,44 +14,24 @@ guidance halves one after the other, their residuals joined. The UNet's post-hoo
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from diffusers.models.controlnets.controlnet import ControlNetOutput
 from torch import nn
 
-from distlin.parallel.unet import MicroBatches, ParallelUNet, concat_batches, guidance_half, swap_band_layers
-from distlin.surgery import Swaps
+from distlin.parallel.unet import BandHandle, ParallelUNet, concat_batches, guidance_half
 
 
-class ParallelControlNet:
-    """Handle of one band-parallel ``ControlNetModel``; ``undo()`` restores it (the UNet's ``undo()`` does)."""
+class ParallelControlNet(BandHandle):
+    """Handle of one band-parallel ``ControlNetModel`` on a denoiser's engine (its layers swapped as a UNet
+    encoder's: convs, GroupNorms, ``attn1``); ``undo()`` restores it (the denoiser's ``undo()`` does)."""
 
-    def __init__(self, controlnet: nn.Module, engine: ParallelUNet):
-        self.controlnet, self.ctx, self.unit = controlnet, engine.ctx, engine.unit
-        self._signature = inspect.signature(controlnet.forward)
-        self._swaps = Swaps(controlnet)
-        self._hooks: list[Any] = []
-        self._micro_batches = MicroBatches()
-        self._return_dict = True
-
-    def swap_layers(self) -> None:
-        """The ControlNet's layers for their band twins (a UNet encoder's: convs, GroupNorms, ``attn1``)."""
-        swap_band_layers(self.controlnet, self.ctx, self._swaps)
-
-    def apply(self) -> ParallelControlNet:
-        self.swap_layers()
-        self._hooks = [
-            self.controlnet.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.controlnet.register_forward_hook(self._after, with_kwargs=True),
-        ]
-        return self
+    def __init__(self, controlnet: nn.Module, engine: BandHandle):
+        super().__init__(controlnet, engine.ctx, engine.unit, engine.factor)
+        self.controlnet = controlnet
 
     def undo(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._swaps.restore()
-        self._hooks = []
+        self.restore()  # the engine's context stays open: it is the denoiser's
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ctx = self.ctx

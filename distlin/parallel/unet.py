@@ -147,9 +147,10 @@ H = TypeVar("H", bound="BandHandle")
 
 
 class BandHandle:
-    """Handle of a denoiser made band-parallel (a UNet, a family's own): the context it runs with, ``check_size``
-    and ``undo()``. :meth:`apply` swaps in the band twins (:meth:`swap_layers`) and hooks the forward: ``_before``
-    cuts this rank's band of the call's arguments, ``_after`` gathers the prediction."""
+    """Handle of a model made band-parallel (a UNet, a family's own denoiser, a ControlNet on the denoiser's
+    engine): the context it runs with, ``check_size`` and ``undo()``. :meth:`apply` swaps in the band twins
+    (:meth:`swap_layers`) and hooks the forward: ``_before`` cuts this rank's band of the call's arguments,
+    ``_after`` joins the outputs (a denoiser's: gathers the prediction)."""
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, unit: int, factor: int = LATENT_FACTOR):
         self.model, self.ctx, self.unit, self.factor = model, ctx, unit, factor  # factor: image px per latent px
@@ -175,13 +176,17 @@ class BandHandle:
         """Validate an image size against the ranks before any exchange (raises UsageError naming the fix)."""
         return self.ctx.topology_for(guidance).check_image(height, width, self.unit, self.factor)
 
-    def undo(self) -> None:
-        """Restore the original modules, processors and forward (of the ControlNets on this engine too: they
-        registered their own ``undo`` with the context, which closing it calls)."""
+    def restore(self) -> None:
+        """The original modules, processors and forward of this model."""
         for hook in self._hooks:
             hook.remove()
         self._swaps.restore()
         self._hooks = []
+
+    def undo(self) -> None:
+        """:meth:`restore`, and close the context (the ControlNets on this engine registered their own ``undo``
+        with it, so they are restored too)."""
+        self.restore()
         self.ctx.close()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
