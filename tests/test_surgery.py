@@ -7,12 +7,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from diffusers import SanaControlNetModel, SanaControlNetPipeline, StableDiffusionControlNetPipeline
+from test_sana_controlnet import CONTROLNET_KEYS
 from torch import nn
 
 from distlin import LinFusion
 from distlin.components import kept_self_attention
+from distlin.families.sana.family import TINY_SANA
+from distlin.families.sana.tiny import build_sana_pipeline
+from distlin.families.sana.vae import parallelize_dc_ae
 from distlin.lean import bound_memory
-from distlin.models.tiny import build_pipeline
+from distlin.models.tiny import build_controlnet, build_pipeline
 from distlin.parallel import PatchParallelConfig, Runtime, parallelize
 from distlin.parallel.compile import compile_unet
 from distlin.vae.parallel import parallelize_vae
@@ -31,6 +36,20 @@ def _pipeline() -> Any:
     return pipe
 
 
+def _controlnet_pipeline() -> Any:
+    return StableDiffusionControlNetPipeline.from_pipe(_pipeline(), controlnet=build_controlnet("tiny-sd15"))
+
+
+def _sana_pipeline() -> Any:
+    return build_sana_pipeline("tiny-sana", seed=0)
+
+
+def _sana_controlnet_pipeline() -> Any:
+    config = {key: TINY_SANA["transformer"][key] for key in CONTROLNET_KEYS}
+    controlnet = SanaControlNetModel(**config, num_layers=2)
+    return SanaControlNetPipeline.from_pipe(_sana_pipeline(), controlnet=controlnet)
+
+
 def _engine(pipe: Any) -> Callable[[], None]:
     return parallelize(pipe, PatchParallelConfig(), Runtime()).undo
 
@@ -41,20 +60,29 @@ def _kept_attention(pipe: Any) -> Callable[[], None]:
     return lambda: kept.__exit__(None, None, None)
 
 
-REWRITES: dict[str, tuple[str, Callable[[Any], Callable[[], None]]]] = {
-    "memory bounds of the UNet": ("unet", lambda pipe: bound_memory(pipe.unet, 8, 1000).restore),
-    "memory bounds of the VAE": ("vae", lambda pipe: bound_memory(pipe.vae, 8, 1000).restore),
-    "IP-Adapter loading's kept processors": ("unet", _kept_attention),
-    "the patch-parallel engine": ("unet", _engine),
-    "the band-parallel VAE": ("vae", lambda pipe: parallelize_vae(pipe.vae, Runtime()).undo),
-    "--compile": ("unet", lambda pipe: compile_unet(pipe.unet, "eager").restore),
+def _bounds(part: str) -> Callable[[Any], Callable[[], None]]:
+    return lambda pipe: bound_memory(getattr(pipe, part), 8, 1000).restore
+
+
+# name: (the pipeline, the model whose keys and tree are checked, the rewrite returning its undo)
+REWRITES: dict[str, tuple[Callable[[], Any], str, Callable[[Any], Callable[[], None]]]] = {
+    "memory bounds of the UNet": (_pipeline, "unet", _bounds("unet")),
+    "memory bounds of the VAE": (_pipeline, "vae", _bounds("vae")),
+    "IP-Adapter loading's kept processors": (_pipeline, "unet", _kept_attention),
+    "the patch-parallel engine": (_pipeline, "unet", _engine),
+    "the engine's ControlNet": (_controlnet_pipeline, "controlnet", _engine),
+    "the band-parallel VAE": (_pipeline, "vae", lambda pipe: parallelize_vae(pipe.vae, Runtime()).undo),
+    "--compile": (_pipeline, "unet", lambda pipe: compile_unet(pipe.unet, "eager").restore),
+    "SANA's band-parallel transformer": (_sana_pipeline, "transformer", _engine),
+    "SANA's ControlNet on the transformer's engine": (_sana_controlnet_pipeline, "controlnet", _engine),
+    "SANA's band-parallel DC-AE": (_sana_pipeline, "vae", lambda pipe: parallelize_dc_ae(pipe.vae, Runtime()).undo),
 }
 
 
 @pytest.mark.parametrize("rewrite", REWRITES, ids=list(REWRITES))
 def test_every_rewrite_keeps_the_state_dict_keys_and_undo_restores_the_model(rewrite: str) -> None:
-    pipe = _pipeline()
-    part, apply = REWRITES[rewrite]
+    build, part, apply = REWRITES[rewrite]
+    pipe = build()
     model = getattr(pipe, part)
     keys, tree = list(model.state_dict()), _tree(model)
     undo = apply(pipe)
