@@ -195,15 +195,10 @@ def plan_sana(
 
 
 def _meta_peak(model: nn.Module, call: Any) -> int:
-    """Peak bytes of activations (parameters excluded) of ``call()`` on meta tensors, by torch's MemTracker."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+    """Peak bytes of activations (parameters excluded) of ``call()`` on meta tensors (the UNet's measurement)."""
+    from distlin.memory.measure import activation_peak  # here: it loads torch's memory tracker and diffusers' UNet
 
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker, torch.no_grad():
-        call()
-    peak = tracker.get_tracker_snapshot("peak")
-    return int(sum(value for stats in peak.values() for kind, value in stats.items() if str(kind).endswith("ACT")))
+    return activation_peak(model, call)
 
 
 def measured_activation_peak(
