@@ -20,9 +20,11 @@ from distlin.linfusion import LinFusion
 from distlin.models.tiny import build_unet, load_architecture
 
 
-class GlobalPeakTracker(MemTracker):
+class _GlobalPeakTracker(MemTracker):
     """``MemTracker`` keeping only the peak over the whole call: its per-module peaks walk every tracked module at
-    every op (an SDXL UNet: 2400 modules times 11 000 ops, minutes on a CPU), and only the whole call's is read."""
+    every op (an SDXL UNet: 2400 modules times 11 000 ops, minutes on a CPU), and only the whole call's is read.
+    Overrides a private method of torch 2.13's tracker: were it renamed, the tracker would be slow again, not
+    wrong; were the attributes it reads renamed, it would fail here."""
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         for device, snapshot in self._curr_mem_snap.items():
@@ -34,7 +36,7 @@ class GlobalPeakTracker(MemTracker):
 def activation_peak(model: nn.Module, call: Callable[[], Any]) -> int:
     """Peak bytes of the activations (``model``'s parameters and buffers excluded) of a no-grad ``call()``; on
     meta tensors nothing is allocated."""
-    tracker = GlobalPeakTracker()
+    tracker = _GlobalPeakTracker()
     tracker.track_external(model)
     with tracker, torch.no_grad():
         call()
