@@ -430,6 +430,24 @@ def vae_coder(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> Si
     )
 
 
+def final_image(
+    latents: torch.Tensor,
+    prepared: Prepared,
+    settings: RunSettings,
+    runtime: Runtime,
+    coder: SizedCoder,
+    output_type: str = "pil",
+) -> Any:
+    """The run's final decode of ``latents`` with its ``coder`` (:func:`vae_coder`): the image on rank 0 (PIL, or
+    with ``output_type="pt"`` RGB in [0, 1]); None elsewhere. Every rank calls it: a banded decode needs them all.
+    """
+    height, width = settings.height, settings.width
+    if runtime.is_main or not coder.is_sequential(height, width):  # banded: every rank decodes
+        image = decode_latents(prepared.pipe, latents, coder.at(height, width).decode, output_type)
+        return image if runtime.is_main else None
+    return None
+
+
 def generate(
     settings: RunSettings,
     runtime: Runtime | None = None,
@@ -485,14 +503,11 @@ def generate(
     if not settings.stages:
         timings["stage 1"] = clock.seconds(latents)
     clock = StageClock(None)
-    image = None
-    if runtime.is_main or not coder.is_sequential(settings.height, settings.width):  # banded: every rank decodes
-        image = decode_latents(pipe, latents, coder.at(settings.height, settings.width).decode)
+    image = final_image(latents, prepared, settings, runtime, coder)
     timings["decode"] = clock.seconds(latents)
     denoiser = family_of_pipeline(pipe).denoiser  # "unet", "transformer": the report names the model's own part
     comm = {denoiser: prepared.unet_stats.summary(), "vae": prepared.vae_stats.totals()}
-    main = runtime.is_main
-    return Result(latents, image if main else None, settings, comm, metadata(settings, runtime), timings)
+    return Result(latents, image, settings, comm, metadata(settings, runtime), timings)
 
 
 def warn_long_prompt(pipe: Any, settings: RunSettings, runtime: Runtime) -> None:

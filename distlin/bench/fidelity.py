@@ -3,10 +3,12 @@
 For every case (built-in SD-1.x model, size, DDIM steps, guidance 7.5), self-attention kind (LinFusion
 ``linear``, or the base model's ``softmax``) and number of ranks N, the suite spawns one torchrun launch of N
 gloo ranks (CFG parallelism off: every rank owns rows of the whole batch) that generates the image once per
-setting: ``exact``, ``naive``, and ``displaced`` for every stale set and warm-up. Rank 0 decodes each image and
-compares it with the image of one plain process (no ``parallelize``), computed here first: PSNR over RGB in
-[0, 1] (before 8-bit quantisation) and the largest error in 8-bit levels. Always on CPU in float32, whatever
-``--device`` and ``--dtype`` say: what is measured is the exchange schedule, not the device.
+setting: ``exact``, ``naive``, and ``displaced`` for every stale set and warm-up. Each setting's pipeline is
+prepared, sampled and decoded as a run does it (:func:`distlin.bench.models.run_pipeline`, :func:`distlin.run.sample`,
+:func:`distlin.run.final_image`: memory bounds, the engine, the band-parallel VAE), and its image is compared
+with the image of one process in exact mode, computed here first the same way: PSNR over RGB in [0, 1] (before
+8-bit quantisation) and the largest error in 8-bit levels. Always on CPU in float32, whatever ``--device`` and
+``--dtype`` say: what is measured is the exchange schedule, not the device.
 
 Next to each row, the ``project`` suite's PROJECTION of that setting at 16384x16384 on 8 GPUs (full-size SD-1.5
 with LinFusion, bf16, ``--link``): compute plus synchronous exchanges, the stale ones hidden behind compute.
@@ -32,7 +34,7 @@ from distlin.bench import options
 from distlin.bench.accounting import dry_run
 from distlin.bench.hardware import GPUS, LINKS, comm_seconds, projected_seconds
 from distlin.bench.launch import run_ranks
-from distlin.bench.models import build
+from distlin.bench.models import build, run_pipeline
 from distlin.bench.options import EVERYTHING, stale_label, stale_sets
 from distlin.bench.report import (
     Record,
@@ -48,13 +50,13 @@ from distlin.bench.report import (
     progress,
 )
 from distlin.io import atomic_write
-from distlin.loading import mount_linfusion
-from distlin.models.tiny import build_pipeline
-from distlin.parallel import PatchParallelConfig, init_runtime, parallelize
+from distlin.parallel import init_runtime
 from distlin.parallel.config import DEFAULT_STALE
+from distlin.parallel.runtime import Runtime
+from distlin.run import Prepared, final_image, sample, vae_coder
+from distlin.settings import RunSettings
 from distlin.sizes import format_size
 from distlin.sources import FRESH_LINFUSION, NO_LINFUSION
-from distlin.vae.latents import unscaled
 
 PROMPT = "a red cube on a wooden table"
 GUIDANCE = 7.5
@@ -65,6 +67,7 @@ PROJECTION_GPU = "h100"
 # DistriFusion's corrected asynchronous GroupNorm, warm-up 4, on the protocol case (issue #13), dB.
 DISTRIFUSION_DB = {2: 71.4, 4: 66.4}
 TARGET_GAIN_DB, TARGET_EFFICIENCY_POINTS = 10.0, 2.0
+EXACT = {"mode": "exact", "stale": [], "warmup_steps": None}
 
 
 @dataclass(frozen=True)
@@ -103,36 +106,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_timeout(parser)
 
 
-def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
+def engine_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every engine setting of one launch: exact, naive, then displaced for each stale set and warm-up."""
     displaced = itertools.product(stale_sets(args.stale_sets), args.warmup_steps)
-    return [{"mode": mode, "stale": [], "warmup_steps": None} for mode in ("exact", "naive")] + [
+    return [EXACT, {**EXACT, "mode": "naive"}] + [
         {"mode": "displaced", "stale": sorted(stale), "warmup_steps": warmup} for stale, warmup in displaced
     ]
 
 
-@torch.inference_mode()
-def generate(pipe: Any, case: Case, steps: int) -> torch.Tensor:
-    """Final latents of one generation (seed 0)."""
-    size = {"height": case.height, "width": case.width}
-    seed = torch.Generator().manual_seed(0)
-    return pipe(
-        PROMPT, **size, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="latent", generator=seed
-    ).images
+def case_pipeline(
+    case: Case, attention: str, steps: int, setting: dict[str, Any], runtime: Runtime
+) -> tuple[Prepared, RunSettings]:
+    """The case's pipeline for one engine ``setting`` on ``runtime``'s ranks, fitted and prepared as a run does it
+    (CFG parallelism off: every rank owns rows of the whole batch)."""
+    engine = {"mode": setting["mode"], "stale": setting["stale"], "warmup_steps": setting["warmup_steps"] or 0}
+    prepared, settings = run_pipeline(
+        case.model,
+        runtime.device,
+        torch.float32,
+        preset="tiny-sd15",
+        runtime=runtime,
+        linfusion=LINFUSION[attention],
+        prompt=PROMPT,
+        negative_prompt="",
+        height=case.height,
+        width=case.width,
+        steps=steps,
+        guidance_scale=GUIDANCE,
+        seed=0,
+        cfg_parallel=False,
+        **engine,
+    )
+    prepared.pipe.set_progress_bar_config(disable=True)  # one line per setting is enough
+    return prepared, settings
 
 
 @torch.inference_mode()
-def decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """The RGB image in [0, 1], float32, as the pipeline would output it before 8-bit quantisation."""
-    decoded = pipe.vae.decode(unscaled(latents, pipe.vae.config), return_dict=False)[0]
-    return pipe.image_processor.postprocess(decoded, output_type="pt").float()
-
-
-def build_case(case: Case, attention: str) -> Any:
-    pipe = build_pipeline(case.model, seed=0)
-    mount_linfusion(pipe, LINFUSION[attention])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def generate(prepared: Prepared, settings: RunSettings, runtime: Runtime) -> torch.Tensor | None:
+    """One generation as a run samples and decodes it: RGB in [0, 1] before 8-bit quantisation, on rank 0 (None
+    elsewhere; every rank must call it)."""
+    coder = vae_coder(prepared, settings, runtime)
+    return final_image(sample(prepared, settings, coder), prepared, settings, runtime, coder, output_type="pt")
 
 
 def compare(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float | None]:
@@ -147,22 +161,16 @@ def worker(spec: dict[str, Any]) -> None:
     runtime = init_runtime("gloo", spec["timeout_s"], "cpu")
     try:
         case, steps = Case(**spec["case"]), spec["steps"]
-        pipe = build_case(case, spec["attention"])
         reference = torch.load(spec["reference"]) if runtime.is_main else None
         results = []
         for setting in spec["settings"]:
-            stale, warmup = frozenset(setting["stale"]), setting["warmup_steps"] or 0
-            config = PatchParallelConfig(setting["mode"], warmup_steps=warmup, cfg_parallel=False, stale=stale)
-            handle = parallelize(pipe, config, runtime)
-            pipe.set_progress_bar_config(disable=True)  # parallelize shows rank 0's; one line per setting is enough
+            prepared, settings = case_pipeline(case, spec["attention"], steps, setting, runtime)
             start = time.perf_counter()
-            try:
-                latents = generate(pipe, case, steps)
-            finally:
-                handle.undo()
+            image = generate(prepared, settings, runtime)
             seconds = time.perf_counter() - start
+            del prepared  # before the next setting's: full-size pipelines are GBs each
             if runtime.is_main:
-                results.append(r := {**setting, **compare(decode(pipe, latents), reference), "seconds": seconds})
+                results.append(r := {**setting, **compare(image, reference), "seconds": seconds})
                 where = f"{spec['name']} {spec['attention']} N={runtime.world_size} {label(r)} W={r['warmup_steps']}"
                 progress("fidelity", f"{where}: {db(r['psnr_db'])} dB, {seconds:.1f} s")
         if runtime.is_main:
@@ -200,12 +208,11 @@ def measure(args: argparse.Namespace) -> list[Record]:
         case = CASES[name]
         steps = args.steps or case.steps
         reference_path = folder / f"reference-{name}-{attention}.pt"
-        pipe = build_case(case, attention)
-        torch.save(decode(pipe, generate(pipe, case, steps)), reference_path)
-        del pipe  # the ranks build their own; full-size pipelines are GBs each
+        one = Runtime(device=torch.device("cpu"))
+        torch.save(generate(*case_pipeline(case, attention, steps, EXACT, one), one), reference_path)
         for n in args.ranks:
             spec = {"name": name, "case": asdict(case), "steps": steps, "attention": attention}
-            spec |= {"settings": settings(args), "reference": str(reference_path)}
+            spec |= {"settings": engine_settings(args), "reference": str(reference_path)}
             spec |= {"result": str(folder / f"{name}-{attention}-{n}.json"), "threads": args.threads}
             spec["timeout_s"] = args.timeout_s
             spec_path = folder / f"{name}-{attention}-{n}.spec.json"
@@ -237,7 +244,8 @@ def main_warmup(records: list[Record]) -> int:
 def markdown(records: list[Record]) -> str:
     w = main_warmup(records)
     parts = [
-        "Decoded image of N gloo ranks (all ranks split the image; CFG parallelism off) vs one plain process: "
+        "Decoded image of N gloo ranks (all ranks split the image; CFG parallelism off) vs one process in exact "
+        "mode, each prepared, sampled and decoded as a run does it: "
         "PSNR over RGB in [0, 1] and largest error in 8-bit levels. DDIM, guidance 7.5, seed 0, float32, random "
         "weights (LinFusion layers `fresh`). `displaced` with warm-up W runs steps 0…W synchronously (W + 1 "
         "steps). Projection (LinFusion rows): the `project` suite's alpha-beta model for "

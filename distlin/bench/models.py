@@ -105,18 +105,20 @@ def run_pipeline(
     dtype: torch.dtype,
     preset: str = "sd15",
     stages: Sequence[Stage] | None = None,
+    runtime: Runtime | None = None,
     **overrides: Any,
 ) -> tuple[Prepared, RunSettings]:
-    """The built-in ``model`` on one rank of ``device``, fitted and prepared exactly as a run does it
-    (:func:`distlin.run.fitted_settings`: the memory savers a GPU needs; :func:`distlin.run.prepare_pipeline`:
-    memory bounds with the ``DISTLIN_*`` thresholds, the engine, the band VAE), and the settings it was prepared
-    for: ``preset``'s values with ``overrides`` (keys of :class:`~distlin.settings.RunSettings`; fresh LinFusion
-    layers unless ``linfusion="none"``, softmax) and, if given, ``stages`` as the cascade (the last one the image
-    size)."""
-    values = {"linfusion": "fresh", **overrides, "model": model_name(model), "device": str(device)}
-    settings = build_settings(preset, {**values, "dtype": str(dtype).removeprefix("torch.")}, world_size=1)
+    """The built-in ``model`` on ``runtime``'s ranks (default: one rank of ``device``), fitted and prepared exactly
+    as a run does it (:func:`distlin.run.fitted_settings`: the memory savers a GPU needs;
+    :func:`distlin.run.prepare_pipeline`: memory bounds with the ``DISTLIN_*`` thresholds, the engine, the band
+    VAE), and the settings it was prepared for: ``preset``'s values with ``overrides`` (keys of
+    :class:`~distlin.settings.RunSettings` or of the engine config; fresh LinFusion layers unless
+    ``linfusion="none"``, softmax) and, if given, ``stages`` as the cascade (the last one the image size)."""
+    runtime = runtime or Runtime(device=device)
+    values = {"linfusion": "fresh", **overrides, "model": model_name(model), "device": str(runtime.device)}
+    dtype_name = str(dtype).removeprefix("torch.")
+    settings = build_settings(preset, {**values, "dtype": dtype_name}, world_size=runtime.world_size)
     if stages:
         settings = replace(settings, stages=tuple(stages), height=stages[-1].height, width=stages[-1].width)
-    runtime = Runtime(device=device)
     settings = fitted_settings(settings, runtime)
     return prepare_pipeline(settings, runtime), settings

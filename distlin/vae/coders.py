@@ -27,7 +27,6 @@ from distlin.vae.latents import unscaled, vae_in_float32_if_needed
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from PIL import Image
 
 TransferReport = Callable[[str, int, float], None]  # (what, bytes moved, seconds)
 
@@ -245,10 +244,14 @@ def run_coder(
 
 @torch.no_grad()
 def decode_latents(
-    pipe: Any, latents: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> Image.Image:
-    """Decode the first latent of a batch into a PIL image with the pipeline's VAE, as diffusers would (a run's
-    final decode, ``decode`` its coder's at the image's size).
+    pipe: Any,
+    latents: torch.Tensor,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    output_type: str = "pil",
+) -> Any:
+    """Decode the first latent of a batch into an image with the pipeline's VAE, as diffusers would (a run's
+    final decode, ``decode`` its coder's at the image's size): a PIL image, or with ``output_type="pt"`` the
+    float32 RGB tensor in [0, 1] before 8-bit quantisation (what the fidelity benchmark compares).
 
     Undoes the VAE's scaling (and shift, or SDXL-style per-channel mean/std), decodes in float32 where the VAE
     asks for it (``force_upcast``: the SDXL VAE overflows in float16) and applies the pipeline's watermark.
@@ -258,12 +261,8 @@ def decode_latents(
     with vae_in_float32_if_needed(vae) as dtype:
         latents = unscaled(latents[:1].to(device=vae.device, dtype=dtype), vae.config)
         image = decode(latents) if decode is not None else vae.decode(latents, return_dict=False)[0]
-    return image_to_pil(pipe, image)
-
-
-def image_to_pil(pipe: Any, image: torch.Tensor) -> Image.Image:
-    """The first image of a ``[-1, 1]`` batch as PIL, with the pipeline's watermark if it has one."""
     watermark = getattr(pipe, "watermark", None)
     if watermark is not None:
         image = watermark.apply_watermark(image)
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+    picture = pipe.image_processor.postprocess(image, output_type=output_type)[0]
+    return picture.float() if output_type == "pt" else picture
