@@ -20,6 +20,7 @@ The rank side: ``python -m torch.distributed.run --nproc_per_node N -m distlin.b
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -168,7 +169,8 @@ def worker(spec: dict[str, Any]) -> None:
             start = time.perf_counter()
             image = generate(prepared, settings, runtime)
             seconds = time.perf_counter() - start
-            del prepared  # before the next setting's: full-size pipelines are GBs each
+            del prepared
+            gc.collect()  # the engine's hooks hold the pipeline in cycles; the next setting's fit reads free RAM
             if runtime.is_main:
                 results.append(r := {**setting, **compare(image, reference), "seconds": seconds})
                 where = f"{spec['name']} {spec['attention']} N={runtime.world_size} {label(r)} W={r['warmup_steps']}"
@@ -210,6 +212,7 @@ def measure(args: argparse.Namespace) -> list[Record]:
         reference_path = folder / f"reference-{name}-{attention}.pt"
         one = Runtime(device=torch.device("cpu"))
         torch.save(generate(*case_pipeline(case, attention, steps, EXACT, one), one), reference_path)
+        gc.collect()  # free this process's pipeline before the ranks load theirs
         for n in args.ranks:
             spec = {"name": name, "case": asdict(case), "steps": steps, "attention": attention}
             spec |= {"settings": engine_settings(args), "reference": str(reference_path)}
