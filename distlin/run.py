@@ -8,6 +8,7 @@ cascade) and decodes. Nothing here parses flags or writes files: callers do (:mo
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -171,35 +172,50 @@ def kept_or_prepared(
     return prepare_pipeline(settings, runtime)
 
 
+def held_bytes(prepared: Prepared | None, world_size: int) -> int:
+    """Host RAM the prepared pipelines of this machine's ranks hold (each rank the same): their modules' weights
+    on the CPU. A run reuses or frees them before it loads, so its fit counts them as available."""
+    if prepared is None:
+        return 0
+    modules = [m for m in prepared.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    tensors = (t for m in modules for t in itertools.chain(m.parameters(), m.buffers()) if t.device.type == "cpu")
+    return sum(t.numel() * t.element_size() for t in tensors) * local_ranks(world_size)
+
+
 def fitted_settings(
-    settings: RunSettings, runtime: Runtime, host_ram: Callable[[RunSettings], int | None] = host_capacity
+    settings: RunSettings,
+    runtime: Runtime,
+    host_ram: Callable[[RunSettings, int], int | None] = host_capacity,
+    held: Prepared | None = None,
 ) -> RunSettings:
     """On a GPU (or with ``DISTLIN_DEVICE_MEMORY`` set), the settings with memory savers switched on until the
     plan fits, or a one-line refusal; on a CPU, a refusal of a run the machine's RAM (``host_ram``: this
-    process's view by default) cannot hold; elsewhere the settings as they are. The one fit of a run and the
-    web app's."""
+    process's view by default, given the bytes ``held`` pipelines take) cannot hold; elsewhere the settings as
+    they are. ``held``: the pipeline this process holds, which the run reuses or frees before it loads. The one
+    fit of a run and the web app's."""
     capacity = device_capacity(settings, runtime)
     if capacity is None:
-        host = host_ram(settings) if runtime.device.type == "cpu" else None
-        if host is not None:
-            check_host_memory(settings, runtime.world_size, local_ranks(runtime.world_size), host)
+        if runtime.device.type == "cpu":
+            host = host_ram(settings, held_bytes(held, runtime.world_size))
+            if host is not None:
+                check_host_memory(settings, runtime.world_size, local_ranks(runtime.world_size), host)
         return settings
     return fit_to_capacity(settings, runtime.world_size, capacity, str(runtime.device))
 
 
-def fit_to_device(settings: RunSettings, runtime: Runtime) -> RunSettings:
+def fit_to_device(settings: RunSettings, runtime: Runtime, held: Prepared | None = None) -> RunSettings:
     """:func:`fitted_settings` with the least RAM any rank sees (every rank refuses or none does); prints the
     savers it chose on rank 0."""
-    fitted = fitted_settings(settings, runtime, lambda s: _agreed_host_capacity(s, runtime))
+    fitted = fitted_settings(settings, runtime, lambda s, b: _agreed_host_capacity(s, runtime, b), held)
     flags = saver_flags(settings, fitted)
     if flags and runtime.is_main:
         print(f"note: to fit {runtime.device}, running with {flags} (same image)", flush=True)
     return fitted
 
 
-def _agreed_host_capacity(settings: RunSettings, runtime: Runtime) -> int | None:
+def _agreed_host_capacity(settings: RunSettings, runtime: Runtime, held: int) -> int | None:
     """The least RAM any rank sees (:func:`host_capacity`; None: unknown), so every rank refuses or none does."""
-    capacity = host_capacity(settings)
+    capacity = host_capacity(settings, held)
     if not runtime.distributed:
         return capacity
     least = torch.tensor([capacity or UNKNOWN_CAPACITY], dtype=torch.int64)
@@ -466,7 +482,7 @@ def generate(
     check_kernel(settings.attention_kernel, settings.device)
     runtime = runtime or init_runtime(settings.backend, settings.timeout_s, settings.device)
     check_kernel(settings.attention_kernel, str(runtime.device))  # device auto: known now, before any loading
-    settings = fit_to_device(settings, runtime)
+    settings = fit_to_device(settings, runtime, held=prepared)
     prepared = kept_or_prepared(prepared, settings, runtime)
     pipe, engine = prepared.pipe, prepared.engine
     warn_long_prompt(pipe, settings, runtime)

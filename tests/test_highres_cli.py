@@ -122,3 +122,23 @@ def test_a_run_is_fitted_to_the_gpu_or_refused(
     else:
         fitted = fit_to_device(settings, _GpuRuntime(ranks))
         assert (fitted.engine.micro_batch, fitted.vae_decode, fitted.vae_attention_rows) == outcome
+
+
+def test_a_kept_pipeline_is_not_counted_twice_against_the_machines_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A web app keeps its pipeline between requests: the machine's free RAM no longer includes those weights while
+    the plan does, so a second request that fits once they are counted as available is run, not refused."""
+    from distlin.memory.fit import plan_run
+    from distlin.parallel.runtime import Runtime
+    from distlin.run import fitted_settings, generate, held_bytes, prepare_pipeline
+
+    settings = parse(["--preset", "tiny-sd15", "--device", "cpu"])[1]
+    runtime = Runtime(device=torch.device("cpu"))
+    prepared = prepare_pipeline(settings, runtime)
+    needed, held = plan_run(settings, 1)["peak_bytes_per_rank"], held_bytes(prepared, 1)
+    assert 0 < held < needed
+    # what the machine shows with the pipeline loaded: enough once its weights count as available, not without
+    monkeypatch.setattr("distlin.memory.fit.available_host_memory", lambda: needed - held // 2)
+    with pytest.raises(UsageError, match="on the CPU needs a predicted"):
+        fitted_settings(settings, runtime)
+    assert fitted_settings(settings, runtime, held=prepared) == settings
+    assert generate(settings, runtime, prepared).image.size == (192, 128)

@@ -76,7 +76,7 @@ class Coordinator:
                 request.check_pictures()
                 with self.session.settings(request) as settings:
                     self.limits.check(settings)
-                    fitted = fit_settings(settings, self.session.runtime)
+                    fitted = fit_settings(settings, self.session.runtime, self.session.prepared)
                     return describe_plan(settings, fitted, self.session.runtime)
         except UsageError as err:
             raise UsageError(in_field_terms(str(err))) from None

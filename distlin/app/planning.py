@@ -9,15 +9,16 @@ from __future__ import annotations
 from distlin.memory.fit import plan_run, saver_flags
 from distlin.memory.planner import format_plan
 from distlin.parallel.runtime import Runtime
-from distlin.run import fitted_settings
+from distlin.run import Prepared, fitted_settings
 from distlin.settings import RunSettings
 from distlin.sizes import format_size
 
 
-def fit_settings(settings: RunSettings, runtime: Runtime) -> RunSettings:
+def fit_settings(settings: RunSettings, runtime: Runtime, held: Prepared | None = None) -> RunSettings:
     """The settings the run will use (savers included); UsageError with the planner's reason if none fits (on a
-    CPU: if rank 0's machine cannot hold its ranks, checked again by every rank when the run starts)."""
-    return fitted_settings(settings, runtime)
+    CPU: if rank 0's machine cannot hold its ranks, checked again by every rank when the run starts). ``held``:
+    the pipeline the ranks keep from the last request, reused or freed before this one loads."""
+    return fitted_settings(settings, runtime, held=held)
 
 
 def describe_plan(settings: RunSettings, fitted: RunSettings, runtime: Runtime) -> str:

@@ -42,6 +42,11 @@ class GenerationSession:
         self.recovery = recovery
         self._prepared: Prepared | None = None
 
+    @property
+    def prepared(self) -> Prepared | None:
+        """The pipeline kept from the last request: a plan counts its RAM as available (reused or freed first)."""
+        return self._prepared
+
     @contextmanager
     def settings(self, request: GenerationRequest) -> Iterator[RunSettings]:
         """The request's settings on this rank, its uploads existing as files until the block ends."""

@@ -168,9 +168,14 @@ def available_host_memory() -> int | None:
     return min(sizes) if sizes else None
 
 
-def host_capacity(settings: RunSettings) -> int | None:
-    """The RAM a CPU run must fit: ``DISTLIN_HOST_MEMORY`` if set, else what the machine has available."""
-    return settings.thresholds.host_memory or available_host_memory()
+def host_capacity(settings: RunSettings, held: int = 0) -> int | None:
+    """The RAM a CPU run must fit: ``DISTLIN_HOST_MEMORY`` if set, else what the machine has available plus
+    ``held``, the bytes of the pipelines its ranks already hold, which the run reuses or frees before it loads
+    (the plan counts the weights: without this, a web app's second request would count them twice)."""
+    if settings.thresholds.host_memory:
+        return settings.thresholds.host_memory
+    available = available_host_memory()
+    return None if available is None else available + held
 
 
 def check_host_memory(settings: RunSettings, ranks: int, local_ranks: int, capacity: int) -> None:
