@@ -1,6 +1,6 @@
 """Suite ``fidelity``: how far each engine setting's image is from one device, next to what it costs at 16K.
 
-For every case (built-in SD-1.x model, size, DDIM steps, guidance 7.5), self-attention kind (LinFusion
+For every case (built-in SD-1.x model, size, steps of its own scheduler, guidance 7.5), self-attention kind (LinFusion
 ``linear``, or the base model's ``softmax``) and number of ranks N, the suite spawns one torchrun launch of N
 gloo ranks (CFG parallelism off: every rank owns rows of the whole batch) that generates the image once per
 setting: ``exact``, ``naive``, and ``displaced`` for every stale set and warm-up. Each setting's pipeline is
@@ -73,7 +73,8 @@ EXACT = {"mode": "exact", "stale": [], "warmup_steps": None}
 
 @dataclass(frozen=True)
 class Case:
-    """One generation: a built-in SD-1.x pipeline (seed 0) at a size, with DDIM ``steps``."""
+    """One generation: a built-in SD-1.x pipeline (seed 0) at a size, with ``steps`` of the model's own scheduler
+    (DDIM for tiny-sd15, PNDM for full-sd15)."""
 
     model: str
     height: int
@@ -248,10 +249,10 @@ def markdown(records: list[Record]) -> str:
     w = main_warmup(records)
     parts = [
         "Decoded image of N gloo ranks (all ranks split the image; CFG parallelism off) vs one process in exact "
-        "mode, each prepared, sampled and decoded as a run does it: "
-        "PSNR over RGB in [0, 1] and largest error in 8-bit levels. DDIM, guidance 7.5, seed 0, float32, random "
-        "weights (LinFusion layers `fresh`). `displaced` with warm-up W runs steps 0…W synchronously (W + 1 "
-        "steps). Projection (LinFusion rows): the `project` suite's alpha-beta model for "
+        "mode, each prepared, sampled and decoded as a run does it: PSNR over RGB in [0, 1] and largest error in "
+        "8-bit levels. The model's own scheduler, guidance 7.5, seed 0, float32, random weights (LinFusion layers "
+        "`fresh`). `displaced` with warm-up W runs steps 0…W synchronously (W + 1 steps). Projection (LinFusion "
+        "rows): the `project` suite's alpha-beta model for "
         f"{records[0]['projection']}, stale exchanges hidden behind the compute — a PROJECTION, not a measurement."
     ]
     for (name, attention), group in groups(records, ("case", "attention")).items():
