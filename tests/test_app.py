@@ -19,6 +19,7 @@ from multirank import run_ranks
 from PIL import Image
 from safetensors.torch import save_file
 
+from distlin import run as run_module
 from distlin.app import cli as app_cli
 from distlin.app.coordinator import Coordinator
 from distlin.app.library import ComponentLibrary
@@ -39,8 +40,8 @@ from distlin.cli import generate as cli
 from distlin.errors import Cancelled, UsageError
 from distlin.models.tiny import build_ip_adapter, build_kohya_lora
 from distlin.parallel import Runtime
-from distlin.run import generate
-from distlin.settings import build_settings
+from distlin.run import Prepared, generate
+from distlin.settings import RunSettings, build_settings
 
 TINY = GenerationRequest.for_preset("tiny-sd15")
 
@@ -180,6 +181,29 @@ def test_image_equals_the_command_lines_for_the_same_settings(tmp_path: Path) ->
     np.testing.assert_array_equal(np.asarray(Image.open(saved.image)), expected)
     assert Image.open(saved.image).text == Image.open(tmp_path / "cli.png").text  # the same metadata chunks
     assert saved.metadata()["seed"] == 5 and saved.metadata()["steps"] == 2
+
+
+def test_a_request_the_fit_runs_with_a_saver_loads_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the device is too small and the fit switches on ``--micro-batch`` (which the engine is built with),
+    the kept pipeline is the fitted one: one load for two requests, never two models held at once."""
+    from distlin.memory.fit import plan_run
+
+    request = tiny(height=256, width=256)
+    settings = build_settings("tiny-sd15", {"steps": 2, "height": 256, "width": 256}, world_size=1)
+    monkeypatch.setenv("DISTLIN_DEVICE_MEMORY", str(plan_run(settings, 1)["peak_bytes_per_rank"] - 1))
+    loads: list[int | None] = []
+    prepare = run_module.prepare_pipeline
+
+    def counted(settings: RunSettings, runtime: Runtime) -> Prepared:
+        loads.append(settings.engine.micro_batch)
+        return prepare(settings, runtime)
+
+    monkeypatch.setattr(run_module, "prepare_pipeline", counted)
+    session = GenerationSession(Runtime())
+    first, second = session.run(request), session.run(tiny(height=256, width=256, seed=3))
+    assert loads == [1]
+    assert first.settings.engine.micro_batch == second.settings.engine.micro_batch == 1
+    assert first.image.size == second.image.size == (256, 256)
 
 
 def test_planner_refusal_is_one_line_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

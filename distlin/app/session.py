@@ -15,7 +15,7 @@ from distlin.app.library import ComponentLibrary
 from distlin.app.regroup import GroupRecovery
 from distlin.app.request import GenerationRequest
 from distlin.parallel.runtime import Runtime
-from distlin.run import Prepared, ProgressReport, Result, generate, kept_or_prepared
+from distlin.run import Prepared, ProgressReport, Result, fit_to_device, generate, kept_or_prepared
 from distlin.settings import RunSettings
 
 T = TypeVar("T")
@@ -59,13 +59,16 @@ class GenerationSession:
         on_progress: ProgressReport | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Result:
-        """Generate on every rank together (each rank calls this with the same request). Each part (settings,
-        pipeline, generation) ends with every rank agreeing that none failed (:func:`~distlin.app.agreement.agree`),
-        so a failure on one rank is a refusal on all. The metadata names the request's components and uploads, not
-        the paths they had on this server. A rank's pipeline is handed to the generation part by lookup, not held
-        here, so a rebuilt group (:mod:`distlin.app.regroup`) can drop it with the old group's communicators."""
+        """Generate on every rank together (each rank calls this with the same request). Each part (settings, their
+        fit to the device, pipeline, generation) ends with every rank agreeing that none failed
+        (:func:`~distlin.app.agreement.agree`), so a failure on one rank is a refusal on all. The metadata names the
+        request's components and uploads, not the paths they had on this server. A rank's pipeline is handed to the
+        generation part by lookup, not held here, so a rebuilt group (:mod:`distlin.app.regroup`) can drop it with
+        the old group's communicators."""
         with ExitStack() as uploads:
-            settings = self._agreed(lambda: uploads.enter_context(self.settings(request)))
+            requested = self._agreed(lambda: uploads.enter_context(self.settings(request)))
+            # the run's own fit, before the pipeline: a saver it switches on (--micro-batch) is part of the pipeline
+            settings = self._agreed(lambda: fit_to_device(requested, self.runtime, held=self._prepared))
             self._agreed(lambda: self._pipeline(settings))
             result = self._agreed(
                 lambda: generate(settings, self.runtime, self._pipeline(settings), on_progress, should_stop)
