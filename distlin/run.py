@@ -458,10 +458,10 @@ def final_image(
     with ``output_type="pt"`` RGB in [0, 1]); None elsewhere. Every rank calls it: a banded decode needs them all.
     """
     height, width = settings.height, settings.width
-    if runtime.is_main or not coder.is_sequential(height, width):  # banded: every rank decodes
-        image = decode_latents(prepared.pipe, latents, coder.at(height, width).decode, output_type)
-        return image if runtime.is_main else None
-    return None
+    if not runtime.is_main and coder.is_sequential(height, width):  # rank 0 decodes alone; banded: every rank
+        return None
+    image = decode_latents(prepared.pipe, latents, coder.at(height, width).decode, output_type)
+    return image if runtime.is_main else None
 
 
 def generate(
